@@ -1,0 +1,1 @@
+"""The ``celo2`` command line: one module per subcommand, each with ``register``."""
