@@ -28,6 +28,8 @@ SAFE_RSQRT_FLOOR: float = 1e-9
 """``safe_rsqrt(x) = rsqrt(max(x, floor))`` in the Adafactor factors."""
 ROW_MEAN_EPS: float = 1e-9
 """Added to the mean of the row statistic before normalising by it."""
+VECTOR_FACTOR_EPS: float = 1e-9
+"""Unfactored (vector) tensors: the Adafactor-normalised g is ``g * safe_rsqrt(v_full + eps)``."""
 
 # --- features ---------------------------------------------------------------
 GRAD_CLIP: float = 1000.0

@@ -1,0 +1,31 @@
+"""Celo2 for JAX: optax gradient transformations.
+
+``celo2`` (the harness: learned rule + Newton-Schulz for matrices, AdamW for
+the rest), ``celo2_base`` (the learned rule on every tensor) and
+``scale_by_celo2`` (the raw rule, to compose yourself).
+"""
+
+from celo2.optax.rule import TensorState, init_tensor_state, newton_schulz, tensor_step, theta_from_jax, theta_to_jax
+from celo2.optax.transform import (
+    ScaleByCelo2State,
+    celo2,
+    celo2_base,
+    default_param_labels,
+    routing_table,
+    scale_by_celo2,
+)
+
+__all__ = [
+    "celo2",
+    "celo2_base",
+    "scale_by_celo2",
+    "ScaleByCelo2State",
+    "TensorState",
+    "default_param_labels",
+    "init_tensor_state",
+    "newton_schulz",
+    "routing_table",
+    "tensor_step",
+    "theta_from_jax",
+    "theta_to_jax",
+]

@@ -1,0 +1,196 @@
+"""The Celo2 rule on one tensor, in JAX: pure functions, jit/vmap/grad friendly.
+
+Every constant and the feature order come from :mod:`celo2.rule.spec`. State
+per tensor is a :class:`TensorState`; the decay index is the leading axis of
+every accumulator, so each decay's slice is contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celo2.rule import spec
+from celo2.rule.theta import Theta, load_theta
+
+ThetaTree = Mapping[str, jax.Array]
+
+
+class TensorState(NamedTuple):
+    """Accumulators of one tensor (shapes for a parameter of shape ``S``).
+
+    ``m``: ``(3, *S)`` momenta; ``v``: ``S`` second moment; for factored
+    tensors ``fac_r``/``fac_c`` are the row and column statistics (``S``
+    without the ``d0`` resp. ``d1`` axis, with a leading decay axis); for
+    vectors ``fac_r`` is the full ``(3, *S)`` second moment and ``fac_c`` is
+    empty.
+    """
+
+    m: jax.Array
+    v: jax.Array
+    fac_r: jax.Array
+    fac_c: jax.Array
+
+
+def theta_to_jax(theta: "Theta | str | None" = None) -> dict[str, jax.Array]:
+    """A theta as a plain dict of float32 ``jax.Array`` (a pytree PES can perturb)."""
+    if isinstance(theta, Mapping) and not isinstance(theta, Theta):
+        return {k: jnp.asarray(theta[k], jnp.float32) for k in spec.THETA_KEYS}
+    theta = load_theta(theta)
+    return {k: jnp.asarray(theta[k]) for k in spec.THETA_KEYS}
+
+
+def theta_from_jax(tree: ThetaTree) -> Theta:
+    """Back to a framework-neutral :class:`~celo2.Theta`."""
+    return Theta({k: np.asarray(tree[k], np.float32) for k in spec.THETA_KEYS})
+
+
+def _work_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """0-D tensors are treated as shape ``(1,)``."""
+    return shape if len(shape) else (1,)
+
+
+def init_tensor_state(param: jax.Array) -> TensorState:
+    shape = _work_shape(tuple(param.shape))
+    n = len(spec.MOMENTUM_DECAYS)
+    k = len(spec.FACTORED_DECAYS)
+    dims = spec.factored_dims(shape)
+    if dims is None:
+        fac_r = jnp.zeros((k, *shape), jnp.float32)
+        fac_c = jnp.zeros((k, 0), jnp.float32)
+    else:
+        d1, d0 = dims
+        fac_r = jnp.zeros((k, *np.delete(shape, d0)), jnp.float32)
+        fac_c = jnp.zeros((k, *np.delete(shape, d1)), jnp.float32)
+    return TensorState(
+        m=jnp.zeros((n, *shape), jnp.float32),
+        v=jnp.zeros(shape, jnp.float32),
+        fac_r=fac_r,
+        fac_c=fac_c,
+    )
+
+
+def _decays(values: tuple[float, ...], ndim: int) -> jax.Array:
+    return jnp.asarray(values, jnp.float32).reshape((-1,) + (1,) * ndim)
+
+
+def _safe_rsqrt(x: jax.Array) -> jax.Array:
+    return jax.lax.rsqrt(jnp.maximum(x, spec.SAFE_RSQRT_FLOOR))
+
+
+def _rms_normalise(x: jax.Array, eps: float, axes: tuple[int, ...]) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
+
+
+def newton_schulz(x: jax.Array) -> jax.Array:
+    """Approximately orthogonalise the last two axes (batched over leading axes)."""
+    a, b, c = spec.NS_COEFFS
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    x = x / (norm + spec.NS_EPS)
+    for _ in range(spec.NS_STEPS):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    if transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    return x
+
+
+def update_accumulators(state: TensorState, g: jax.Array) -> tuple[TensorState, jax.Array]:
+    """Step 1 of the rule: fold ``g`` into every accumulator; also return the
+    Adafactor-normalised gradient ``(3, *S)``."""
+    nd = g.ndim
+    bm = _decays(spec.MOMENTUM_DECAYS, nd)
+    bf = _decays(spec.FACTORED_DECAYS, nd)
+    m = bm * state.m + (1.0 - bm) * g[None]
+    v = spec.RMS_DECAY * state.v + (1.0 - spec.RMS_DECAY) * jnp.square(g)
+    gsq = jnp.square(g) + spec.FACTORED_EPS
+    dims = spec.factored_dims(g.shape)
+    if dims is None:
+        fac_r = bf * state.fac_r + (1.0 - bf) * gsq[None]
+        fac_g = g[None] * _safe_rsqrt(fac_r + spec.VECTOR_FACTOR_EPS)
+        return TensorState(m, v, fac_r, state.fac_c), fac_g
+    d1, d0 = dims
+    bf_r = _decays(spec.FACTORED_DECAYS, nd - 1)
+    fac_r = bf_r * state.fac_r + (1.0 - bf_r) * jnp.mean(gsq, axis=d0)[None]
+    fac_c = bf_r * state.fac_c + (1.0 - bf_r) * jnp.mean(gsq, axis=d1)[None]
+    row_factor, col_factor = _adafactor_factors(fac_r, fac_c, dims)
+    fac_g = g[None] * row_factor * col_factor
+    return TensorState(m, v, fac_r, fac_c), fac_g
+
+
+def _adafactor_factors(fac_r: jax.Array, fac_c: jax.Array, dims: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Row and column factors broadcastable against ``(3, *S)``."""
+    d1, d0 = dims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_mean = jnp.mean(fac_r, axis=1 + reduced_d1, keepdims=True)
+    row_factor = _safe_rsqrt(fac_r / (row_mean + spec.ROW_MEAN_EPS))
+    col_factor = _safe_rsqrt(fac_c)
+    return jnp.expand_dims(row_factor, 1 + d0), jnp.expand_dims(col_factor, 1 + d1)
+
+
+def features(state: TensorState, g: jax.Array, p: jax.Array, fac_g: jax.Array) -> list[jax.Array]:
+    """Step 2: the input channels, one ``(width, *S)`` array per feature group, in spec order."""
+    rsqrt_v = jax.lax.rsqrt(state.v + spec.RSQRT_EPS)
+    groups = [
+        g[None],
+        jnp.clip(g, -spec.FEATURE_CLIP, spec.FEATURE_CLIP)[None],
+        p[None],
+        state.m,
+        state.v[None],
+        state.m * rsqrt_v[None],
+        rsqrt_v[None],
+        fac_g,
+        (g * rsqrt_v)[None],
+    ]
+    dims = spec.factored_dims(g.shape)
+    if dims is None:
+        return groups
+    d1, d0 = dims
+    full = (state.m.shape[0],) + g.shape
+    row = jnp.broadcast_to(jnp.expand_dims(state.fac_r, 1 + d0), full)
+    col = jnp.broadcast_to(jnp.expand_dims(state.fac_c, 1 + d1), full)
+    row_factor, col_factor = _adafactor_factors(state.fac_r, state.fac_c, dims)
+    groups += [
+        row,
+        col,
+        jax.lax.rsqrt(row + spec.RSQRT_EPS),
+        jax.lax.rsqrt(col + spec.RSQRT_EPS),
+        state.m * row_factor * col_factor,
+    ]
+    return groups
+
+
+def tensor_step(
+    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool
+) -> tuple[jax.Array, TensorState]:
+    """One step of the rule on one tensor: ``(direction, new_state)``.
+
+    The direction has unit RMS over the last two axes and the parameter's
+    shape; the caller applies learning rate and weight decay.
+    """
+    shape = tuple(param.shape)
+    work = _work_shape(shape)
+    g = jnp.clip(grad.astype(jnp.float32).reshape(work), -spec.GRAD_CLIP, spec.GRAD_CLIP)
+    p = param.astype(jnp.float32).reshape(work)
+    state, fac_g = update_accumulators(state, g)
+    groups = features(state, g, p, fac_g)
+    axes = tuple(range(max(1, g.ndim - 1), g.ndim + 1))  # last two axes of (width, *S)
+    hidden = theta["b0"]
+    for index, group in enumerate(groups):
+        x = _rms_normalise(group, spec.INPUT_NORM_EPS, axes)
+        hidden = hidden + jnp.einsum("c...,ch->...h", x, theta[f"w0__{index}"])
+    hidden = jax.nn.relu(hidden)
+    hidden = jax.nn.relu(hidden @ theta["w1"] + theta["b1"])
+    direction = hidden @ theta["w2"][:, spec.DIRECTION_OUTPUT] + theta["b2"][spec.DIRECTION_OUTPUT]
+    if orthogonalize and g.ndim >= 2:
+        direction = newton_schulz(direction)
+    out_axes = tuple(range(max(0, g.ndim - 2), g.ndim))
+    direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, out_axes)
+    return direction.reshape(shape).astype(param.dtype), state

@@ -1,0 +1,162 @@
+"""Celo2 as optax transformations, built from optax's own combinators."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from celo2.rule import routing, spec
+from celo2.rule.theta import Theta
+from celo2.optax.rule import TensorState, init_tensor_state, tensor_step, theta_to_jax
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ThetaLike = Union[Theta, Mapping[str, Any], str, None]
+
+
+class ScaleByCelo2State(NamedTuple):
+    """Per-parameter accumulators (a pytree shaped like the params) and a step count."""
+
+    count: jax.Array
+    tensors: Any
+
+
+def _is_tensor_state(x: Any) -> bool:
+    return isinstance(x, TensorState)
+
+
+def scale_by_celo2(theta: ThetaLike = None, orthogonalize: bool = True) -> optax.GradientTransformation:
+    """The raw Celo2 rule: turns gradients into unit-RMS update directions.
+
+    ``theta`` is a :class:`~celo2.Theta`, a path (see :func:`celo2.load_theta`),
+    a dict of arrays keyed like :data:`celo2.rule.spec.THETA_KEYS` (may be
+    traced, e.g. inside a meta-gradient), or ``None`` for the shipped theta.
+    ``update`` needs ``params``. Like ``optax.scale_by_adam``, the output is a
+    descent direction to be scaled by ``-learning_rate``.
+    """
+    theta_tree = theta_to_jax(theta) if not _is_traced_mapping(theta) else dict(theta)
+
+    def init_fn(params: Any) -> ScaleByCelo2State:
+        return ScaleByCelo2State(
+            count=jnp.zeros([], jnp.int32),
+            tensors=jax.tree_util.tree_map(init_tensor_state, params),
+        )
+
+    def update_fn(updates: Any, state: ScaleByCelo2State, params: Any = None) -> tuple[Any, ScaleByCelo2State]:
+        if params is None:
+            raise ValueError("scale_by_celo2 needs the parameters: call update(grads, state, params)")
+        flat_g, treedef = jax.tree_util.tree_flatten(updates)
+        flat_p = treedef.flatten_up_to(params)
+        flat_s = treedef.flatten_up_to(state.tensors)
+        outs, new_states = [], []
+        for g, p, s in zip(flat_g, flat_p, flat_s):
+            if g is None:
+                outs.append(None)
+                new_states.append(s)
+                continue
+            direction, s = tensor_step(theta_tree, s, g, p, orthogonalize)
+            outs.append(direction)
+            new_states.append(s)
+        return (
+            jax.tree_util.tree_unflatten(treedef, outs),
+            ScaleByCelo2State(
+                count=optax.safe_increment(state.count),
+                tensors=jax.tree_util.tree_unflatten(treedef, new_states),
+            ),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_traced_mapping(theta: ThetaLike) -> bool:
+    return isinstance(theta, Mapping) and not isinstance(theta, Theta) and any(
+        isinstance(v, jax.core.Tracer) for v in theta.values()
+    )
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path)
+
+
+def default_param_labels(adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> Callable[[Any], Any]:
+    """Label function for :func:`optax.partition`: ``"adam"`` for vectors and
+    for matrices whose path matches ``adam_name_pattern``, else ``"celo2"``."""
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: routing.route(_path_name(path), jnp.shape(x), adam_name_pattern), params
+        )
+
+    return labels
+
+
+def _scaled(learning_rate: ScalarOrSchedule, mult: float) -> ScalarOrSchedule:
+    if callable(learning_rate):
+        return lambda count: mult * learning_rate(count)
+    return mult * learning_rate
+
+
+def celo2(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    adam_lr_mult: float = spec.ADAM_LR_MULT,
+    adam_b1: float = spec.ADAM_BETAS[0],
+    adam_b2: float = spec.ADAM_BETAS[1],
+    adam_eps: float = spec.ADAM_EPS,
+    theta: ThetaLike = None,
+    orthogonalize: bool = True,
+    param_labels: Any = None,
+    adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
+) -> optax.GradientTransformation:
+    """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
+
+    Matrices get ``p <- p - lr * (direction + weight_decay * p)``; vectors,
+    scalars, and (by name) embeddings and output heads get
+    ``optax.adamw(adam_lr_mult * lr, adam_b1, adam_b2, adam_eps, weight_decay)``.
+    ``param_labels`` (a pytree or function of params giving ``"celo2"`` or
+    ``"adam"`` per leaf) overrides the default routing.
+    """
+    labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
+    return optax.partition(
+        {
+            routing.LEARNED: optax.chain(
+                scale_by_celo2(theta, orthogonalize=orthogonalize),
+                optax.add_decayed_weights(weight_decay),
+                optax.scale_by_learning_rate(learning_rate),
+            ),
+            routing.ADAM: optax.adamw(
+                _scaled(learning_rate, adam_lr_mult),
+                b1=adam_b1,
+                b2=adam_b2,
+                eps=adam_eps,
+                weight_decay=weight_decay,
+            ),
+        },
+        labels,
+    )
+
+
+def celo2_base(
+    learning_rate: ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    theta: ThetaLike = None,
+) -> optax.GradientTransformation:
+    """Celo2-base: the learned rule without orthogonalisation on every tensor."""
+    return optax.chain(
+        scale_by_celo2(theta, orthogonalize=False),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def routing_table(params: Any, param_labels: Any = None, adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> str:
+    """The routing of ``params`` under :func:`celo2` as a printable table."""
+    labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
+    if callable(labels):
+        labels = labels(params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    flat_labels = jax.tree_util.tree_leaves(labels)
+    rows = [(lab, _path_name(path), tuple(jnp.shape(x))) for (path, x), lab in zip(leaves, flat_labels)]
+    return routing.format_routing_table(rows)
