@@ -1,0 +1,151 @@
+"""``celo2 bench``: Celo2 against AdamW, Adam, SGD and Muon on CPU-sized PyTorch tasks.
+
+Thin wrapper: flags -> :class:`celo2.eval.bench.BenchOptions` ->
+:func:`celo2.eval.bench.run_bench`. Bad flags exit with status 2 and a message
+naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+EPILOG = """\
+examples:
+  celo2 bench --suite quick --data-dir DATA                      # ~10 min on 2 cores
+  celo2 bench --suite full --data-dir DATA --jobs 2 --out benchmarks/results/full
+  celo2 bench --tasks mlp,cnn,gpt --optimizers celo2,adamw \\
+      --theta shipped --theta published=theta.state               # compare thetas
+  celo2 bench --optimizers adamw,sgd --lr-grid adamw=1e-4:1e-1:7 --lr-grid sgd=1e-2,1e-1,1
+  celo2 bench ...same flags as the run... --report-only          # rewrite the report
+
+A bench resumes: rerunning the same command with the same --out skips runs
+already recorded in RUN_DIR/results.jsonl (use a new --out to start afresh).
+"""
+
+
+def _parse_kv_grid(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=LO:HI:N or NAME=A,B,..., got {text!r}")
+    name, grid = text.split("=", 1)
+    return name.strip(), grid
+
+
+def _parse_wd(text: str) -> tuple[str, float]:
+    name, _, value = text.rpartition("=")
+    try:
+        return (name.strip() or "*"), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or NAME=NUMBER, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    from celo2.eval.bench import SUITES
+    from celo2.eval.optimizers import OPTIMIZERS
+    from celo2.eval.tasks import IMAGE_DATASETS, TASKS
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark Celo2 against AdamW, Adam, SGD and Muon (PyTorch, CPU-sized)",
+        description="Train a suite of small PyTorch tasks with every optimizer at every peak LR of a "
+        "log-spaced grid (5% warmup + cosine), pick each optimizer's best LR by final validation "
+        "loss, and write results, a Markdown report and plots to a run folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", default="quick", choices=SUITES,
+                   help="smoke (seconds, plumbing only), quick (under 10 min on 2 cores), full (about 2 h on 2 cores); default quick")
+    p.add_argument("--tasks", action="append", metavar="T1,T2",
+                   help=f"tasks to run (default: the suite's); known: {', '.join(TASKS)}")
+    p.add_argument("--optimizers", action="append", metavar="O1,O2",
+                   help=f"optimizers (default: the suite's); known: {', '.join(OPTIMIZERS)}; "
+                   "celo2[LABEL] picks one --theta")
+    p.add_argument("--theta", action="append", metavar="SPEC",
+                   help="theta for celo2/celo2-base: 'shipped' (default, celo2.load_theta()), LABEL=PATH or "
+                   "PATH; repeat to compare thetas side by side (optimizers become celo2[LABEL])")
+    p.add_argument("--lrs", metavar="GRID", help="one LR grid for every optimizer: LO:HI:N or A,B,...")
+    p.add_argument("--lr-grid", action="append", default=[], type=_parse_kv_grid, metavar="NAME=GRID",
+                   help="LR grid of one optimizer (kind or celo2[LABEL]): NAME=LO:HI:N (log-spaced) or NAME=A,B,...")
+    p.add_argument("--seeds", metavar="N|A,B", help="number of seeds (0..N-1) or a comma list; default: the suite's")
+    p.add_argument("--steps", type=int, metavar="N", help="override every task's number of training steps")
+    p.add_argument("--weight-decay", action="append", default=[], type=_parse_wd, metavar="[NAME=]WD",
+                   help="weight decay for every optimizer (WD) or one (NAME=WD); defaults: 0.1 for "
+                   "adamw/muon/celo2/celo2-base, 0 for adam/sgd")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: ./bench-SUITE); resumed if it has results")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding fashion-mnist/ or mnist/ IDX files (else $CELO2_DATA_DIR; with neither, "
+                   "image tasks use built-in digits upsampled to 28x28, and the report says so)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=IMAGE_DATASETS,
+                   help="28x28 dataset of the image tasks (default fashion-mnist)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="runs in parallel processes, each single-threaded (default: 1 for smoke, else one per "
+                   "CPU core up to 8); results do not depend on it")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from RUN_DIR's results, for the runs the other flags select; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, grids) and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from celo2.eval.bench import BenchError, BenchOptions, parse_grid, parse_seeds, run_bench
+    from celo2.eval.tasks import TaskDataError
+
+    try:
+        grids = {}
+        for name, text in args.lr_grid:
+            if name in grids:
+                raise BenchError(f"--lr-grid: {name!r} given twice")
+            grids[name] = parse_grid(text, flag=f"--lr-grid {name}")
+        opts = BenchOptions(
+            suite=args.suite,
+            tasks=args.tasks,
+            optimizers=args.optimizers,
+            lrs=None if args.lrs is None else parse_grid(args.lrs, flag="--lrs"),
+            lr_grids=grids,
+            seeds=None if args.seeds is None else parse_seeds(args.seeds),
+            steps=args.steps,
+            thetas=args.theta,
+            weight_decays=dict(args.weight_decay),
+            out=args.out,
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            jobs=args.jobs,
+            threads=args.threads,
+            progress=not args.no_progress,
+            report_only=args.report_only,
+            dry_run=args.dry_run,
+            command=_command_from_args(args),
+        )
+        run_bench(opts)
+    except (BenchError, TaskDataError) as exc:
+        print(f"celo2 bench: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _command_from_args(args: argparse.Namespace) -> str:
+    """The command as parsed (flags in a fixed order), for the report's 'Command:' line."""
+    parts = ["celo2", "bench", "--suite", args.suite]
+    for flag, values in (("--tasks", args.tasks), ("--optimizers", args.optimizers), ("--theta", args.theta)):
+        for v in values or []:
+            parts += [flag, v]
+    if args.lrs is not None:
+        parts += ["--lrs", args.lrs]
+    for name, grid in args.lr_grid:
+        parts += ["--lr-grid", f"{name}={grid}"]
+    for name, wd in args.weight_decay:
+        parts += ["--weight-decay", f"{wd:g}" if name == "*" else f"{name}={wd:g}"]
+    for flag, v in (("--seeds", args.seeds), ("--steps", args.steps), ("--out", args.out),
+                    ("--data-dir", args.data_dir)):
+        if v is not None:
+            parts += [flag, str(v)]
+    if args.dataset != "fashion-mnist":
+        parts += ["--dataset", args.dataset]
+    if args.jobs is not None:
+        parts += ["--jobs", str(args.jobs)]
+    if args.threads != 1:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)

@@ -1,0 +1,375 @@
+"""Planning and running a bench: suites, LR grids, thetas, the run folder.
+
+This is the library behind ``celo2 bench`` (the CLI only parses flags into a
+:class:`BenchOptions`). It expands tasks x optimizers x LR grid x seeds into
+:class:`~celo2.eval.runner.RunSpec` s, runs the missing ones (resuming from
+``results.jsonl``), then writes the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celo2.eval import optimizers as opt_registry
+from celo2.eval import tasks as task_registry
+from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
+
+SUITES = ("smoke", "quick", "full")
+SHIPPED = "shipped"
+
+#: Per suite: default tasks, optimizers, seeds and LR grids (lo, hi, points).
+#: ``full`` uses 7 log-spaced points over three decades per optimizer (the
+#: paper used 7 in [1e-5, 1e-3] for far larger models); ``quick`` uses 3
+#: half-decade-spaced points centred where each optimizer did best in pilot
+#: runs of the quick tasks (MLP, GPT); edges are still flagged in the report.
+SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "tasks": ["mlp", "gpt"],
+        "optimizers": ["celo2", "adamw"],
+        "seeds": 1,
+        "grids": {k: (1e-3, 1e-2, 2) for k in opt_registry.OPTIMIZERS} | {"sgd": (1e-2, 1e-1, 2)},
+    },
+    "quick": {
+        "tasks": ["mlp", "cnn", "gpt", "vit", "autoencoder"],
+        "optimizers": list(opt_registry.OPTIMIZERS),
+        "seeds": 1,
+        "grids": {
+            "celo2": (1e-3, 1e-2, 3),
+            "celo2-base": (1e-3, 1e-2, 3),
+            "adamw": (10**-2.5, 10**-1.5, 3),
+            "adam": (10**-2.5, 10**-1.5, 3),
+            "sgd": (10**-1.5, 10**-0.5, 3),
+            "muon": (10**-2.25, 10**-1.25, 3),
+        },
+    },
+    "full": {
+        "tasks": list(task_registry.TASKS),
+        "optimizers": list(opt_registry.OPTIMIZERS),
+        "seeds": 3,
+        "grids": {k: (*v.lr_grid, 7) for k, v in opt_registry.OPTIMIZERS.items()},
+    },
+}
+
+
+class BenchError(ValueError):
+    """A bad bench option; the message names the flag and the value."""
+
+
+@dataclass
+class BenchOptions:
+    suite: str = "quick"
+    tasks: list[str] | None = None
+    optimizers: list[str] | None = None
+    lrs: list[float] | None = None  # one grid for every optimizer
+    lr_grids: dict[str, list[float]] = field(default_factory=dict)  # per kind or display name
+    seeds: list[int] | None = None
+    steps: int | None = None
+    thetas: list[str] | None = None  # "shipped", "LABEL=PATH" or "PATH"
+    weight_decays: dict[str, float] = field(default_factory=dict)  # "*" = every optimizer
+    out: str | None = None
+    data_dir: str | None = None
+    dataset: str = "fashion-mnist"
+    jobs: int | None = None  # None: 1 for smoke, else one per CPU core (at most 8)
+    threads: int = 1
+    progress: bool = True
+    report_only: bool = False
+    dry_run: bool = False
+    command: str | None = None
+
+
+# -- parsing helpers (shared with the CLI) -----------------------------------------
+
+
+def parse_grid(text: str, flag: str = "--lr-grid") -> list[float]:
+    """``LO:HI:N`` (log-spaced) or ``A,B,C`` (explicit) -> sorted LRs."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise ValueError
+            lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+            return opt_registry.log_grid(lo, hi, n)
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        raise BenchError(
+            f"{flag}: cannot parse {text!r}{detail}; use LO:HI:N (e.g. 1e-4:1e-1:7) or a list (e.g. 1e-3,1e-2)"
+        ) from None
+    if not values:
+        raise BenchError(f"{flag}: empty LR list {text!r}")
+    bad = [v for v in values if not (v > 0 and math.isfinite(v))]
+    if bad:
+        raise BenchError(f"{flag}: learning rates must be positive and finite, got {bad}")
+    return sorted(set(values))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``N`` -> seeds 0..N-1; ``A,B`` -> exactly those seeds."""
+    try:
+        if "," in text:
+            seeds = [int(x) for x in text.split(",") if x.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise BenchError(f"--seeds: need at least 1 seed, got {n}")
+            seeds = list(range(n))
+    except ValueError:
+        raise BenchError(f"--seeds: expected a count N or a comma list of integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise BenchError(f"--seeds: seeds must be non-negative integers, got {text!r}")
+    return sorted(set(seeds))
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return out or None
+
+
+# -- thetas ---------------------------------------------------------------------
+
+
+def resolve_thetas(entries: list[str] | None) -> tuple[dict[str, Any], list[ThetaRef], bool]:
+    """``(label -> Theta, refs, labelled)``; ``labelled`` is False only for the default shipped theta."""
+    from celo2 import ThetaError, ThetaNotFoundError, load_theta
+
+    labelled = entries is not None
+    entries = entries or [SHIPPED]
+    thetas: dict[str, Any] = {}
+    refs: list[ThetaRef] = []
+    for entry in entries:
+        if entry == SHIPPED:
+            label, path = SHIPPED, None
+        elif "=" in entry:
+            label, path = (x.strip() for x in entry.split("=", 1))
+            if not label or not path:
+                raise BenchError(f"--theta {entry!r}: expected LABEL=PATH")
+        else:
+            label, path = Path(entry).stem, entry
+        if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise BenchError(f"--theta {entry!r}: label {label!r} must be letters, digits, '-', '_' or '.'")
+        if label in thetas:
+            raise BenchError(f"--theta: label {label!r} given twice")
+        try:
+            theta = load_theta(path if path is not None else None)
+        except ThetaNotFoundError as exc:
+            if path is None:
+                raise BenchError(
+                    "--theta shipped: the project has no shipped theta yet "
+                    f"({exc}); pass --theta LABEL=PATH (e.g. --theta published=theta.state)"
+                ) from None
+            raise BenchError(f"--theta {entry!r}: {exc}") from None
+        except (ThetaError, OSError) as exc:
+            raise BenchError(f"--theta {entry!r}: cannot load {path}: {exc}") from None
+        thetas[label] = theta
+        source = "celo2.load_theta() (shipped)" if path is None else str(Path(path).resolve())
+        refs.append(ThetaRef(label, source, theta.checksum()))
+    return thetas, refs, labelled
+
+
+# -- planning ------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    specs: list[RunSpec]
+    grids: dict[str, list[float]]  # display optimizer name -> LRs
+    weight_decays: dict[str, float]
+    thetas: dict[str, Any]
+    theta_refs: list[ThetaRef]
+    tasks: list[str]
+    optimizers: list[str]
+
+
+def _expand_optimizers(names: list[str], refs: list[ThetaRef], labelled: bool) -> list[tuple[str, ThetaRef | None]]:
+    labels = {r.label: r for r in refs}
+    out: list[tuple[str, ThetaRef | None]] = []
+    for name in names:
+        kind = opt_registry.optimizer_kind(name)
+        if kind not in opt_registry.OPTIMIZERS:
+            raise BenchError(f"--optimizers: unknown optimizer {name!r}; known: {', '.join(opt_registry.OPTIMIZERS)}")
+        info = opt_registry.OPTIMIZERS[kind]
+        if "[" in name:
+            if not info.uses_theta or not name.endswith("]"):
+                raise BenchError(f"--optimizers: {name!r}: only celo2[LABEL] / celo2-base[LABEL] take a theta label")
+            label = name[len(kind) + 1 : -1]
+            if label not in labels:
+                raise BenchError(f"--optimizers: {name!r}: no --theta labelled {label!r} (have: {', '.join(labels)})")
+            out.append((name, labels[label]))
+        elif info.uses_theta:
+            for r in refs:
+                out.append((f"{kind}[{r.label}]" if labelled else kind, r))
+        else:
+            out.append((name, None))
+    seen: set[str] = set()
+    return [(n, r) for n, r in out if not (n in seen or seen.add(n))]
+
+
+def make_plan(opts: BenchOptions) -> Plan:
+    if opts.suite not in SUITES:
+        raise BenchError(f"--suite: unknown suite {opts.suite!r}; choose one of {', '.join(SUITES)}")
+    defaults = SUITE_DEFAULTS[opts.suite]
+    suite_cfgs = task_registry.SUITES[opts.suite]
+    tasks = _split_list(opts.tasks) or defaults["tasks"]
+    for t in tasks:
+        if t not in task_registry.TASKS:
+            raise BenchError(f"--tasks: unknown task {t!r}; known: {', '.join(task_registry.TASKS)}")
+        if t not in suite_cfgs:
+            raise BenchError(f"--tasks: task {t!r} has no config in suite {opts.suite!r}")
+    tasks = list(dict.fromkeys(tasks))
+    if opts.dataset not in task_registry.IMAGE_DATASETS:
+        raise BenchError(f"--dataset: unknown {opts.dataset!r}; choose one of {', '.join(task_registry.IMAGE_DATASETS)}")
+    if opts.steps is not None and opts.steps < 1:
+        raise BenchError(f"--steps: must be >= 1, got {opts.steps}")
+    if opts.jobs is not None and opts.jobs < 1:
+        raise BenchError(f"--jobs: must be >= 1, got {opts.jobs}")
+    if opts.data_dir is not None and not Path(opts.data_dir).expanduser().is_dir():
+        raise BenchError(f"--data-dir {opts.data_dir}: not a folder")
+    if opts.threads < 1:
+        raise BenchError(f"--threads: must be >= 1, got {opts.threads}")
+
+    names = _split_list(opts.optimizers) or defaults["optimizers"]
+    # Validate names before touching thetas, so a typo is reported as such.
+    for n in names:
+        if opt_registry.optimizer_kind(n) not in opt_registry.OPTIMIZERS:
+            raise BenchError(f"--optimizers: unknown optimizer {n!r}; known: {', '.join(opt_registry.OPTIMIZERS)}")
+    needs_theta = any(opt_registry.OPTIMIZERS[opt_registry.optimizer_kind(n)].uses_theta for n in names)
+    if needs_theta:
+        thetas, refs, labelled = resolve_thetas(opts.thetas)
+    else:
+        thetas, refs, labelled = {}, [], False
+    expanded = _expand_optimizers(names, refs, labelled)
+
+    # LR grids: suite default per kind < --lrs < --lr-grid KIND < --lr-grid NAME.
+    display = [n for n, _ in expanded]
+    for key in opts.lr_grids:
+        if key not in display and key not in {opt_registry.optimizer_kind(n) for n in display}:
+            raise BenchError(f"--lr-grid: {key!r} is not one of the selected optimizers ({', '.join(display)})")
+    grids: dict[str, list[float]] = {}
+    for name in display:
+        kind = opt_registry.optimizer_kind(name)
+        lo, hi, n = defaults["grids"][kind]
+        grid = opt_registry.log_grid(lo, hi, n)
+        if opts.lrs is not None:
+            grid = list(opts.lrs)
+        grid = opts.lr_grids.get(kind, grid)
+        grids[name] = sorted(opts.lr_grids.get(name, grid))
+
+    wds: dict[str, float] = {}
+    for key in opts.weight_decays:
+        if key != "*" and key not in display and key not in {opt_registry.optimizer_kind(n) for n in display}:
+            raise BenchError(f"--weight-decay: {key!r} is not one of the selected optimizers ({', '.join(display)})")
+    for name in display:
+        kind = opt_registry.optimizer_kind(name)
+        wd = opt_registry.OPTIMIZERS[kind].default_weight_decay
+        for key in ("*", kind, name):
+            wd = opts.weight_decays.get(key, wd)
+        if not (wd >= 0 and math.isfinite(wd)):
+            raise BenchError(f"--weight-decay: must be >= 0, got {wd} for {name}")
+        wds[name] = wd
+
+    seeds = opts.seeds if opts.seeds is not None else list(range(defaults["seeds"]))
+    specs: list[RunSpec] = []
+    for task in tasks:
+        cfg = copy.deepcopy(suite_cfgs[task])
+        if opts.steps is not None:
+            cfg["steps"] = int(opts.steps)
+        uses_images = task_registry.TASKS[task].uses_images
+        if uses_images:
+            cfg["dataset"] = opts.dataset
+        data_dir = task_registry.resolve_root(opts.data_dir) if uses_images else None
+        for name, ref in expanded:
+            for lr in grids[name]:
+                for seed in seeds:
+                    specs.append(RunSpec(task, cfg, name, lr, wds[name], seed, ref, data_dir))
+    return Plan(specs, grids, wds, thetas, refs, tasks, display)
+
+
+# -- running ---------------------------------------------------------------------
+
+
+def default_jobs(suite: str) -> int:
+    """Parallel runs when --jobs is not given: every core for real suites (runs are single-threaded)."""
+    import os
+
+    return 1 if suite == "smoke" else max(1, min(8, os.cpu_count() or 1))
+
+
+def default_out(suite: str) -> str:
+    return f"bench-{suite}"
+
+
+def _update_meta_file(run_dir: Path, entry: dict[str, Any]) -> None:
+    path = run_dir / "bench.json"
+    history: list[dict[str, Any]] = []
+    if path.exists():
+        try:
+            history = json.loads(path.read_text(encoding="utf-8")).get("invocations", [])
+        except (json.JSONDecodeError, AttributeError):
+            history = []
+    history.append(entry)
+    from celo2.eval.report import _atomic_write_text
+
+    _atomic_write_text(path, json.dumps({"invocations": history}, indent=2) + "\n")
+
+
+def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
+    """Plan, run what is missing, write the report; returns a small summary dict."""
+    from celo2.eval.report import environment_info, write_report
+
+    t0 = time.perf_counter()
+    plan = make_plan(opts)
+    jobs = opts.jobs if opts.jobs is not None else default_jobs(opts.suite)
+    run_dir = Path(opts.out or default_out(opts.suite))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BenchError(f"--out {run_dir}: exists and is not a folder")
+    store = ResultStore(run_dir)
+    done = store.load()
+    n_done = sum(1 for s in plan.specs if s.key in done)
+    log(
+        f"bench: {len(plan.specs)} runs ({len(plan.tasks)} tasks x {len(plan.optimizers)} optimizers x LR grid x "
+        f"seeds), {n_done} already in {store.path}"
+    )
+    if opts.dry_run:
+        for name in plan.optimizers:
+            log(f"  {name}: LRs {', '.join(f'{x:g}' for x in plan.grids[name])}, weight decay {plan.weight_decays[name]}")
+        return {"planned": len(plan.specs), "done": n_done, "executed": 0, "run_dir": str(run_dir)}
+    if opts.report_only:
+        if n_done == 0:
+            raise BenchError(
+                f"--report-only: none of the {len(plan.specs)} runs these flags select is in {store.path}; "
+                "pass the same --suite/--tasks/--optimizers/--theta/LR flags as the run"
+            )
+        records, executed = {s.key: done[s.key] for s in plan.specs if s.key in done}, 0
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        records, executed = execute(plan.specs, store, plan.thetas, jobs=jobs, threads=opts.threads,
+                                    progress=opts.progress)
+    wall = time.perf_counter() - t0
+    env = environment_info(opts.threads, jobs)
+    meta = {
+        "suite": opts.suite,
+        "command": opts.command or "(celo2.eval.bench.run_bench called from Python)",
+        "thetas": [r.__dict__ for r in plan.theta_refs],
+        "grids": plan.grids,
+        "weight_decays": plan.weight_decays,
+        "environment": env,
+        "wall_s": wall,
+        "executed": executed,
+    }
+    summary = write_report(run_dir, plan.specs, records, meta)
+    _update_meta_file(run_dir, {
+        "command": meta["command"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(wall, 2), "runs_executed": executed, "runs_planned": len(plan.specs),
+    })
+    log(f"bench: {executed} runs executed in {wall:.1f} s; report: {run_dir / 'report.md'}")
+    return {"planned": len(plan.specs), "done": len(records), "executed": executed, "run_dir": str(run_dir),
+            "wall_s": wall, "summary": summary}
