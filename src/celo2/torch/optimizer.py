@@ -10,7 +10,7 @@ from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
-from celo2.torch.rule import TorchTheta, init_tensor_state, tensor_step
+from celo2.torch.rule import TorchTheta, _Workspace, apply_step, init_tensor_state
 
 _BRANCHES = ("auto", routing.LEARNED, routing.ADAM)
 _STATE_KEYS_FP32 = ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq")
@@ -67,6 +67,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         self.theta = load_theta(theta)
         self.adam_name_pattern = adam_name_pattern
         self._theta_by_device: dict[torch.device, TorchTheta] = {}
+        # Chunk scratch of the fast path, one per device, reused across tensors
+        # and steps (a few MB; not part of state_dict).
+        self._workspace_by_device: dict[torch.device, _Workspace] = {}
 
     # -- routing -------------------------------------------------------------------
     @staticmethod
@@ -150,18 +153,12 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         if not state:
             state.update(init_tensor_state(p))
         theta = self._torch_theta(p.device)
-        direction = tensor_step(theta, state, p.grad, p, group["orthogonalize"])
-        lr, wd = group["lr"], group["weight_decay"]
-        if p.dtype == torch.float32:
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(direction, alpha=-lr)
-        else:
-            p32 = p.to(torch.float32)
-            if wd:
-                p32.mul_(1.0 - lr * wd)
-            p32.add_(direction, alpha=-lr)
-            p.copy_(p32)
+        workspace = None
+        if not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
+            workspace = self._workspace_by_device.setdefault(p.device, _Workspace())
+        # p <- p (1 - lr wd) - lr * direction, in place, chunk by chunk where possible.
+        apply_step(theta, state, p.grad, p, group["orthogonalize"], group["lr"], group["weight_decay"],
+                   workspace=workspace)
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic."""
