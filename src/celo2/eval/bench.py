@@ -316,9 +316,9 @@ def _update_meta_file(run_dir: Path, entry: dict[str, Any]) -> None:
         except (json.JSONDecodeError, AttributeError):
             history = []
     history.append(entry)
-    from celo2.eval.report import _atomic_write_text
+    from celo2._io import atomic_write_text
 
-    _atomic_write_text(path, json.dumps({"invocations": history}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"invocations": history}, indent=2) + "\n")
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:

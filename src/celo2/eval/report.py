@@ -17,11 +17,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from celo2._io import atomic_write_text
 from celo2.eval.runner import RunSpec
 
 EDGE_LOW, EDGE_HIGH, EDGE_SINGLE = "low", "high", "single"
@@ -201,19 +201,6 @@ def environment_info(threads: int, jobs: int) -> dict[str, Any]:
 # -- writing -------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_csv(path: Path, specs: Sequence[RunSpec], records: dict[str, dict[str, Any]]) -> None:
     """One row per finished run of the plan, config flattened."""
     import io
@@ -231,7 +218,7 @@ def write_csv(path: Path, specs: Sequence[RunSpec], records: dict[str, dict[str,
                     repr(float(r["final_val_loss"])), repr(float(r.get("final_train_loss", math.inf))),
                     "" if r.get("diverged_at_step") is None else r["diverged_at_step"], r.get("wall_s", ""),
                     json.dumps(s.task_config, sort_keys=True)])
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _mean_curve(recs: list[dict[str, Any]], which: str) -> tuple[list[int], list[float]]:
@@ -504,6 +491,6 @@ def write_report(run_dir: "str | Path", specs: Sequence[RunSpec], records: dict[
     summary = summarize(specs, records)
     write_csv(run_dir / "results.csv", specs, records)
     plots = write_plots(run_dir, summary, specs, records, {k: v.metric for k, v in TASKS.items()})
-    _atomic_write_text(run_dir / "environment.json", json.dumps(meta.get("environment", {}), indent=2) + "\n")
-    _atomic_write_text(run_dir / "report.md", render_markdown(summary, specs, records, meta, plots))
+    atomic_write_text(run_dir / "environment.json", json.dumps(meta.get("environment", {}), indent=2) + "\n")
+    atomic_write_text(run_dir / "report.md", render_markdown(summary, specs, records, meta, plots))
     return summary

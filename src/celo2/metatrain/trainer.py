@@ -26,7 +26,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from celo2._io import atomic_write_bytes
 from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.tasks import TaskData, load_task_data
 from celo2.rule.theta import Theta, load_theta, save_theta
@@ -49,21 +49,6 @@ class CheckpointError(ValueError):
 
 class RunDirError(ValueError):
     """A run folder that cannot be used as asked (exists without --resume, ...)."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _git_commit() -> str | None:
@@ -206,7 +191,7 @@ class MetaTrainer:
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.asarray(json.dumps(meta)), **arrays)
         path = ckpt / "trainer.npz"
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> tuple[Any, dict]:
@@ -280,7 +265,7 @@ class MetaTrainer:
                 _truncate_metrics(metrics_path, 0)
             state = self.init_state()
             start = 0
-        _atomic_write_bytes(run / "config.json", (c.to_json() + "\n").encode())
+        atomic_write_bytes(run / "config.json", (c.to_json() + "\n").encode())
         log(f"meta-train config (preset {c.preset!r}):\n{c.to_json()}")
         log(f"tasks: {self.data.summary()} training images; {self.pes.P} particles "
             f"({c.inner_steps_per_iteration:,} inner steps per iteration) on {self.num_devices} device(s)")
@@ -344,7 +329,7 @@ class MetaTrainer:
                 "platform": platform.platform(),
                 "git_commit": _git_commit(),
             }
-            _atomic_write_bytes(run / "metadata.json", (json.dumps(meta, indent=2) + "\n").encode())
+            atomic_write_bytes(run / "metadata.json", (json.dumps(meta, indent=2) + "\n").encode())
             log(f"done: {iterations} iterations in {wall:.0f} s; theta -> {run / 'theta.state'}")
         return MetaTrainResult(run, theta, iterations, None if last is None else last["meta_loss"], wall)
 
@@ -480,7 +465,7 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     else:
         for r in rows:
             buf.write(json.dumps(r) + "\n")
-    _atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,

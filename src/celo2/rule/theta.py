@@ -21,13 +21,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from celo2._io import atomic_write_bytes
 from celo2.rule import spec
 
 #: msgpack extension codes used by ``flax.serialization``.
@@ -383,21 +383,6 @@ def _download_from_hub(url: str) -> str:
     return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_theta(theta: "Theta | Mapping[str, Any]", path: "str | os.PathLike[str]", format: str | None = None) -> Path:
     """Write ``theta`` atomically; the format follows ``format`` or the extension.
 
@@ -432,5 +417,5 @@ def save_theta(theta: "Theta | Mapping[str, Any]", path: "str | os.PathLike[str]
             f"{path}: cannot tell the theta format from the extension {path.suffix!r}; "
             "use .state (authors' flax msgpack), .npz (celo2) or .pt (PyLO), or pass format="
         )
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
