@@ -48,12 +48,13 @@ import torch
 from celo2.rule import spec
 from celo2.rule.theta import Theta
 
-CHUNK_ELEMENTS: int = 1 << 14
+CHUNK_ELEMENTS: int = 1 << 16
 """Elements per chunk of the fast path (a chunk is whole slices of the leading
-axis). 16K elements keep a chunk's channels (~1.2 MB) in a core's L2 cache
-while the per-chunk Python overhead (~60 small ops) stays small against the
-arithmetic; the chunk workspace is ``28 * CHUNK_ELEMENTS`` floats (1.8 MB)
-whatever the tensor size."""
+axis). Each chunk costs ~60 small operations of fixed Python/dispatch
+overhead; measured on a 2-core Xeon, 64K-element chunks ran 10-25% faster
+than 16K ones (the chunk's channels, 4.7 MB, still sit in L2 + L3) and
+parallelise better. The chunk workspace is ``28 * CHUNK_ELEMENTS`` floats
+(7.3 MB) whatever the tensor size; lower this to trade speed for memory."""
 
 COMPILE_CHUNK_ELEMENTS: int = 1 << 20
 """Minimum chunk under ``torch.compile``, where chunk loops are unrolled into the graph."""
