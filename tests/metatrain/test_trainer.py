@@ -33,6 +33,10 @@ def test_smoke_run_writes_every_output(full_run):
                  "checkpoint/theta.state", "checkpoint/trainer.npz"):
         assert (run / name).is_file(), name
     assert not [p for p in run.rglob("*.tmp")]  # no temporary files left behind
+    # Every checkpoint's theta is kept; the last one is the final theta.
+    snapshots = sorted(p.name for p in (run / "thetas").iterdir())
+    assert snapshots == ["theta-000002.state", "theta-000004.state"]
+    assert celo2.load_theta(run / "thetas" / "theta-000004.state").allclose(celo2.load_theta(run / "theta.state"))
     rows = read_metrics(run)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

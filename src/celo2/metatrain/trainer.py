@@ -6,6 +6,9 @@ Run folder::
     RUN_DIR/metrics.jsonl|csv      one row per iteration
     RUN_DIR/checkpoint/trainer.npz full trainer state (the only thing --resume reads)
     RUN_DIR/checkpoint/theta.state theta at that checkpoint, authors' format
+    RUN_DIR/thetas/theta-NNNNNN.state  theta at every checkpoint, kept (1.8 KB each), so
+                                   that a checkpoint can be chosen afterwards on a
+                                   validation task (``celo2 bench --theta``)
     RUN_DIR/theta.state            final theta, authors' format
     RUN_DIR/metadata.json          config, data, iterations, wall time, final meta-loss, git commit
 
@@ -177,6 +180,9 @@ class MetaTrainer:
         theta = self.theta_of(state)
         theta.metadata.update({"iteration": int(state.iteration), "config": self.config.to_dict()})
         save_theta(theta, ckpt / "theta.state")
+        # The trajectory, for choosing a checkpoint by validation afterwards:
+        # PES's meta-loss is noisy and does not rank thetas out of distribution.
+        save_theta(theta, Path(run_dir) / "thetas" / f"theta-{int(state.iteration):06d}.state")
         leaves = jax.tree_util.tree_leaves(state)
         arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         meta = {
