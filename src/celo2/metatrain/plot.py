@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
+from celo2._io import atomic_write_bytes
 from celo2.metatrain.trainer import RunDirError, read_metrics
 
 
@@ -38,11 +40,10 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, s
     ax.legend()
     fig.tight_layout()
     path = Path(out) if out is not None else run / "meta_loss.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
