@@ -85,6 +85,20 @@ def test_markdown_report_tables_flags_ratios_and_wins(tmp_path):
     assert len(csv_lines) == 1 + len(records)
 
 
+def test_summary_shows_own_loss_where_adamw_solved_the_task(tmp_path):
+    """No ratio exists to AdamW's 0 (a solved task); the summary must still
+    show who failed to solve it instead of hiding it behind n/a."""
+    specs, records = _specs_and_records({
+        "celo2": {1e-3: 0.37, 1e-2: 0.5, 1e-1: 0.9},
+        "adamw": {1e-3: 0.5, 1e-2: 0.0, 1e-1: 0.2},
+        "muon": {1e-3: 0.6, 1e-2: 0.0, 1e-1: 0.4},
+    })
+    P.write_report(tmp_path, specs, records, {"suite": "test", "command": "celo2 bench x"})
+    md = (tmp_path / "report.md").read_text()
+    assert "| celo2 | abs 0.37* |" in md  # best at the lowest LR, so also flagged
+    assert "| muon | = 0 |" in md
+
+
 def test_ratio_is_safe():
     assert P.ratio(1.0, 2.0) == 0.5
     assert P.ratio(math.inf, 2.0) == math.inf

@@ -362,13 +362,14 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         "grids": plan.grids,
         "weight_decays": plan.weight_decays,
         "environment": env,
-        "wall_s": wall,
+        "wall_s": None if opts.report_only else wall,
         "executed": executed,
     }
     summary = write_report(run_dir, plan.specs, records, meta)
     _update_meta_file(run_dir, {
         "command": meta["command"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(wall, 2), "runs_executed": executed, "runs_planned": len(plan.specs),
+        **({"report_only": True} if opts.report_only else {}),
     })
     log(f"bench: {executed} runs executed in {wall:.1f} s; report: {run_dir / 'report.md'}")
     return {"planned": len(plan.specs), "done": len(records), "executed": executed, "run_dir": str(run_dir),

@@ -436,7 +436,9 @@ def render_markdown(
     optimizers = list(dict.fromkeys(o for per_task in summary.values() for o in per_task))
     tasks = list(summary)
     has_adamw = any("adamw" in per_task for per_task in summary.values())
-    add(("Cells: best final validation loss divided by AdamW's on that task (below 1 beats AdamW)"
+    add(("Cells: best final validation loss divided by AdamW's on that task (below 1 beats AdamW); "
+         "where AdamW's loss is 0 (a solved task, no ratio) a cell gives the optimizer's own loss as "
+         "`= 0` or `abs VALUE`"
          if has_adamw else "Cells: best final validation loss (no AdamW in this run)")
         + "; `*` marks a best LR at the edge of its grid (not tuned); wins count tasks where the optimizer "
         "had the lowest loss.")
@@ -455,7 +457,10 @@ def render_markdown(
             val = ratio(res.best_mean, base.best_mean) if (has_adamw and base) else res.best_mean
             star = "*" if res.edge else ""
             if isinstance(val, float) and math.isnan(val):
-                cells.append("n/a")
+                if base is not None and base.best_mean == 0 and math.isfinite(res.best_mean):
+                    cells.append(("= 0" if res.best_mean == 0 else f"abs {res.best_mean:.3g}") + star)
+                else:
+                    cells.append("n/a")
             else:
                 cells.append(("diverged" if not math.isfinite(val) else f"{val:.3f}") + star)
             if has_adamw and base and math.isfinite(val) and val > 0:
@@ -475,6 +480,9 @@ def render_markdown(
         if meta.get("wall_s") is not None:
             add(f"- wall time of the last invocation: {meta['wall_s']:.1f} s "
                 f"({meta.get('executed', 0)} runs executed, the rest resumed from results.jsonl)")
+        else:
+            add("- this report was rewritten from results.jsonl (`--report-only`); the invocations that "
+                "ran the runs are listed in bench.json")
         run_time = sum(records[s.key].get("wall_s", 0.0) for s in specs if s.key in records)
         add(f"- sum of per-run times over all finished runs: {run_time:.1f} s")
         add("")
