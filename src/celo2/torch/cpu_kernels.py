@@ -18,7 +18,8 @@ A matrix takes three passes per step:
 So Celo2Base never holds a matrix's direction: pass 3 runs twice (sum of
 squares, then apply) and the transient memory stays a few row vectors. Celo2
 writes the direction out, since Newton-Schulz needs it whole. Vectors (15
-channels, no factoring) take :func:`vector_accumulate` and :func:`vector_direction`.
+channels, no factoring) take :func:`vector_accumulate`, then :func:`direction`
+as a one-row matrix.
 
 Row blocks are the parallel unit (:func:`run_blocks`, a small thread pool;
 the kernels release the GIL); partial sums are per block, so results do not
@@ -292,10 +293,14 @@ if AVAILABLE:
             sq_part[blk] = sq
 
     @_kernel
-    def vector_accumulate(graw, p, m, v, fac, wm, wf, sums):  # noqa: ANN001
+    def vector_accumulate(graw, p, m, v, fac, wm, wf, factor, sums):  # noqa: ANN001
         """A vector's accumulators (``m``, ``v`` and the full second moments
-        ``fac``, each ``(3, n)`` or ``(n,)``) in place, and the sums of squares
-        of its 15 channels into ``sums``."""
+        ``fac``, each ``(3, n)`` or ``(n,)``) in place, its Adafactor-style
+        factors ``rsqrt(fac + eps)`` into ``factor`` (3, n), and the sums of
+        squares of its 15 channels into ``sums``. Its direction is then
+        :func:`direction` on the ``(1, n)`` matrix with these factors as the
+        column factors, unit row factors and zero weights for the three
+        channels vectors lack."""
         s = np.zeros(15, np.float64)
         for j in range(graw.shape[0]):
             g = min(max(graw[j], -_GRAD_CLIP), _GRAD_CLIP)
@@ -328,74 +333,14 @@ if AVAILABLE:
             s[8] += m1 * m1 * r
             s[9] += m2 * m2 * r
             s[10] += r
-            s[11] += g2 / max(a0 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR)
-            s[12] += g2 / max(a1 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR)
-            s[13] += g2 / max(a2 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR)
+            f0 = _ONE / np.sqrt(max(a0 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            f1 = _ONE / np.sqrt(max(a1 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            f2 = _ONE / np.sqrt(max(a2 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            factor[0, j] = f0
+            factor[1, j] = f1
+            factor[2, j] = f2
+            s[11] += g2 * f0 * f0
+            s[12] += g2 * f1 * f1
+            s[13] += g2 * f2 * f2
             s[14] += g2 * r
         sums[:] = s
-
-    @_kernel
-    def vector_direction(graw, p, m, v, fac, W, b0, W1, b1, w2, b2, mode, decay, step, out):  # noqa: ANN001
-        """A vector's direction; ``W`` (18, 8) with rows 15-17 zero (no factored
-        momentum channels), the input RMS folded in. Modes as :func:`direction`
-        (tiles of 1024 elements play the row buffer's part); returns the sum of
-        ``d^2``."""
-        sq = 0.0
-        n = graw.shape[0]
-        tile = np.empty(1024, np.float32)
-        for lo in range(0, n, 1024):
-            hi = min(n, lo + 1024)
-            for j in range(lo, hi):
-                g = min(max(graw[j], -_GRAD_CLIP), _GRAD_CLIP)
-                vv = v[j]
-                rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
-                m0 = m[0, j]; m1 = m[1, j]; m2 = m[2, j]  # noqa: E702
-                pp = p[j]
-                x1 = min(max(g, -_FEATURE_CLIP), _FEATURE_CLIP)
-                x7 = m0 * rv; x8 = m1 * rv; x9 = m2 * rv  # noqa: E702
-                x11 = g / np.sqrt(max(fac[0, j] + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
-                x12 = g / np.sqrt(max(fac[1, j] + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
-                x13 = g / np.sqrt(max(fac[2, j] + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
-                x14 = g * rv
-                h0 = max(b0[0] + W[0, 0] * g + W[1, 0] * x1 + W[2, 0] * pp + W[3, 0] * m0 + W[4, 0] * m1
-                         + W[5, 0] * m2 + W[6, 0] * vv + W[7, 0] * x7 + W[8, 0] * x8 + W[9, 0] * x9 + W[10, 0] * rv
-                         + W[11, 0] * x11 + W[12, 0] * x12 + W[13, 0] * x13 + W[14, 0] * x14, _ZERO)
-                h1 = max(b0[1] + W[0, 1] * g + W[1, 1] * x1 + W[2, 1] * pp + W[3, 1] * m0 + W[4, 1] * m1
-                         + W[5, 1] * m2 + W[6, 1] * vv + W[7, 1] * x7 + W[8, 1] * x8 + W[9, 1] * x9 + W[10, 1] * rv
-                         + W[11, 1] * x11 + W[12, 1] * x12 + W[13, 1] * x13 + W[14, 1] * x14, _ZERO)
-                h2 = max(b0[2] + W[0, 2] * g + W[1, 2] * x1 + W[2, 2] * pp + W[3, 2] * m0 + W[4, 2] * m1
-                         + W[5, 2] * m2 + W[6, 2] * vv + W[7, 2] * x7 + W[8, 2] * x8 + W[9, 2] * x9 + W[10, 2] * rv
-                         + W[11, 2] * x11 + W[12, 2] * x12 + W[13, 2] * x13 + W[14, 2] * x14, _ZERO)
-                h3 = max(b0[3] + W[0, 3] * g + W[1, 3] * x1 + W[2, 3] * pp + W[3, 3] * m0 + W[4, 3] * m1
-                         + W[5, 3] * m2 + W[6, 3] * vv + W[7, 3] * x7 + W[8, 3] * x8 + W[9, 3] * x9 + W[10, 3] * rv
-                         + W[11, 3] * x11 + W[12, 3] * x12 + W[13, 3] * x13 + W[14, 3] * x14, _ZERO)
-                h4 = max(b0[4] + W[0, 4] * g + W[1, 4] * x1 + W[2, 4] * pp + W[3, 4] * m0 + W[4, 4] * m1
-                         + W[5, 4] * m2 + W[6, 4] * vv + W[7, 4] * x7 + W[8, 4] * x8 + W[9, 4] * x9 + W[10, 4] * rv
-                         + W[11, 4] * x11 + W[12, 4] * x12 + W[13, 4] * x13 + W[14, 4] * x14, _ZERO)
-                h5 = max(b0[5] + W[0, 5] * g + W[1, 5] * x1 + W[2, 5] * pp + W[3, 5] * m0 + W[4, 5] * m1
-                         + W[5, 5] * m2 + W[6, 5] * vv + W[7, 5] * x7 + W[8, 5] * x8 + W[9, 5] * x9 + W[10, 5] * rv
-                         + W[11, 5] * x11 + W[12, 5] * x12 + W[13, 5] * x13 + W[14, 5] * x14, _ZERO)
-                h6 = max(b0[6] + W[0, 6] * g + W[1, 6] * x1 + W[2, 6] * pp + W[3, 6] * m0 + W[4, 6] * m1
-                         + W[5, 6] * m2 + W[6, 6] * vv + W[7, 6] * x7 + W[8, 6] * x8 + W[9, 6] * x9 + W[10, 6] * rv
-                         + W[11, 6] * x11 + W[12, 6] * x12 + W[13, 6] * x13 + W[14, 6] * x14, _ZERO)
-                h7 = max(b0[7] + W[0, 7] * g + W[1, 7] * x1 + W[2, 7] * pp + W[3, 7] * m0 + W[4, 7] * m1
-                         + W[5, 7] * m2 + W[6, 7] * vv + W[7, 7] * x7 + W[8, 7] * x8 + W[9, 7] * x9 + W[10, 7] * rv
-                         + W[11, 7] * x11 + W[12, 7] * x12 + W[13, 7] * x13 + W[14, 7] * x14, _ZERO)
-                u0 = max(b1[0] + W1[0, 0] * h0 + W1[1, 0] * h1 + W1[2, 0] * h2 + W1[3, 0] * h3 + W1[4, 0] * h4 + W1[5, 0] * h5 + W1[6, 0] * h6 + W1[7, 0] * h7, _ZERO)
-                u1 = max(b1[1] + W1[0, 1] * h0 + W1[1, 1] * h1 + W1[2, 1] * h2 + W1[3, 1] * h3 + W1[4, 1] * h4 + W1[5, 1] * h5 + W1[6, 1] * h6 + W1[7, 1] * h7, _ZERO)
-                u2 = max(b1[2] + W1[0, 2] * h0 + W1[1, 2] * h1 + W1[2, 2] * h2 + W1[3, 2] * h3 + W1[4, 2] * h4 + W1[5, 2] * h5 + W1[6, 2] * h6 + W1[7, 2] * h7, _ZERO)
-                u3 = max(b1[3] + W1[0, 3] * h0 + W1[1, 3] * h1 + W1[2, 3] * h2 + W1[3, 3] * h3 + W1[4, 3] * h4 + W1[5, 3] * h5 + W1[6, 3] * h6 + W1[7, 3] * h7, _ZERO)
-                u4 = max(b1[4] + W1[0, 4] * h0 + W1[1, 4] * h1 + W1[2, 4] * h2 + W1[3, 4] * h3 + W1[4, 4] * h4 + W1[5, 4] * h5 + W1[6, 4] * h6 + W1[7, 4] * h7, _ZERO)
-                u5 = max(b1[5] + W1[0, 5] * h0 + W1[1, 5] * h1 + W1[2, 5] * h2 + W1[3, 5] * h3 + W1[4, 5] * h4 + W1[5, 5] * h5 + W1[6, 5] * h6 + W1[7, 5] * h7, _ZERO)
-                u6 = max(b1[6] + W1[0, 6] * h0 + W1[1, 6] * h1 + W1[2, 6] * h2 + W1[3, 6] * h3 + W1[4, 6] * h4 + W1[5, 6] * h5 + W1[6, 6] * h6 + W1[7, 6] * h7, _ZERO)
-                u7 = max(b1[7] + W1[0, 7] * h0 + W1[1, 7] * h1 + W1[2, 7] * h2 + W1[3, 7] * h3 + W1[4, 7] * h4 + W1[5, 7] * h5 + W1[6, 7] * h6 + W1[7, 7] * h7, _ZERO)
-                d = b2 + w2[0] * u0 + w2[1] * u1 + w2[2] * u2 + w2[3] * u3 + w2[4] * u4 + w2[5] * u5 + w2[6] * u6 + w2[7] * u7
-                tile[j - lo] = d
-                sq += d * d
-            if mode == 0:
-                for j in range(lo, hi):
-                    out[j] = tile[j - lo]
-            elif mode == 2:
-                for j in range(lo, hi):
-                    p[j] = decay * p[j] + step * tile[j - lo]
-        return sq

@@ -751,8 +751,18 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, lay.numpy().momentum_w, A * A, B * B, per, sums_part)
     sums = sums_part.sum(0)
     inv = 1.0 / np.sqrt(sums / t.numel + spec.INPUT_NORM_EPS)
-    nl = lay.numpy()
-    W = (nl.w_el * inv[:, None]).astype(np.float32)
+    W = (lay.numpy().w_el * inv[:, None]).astype(np.float32)
+    return _direction_cpu(t, apply, param, (g, p, m, v), A, B, TR, TC, W, orthogonalize)
+
+
+def _direction_cpu(t: "_Tensor", apply, param: torch.Tensor, arrays, A, B, TR, TC, W,  # noqa: ANN001
+                   orthogonalize: bool) -> Optional[torch.Tensor]:
+    """Pass 3 of the CPU kernels and the finish: written out when returned or
+    orthogonalised, else (Celo2-base) squared, then applied without being held."""
+    k, nl = cpu_kernels, t.lay.numpy()
+    g, p, m, v = arrays
+    R, C = g.shape
+    per, nblk = k.blocks(R)
     sq_part = np.empty(nblk, np.float64)
 
     def run(mode: int, out: np.ndarray, decay: float = 1.0, step: float = 0.0) -> float:
@@ -768,9 +778,9 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
         ms = torch.linalg.vector_norm(out).square_().mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
         if apply is None:
             return out.mul_(ms.rsqrt_()).reshape(param.shape)
-        _apply_update(param, 0, R, out, apply, ms.rsqrt_())
+        _apply_update(param, 0, t.shape[0], out.view(t.shape), apply, ms.rsqrt_())
         return None
-    # Celo2Base: the direction is never held; its squares first, then applied.
+    # Celo2-base: the direction is never held; its squares first, then applied.
     lr, wd = apply
     lr = float(lr)
     unused = np.empty((1, 1), np.float32)  # ``out`` is not touched in these modes
@@ -780,29 +790,18 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
 
 
 def _run_vector_cpu(t: "_Tensor", apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
-    """The step of one float32 CPU vector (or scalar) in two fused passes; same
-    contract as :func:`_run`."""
+    """The step of one float32 CPU vector (or scalar): the accumulator pass,
+    then the matrix direction kernel on it as one row; same contract as :func:`_run`."""
     k, nl, n = cpu_kernels, t.lay.numpy(), t.numel
     g, p, m, v, fac = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy(), t.fac_r.numpy()
+    factor = np.empty((3, n), np.float32)
     sums = np.empty(_VECTOR_CHANNELS, np.float64)
-    k.vector_accumulate(g, p, m, v, fac, nl.momentum_w, nl.factored_w, sums)
-    W = np.zeros((_CHANNELS, 8), np.float32)
+    k.vector_accumulate(g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
+    W = np.zeros((_CHANNELS, 8), np.float32)  # rows of fac_m stay zero: vectors lack them
     W[:_VECTOR_CHANNELS] = nl.w_el[:_VECTOR_CHANNELS] / np.sqrt(sums / n + spec.INPUT_NORM_EPS)[:, None]
-
-    def run(mode: int, out: np.ndarray, decay: float = 1.0, step: float = 0.0) -> float:
-        return k.vector_direction(g, p, m, v, fac, W, nl.b0, nl.w1, nl.b1, nl.w2, nl.b2, mode,
-                                  np.float32(decay), np.float32(step), out)
-
-    if apply is None:
-        out = torch.empty(n, dtype=torch.float32)
-        scale = 1.0 / math.sqrt(run(k.WRITE, out.numpy()) / n + spec.OUTPUT_NORM_EPS)
-        return out.mul_(scale).reshape(param.shape)
-    lr, wd = apply
-    lr = float(lr)
-    unused = np.empty(1, np.float32)
-    scale = 1.0 / math.sqrt(run(k.SQUARES, unused) / n + spec.OUTPUT_NORM_EPS)
-    run(k.APPLY, unused, 1.0 - lr * wd, -lr * scale)
-    return None
+    return _direction_cpu(t, apply, param, (g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n)),
+                          np.ones((3, 1), np.float32), factor, nl.b0.reshape(8, 1), np.zeros((8, n), np.float32), W,
+                          False)
 
 
 def _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims):  # noqa: ANN001
