@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from celo2.torch import Celo2, Celo2Base
-from celo2.torch import rule
+from celo2.torch import cpu_kernels, rule
 
 # 0-D, 1-D, both matrix orientations and a square one, 3-D with factored axes
 # inside a slice, at the front, and a 4-D conv kernel; ties in size too.
@@ -23,9 +23,19 @@ def _ids(shape):
     return "x".join(map(str, shape)) or "scalar"
 
 
+@pytest.fixture(params=["cpu-kernels", "torch-ops"])
+def matrix_path(request, monkeypatch):
+    """Run a test once through the fused CPU kernels for float32 matrices and
+    once through the PyTorch path (what accelerators and other dtypes take)."""
+    if request.param == "cpu-kernels" and not cpu_kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the fused CPU kernels are unavailable")
+    monkeypatch.setattr(rule, "USE_CPU_KERNELS", request.param == "cpu-kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("orthogonalize", [False, True])
-def test_fast_step_equals_the_reference_formula(random_theta, shape, orthogonalize):
+def test_fast_step_equals_the_reference_formula(random_theta, shape, orthogonalize, matrix_path):
     theta = rule.TorchTheta.from_theta(random_theta)
     g = torch.Generator().manual_seed(len(shape) * 100 + sum(shape))
     param = torch.randn(shape, generator=g) * 0.5
@@ -45,7 +55,7 @@ def test_fast_step_equals_the_reference_formula(random_theta, shape, orthogonali
         param = param - 0.01 * expected
 
 
-def test_slices_are_recursed_into_when_a_slice_exceeds_a_chunk(random_theta):
+def test_slices_are_recursed_into_when_a_slice_exceeds_a_chunk(random_theta, matrix_path):
     """(2, 12, 10): the factored axes lie inside each slice; a chunk of 5
     elements is smaller than one slice, so each slice runs as its own matrix."""
     theta = rule.TorchTheta.from_theta(random_theta)
@@ -60,7 +70,7 @@ def test_slices_are_recursed_into_when_a_slice_exceeds_a_chunk(random_theta):
 
 @pytest.mark.parametrize("orthogonalize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_step_equals_direction_then_update(random_theta, orthogonalize, dtype):
+def test_apply_step_equals_direction_then_update(random_theta, orthogonalize, dtype, matrix_path):
     """The optimizer's in-place update is ``p (1 - lr wd) - lr * direction``."""
     theta = rule.TorchTheta.from_theta(random_theta)
     for shape in [(30, 20), (4, 5, 3, 3), (17,)]:
@@ -90,10 +100,12 @@ class _NoHostSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta):
+def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta, monkeypatch):
     """Every path of the rule (scalar, vector, both matrix orientations,
     chunked, N-D, Newton-Schulz, weight decay, tensor lr) under a mode that
-    rejects tensor -> Python conversions."""
+    rejects tensor -> Python conversions. This is the PyTorch path, the one
+    accelerators take (the CPU kernels read host memory by design)."""
+    monkeypatch.setattr(rule, "USE_CPU_KERNELS", False)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(s)) for s in [(), (9,), (40, 30), (30, 40), (4, 3, 3, 3), (2, 12, 10)]]
     for p in params:
@@ -112,6 +124,39 @@ def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta):
         rule.CHUNK_ELEMENTS = old
     for p in params:
         assert torch.isfinite(p).all()
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_cpu_kernels_are_compiled_with_non_aliasing_arrays():
+    """The kernels reach Numba's ``noalias`` compiler flag through a private
+    hook; if a Numba release moves it, they stay correct but run ~5x slower,
+    and this test says so."""
+    assert cpu_kernels.NOALIAS, "numba's _customize_flags hook is gone: CPU kernels compile without noalias"
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_cpu_kernels_give_the_same_bits_on_any_thread_count(random_theta):
+    """Partial sums are per row block, not per thread, so a step's result does
+    not depend on how many threads ran it. (Newton-Schulz is left out: its
+    matrix products are PyTorch's, whose blocking follows the thread count.)"""
+    theta = rule.TorchTheta.from_theta(random_theta)
+    torch.manual_seed(1)
+    param, grad = torch.randn(300, 300), torch.randn(300, 300)  # several row blocks
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            state = rule.init_tensor_state(param)
+            results.append(rule.tensor_step(theta, state, grad, param, False))
+            p = param.clone()
+            rule.apply_step(theta, state, grad, p, False, 1e-2, 0.1)
+            results += [p, *state.values()]
+    finally:
+        torch.set_num_threads(old)
+    half = len(results) // 2
+    for a, b in zip(results[:half], results[half:]):
+        assert torch.equal(a, b)
 
 
 def test_torch_compile_of_the_step_matches_eager(random_theta):
@@ -146,8 +191,10 @@ def test_torch_compile_of_the_step_matches_eager(random_theta):
     assert set(opts[1].state[models[1].weight]) == {"m", "v", "fac_r", "fac_c"}
 
 
-def test_optimizer_workspace_is_small_and_reused(random_theta):
-    """The chunk scratch is bounded by the chunk size, not the tensor size."""
+def test_optimizer_workspace_is_small_and_reused(random_theta, monkeypatch):
+    """The chunk scratch of the PyTorch path is bounded by the chunk size, not
+    the tensor size."""
+    monkeypatch.setattr(rule, "USE_CPU_KERNELS", False)
     p = nn.Parameter(torch.randn(300, 200))
     p.grad = torch.randn_like(p)
     opt = Celo2Base([p], theta=random_theta)

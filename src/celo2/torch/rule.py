@@ -35,18 +35,32 @@ Two implementations live here:
 The step never moves a value to the host (no ``.item()``, no data-dependent
 Python branch), so it runs asynchronously on accelerators and traces under
 ``torch.compile``.
+
+On the CPU, float32 matrices and vectors take the fused kernels of
+:mod:`celo2.torch.cpu_kernels` instead (when Numba is installed, and not under
+``torch.compile``): the same numbers, 3-5x faster, and Celo2-base no longer
+holds a matrix's direction. Tensors of three or more dims, other dtypes and
+accelerators stay on the PyTorch path described above.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from celo2.rule import spec
 from celo2.rule.theta import Theta
+from celo2.torch import cpu_kernels
+
+USE_CPU_KERNELS: bool = cpu_kernels.AVAILABLE and os.environ.get("CELO2_CPU_KERNELS", "1") != "0"
+"""Run float32 matrices on the CPU through the fused kernels of
+:mod:`celo2.torch.cpu_kernels` (when Numba is installed). Set the environment
+variable ``CELO2_CPU_KERNELS=0`` (or this flag) to use the PyTorch path."""
 
 CHUNK_ELEMENTS: int = 1 << 16
 """Elements per chunk of the fast path (a chunk is whole slices of the leading
@@ -143,6 +157,37 @@ class _Layout:
             momentum_w=1.0 - torch.tensor(spec.MOMENTUM_DECAYS, dtype=torch.float32, device=dev),
             factored_w=1.0 - torch.tensor(spec.FACTORED_DECAYS, dtype=torch.float32, device=dev),
         )
+
+    def numpy(self) -> "_NumpyLayout":
+        """The weights as float32 NumPy arrays for the CPU kernels (built once)."""
+        cached = self.__dict__.get("_numpy")
+        if cached is None:
+            w1 = self.w1.detach().cpu().numpy()  # (8, 9) = [w1.T | b1]
+            w2 = self.w2.detach().cpu().numpy()  # (1, 9) = [w2 | b2]
+            cached = _NumpyLayout(
+                w_el=self.w_el.detach().cpu().numpy().astype(np.float64),
+                w1=np.ascontiguousarray(w1[:, :8].T),
+                b1=np.ascontiguousarray(w1[:, 8]),
+                w2=np.ascontiguousarray(w2[0, :8]),
+                b2=np.float32(w2[0, 8]),
+                b0=self.b0.detach().cpu().numpy(),
+                momentum_w=self.momentum_w.detach().cpu().numpy(),
+                factored_w=self.factored_w.detach().cpu().numpy(),
+            )
+            self.__dict__["_numpy"] = cached
+        return cached
+
+
+@dataclass
+class _NumpyLayout:
+    w_el: np.ndarray  # (18, 8) float64: scaled by the input RMS each step, then cast
+    w1: np.ndarray  # (8, 8) (in, out)
+    b1: np.ndarray  # (8,)
+    w2: np.ndarray  # (8,)
+    b2: np.float32
+    b0: np.ndarray  # (8,)
+    momentum_w: np.ndarray  # (3,) 1 - decay
+    factored_w: np.ndarray  # (3,) 1 - decay
 
 
 def work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -604,6 +649,10 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
         return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
     lay = theta.layout()
     t = _Tensor(lay, state, grad, param, dims, chunk_elements)
+    if t.nd <= 2 and _cpu_kernel_ok(t, param):
+        if t.dims is None:
+            return _run_vector_cpu(t, apply, param)
+        return _run_matrix_cpu(t, orthogonalize, apply, param)
     size = _WS_SIZE * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
@@ -656,6 +705,103 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
         return out.mul_(ms.rsqrt_()).reshape(param.shape)
     _apply_update(param, 0, shape[0], out, apply, ms.rsqrt_())
     return None
+
+
+def _cpu_kernel_ok(t: "_Tensor", param: torch.Tensor) -> bool:
+    """Whether a matrix can take the fused CPU kernels: float32 everywhere,
+    contiguous, on the CPU, and not being traced by ``torch.compile``."""
+    return (USE_CPU_KERNELS and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and param.dtype == torch.float32 and t.g.dtype == torch.float32
+            and t.g.is_contiguous() and t.p.is_contiguous() and t.m.is_contiguous() and t.v.is_contiguous()
+            and t.fac_r.is_contiguous() and t.g.data_ptr() != t.p.data_ptr())
+
+
+def _rows_cols(terms, rows: int, cols: int, width: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Split ``(width, R, 1)`` / ``(width, 1, C)`` broadcast terms into summed
+    ``(width, R)`` (varying along rows) and ``(width, C)`` arrays."""
+    along_rows = np.zeros((width, rows), np.float32)
+    along_cols = np.zeros((width, cols), np.float32)
+    for x in terms:
+        if x.shape[2] == 1:
+            along_rows += x.reshape(width, rows).numpy()
+        else:
+            along_cols += x.reshape(width, cols).numpy()
+    return along_rows, along_cols
+
+
+def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
+    """The step of one float32 CPU matrix in three fused passes (see
+    :mod:`celo2.torch.cpu_kernels`); same contract as :func:`_run`."""
+    lay, k = t.lay, cpu_kernels
+    R, C = t.shape
+    g, p, m, v = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy()
+    per, nblk = k.blocks(R)
+    row_sum = np.empty(R, np.float32)
+    col_part = np.empty((nblk, C), np.float32)
+    k.run_blocks(k.grad_stats, nblk, t.numel, g, per, row_sum, col_part)
+    sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
+    d1, d0 = t.dims
+    wf = lay.factored_w.view(3, 1)
+    t.fac_r.lerp_(sum_over[d0] * (1.0 / t.shape[d0]) + spec.FACTORED_EPS, wf)
+    t.fac_c.lerp_(sum_over[d1] * (1.0 / t.shape[d1]) + spec.FACTORED_EPS, wf)
+    t.prepare()
+    A, B = _rows_cols((t.rf, t.cf), R, C, 3)
+    TR, TC = _rows_cols(t.terms, R, C, 8)
+    sums_part = np.empty((nblk, _CHANNELS), np.float64)
+    k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, lay.numpy().momentum_w, A * A, B * B, per, sums_part)
+    sums = sums_part.sum(0)
+    inv = 1.0 / np.sqrt(sums / t.numel + spec.INPUT_NORM_EPS)
+    W = (lay.numpy().w_el * inv[:, None]).astype(np.float32)
+    return _direction_cpu(t, apply, param, (g, p, m, v), A, B, TR, TC, W, orthogonalize)
+
+
+def _direction_cpu(t: "_Tensor", apply, param: torch.Tensor, arrays, A, B, TR, TC, W,  # noqa: ANN001
+                   orthogonalize: bool) -> Optional[torch.Tensor]:
+    """Pass 3 of the CPU kernels and the finish: written out when returned or
+    orthogonalised, else (Celo2-base) squared, then applied without being held."""
+    k, nl = cpu_kernels, t.lay.numpy()
+    g, p, m, v = arrays
+    R, C = g.shape
+    per, nblk = k.blocks(R)
+    sq_part = np.empty(nblk, np.float64)
+
+    def run(mode: int, out: np.ndarray, decay: float = 1.0, step: float = 0.0) -> float:
+        k.run_blocks(k.direction, nblk, t.numel, g, p, m, v, A, B, TR, TC, W, nl.w1, nl.b1, nl.w2, nl.b2,
+                     mode, np.float32(decay), np.float32(step), per, out, sq_part)
+        return float(sq_part.sum())
+
+    if orthogonalize or apply is None:
+        out = torch.empty((R, C), dtype=torch.float32)
+        run(k.WRITE, out.numpy())
+        if orthogonalize:
+            out = newton_schulz(out, inplace=True)
+        ms = torch.linalg.vector_norm(out).square_().mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
+        if apply is None:
+            return out.mul_(ms.rsqrt_()).reshape(param.shape)
+        _apply_update(param, 0, t.shape[0], out.view(t.shape), apply, ms.rsqrt_())
+        return None
+    # Celo2-base: the direction is never held; its squares first, then applied.
+    lr, wd = apply
+    lr = float(lr)
+    unused = np.empty((1, 1), np.float32)  # ``out`` is not touched in these modes
+    scale = 1.0 / math.sqrt(run(k.SQUARES, unused) / t.numel + spec.OUTPUT_NORM_EPS)
+    run(k.APPLY, unused, 1.0 - lr * wd, -lr * scale)
+    return None
+
+
+def _run_vector_cpu(t: "_Tensor", apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
+    """The step of one float32 CPU vector (or scalar): the accumulator pass,
+    then the matrix direction kernel on it as one row; same contract as :func:`_run`."""
+    k, nl, n = cpu_kernels, t.lay.numpy(), t.numel
+    g, p, m, v, fac = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy(), t.fac_r.numpy()
+    factor = np.empty((3, n), np.float32)
+    sums = np.empty(_VECTOR_CHANNELS, np.float64)
+    k.vector_accumulate(g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
+    W = np.zeros((_CHANNELS, 8), np.float32)  # rows of fac_m stay zero: vectors lack them
+    W[:_VECTOR_CHANNELS] = nl.w_el[:_VECTOR_CHANNELS] / np.sqrt(sums / n + spec.INPUT_NORM_EPS)[:, None]
+    return _direction_cpu(t, apply, param, (g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n)),
+                          np.ones((3, 1), np.float32), factor, nl.b0.reshape(8, 1), np.zeros((8, n), np.float32), W,
+                          False)
 
 
 def _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims):  # noqa: ANN001

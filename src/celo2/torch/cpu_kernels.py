@@ -1,0 +1,355 @@
+"""Fused CPU kernels for the rule on float32 matrices and vectors (Numba).
+
+The chunked PyTorch path in :mod:`celo2.torch.rule` spends most of a CPU step
+in ~40 elementwise passes and in 8x18 matrix products too small for BLAS.
+Here each pass over a tensor is one compiled loop: every element's channels,
+both hidden layers and the direction are computed in registers, and the loop
+over a row is vectorised by LLVM (the MLP then runs at the CPU's FMA peak).
+A matrix takes three passes per step:
+
+1. :func:`grad_stats`: the row and column sums of ``g^2`` (reads ``g`` only),
+   from which the factored statistics and Adafactor factors follow;
+2. :func:`accumulate`: fold the clipped gradient into ``m`` and ``v`` and take
+   the sums of squares of all 18 per-element channels (the factored ones as
+   ``g^2 A_i^2 B_j^2``, without building them);
+3. :func:`direction`: channels -> MLP -> direction, then either written out,
+   only squared and summed (for the output RMS), or applied to the parameter.
+
+So Celo2Base never holds a matrix's direction: pass 3 runs twice (sum of
+squares, then apply) and the transient memory stays a few row vectors. Celo2
+writes the direction out, since Newton-Schulz needs it whole. Vectors (15
+channels, no factoring) take :func:`vector_accumulate`, then :func:`direction`
+as a one-row matrix.
+
+Row blocks are the parallel unit (:func:`run_blocks`, a small thread pool;
+the kernels release the GIL); partial sums are per block, so results do not
+depend on the thread count. Every constant comes from :mod:`celo2.rule.spec`
+(Numba freezes module globals at compile time); the channel order is the fast
+path's (``_ELEMENT_ROWS`` in :mod:`celo2.torch.rule`). Compiled code is cached
+on disk, so only the first use after an install pays the compile (~30 s).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from celo2.rule import spec
+
+try:  # Numba is optional: without it the PyTorch path runs everywhere.
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+AVAILABLE = numba is not None
+
+_F = np.float32
+_GRAD_CLIP = _F(spec.GRAD_CLIP)
+_FEATURE_CLIP = _F(spec.FEATURE_CLIP)
+_FEATURE_CLIP_SQ = _F(spec.FEATURE_CLIP**2)
+_RSQRT_EPS = _F(spec.RSQRT_EPS)
+_RMS_DECAY = _F(spec.RMS_DECAY)
+_RMS_W = _F(1.0 - spec.RMS_DECAY)
+_FACTORED_EPS = _F(spec.FACTORED_EPS)
+_VECTOR_FACTOR_EPS = _F(spec.VECTOR_FACTOR_EPS)
+_SAFE_RSQRT_FLOOR = _F(spec.SAFE_RSQRT_FLOOR)
+_ZERO = _F(0.0)
+_ONE = _F(1.0)
+
+WRITE, SQUARES, APPLY = 0, 1, 2
+"""Modes of the direction kernels: write it out, only sum its squares, or apply it."""
+
+PARALLEL_MIN_ELEMENTS = 1 << 16
+"""Smaller tensors run on the calling thread (a pool hand-off costs tens of us)."""
+
+
+def blocks(rows: int) -> tuple[int, int]:
+    """(rows per block, number of blocks): at least 16 rows and at most 64
+    blocks, so per-block column partials stay under 1/16 of the matrix."""
+    per = max(16, -(-rows // 64))
+    return per, -(-rows // per)
+
+
+_POOL: "ThreadPoolExecutor | None" = None
+_POOL_WORKERS = 0
+_POOL_PID = 0  # a forked child (a DataLoader worker, say) has none of the parent's threads
+_POOL_LOCK = threading.Lock()
+
+
+def run_blocks(kernel, nblk: int, elements: int, *args) -> None:  # noqa: ANN001
+    """``kernel(lo, hi, *args)`` over blocks ``0:nblk``, split evenly over
+    ``torch.get_num_threads()`` threads (Numba's own parallel layers were no
+    good here: its OpenMP layer left workers spinning, which stalled
+    PyTorch's next operations 8x on a loaded 2-core machine, and its
+    workqueue layer costs ~0.5 ms per launch)."""
+    global _POOL, _POOL_WORKERS, _POOL_PID
+    import torch
+
+    threads = min(torch.get_num_threads(), nblk)
+    if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS:
+        kernel(0, nblk, *args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < threads - 1 or _POOL_PID != os.getpid():
+            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="celo2-cpu")
+            _POOL_WORKERS, _POOL_PID = threads - 1, os.getpid()
+        pool = _POOL
+    bounds = [nblk * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
+    kernel(bounds[0], bounds[1], *args)
+    for f in futures:
+        f.result()
+
+
+NOALIAS = False
+"""Whether the kernels were compiled with their arrays marked non-aliasing."""
+
+
+def _kernel(fn):  # noqa: ANN001, ANN202
+    """Compile ``fn`` the way the loops vectorise.
+
+    ``error_model="numpy"`` drops the division-by-zero checks whose early
+    exits stop LLVM's vectoriser; marking the array arguments ``noalias`` (as
+    Numba does for its own parallel loops, through a compiler flag its public
+    API does not expose) spares the runtime overlap checks that LLVM gives up
+    on past a handful of arrays. Without the flag the kernels stay correct,
+    about 5x slower. No kernel is ever given overlapping arrays.
+    """
+    global NOALIAS
+    dispatcher = numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")(fn)
+    compiler = getattr(dispatcher, "_compiler", None)
+    customize = getattr(compiler, "_customize_flags", None)
+    if customize is not None:
+        def with_noalias(flags):  # noqa: ANN001, ANN202
+            flags = customize(flags)
+            flags.noalias = True
+            return flags
+
+        compiler._customize_flags = with_noalias
+        NOALIAS = True
+    return dispatcher
+
+
+if AVAILABLE:
+    @_kernel
+    def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
+        """Pass 1 on blocks ``lo:hi``: row sums and per-block column sums of ``clip(g)^2``."""
+        R, C = graw.shape
+        for blk in range(lo, hi):
+            cp = col_part[blk]
+            cp[:] = _ZERO
+            for i in range(blk * per, min(R, (blk + 1) * per)):
+                rs = _ZERO
+                gr = graw[i]
+                for j in range(C):
+                    g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
+                    g2 = g * g
+                    rs += g2
+                    cp[j] += g2
+                row_sum[i] = rs
+
+    @_kernel
+    def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, per, sums_part):  # noqa: ANN001
+        """Pass 2 on blocks ``lo:hi``: fold ``g`` into ``m`` (3, R, C) and ``v`` (R, C) in place and
+        take the sums of squares of all 18 per-element channels, in fast-path
+        order; ``A2`` (3, R) / ``B2`` (3, C) are the squared Adafactor factors."""
+        R, C = graw.shape
+        Q0 = B2[0]; Q1 = B2[1]; Q2 = B2[2]  # noqa: E702
+        for blk in range(lo, hi):
+            s = np.zeros(18, np.float64)
+            for i in range(blk * per, min(R, (blk + 1) * per)):
+                s0 = _ZERO; s1 = _ZERO; s2 = _ZERO; s3 = _ZERO; s4 = _ZERO; s5 = _ZERO  # noqa: E702
+                s6 = _ZERO; s7 = _ZERO; s8 = _ZERO; s9 = _ZERO; s10 = _ZERO; s11 = _ZERO  # noqa: E702
+                t0 = _ZERO; t1 = _ZERO; t2 = _ZERO; u0 = _ZERO; u1 = _ZERO; u2 = _ZERO  # noqa: E702
+                gr = graw[i]; vr = v[i]; pr = p[i]; m0r = m[0, i]; m1r = m[1, i]; m2r = m[2, i]  # noqa: E702
+                for j in range(C):
+                    g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
+                    m0 = m0r[j] + wm[0] * (g - m0r[j])
+                    m1 = m1r[j] + wm[1] * (g - m1r[j])
+                    m2 = m2r[j] + wm[2] * (g - m2r[j])
+                    m0r[j] = m0
+                    m1r[j] = m1
+                    m2r[j] = m2
+                    g2 = g * g
+                    vv = _RMS_DECAY * vr[j] + _RMS_W * g2
+                    vr[j] = vv
+                    r = _ONE / (vv + _RSQRT_EPS)
+                    pp = pr[j]
+                    q0 = m0 * m0; q1 = m1 * m1; q2 = m2 * m2  # noqa: E702
+                    s0 += g2
+                    s1 += min(g2, _FEATURE_CLIP_SQ)
+                    s2 += pp * pp
+                    s3 += q0
+                    s4 += q1
+                    s5 += q2
+                    s6 += vv * vv
+                    s7 += q0 * r
+                    s8 += q1 * r
+                    s9 += q2 * r
+                    s10 += r
+                    s11 += g2 * r
+                    t0 += g2 * Q0[j]; t1 += g2 * Q1[j]; t2 += g2 * Q2[j]  # noqa: E702
+                    u0 += q0 * Q0[j]; u1 += q1 * Q1[j]; u2 += q2 * Q2[j]  # noqa: E702
+                s[0] += s0; s[1] += s1; s[2] += s2; s[3] += s3; s[4] += s4; s[5] += s5  # noqa: E702
+                s[6] += s6; s[7] += s7; s[8] += s8; s[9] += s9; s[10] += s10; s[14] += s11  # noqa: E702
+                s[11] += t0 * A2[0, i]; s[12] += t1 * A2[1, i]; s[13] += t2 * A2[2, i]  # noqa: E702
+                s[15] += u0 * A2[0, i]; s[16] += u1 * A2[1, i]; s[17] += u2 * A2[2, i]  # noqa: E702
+            sums_part[blk] = s
+
+    @_kernel
+    def direction(lo, hi, graw, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out, sq_part):  # noqa: ANN001
+        """Pass 3 on blocks ``lo:hi``. ``W`` (18, 8): first layer with the input
+        RMS folded in, rows in fast-path channel order; ``A`` (3, R) / ``B``
+        (3, C): Adafactor factors along rows / columns; ``TR`` (8, R) (with
+        ``b0``) / ``TC`` (8, C): the rank-1 channels' share of the first layer.
+        ``W1`` (8, 8) is ``(in, out)``. Mode WRITE: ``out = d``; APPLY: ``p =
+        decay p + step d``. Every mode leaves the per-block sums of ``d^2`` in
+        ``sq_part``.
+
+        The MLP is written out unit by unit so that it stays in registers, and
+        each row's directions go to a row buffer before the mode's store: a
+        helper function or a store under a branch in the hot loop stopped
+        LLVM's vectoriser."""
+        R, C = graw.shape
+        row = np.empty(C, np.float32)
+        # 1-D rows: indexing them lets LLVM see unit strides (2-D and 3-D
+        # indexing left it gathering element by element).
+        B0 = B[0]; B1 = B[1]; B2 = B[2]  # noqa: E702
+        C0 = TC[0]; C1 = TC[1]; C2 = TC[2]; C3 = TC[3]; C4 = TC[4]; C5 = TC[5]; C6 = TC[6]; C7 = TC[7]  # noqa: E702
+        for blk in range(lo, hi):
+            sq = 0.0
+            for i in range(blk * per, min(R, (blk + 1) * per)):
+                a0 = A[0, i]; a1 = A[1, i]; a2 = A[2, i]  # noqa: E702
+                t0 = TR[0, i]; t1 = TR[1, i]; t2 = TR[2, i]; t3 = TR[3, i]  # noqa: E702
+                t4 = TR[4, i]; t5 = TR[5, i]; t6 = TR[6, i]; t7 = TR[7, i]  # noqa: E702
+                gr = graw[i]; vr = v[i]; pr = p[i]; m0r = m[0, i]; m1r = m[1, i]; m2r = m[2, i]  # noqa: E702
+                row_sq = _ZERO
+                for j in range(C):
+                    g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
+                    vv = vr[j]
+                    rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
+                    m0 = m0r[j]; m1 = m1r[j]; m2 = m2r[j]  # noqa: E702
+                    f0 = a0 * B0[j]; f1 = a1 * B1[j]; f2 = a2 * B2[j]  # noqa: E702
+                    pp = pr[j]
+                    x1 = min(max(g, -_FEATURE_CLIP), _FEATURE_CLIP)
+                    x7 = m0 * rv; x8 = m1 * rv; x9 = m2 * rv  # noqa: E702
+                    x11 = g * f0; x12 = g * f1; x13 = g * f2  # noqa: E702
+                    x14 = g * rv
+                    x15 = m0 * f0; x16 = m1 * f1; x17 = m2 * f2  # noqa: E702
+                    h0 = max(t0 + C0[j] + W[0, 0] * g + W[1, 0] * x1 + W[2, 0] * pp + W[3, 0] * m0 + W[4, 0] * m1
+                             + W[5, 0] * m2 + W[6, 0] * vv + W[7, 0] * x7 + W[8, 0] * x8 + W[9, 0] * x9 + W[10, 0] * rv
+                             + W[11, 0] * x11 + W[12, 0] * x12 + W[13, 0] * x13 + W[14, 0] * x14 + W[15, 0] * x15
+                             + W[16, 0] * x16 + W[17, 0] * x17, _ZERO)
+                    h1 = max(t1 + C1[j] + W[0, 1] * g + W[1, 1] * x1 + W[2, 1] * pp + W[3, 1] * m0 + W[4, 1] * m1
+                             + W[5, 1] * m2 + W[6, 1] * vv + W[7, 1] * x7 + W[8, 1] * x8 + W[9, 1] * x9 + W[10, 1] * rv
+                             + W[11, 1] * x11 + W[12, 1] * x12 + W[13, 1] * x13 + W[14, 1] * x14 + W[15, 1] * x15
+                             + W[16, 1] * x16 + W[17, 1] * x17, _ZERO)
+                    h2 = max(t2 + C2[j] + W[0, 2] * g + W[1, 2] * x1 + W[2, 2] * pp + W[3, 2] * m0 + W[4, 2] * m1
+                             + W[5, 2] * m2 + W[6, 2] * vv + W[7, 2] * x7 + W[8, 2] * x8 + W[9, 2] * x9 + W[10, 2] * rv
+                             + W[11, 2] * x11 + W[12, 2] * x12 + W[13, 2] * x13 + W[14, 2] * x14 + W[15, 2] * x15
+                             + W[16, 2] * x16 + W[17, 2] * x17, _ZERO)
+                    h3 = max(t3 + C3[j] + W[0, 3] * g + W[1, 3] * x1 + W[2, 3] * pp + W[3, 3] * m0 + W[4, 3] * m1
+                             + W[5, 3] * m2 + W[6, 3] * vv + W[7, 3] * x7 + W[8, 3] * x8 + W[9, 3] * x9 + W[10, 3] * rv
+                             + W[11, 3] * x11 + W[12, 3] * x12 + W[13, 3] * x13 + W[14, 3] * x14 + W[15, 3] * x15
+                             + W[16, 3] * x16 + W[17, 3] * x17, _ZERO)
+                    h4 = max(t4 + C4[j] + W[0, 4] * g + W[1, 4] * x1 + W[2, 4] * pp + W[3, 4] * m0 + W[4, 4] * m1
+                             + W[5, 4] * m2 + W[6, 4] * vv + W[7, 4] * x7 + W[8, 4] * x8 + W[9, 4] * x9 + W[10, 4] * rv
+                             + W[11, 4] * x11 + W[12, 4] * x12 + W[13, 4] * x13 + W[14, 4] * x14 + W[15, 4] * x15
+                             + W[16, 4] * x16 + W[17, 4] * x17, _ZERO)
+                    h5 = max(t5 + C5[j] + W[0, 5] * g + W[1, 5] * x1 + W[2, 5] * pp + W[3, 5] * m0 + W[4, 5] * m1
+                             + W[5, 5] * m2 + W[6, 5] * vv + W[7, 5] * x7 + W[8, 5] * x8 + W[9, 5] * x9 + W[10, 5] * rv
+                             + W[11, 5] * x11 + W[12, 5] * x12 + W[13, 5] * x13 + W[14, 5] * x14 + W[15, 5] * x15
+                             + W[16, 5] * x16 + W[17, 5] * x17, _ZERO)
+                    h6 = max(t6 + C6[j] + W[0, 6] * g + W[1, 6] * x1 + W[2, 6] * pp + W[3, 6] * m0 + W[4, 6] * m1
+                             + W[5, 6] * m2 + W[6, 6] * vv + W[7, 6] * x7 + W[8, 6] * x8 + W[9, 6] * x9 + W[10, 6] * rv
+                             + W[11, 6] * x11 + W[12, 6] * x12 + W[13, 6] * x13 + W[14, 6] * x14 + W[15, 6] * x15
+                             + W[16, 6] * x16 + W[17, 6] * x17, _ZERO)
+                    h7 = max(t7 + C7[j] + W[0, 7] * g + W[1, 7] * x1 + W[2, 7] * pp + W[3, 7] * m0 + W[4, 7] * m1
+                             + W[5, 7] * m2 + W[6, 7] * vv + W[7, 7] * x7 + W[8, 7] * x8 + W[9, 7] * x9 + W[10, 7] * rv
+                             + W[11, 7] * x11 + W[12, 7] * x12 + W[13, 7] * x13 + W[14, 7] * x14 + W[15, 7] * x15
+                             + W[16, 7] * x16 + W[17, 7] * x17, _ZERO)
+                    u0 = max(b1[0] + W1[0, 0] * h0 + W1[1, 0] * h1 + W1[2, 0] * h2 + W1[3, 0] * h3
+                             + W1[4, 0] * h4 + W1[5, 0] * h5 + W1[6, 0] * h6 + W1[7, 0] * h7, _ZERO)
+                    u1 = max(b1[1] + W1[0, 1] * h0 + W1[1, 1] * h1 + W1[2, 1] * h2 + W1[3, 1] * h3
+                             + W1[4, 1] * h4 + W1[5, 1] * h5 + W1[6, 1] * h6 + W1[7, 1] * h7, _ZERO)
+                    u2 = max(b1[2] + W1[0, 2] * h0 + W1[1, 2] * h1 + W1[2, 2] * h2 + W1[3, 2] * h3
+                             + W1[4, 2] * h4 + W1[5, 2] * h5 + W1[6, 2] * h6 + W1[7, 2] * h7, _ZERO)
+                    u3 = max(b1[3] + W1[0, 3] * h0 + W1[1, 3] * h1 + W1[2, 3] * h2 + W1[3, 3] * h3
+                             + W1[4, 3] * h4 + W1[5, 3] * h5 + W1[6, 3] * h6 + W1[7, 3] * h7, _ZERO)
+                    u4 = max(b1[4] + W1[0, 4] * h0 + W1[1, 4] * h1 + W1[2, 4] * h2 + W1[3, 4] * h3
+                             + W1[4, 4] * h4 + W1[5, 4] * h5 + W1[6, 4] * h6 + W1[7, 4] * h7, _ZERO)
+                    u5 = max(b1[5] + W1[0, 5] * h0 + W1[1, 5] * h1 + W1[2, 5] * h2 + W1[3, 5] * h3
+                             + W1[4, 5] * h4 + W1[5, 5] * h5 + W1[6, 5] * h6 + W1[7, 5] * h7, _ZERO)
+                    u6 = max(b1[6] + W1[0, 6] * h0 + W1[1, 6] * h1 + W1[2, 6] * h2 + W1[3, 6] * h3
+                             + W1[4, 6] * h4 + W1[5, 6] * h5 + W1[6, 6] * h6 + W1[7, 6] * h7, _ZERO)
+                    u7 = max(b1[7] + W1[0, 7] * h0 + W1[1, 7] * h1 + W1[2, 7] * h2 + W1[3, 7] * h3
+                             + W1[4, 7] * h4 + W1[5, 7] * h5 + W1[6, 7] * h6 + W1[7, 7] * h7, _ZERO)
+                    d = (b2 + w2[0] * u0 + w2[1] * u1 + w2[2] * u2 + w2[3] * u3
+                         + w2[4] * u4 + w2[5] * u5 + w2[6] * u6 + w2[7] * u7)
+                    row[j] = d
+                    row_sq += d * d
+                sq += row_sq
+                if mode == 0:
+                    o = out[i]
+                    for j in range(C):
+                        o[j] = row[j]
+                elif mode == 2:
+                    for j in range(C):
+                        pr[j] = decay * pr[j] + step * row[j]
+            sq_part[blk] = sq
+
+    @_kernel
+    def vector_accumulate(graw, p, m, v, fac, wm, wf, factor, sums):  # noqa: ANN001
+        """A vector's accumulators (``m``, ``v`` and the full second moments
+        ``fac``, each ``(3, n)`` or ``(n,)``) in place, its Adafactor-style
+        factors ``rsqrt(fac + eps)`` into ``factor`` (3, n), and the sums of
+        squares of its 15 channels into ``sums``. Its direction is then
+        :func:`direction` on the ``(1, n)`` matrix with these factors as the
+        column factors, unit row factors and zero weights for the three
+        channels vectors lack."""
+        s = np.zeros(15, np.float64)
+        for j in range(graw.shape[0]):
+            g = min(max(graw[j], -_GRAD_CLIP), _GRAD_CLIP)
+            g2 = g * g
+            m0 = m[0, j] + wm[0] * (g - m[0, j])
+            m1 = m[1, j] + wm[1] * (g - m[1, j])
+            m2 = m[2, j] + wm[2] * (g - m[2, j])
+            m[0, j] = m0
+            m[1, j] = m1
+            m[2, j] = m2
+            vv = _RMS_DECAY * v[j] + _RMS_W * g2
+            v[j] = vv
+            gsq = g2 + _FACTORED_EPS
+            a0 = fac[0, j] + wf[0] * (gsq - fac[0, j])
+            a1 = fac[1, j] + wf[1] * (gsq - fac[1, j])
+            a2 = fac[2, j] + wf[2] * (gsq - fac[2, j])
+            fac[0, j] = a0
+            fac[1, j] = a1
+            fac[2, j] = a2
+            r = _ONE / (vv + _RSQRT_EPS)
+            pp = p[j]
+            s[0] += g2
+            s[1] += min(g2, _FEATURE_CLIP_SQ)
+            s[2] += pp * pp
+            s[3] += m0 * m0
+            s[4] += m1 * m1
+            s[5] += m2 * m2
+            s[6] += vv * vv
+            s[7] += m0 * m0 * r
+            s[8] += m1 * m1 * r
+            s[9] += m2 * m2 * r
+            s[10] += r
+            f0 = _ONE / np.sqrt(max(a0 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            f1 = _ONE / np.sqrt(max(a1 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            f2 = _ONE / np.sqrt(max(a2 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+            factor[0, j] = f0
+            factor[1, j] = f1
+            factor[2, j] = f2
+            s[11] += g2 * f0 * f0
+            s[12] += g2 * f1 * f1
+            s[13] += g2 * f2 * f2
+            s[14] += g2 * r
+        sums[:] = s
