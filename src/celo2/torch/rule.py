@@ -38,7 +38,7 @@ Python branch), so it runs asynchronously on accelerators and traces under
 
 On the CPU, float32 matrices and vectors take the fused kernels of
 :mod:`celo2.torch.cpu_kernels` instead (when Numba is installed, and not under
-``torch.compile``): the same numbers, 3-5x faster, and Celo2-base no longer
+``torch.compile``): the same numbers, faster, and Celo2-base no longer
 holds a matrix's direction. Tensors of three or more dims, other dtypes and
 accelerators stay on the PyTorch path described above.
 """
@@ -796,7 +796,9 @@ def _run_vector_cpu(t: "_Tensor", apply, param: torch.Tensor) -> Optional[torch.
     g, p, m, v, fac = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy(), t.fac_r.numpy()
     factor = np.empty((3, n), np.float32)
     sums = np.empty(_VECTOR_CHANNELS, np.float64)
-    k.vector_accumulate(g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
+    args = (g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
+    k.ensure_compiled(k.vector_accumulate, args)
+    k.vector_accumulate(*args)
     W = np.zeros((_CHANNELS, 8), np.float32)  # rows of fac_m stay zero: vectors lack them
     W[:_VECTOR_CHANNELS] = nl.w_el[:_VECTOR_CHANNELS] / np.sqrt(sums / n + spec.INPUT_NORM_EPS)[:, None]
     return _direction_cpu(t, apply, param, (g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n)),
