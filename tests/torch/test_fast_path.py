@@ -127,6 +127,22 @@ def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta, m
 
 
 @pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_cpu_kernels_take_matrices_vectors_and_conv_kernels(random_theta, monkeypatch):
+    """Which float32 CPU tensors the kernels take (the rest, e.g. a 3-D tensor,
+    stays on the PyTorch path)."""
+    monkeypatch.setattr(rule, "USE_CPU_KERNELS", True)
+    taken = []
+    for name in ("_run_matrix_cpu", "_run_vector_cpu", "_run_conv_cpu"):
+        real = getattr(rule, name)
+        monkeypatch.setattr(rule, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
+    theta = rule.TorchTheta.from_theta(random_theta)
+    for shape in [(20, 30), (7,), (), (8, 6, 3, 3), (3, 10, 9)]:
+        p = torch.randn(shape)
+        rule.tensor_step(theta, rule.init_tensor_state(p), torch.randn(shape), p, True)
+    assert taken == ["_run_matrix_cpu", "_run_vector_cpu", "_run_vector_cpu", "_run_conv_cpu"]
+
+
 def test_cpu_kernels_are_compiled_with_non_aliasing_arrays():
     """The kernels reach Numba's ``noalias`` compiler flag through a private
     hook; if a Numba release moves it, they stay correct but run ~5x slower,
@@ -140,18 +156,20 @@ def test_cpu_kernels_give_the_same_bits_on_any_thread_count(random_theta):
     not depend on how many threads ran it. (Newton-Schulz is left out: its
     matrix products are PyTorch's, whose blocking follows the thread count.)"""
     theta = rule.TorchTheta.from_theta(random_theta)
-    torch.manual_seed(1)
-    param, grad = torch.randn(300, 300), torch.randn(300, 300)  # several row blocks
     results = []
     old = torch.get_num_threads()
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            state = rule.init_tensor_state(param)
-            results.append(rule.tensor_step(theta, state, grad, param, False))
-            p = param.clone()
-            rule.apply_step(theta, state, grad, p, False, 1e-2, 0.1)
-            results += [p, *state.values()]
+            torch.manual_seed(1)
+            # a matrix and a conv kernel, each of several row blocks
+            for shape in [(300, 300), (96, 80, 3, 3)]:
+                param, grad = torch.randn(shape), torch.randn(shape)
+                state = rule.init_tensor_state(param)
+                results.append(rule.tensor_step(theta, state, grad, param, False))
+                p = param.clone()
+                rule.apply_step(theta, state, grad, p, False, 1e-2, 0.1)
+                results += [p, *state.values()]
     finally:
         torch.set_num_threads(old)
     half = len(results) // 2

@@ -36,11 +36,12 @@ The step never moves a value to the host (no ``.item()``, no data-dependent
 Python branch), so it runs asynchronously on accelerators and traces under
 ``torch.compile``.
 
-On the CPU, float32 matrices and vectors take the fused kernels of
+On the CPU, float32 matrices, vectors and conv kernels (4-D, factored over
+their two leading axes) take the fused kernels of
 :mod:`celo2.torch.cpu_kernels` instead (when Numba is installed, and not under
-``torch.compile``): the same numbers, faster, and Celo2-base no longer
-holds a matrix's direction. Tensors of three or more dims, other dtypes and
-accelerators stay on the PyTorch path described above.
+``torch.compile``): the same numbers, faster, with no chunk workspace, and
+Celo2-base no longer holds a matrix's direction. Other N-D tensors, other
+dtypes and accelerators stay on the PyTorch path described above.
 """
 
 from __future__ import annotations
@@ -649,10 +650,13 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
         return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
     lay = theta.layout()
     t = _Tensor(lay, state, grad, param, dims, chunk_elements)
-    if t.nd <= 2 and _cpu_kernel_ok(t, param):
+    if _cpu_kernel_ok(t, param):
         if t.dims is None:
             return _run_vector_cpu(t, apply, param)
-        return _run_matrix_cpu(t, orthogonalize, apply, param)
+        if t.nd == 2:
+            return _run_matrix_cpu(t, orthogonalize, apply, param)
+        if t.nd == 4 and sorted(t.dims) == [0, 1] and shape[0] > 1 and shape[1] > 1:
+            return _run_conv_cpu(t, orthogonalize, apply, param)
     size = _WS_SIZE * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
@@ -716,16 +720,17 @@ def _cpu_kernel_ok(t: "_Tensor", param: torch.Tensor) -> bool:
             and t.fac_r.is_contiguous() and t.g.data_ptr() != t.p.data_ptr())
 
 
-def _rows_cols(terms, rows: int, cols: int, width: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Split ``(width, R, 1)`` / ``(width, 1, C)`` broadcast terms into summed
-    ``(width, R)`` (varying along rows) and ``(width, C)`` arrays."""
-    along_rows = np.zeros((width, rows), np.float32)
-    along_cols = np.zeros((width, cols), np.float32)
+def _rows_cols(terms, rows: int, cols: int, width: int, *inner: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Split ``(width, R, 1, *inner)`` / ``(width, 1, C, *inner)`` broadcast
+    terms into summed ``(width, R, *inner)`` (varying along rows) and
+    ``(width, C, *inner)`` arrays."""
+    along_rows = np.zeros((width, rows, *inner), np.float32)
+    along_cols = np.zeros((width, cols, *inner), np.float32)
     for x in terms:
         if x.shape[2] == 1:
-            along_rows += x.reshape(width, rows).numpy()
+            along_rows += x.reshape(width, rows, *inner).numpy()
         else:
-            along_cols += x.reshape(width, cols).numpy()
+            along_cols += x.reshape(width, cols, *inner).numpy()
     return along_rows, along_cols
 
 
@@ -786,6 +791,48 @@ def _direction_cpu(t: "_Tensor", apply, param: torch.Tensor, arrays, A, B, TR, T
     unused = np.empty((1, 1), np.float32)  # ``out`` is not touched in these modes
     scale = 1.0 / math.sqrt(run(k.SQUARES, unused) / t.numel + spec.OUTPUT_NORM_EPS)
     run(k.APPLY, unused, 1.0 - lr * wd, -lr * scale)
+    return None
+
+
+def _run_conv_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
+    """The step of one float32 CPU conv kernel (O, I, kh, kw), factored over O
+    and I, normalised per (kh, kw) window: a pass for the factored
+    statistics, then one fused pass per window (see ``grouped`` in
+    :mod:`celo2.torch.cpu_kernels`); same contract as :func:`_run`."""
+    k, lay = cpu_kernels, t.lay
+    O, I = t.shape[:2]
+    G = t.shape[2] * t.shape[3]
+    g, p = t.g.numpy().reshape(O, I, G), t.p.numpy().reshape(O, I, G)
+    m, v = t.m.numpy().reshape(3, O, I, G), t.v.numpy().reshape(O, I, G)
+    per, nblk = k.blocks(O)
+    row_sum = np.empty((O, G), np.float32)
+    col_part = np.empty((nblk, I, G), np.float32)
+    k.run_blocks(k.group_grad_stats, nblk, t.numel, g, per, row_sum, col_part)
+    sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
+    d1, d0 = t.dims
+    wf = lay.factored_w.view(3, 1, 1, 1)
+    for fac, axis in ((t.fac_r, d0), (t.fac_c, d1)):
+        fac.lerp_(sum_over[axis].reshape(fac.shape[1:]) * (1.0 / t.shape[axis]) + spec.FACTORED_EPS, wf)
+    t.prepare()
+    RF, CF = _rows_cols((x.reshape(3, x.shape[1], x.shape[2], G) for x in (t.rf, t.cf)), O, I, 3, G)
+    TR, TC = _rows_cols((x.reshape(8, x.shape[1], x.shape[2], G) for x in t.terms), O, I, 8, G)
+    nl = lay.numpy()
+    W = nl.w_el.astype(np.float32)
+    write = orthogonalize or apply is None
+    if write:
+        out = torch.empty(t.shape, dtype=torch.float32)
+        dest, decay, step = out.numpy().reshape(O, I, G), 1.0, 0.0
+    else:
+        lr, wd = apply
+        dest, decay, step = np.empty((1, 1, 1), np.float32), 1.0 - float(lr) * wd, -float(lr)
+    k.run_blocks(k.grouped, nblk, t.numel, g, p, m, v, nl.momentum_w, RF, CF, TR, TC, W, nl.w1, nl.b1, nl.w2,
+                 nl.b2, k.APPLY if not write else k.WRITE, np.float32(decay), np.float32(step), per, dest)
+    if not write:
+        return None
+    d = _finish_group_normalised(out, orthogonalize)
+    if apply is None:
+        return d.reshape(param.shape)
+    _apply_update(param, 0, O, d, apply, None)
     return None
 
 
