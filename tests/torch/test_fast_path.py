@@ -13,9 +13,11 @@ from torch.overrides import TorchFunctionMode
 from celo2.torch import Celo2, Celo2Base
 from celo2.torch import cpu_kernels, rule
 
-# 0-D, 1-D, both matrix orientations and a square one, 3-D with factored axes
-# inside a slice, at the front, and a 4-D conv kernel; ties in size too.
-SHAPES = [(), (1,), (37,), (24, 7), (7, 24), (12, 12), (3, 10, 9), (9, 10, 3), (6, 5, 3, 3), (2, 1, 5, 3)]
+# 0-D, 1-D, both matrix orientations and a square one, a column and a row
+# (size-1 axes), 3-D with factored axes inside a slice, at the front, and 4-D
+# conv kernels, one with a single input channel; ties in size too.
+SHAPES = [(), (1,), (37,), (24, 7), (7, 24), (12, 12), (7, 1), (1, 7), (3, 10, 9), (9, 10, 3), (6, 5, 3, 3),
+          (5, 1, 3, 3), (2, 1, 5, 3)]
 CHUNKS = [None, 1, 13]  # default, one leading slice per chunk, uneven chunks
 
 

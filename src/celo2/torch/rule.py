@@ -544,7 +544,9 @@ class _Tensor:
         building the channels.
         """
         R, C = self.shape
-        rows_first = self.rf.shape[1] != 1  # rf varies along rows
+        # rf is broadcast along d0, so it varies along the rows when d0 is the
+        # column axis (decided by the axes: sizes tie when a dimension is 1).
+        rows_first = self.dims[1] == 1
         A = (self.rf if rows_first else self.cf).reshape(3, R)
         B = (self.cf if rows_first else self.rf).reshape(3, C)
         A2, B2 = A.square(), B.square()
@@ -720,18 +722,15 @@ def _cpu_kernel_ok(t: "_Tensor", param: torch.Tensor) -> bool:
             and t.fac_r.is_contiguous() and t.g.data_ptr() != t.p.data_ptr())
 
 
-def _rows_cols(terms, rows: int, cols: int, width: int, *inner: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Split ``(width, R, 1, *inner)`` / ``(width, 1, C, *inner)`` broadcast
-    terms into summed ``(width, R, *inner)`` (varying along rows) and
-    ``(width, C, *inner)`` arrays."""
-    along_rows = np.zeros((width, rows, *inner), np.float32)
-    along_cols = np.zeros((width, cols, *inner), np.float32)
-    for x in terms:
-        if x.shape[2] == 1:
-            along_rows += x.reshape(width, rows, *inner).numpy()
-        else:
-            along_cols += x.reshape(width, cols, *inner).numpy()
-    return along_rows, along_cols
+def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa: ANN001
+               *inner: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(row-varying, column-varying)`` NumPy views of a pair of broadcast
+    tensors: the first of ``pair`` has a size-1 axis at ``d0``, the second at
+    ``d1``; the first varies along the rows when ``d0`` is the column axis
+    (``rows_first``). Decided by the axes, not the sizes, which tie when a
+    dimension is 1."""
+    r, c = pair if rows_first else pair[::-1]
+    return r.reshape(width, rows, *inner).numpy(), c.reshape(width, cols, *inner).numpy()
 
 
 def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
@@ -750,8 +749,8 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     t.fac_r.lerp_(sum_over[d0] * (1.0 / t.shape[d0]) + spec.FACTORED_EPS, wf)
     t.fac_c.lerp_(sum_over[d1] * (1.0 / t.shape[d1]) + spec.FACTORED_EPS, wf)
     t.prepare()
-    A, B = _rows_cols((t.rf, t.cf), R, C, 3)
-    TR, TC = _rows_cols(t.terms, R, C, 8)
+    A, B = _rows_cols((t.rf, t.cf), d0 == 1, 3, R, C)
+    TR, TC = _rows_cols(t.terms, d0 == 1, 8, R, C)
     sums_part = np.empty((nblk, _CHANNELS), np.float64)
     k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, lay.numpy().momentum_w, A * A, B * B, per, sums_part)
     sums = sums_part.sum(0)
@@ -814,8 +813,8 @@ def _run_conv_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor)
     for fac, axis in ((t.fac_r, d0), (t.fac_c, d1)):
         fac.lerp_(sum_over[axis].reshape(fac.shape[1:]) * (1.0 / t.shape[axis]) + spec.FACTORED_EPS, wf)
     t.prepare()
-    RF, CF = _rows_cols((x.reshape(3, x.shape[1], x.shape[2], G) for x in (t.rf, t.cf)), O, I, 3, G)
-    TR, TC = _rows_cols((x.reshape(8, x.shape[1], x.shape[2], G) for x in t.terms), O, I, 8, G)
+    RF, CF = _rows_cols((t.rf, t.cf), d0 == 1, 3, O, I, G)
+    TR, TC = _rows_cols(t.terms, d0 == 1, 8, O, I, G)
     nl = lay.numpy()
     W = nl.w_el.astype(np.float32)
     write = orthogonalize or apply is None
