@@ -59,8 +59,8 @@ from celo2.rule.theta import Theta
 from celo2.torch import cpu_kernels
 
 USE_CPU_KERNELS: bool = cpu_kernels.AVAILABLE and os.environ.get("CELO2_CPU_KERNELS", "1") != "0"
-"""Run float32 matrices on the CPU through the fused kernels of
-:mod:`celo2.torch.cpu_kernels` (when Numba is installed). Set the environment
+"""Run float32 CPU tensors (matrices, vectors, conv kernels) through the fused
+kernels of :mod:`celo2.torch.cpu_kernels` (when Numba is installed). Set the environment
 variable ``CELO2_CPU_KERNELS=0`` (or this flag) to use the PyTorch path."""
 
 CHUNK_ELEMENTS: int = 1 << 16
@@ -488,9 +488,16 @@ class _Tensor:
                     torch.sum(g2, dim=axis, keepdim=True, out=acc[a:b])
         if self.dims is None:
             return
-        wf = lay.factored_w.view(3, *([1] * (nd - 1)))
-        self.fac_r.lerp_((sum_r.squeeze(d0) * (1.0 / shape[d0]) + spec.FACTORED_EPS), wf)
-        self.fac_c.lerp_((sum_c.squeeze(d1) * (1.0 / shape[d1]) + spec.FACTORED_EPS), wf)
+        self.fold_factored(sum_r, sum_c)
+
+    def fold_factored(self, sum_d0: torch.Tensor, sum_d1: torch.Tensor) -> None:
+        """Fold the sums of ``clip(g)^2`` over ``d0`` and over ``d1`` (any shape
+        holding the tensor's shape without that axis) into the factored
+        statistics, as their means plus ``FACTORED_EPS``."""
+        d1, d0 = self.dims
+        wf = self.lay.factored_w.view(3, *([1] * (self.nd - 1)))
+        for fac, total, axis in ((self.fac_r, sum_d0, d0), (self.fac_c, sum_d1, d1)):
+            fac.lerp_(total.reshape(fac.shape[1:]) * (1.0 / self.shape[axis]) + spec.FACTORED_EPS, wf)
 
     def _chunk_sums(self, out: torch.Tensor, a: int, b: int, g2: torch.Tensor, scratch: torch.Tensor) -> None:
         """Sums of squares of g, clip(g), p, m, v, m rsqrt(v), rsqrt(v), g rsqrt(v) over rows ``a:b``."""
@@ -714,7 +721,7 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
 
 
 def _cpu_kernel_ok(t: "_Tensor", param: torch.Tensor) -> bool:
-    """Whether a matrix can take the fused CPU kernels: float32 everywhere,
+    """Whether a tensor can take the fused CPU kernels: float32 everywhere,
     contiguous, on the CPU, and not being traced by ``torch.compile``."""
     return (USE_CPU_KERNELS and t.device.type == "cpu" and not torch.compiler.is_compiling()
             and param.dtype == torch.float32 and t.g.dtype == torch.float32
@@ -745,9 +752,7 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     k.run_blocks(k.grad_stats, nblk, t.numel, g, per, row_sum, col_part)
     sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
     d1, d0 = t.dims
-    wf = lay.factored_w.view(3, 1)
-    t.fac_r.lerp_(sum_over[d0] * (1.0 / t.shape[d0]) + spec.FACTORED_EPS, wf)
-    t.fac_c.lerp_(sum_over[d1] * (1.0 / t.shape[d1]) + spec.FACTORED_EPS, wf)
+    t.fold_factored(sum_over[d0], sum_over[d1])
     t.prepare()
     A, B = _rows_cols((t.rf, t.cf), d0 == 1, 3, R, C)
     TR, TC = _rows_cols(t.terms, d0 == 1, 8, R, C)
@@ -809,9 +814,7 @@ def _run_conv_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor)
     k.run_blocks(k.group_grad_stats, nblk, t.numel, g, per, row_sum, col_part)
     sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
     d1, d0 = t.dims
-    wf = lay.factored_w.view(3, 1, 1, 1)
-    for fac, axis in ((t.fac_r, d0), (t.fac_c, d1)):
-        fac.lerp_(sum_over[axis].reshape(fac.shape[1:]) * (1.0 / t.shape[axis]) + spec.FACTORED_EPS, wf)
+    t.fold_factored(sum_over[d0], sum_over[d1])
     t.prepare()
     RF, CF = _rows_cols((t.rf, t.cf), d0 == 1, 3, O, I, G)
     TR, TC = _rows_cols(t.terms, d0 == 1, 8, O, I, G)
