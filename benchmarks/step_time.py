@@ -24,23 +24,28 @@ in rotating order, ``--repeats`` rounds after ``--warmup`` excluded steps (JAX
 compiles during warm-up); the median is reported. Ratios are Celo2Base /
 AdamW(foreach) [JAX: celo2_base / adamw] and Celo2 / Muon.
 
-Memory ("peak extra"): what the optimizer adds on top of parameters and
-gradients, persistent state included.
+Memory: what the optimizer adds on top of parameters and gradients.
 
 * PyTorch on CPU: a fresh subprocess per (size, optimizer); parameters and
   gradients are allocated first (without temporaries), the optimizer code is
   warmed on a tiny copy of the model, the kernel's resident-set high-water
   mark is reset (``/proc/self/clear_refs``), then the optimizer is built and
-  stepped three times; peak extra = VmHWM - VmRSS before. glibc is told to
-  serve every allocation of 64 KiB or more by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``)
-  so that freed buffers leave the resident set and reused ones re-enter it.
-  On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+  stepped three times. "1st peak+" = VmHWM over the first step - VmRSS
+  before (state tensors, the Python objects holding them, worker threads);
+  "step tr." (step transient) = for steps 2 and 3, the high-water mark over
+  the step minus the resident set the step starts with (the mark is reset
+  before each): the scratch a step needs beyond what the optimizer keeps.
+  glibc is told to serve every allocation of 64 KiB or more by ``mmap``
+  (``MALLOC_MMAP_THRESHOLD_``) so that freed buffers leave the resident set
+  and reused ones re-enter it. On CUDA, ``torch.cuda.max_memory_allocated``
+  and ``memory_allocated`` play the same roles.
 * JAX: the compiled step's own accounting (``memory_analysis()``): state
-  bytes plus ``temp_size_in_bytes`` (scratch beyond the donated inputs).
+  bytes, and ``temp_size_in_bytes`` (scratch beyond the donated inputs) as
+  the step transient.
 
-"transient" = peak extra - state; the issue's target is transient <= 25% of
-the largest parameter tensor. XLA:CPU's default scheduler favours concurrency
-and keeps the scratch of all tensors alive together; run with
+The issue's memory target is step transient <= 25% of the largest parameter
+tensor. XLA:CPU's default scheduler favours concurrency and keeps the
+scratch of all tensors alive together; run with
 ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` to see
 the memory-ordered figure.
 
@@ -238,15 +243,35 @@ def torch_memory_worker(size: str, kind: str, theta_path: str | None, device: st
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     opt = _torch_optimizer(kind, params, theta)
-    for _ in range(3):
-        opt.step()
-    if device == "cpu":
-        peak = _proc_status("VmHWM")
-    else:
+
+    def current() -> int:
+        if device == "cpu":
+            return _proc_status("VmRSS")
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        return torch.cuda.memory_allocated()
+
+    def peak_then_reset() -> int:
+        """The high-water mark since the last reset; then reset it to now."""
+        if device == "cpu":
+            peak = _proc_status("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
+        else:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+
+    opt.step()
+    first_peak = peak_then_reset()
+    after_first = current()
+    transients = []
+    for _ in range(2):  # steps 2 and 3: the peak over what each step starts with
+        start = current()
+        opt.step()
+        transients.append(peak_then_reset() - start)
     largest = max(p.numel() * p.element_size() for _, p in params)
-    return {"peak_extra_bytes": peak - before, "state_bytes": _state_bytes(opt), "largest_param_bytes": largest}
+    return {"peak_extra_bytes": first_peak - before, "state_bytes": _state_bytes(opt), "largest_param_bytes": largest,
+            "kept_after_first_bytes": after_first - before, "step_transient_bytes": max(transients)}
 
 
 # =============================================================================
@@ -369,7 +394,7 @@ def _run_worker(args: list[str], opts: argparse.Namespace) -> Any:
 
 
 def _mb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 2**20:9.1f}"
+    return f"{'-':>10s}" if x is None else f"{x / 2**20:10.1f}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -384,7 +409,7 @@ def format_table(results: dict[str, Any]) -> str:
             if not rows:
                 continue
             lines.append(f"[{fw}]  {'optimizer':14s} {'median ms':>10s} {'ratio':>14s} "
-                         f"{'state MiB':>10s} {'peak+ MiB':>10s} {'transient':>10s} {'tr/largest':>10s}")
+                         f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}")
             for kind, r in rows.items():
                 t = r["median_s"] * 1e3
                 ratio = ""
@@ -392,11 +417,13 @@ def format_table(results: dict[str, Any]) -> str:
                     ratio = f"{r['median_s'] / rows[base_ref]['median_s']:.2f}x {base_ref.split('_')[0]}"
                 elif kind == "celo2":
                     ratio = f"{r['median_s'] / rows[orth_ref]['median_s']:.2f}x muon"
-                peak = r.get("peak_extra_bytes")
-                state = r.get("state_bytes")
-                trans = None if peak is None or state is None else peak - state
+                state, peak = r.get("state_bytes"), r.get("peak_extra_bytes")
+                trans = r.get("step_transient_bytes", r.get("temp_bytes"))
                 rel = "-" if trans is None else f"{trans / largest:.2f}"
-                lines.append(f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)} {_mb(peak)} {_mb(trans)} {rel:>10s}")
+                lines.append(f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}")
+    lines.append("\n1st peak+: resident memory added by building the optimizer and its first step (state, "
+                 "Python objects, threads);\nstep tr.: the most a later step adds on top of what it starts "
+                 "with (torch), or the compiled step's scratch (JAX).")
     return "\n".join(lines)
 
 

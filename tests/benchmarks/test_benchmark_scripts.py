@@ -39,6 +39,7 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     # The PyTorch memory workers ran: peak extra memory includes the state.
     for kind, row in tiny["torch"].items():
         assert row["peak_extra_bytes"] >= 0 and row["largest_param_bytes"] > 0, kind
+        assert row["step_transient_bytes"] >= 0 and row["kept_after_first_bytes"] >= 0, kind
     assert "celo2_base" in res.stdout and "x adamw" in res.stdout and "x muon" in res.stdout
 
 

@@ -179,6 +179,70 @@ def test_cpu_kernels_give_the_same_bits_on_any_thread_count(random_theta):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_cpu_kernels_ask_for_512_bit_vectors_on_our_functions_only():
+    """The kernels' pipeline marks their LLVM functions ``prefer-vector-width
+    = 512`` (AVX-512 machines then run the MLP on twice the lanes); if a Numba
+    release moves the hooks, the kernels fall back to the plain pipeline and
+    this test says so. Other Numba code in the process is left alone."""
+    import numba
+
+    assert cpu_kernels.WIDE, "numba's lowering hooks moved: CPU kernels compile for 256-bit vectors"
+
+    def probe(x):
+        return x + 1.0
+
+    ours = cpu_kernels._kernel(probe, cache=False)  # compiled here, so its IR can be read
+    ours.compile((numba.float32,))
+    assert '"prefer-vector-width"="512"' in ours.inspect_llvm(ours.signatures[0])
+    theirs = numba.njit(probe)
+    theirs.compile((numba.float32,))
+    assert "prefer-vector-width" not in theirs.inspect_llvm(theirs.signatures[0])
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_whole_tensors_on_threads_give_the_same_bits_as_one_thread(random_theta):
+    """Celo2Base hands whole tensors to threads (cpu_kernels.run_tensors):
+    the parameters and state after three steps are bit for bit those of a
+    single thread, for a model mixing matrices, vectors, a conv kernel and a
+    3-D tensor (which stays on the calling thread)."""
+    shapes = [(300, 200), (64, 64), (200, 300), (50,), (), (16, 8, 3, 3), (3, 10, 9), (7, 1)]
+    runs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            params = [nn.Parameter(torch.randn(s)) for s in shapes]
+            opt = Celo2Base(params, lr=1e-2, weight_decay=0.1, theta=random_theta)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+            runs.append([t.clone() for p in params for t in (p, *opt.state[p].values())])
+    finally:
+        torch.set_num_threads(old)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+def test_run_tensors_finishes_every_share_before_raising(monkeypatch):
+    """A failing tensor's error reaches the caller only after the other
+    threads' tensors are done, so none is left half-updated behind it."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    done = []
+
+    def boom():
+        raise ValueError("bad tensor")
+
+    tasks = [(10, boom)] + [(1, (lambda i=i: done.append(i))) for i in range(6)]
+    with pytest.raises(ValueError, match="bad tensor"):
+        cpu_kernels.run_tensors(tasks)
+    assert sorted(done) == list(range(6))
+
+
 def test_torch_compile_of_the_step_matches_eager(random_theta):
     """``fullgraph=True``: the compiled step has no graph break, which also
     proves it holds no host sync (``.item()`` or a data-dependent branch would

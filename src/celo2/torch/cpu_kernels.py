@@ -8,7 +8,9 @@ over a row is vectorised by LLVM (the MLP then runs at the CPU's FMA peak).
 A matrix takes three passes per step:
 
 1. :func:`grad_stats`: the row and column sums of ``g^2`` (reads ``g`` only),
-   from which the factored statistics and Adafactor factors follow;
+   from which :func:`factors` (one call on row- and column-sized vectors)
+   folds the factored statistics and derives the Adafactor factors and the
+   rank-1 channels' share of the first layer;
 2. :func:`accumulate`: fold the clipped gradient into ``m`` and ``v`` and take
    the sums of squares of all 18 per-element channels (the factored ones as
    ``g^2 A_i^2 B_j^2``, without building them);
@@ -23,9 +25,12 @@ as a one-row matrix. Conv kernels (O, I, kh, kw), normalised per (kh, kw)
 window, take :func:`group_grad_stats` and then :func:`grouped`, one fused pass
 per row of windows.
 
-Row blocks are the parallel unit (:func:`run_blocks`, a small thread pool;
-the kernels release the GIL); partial sums are per block, so results do not
-depend on the thread count. Every constant comes from :mod:`celo2.rule.spec`
+Threads (a small pool; the kernels release the GIL): the optimizer hands
+whole tensors to threads when their step is kernels only (:func:`run_tensors`,
+Celo2-base and vectors), else row blocks of one kernel call are split
+(:func:`run_blocks`). Partial sums are per block, so results do not depend on
+the thread count. The kernels ask LLVM for 512-bit vectors
+(:func:`_wide_pipeline`), which AVX-512 CPUs run about 1.6x faster. Every constant comes from :mod:`celo2.rule.spec`
 (Numba freezes module globals at compile time); the channel order is the fast
 path's (``_ELEMENT_ROWS`` in :mod:`celo2.torch.rule`). Compiled code is cached
 on disk, so only the first use after an install pays the compile (~30 s).
@@ -36,6 +41,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -59,6 +65,7 @@ _FACTORED_EPS = _F(spec.FACTORED_EPS)
 _VECTOR_FACTOR_EPS = _F(spec.VECTOR_FACTOR_EPS)
 _SAFE_RSQRT_FLOOR = _F(spec.SAFE_RSQRT_FLOOR)
 _INPUT_NORM_EPS = _F(spec.INPUT_NORM_EPS)
+_ROW_MEAN_EPS = _F(spec.ROW_MEAN_EPS)
 _OUTPUT_NORM_EPS = _F(spec.OUTPUT_NORM_EPS)
 _ZERO = _F(0.0)
 _ONE = _F(1.0)
@@ -83,30 +90,87 @@ _POOL_PID = 0  # a forked child (a DataLoader worker, say) has none of the paren
 _POOL_LOCK = threading.Lock()
 
 
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The shared pool, with at least ``threads - 1`` workers (the caller is the other)."""
+    global _POOL, _POOL_WORKERS, _POOL_PID
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < threads - 1 or _POOL_PID != os.getpid():
+            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="celo2-cpu")
+            _POOL_WORKERS, _POOL_PID = threads - 1, os.getpid()
+        return _POOL
+
+
+_LOCAL = threading.local()
+"""``serial``: set while a thread runs its share of :func:`run_tensors` (no nested hand-offs)."""
+
+
 def run_blocks(kernel, nblk: int, elements: int, *args) -> None:  # noqa: ANN001
     """``kernel(lo, hi, *args)`` over blocks ``0:nblk``, split evenly over
     ``torch.get_num_threads()`` threads (Numba's own parallel layers were no
     good here: its OpenMP layer left workers spinning, which stalled
     PyTorch's next operations 8x on a loaded 2-core machine, and its
-    workqueue layer costs ~0.5 ms per launch)."""
-    global _POOL, _POOL_WORKERS, _POOL_PID
+    workqueue layer costs ~0.5 ms per launch). Inside :func:`run_tensors`
+    the whole call runs on the calling thread."""
     import torch
 
     ensure_compiled(kernel, (0, nblk, *args))
     threads = min(torch.get_num_threads(), nblk)
-    if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS:
+    if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS or getattr(_LOCAL, "serial", False):
         kernel(0, nblk, *args)
         return
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_WORKERS < threads - 1 or _POOL_PID != os.getpid():
-            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="celo2-cpu")
-            _POOL_WORKERS, _POOL_PID = threads - 1, os.getpid()
-        pool = _POOL
+    pool = _pool(threads)
     bounds = [nblk * i // threads for i in range(threads + 1)]
     futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
     kernel(bounds[0], bounds[1], *args)
     for f in futures:
         f.result()
+
+
+def run_tensors(tasks: "list[tuple[int, Callable[[], None]]]") -> None:
+    """Run ``(cost, task)`` pairs, each a whole tensor's step, spread over
+    ``torch.get_num_threads()`` threads: one hand-off per thread and step
+    instead of one per kernel call (a worker's wake-up on a virtual machine
+    costs a good share of a small kernel), and one tensor's Python glue
+    overlaps another's kernels. Tensors go to the least loaded thread,
+    largest first; each tensor's arithmetic is the same on any thread, so
+    results do not depend on the split. An exception reaches the caller
+    once every thread has stopped (a share stops at its failing tensor, as
+    the plain loop would), so no thread is still writing when it does."""
+    import torch
+
+    threads = min(torch.get_num_threads(), len(tasks))
+    if threads <= 1 or getattr(_LOCAL, "serial", False):
+        for _, task in tasks:
+            task()
+        return
+    shares: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for cost, task in sorted(tasks, key=lambda t: -t[0]):
+        i = loads.index(min(loads))
+        shares[i].append(task)
+        loads[i] += cost
+
+    def run_share(share: "list[Callable[[], None]]") -> None:
+        _LOCAL.serial = True
+        try:
+            for task in share:
+                task()
+        finally:
+            _LOCAL.serial = False
+
+    futures = [_pool(threads).submit(run_share, share) for share in shares[1:]]
+    error = None
+    try:
+        run_share(shares[0])
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the workers
+        error = exc
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:  # noqa: BLE001
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 _READY: set = set()
@@ -142,7 +206,69 @@ NOALIAS = False
 """Whether the kernels were compiled with their arrays marked non-aliasing."""
 
 
-def _kernel(fn):  # noqa: ANN001, ANN202
+def _wide_pipeline():  # noqa: ANN202
+    """A Numba compiler pipeline whose functions ask LLVM for 512-bit vectors.
+
+    On CPUs with AVX-512, LLVM's default tuning keeps loops at 256 bits; the
+    direction kernel is bound by its FMAs and by registers (the unrolled MLP
+    keeps 26 vectors live), and 512-bit code gives it twice the lanes and the
+    32 vector registers. The request is the function attribute
+    ``"prefer-vector-width"="512"`` on our kernels only (the process-wide
+    alternative, Numba's ``NUMBA_CPU_FEATURES``, would retune every Numba
+    user in the process); without AVX-512 it changes nothing. Built on
+    Numba's documented custom-pipeline hook plus its lowering class; ``None``
+    (plain pipeline) if a Numba release moves those.
+    """
+    try:
+        from llvmlite import ir
+        from numba.core import lowering
+        from numba.core.compiler import CompilerBase, DefaultPassBuilder
+        from numba.core.compiler_machinery import register_pass
+        from numba.core.typed_passes import NativeLowering
+
+        class WideAttributes(ir.values.FunctionAttributes):
+            def __bool__(self) -> bool:  # printed even when no other attribute is set
+                return True
+
+            def _to_list(self, ret_type):  # noqa: ANN001, ANN202
+                return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
+
+        class WideLower(lowering.Lower):
+            def setup_function(self, fndesc):  # noqa: ANN001, ANN202
+                super().setup_function(fndesc)
+                attrs = WideAttributes()
+                for name in self.function.attributes:
+                    attrs.add(name)
+                self.function.attributes = attrs
+
+        @register_pass(mutates_CFG=True, analysis_only=False)
+        class WideNativeLowering(NativeLowering):
+            _name = "celo2_wide_native_lowering"
+
+            @property
+            def lowering_class(self):  # noqa: ANN202
+                return WideLower
+
+        class WideCompiler(CompilerBase):
+            def define_pipelines(self):  # noqa: ANN202
+                pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+                if not any(p is NativeLowering for p, _ in pm.passes):
+                    raise RuntimeError("no NativeLowering pass to replace")
+                pm.passes = [(WideNativeLowering if p is NativeLowering else p, d) for p, d in pm.passes]
+                pm.finalize()
+                return [pm]
+
+        return WideCompiler
+    except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipeline
+        return None
+
+
+_WIDE_PIPELINE = _wide_pipeline() if AVAILABLE else None
+WIDE = _WIDE_PIPELINE is not None
+"""Whether the kernels ask for 512-bit vectors (see :func:`_wide_pipeline`)."""
+
+
+def _kernel(fn, cache: bool = True):  # noqa: ANN001, ANN202
     """Compile ``fn`` the way the loops vectorise.
 
     ``error_model="numpy"`` drops the division-by-zero checks whose early
@@ -153,7 +279,8 @@ def _kernel(fn):  # noqa: ANN001, ANN202
     about 5x slower. No kernel is ever given overlapping arrays.
     """
     global NOALIAS
-    dispatcher = numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")(fn)
+    options = {"pipeline_class": _WIDE_PIPELINE} if WIDE else {}
+    dispatcher = numba.njit(fastmath=True, cache=cache, nogil=True, error_model="numpy", **options)(fn)
     compiler = getattr(dispatcher, "_compiler", None)
     customize = getattr(compiler, "_customize_flags", None)
     if customize is not None:
@@ -184,6 +311,51 @@ if AVAILABLE:
                     rs += g2
                     cp[j] += g2
                 row_sum[i] = rs
+
+    @_kernel
+    def factors(fac_r, fac_c, sum_r, sum_c, n_r, n_c, wf, w_row, w_col, b0, rf, cf, term_r, term_c):  # noqa: ANN001
+        """A matrix's factored statistics and what the passes read from them,
+        in one call instead of some 30 small tensor operations.
+
+        Folds the sums of ``clip(g)^2`` (``sum_r`` over the ``n_r`` entries
+        each row statistic averages, ``sum_c`` likewise) into ``fac_r`` /
+        ``fac_c`` (3, L) in place; writes the Adafactor factors ``rf`` (row
+        statistic over its mean) and ``cf`` (3, L); and the share of the first
+        layer of the 12 rank-1 channels (each statistic and its
+        ``rsqrt(. + eps)``, normalised to unit RMS): ``term_r`` (8, L), with
+        ``b0`` added, and ``term_c`` (8, L)."""
+        for stat, total, n, w, factor, term, is_row in ((fac_r, sum_r, n_r, w_row, rf, term_r, True),
+                                                        (fac_c, sum_c, n_c, w_col, cf, term_c, False)):
+            L = stat.shape[1]
+            inv_n = _ONE / _F(n)
+            term[:, :] = _ZERO
+            for k in range(3):
+                s = stat[k]
+                acc = 0.0
+                sq = 0.0
+                sq_r = 0.0
+                for i in range(L):
+                    x = s[i] + wf[k] * ((total[i] * inv_n + _FACTORED_EPS) - s[i])
+                    s[i] = x
+                    acc += x
+                    sq += x * x
+                    sq_r += _ONE / (x + _RSQRT_EPS)
+                mean = _F(acc / L)
+                norm = _F(1.0 / np.sqrt(sq / L + _INPUT_NORM_EPS))
+                norm_r = _F(1.0 / np.sqrt(sq_r / L + _INPUT_NORM_EPS))
+                f = factor[k]
+                for i in range(L):
+                    x = s[i]
+                    # rf: safe_rsqrt of the statistic over its mean; cf: of the statistic.
+                    y = x / (mean + _ROW_MEAN_EPS) if is_row else x
+                    f[i] = _ONE / np.sqrt(max(y, _SAFE_RSQRT_FLOOR))
+                    a = x * norm
+                    r = norm_r / np.sqrt(x + _RSQRT_EPS)
+                    for h in range(8):
+                        term[h, i] += w[k, h] * a + w[3 + k, h] * r
+            if is_row:
+                for h in range(8):
+                    term[h] += b0[h]
 
     @_kernel
     def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, per, sums_part):  # noqa: ANN001

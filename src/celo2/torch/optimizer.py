@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -10,7 +11,8 @@ from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
-from celo2.torch.rule import TorchTheta, _Workspace, apply_step, init_tensor_state
+from celo2.torch import cpu_kernels
+from celo2.torch.rule import TorchTheta, _Workspace, apply_step, init_tensor_state, runs_on_one_thread
 
 _BRANCHES = ("auto", routing.LEARNED, routing.ADAM)
 _STATE_KEYS_FP32 = ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq")
@@ -132,6 +134,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             adam_params: list[torch.Tensor] = []
+            threaded: list[tuple[int, Callable[[], None]]] = []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -143,22 +146,32 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 if self._branch(group, i, p) == routing.ADAM:
                     adam_params.append(p)
                 else:
-                    self._learned_step(group, p)
+                    task = self._learned_step(group, p)
+                    if task is not None:
+                        threaded.append((p.numel(), task))
+            if threaded:  # tensors that are fused CPU kernels only go to threads whole
+                cpu_kernels.run_tensors(threaded)
             if adam_params:
                 self._adam_step(group, adam_params)
         return loss
 
-    def _learned_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
+    def _learned_step(self, group: dict[str, Any], p: torch.Tensor) -> Callable[[], None] | None:
+        """Step ``p`` now, or return its step as a task when it is fused CPU
+        kernels only (the caller spreads those over threads)."""
         state = self.state[p]
         if not state:
             state.update(init_tensor_state(p))
         theta = self._torch_theta(p.device)
+        # p <- p (1 - lr wd) - lr * direction, in place, chunk by chunk where possible.
+        args = (theta, state, p.grad, p, group["orthogonalize"], group["lr"], group["weight_decay"])
+        if runs_on_one_thread(state, p.grad, p, group["orthogonalize"]):
+            theta.layout().numpy()  # built here, not raced for by the threads
+            return partial(apply_step, *args)
         workspace = None
         if not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
             workspace = self._workspace_by_device.setdefault(p.device, _Workspace())
-        # p <- p (1 - lr wd) - lr * direction, in place, chunk by chunk where possible.
-        apply_step(theta, state, p.grad, p, group["orthogonalize"], group["lr"], group["weight_decay"],
-                   workspace=workspace)
+        apply_step(*args, workspace=workspace)
+        return None
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic."""

@@ -174,6 +174,8 @@ class _Layout:
                 b0=self.b0.detach().cpu().numpy(),
                 momentum_w=self.momentum_w.detach().cpu().numpy(),
                 factored_w=self.factored_w.detach().cpu().numpy(),
+                w_row=self.w_row.detach().cpu().numpy(),
+                w_col=self.w_col.detach().cpu().numpy(),
             )
             self.__dict__["_numpy"] = cached
         return cached
@@ -189,6 +191,8 @@ class _NumpyLayout:
     b0: np.ndarray  # (8,)
     momentum_w: np.ndarray  # (3,) 1 - decay
     factored_w: np.ndarray  # (3,) 1 - decay
+    w_row: np.ndarray  # (6, 8) first-layer rows of the row-statistic channels
+    w_col: np.ndarray  # (6, 8) first-layer rows of the column-statistic channels
 
 
 def work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -659,13 +663,13 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
         return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
     lay = theta.layout()
     t = _Tensor(lay, state, grad, param, dims, chunk_elements)
-    if _cpu_kernel_ok(t, param):
-        if t.dims is None:
-            return _run_vector_cpu(t, apply, param)
-        if t.nd == 2:
-            return _run_matrix_cpu(t, orthogonalize, apply, param)
-        if t.nd == 4 and sorted(t.dims) == [0, 1] and shape[0] > 1 and shape[1] > 1:
-            return _run_conv_cpu(t, orthogonalize, apply, param)
+    kind = _cpu_kernel_kind(state, t.g, param, shape, dims)
+    if kind == "vector":
+        return _run_vector_cpu(t, apply, param)
+    if kind == "matrix":
+        return _run_matrix_cpu(t, orthogonalize, apply, param)
+    if kind == "conv":
+        return _run_conv_cpu(t, orthogonalize, apply, param)
     size = _WS_SIZE * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
@@ -720,13 +724,37 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
     return None
 
 
-def _cpu_kernel_ok(t: "_Tensor", param: torch.Tensor) -> bool:
-    """Whether a tensor can take the fused CPU kernels: float32 everywhere,
-    contiguous, on the CPU, and not being traced by ``torch.compile``."""
-    return (USE_CPU_KERNELS and t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and param.dtype == torch.float32 and t.g.dtype == torch.float32
-            and t.g.is_contiguous() and t.p.is_contiguous() and t.m.is_contiguous() and t.v.is_contiguous()
-            and t.fac_r.is_contiguous() and t.g.data_ptr() != t.p.data_ptr())
+def _cpu_kernel_kind(state: dict[str, torch.Tensor], g: torch.Tensor, param: torch.Tensor,
+                     shape: tuple[int, ...], dims: Optional[tuple[int, int]]) -> Optional[str]:
+    """Which fused CPU kernels take this tensor (``"vector"``, ``"matrix"``,
+    ``"conv"``), or ``None`` for the PyTorch path: float32 everywhere,
+    contiguous, on the CPU, not traced by ``torch.compile``, and a shape the
+    kernels cover (conv kernels factored over their two leading axes)."""
+    if not (USE_CPU_KERNELS and param.device.type == "cpu" and not torch.compiler.is_compiling()
+            and param.dtype == torch.float32 and g.dtype == torch.float32
+            and g.is_contiguous() and param.is_contiguous() and state["m"].is_contiguous()
+            and state["v"].is_contiguous() and state["fac_r"].is_contiguous() and g.data_ptr() != param.data_ptr()):
+        return None
+    if dims is None:
+        return "vector"
+    if len(shape) == 2:
+        return "matrix"
+    if len(shape) == 4 and sorted(dims) == [0, 1] and shape[0] > 1 and shape[1] > 1:
+        return "conv"
+    return None
+
+
+def runs_on_one_thread(state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
+                       orthogonalize: bool) -> bool:
+    """Whether :func:`apply_step` on this tensor is fused CPU kernels only
+    (no multi-threaded PyTorch operation, no Newton-Schulz), so that whole
+    tensors can be handed to threads (:func:`celo2.torch.cpu_kernels.run_tensors`)."""
+    shape = work_shape(param.shape)
+    if param.numel() == 0 or grad.shape != param.shape:
+        return False
+    dims = spec.factored_dims(shape)
+    kind = _cpu_kernel_kind(state, grad, param, shape, dims)
+    return kind == "vector" or (kind is not None and not orthogonalize)
 
 
 def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa: ANN001
@@ -750,17 +778,26 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     row_sum = np.empty(R, np.float32)
     col_part = np.empty((nblk, C), np.float32)
     k.run_blocks(k.grad_stats, nblk, t.numel, g, per, row_sum, col_part)
-    sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
+    # The row statistic averages over d0, the column statistic over d1; the
+    # first varies along the rows when d0 is the column axis (decided by the
+    # axes: sizes tie when a dimension is 1).
+    sum_over = {1: row_sum, 0: col_part.sum(0)}
     d1, d0 = t.dims
-    t.fold_factored(sum_over[d0], sum_over[d1])
-    t.prepare()
-    A, B = _rows_cols((t.rf, t.cf), d0 == 1, 3, R, C)
-    TR, TC = _rows_cols(t.terms, d0 == 1, 8, R, C)
+    nl = lay.numpy()
+    fac_r, fac_c = t.fac_r.numpy(), t.fac_c.numpy()
+    rf, cf = np.empty_like(fac_r), np.empty_like(fac_c)
+    term_r = np.empty((8, fac_r.shape[1]), np.float32)
+    term_c = np.empty((8, fac_c.shape[1]), np.float32)
+    args = (fac_r, fac_c, sum_over[d0], sum_over[d1], t.shape[d0], t.shape[d1], nl.factored_w, nl.w_row,
+            nl.w_col, nl.b0, rf, cf, term_r, term_c)
+    k.ensure_compiled(k.factors, args)
+    k.factors(*args)
+    A, B, TR, TC = (rf, cf, term_r, term_c) if d0 == 1 else (cf, rf, term_c, term_r)
     sums_part = np.empty((nblk, _CHANNELS), np.float64)
-    k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, lay.numpy().momentum_w, A * A, B * B, per, sums_part)
+    k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, nl.momentum_w, A * A, B * B, per, sums_part)
     sums = sums_part.sum(0)
     inv = 1.0 / np.sqrt(sums / t.numel + spec.INPUT_NORM_EPS)
-    W = (lay.numpy().w_el * inv[:, None]).astype(np.float32)
+    W = (nl.w_el * inv[:, None]).astype(np.float32)
     return _direction_cpu(t, apply, param, (g, p, m, v), A, B, TR, TC, W, orthogonalize)
 
 
