@@ -421,9 +421,9 @@ def format_table(results: dict[str, Any]) -> str:
                 trans = r.get("step_transient_bytes", r.get("temp_bytes"))
                 rel = "-" if trans is None else f"{trans / largest:.2f}"
                 lines.append(f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}")
-    lines.append("\n1st peak+: resident memory added by building the optimizer and its first step (state, "
-                 "Python objects, threads);\nstep tr.: the most a later step adds on top of what it starts "
-                 "with (torch), or the compiled step's scratch (JAX).")
+    lines.append("\n1st peak+: torch: resident memory added by building the optimizer and its first step (state, "
+                 "Python objects, threads); JAX: state + scratch.\nstep tr.: the most a later step adds on top of "
+                 "what it starts with (torch), or the compiled step's scratch (JAX).")
     return "\n".join(lines)
 
 
