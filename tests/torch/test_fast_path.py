@@ -243,6 +243,21 @@ def test_run_tensors_finishes_every_share_before_raising(monkeypatch):
     assert sorted(done) == list(range(6))
 
 
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300), (260, 260)], ids=_ids)
+def test_newton_schulz_in_place_by_column_blocks_equals_the_reference(shape):
+    """Large matrices are orthogonalised in their own storage, a quarter of
+    the columns at a time (Celo2's step then holds one matrix, not three)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    assert x.numel() > rule.NS_INPLACE_MIN
+    expected = rule._reference_newton_schulz(x)
+    work = x.clone()
+    out = rule.newton_schulz(work, inplace=True)
+    assert out.data_ptr() == work.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rule.newton_schulz(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_torch_compile_of_the_step_matches_eager(random_theta):
     """``fullgraph=True``: the compiled step has no graph break, which also
     proves it holds no host sync (``.item()`` or a data-dependent branch would

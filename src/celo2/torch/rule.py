@@ -347,12 +347,20 @@ def _reference_newton_schulz(x: torch.Tensor) -> torch.Tensor:
 # =============================================================================
 # Newton-Schulz
 # =============================================================================
+NS_INPLACE_MIN = 1 << 16
+"""Matrices above this many elements are orthogonalised in place, by column blocks."""
+
+
 def newton_schulz(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Approximately orthogonalise the last two axes (batched over leading axes).
 
     Each iteration is two fused multiply-adds (``addmm``/``baddbmm``), so the
     peak is two copies of ``x`` plus two Gram-sized matrices. ``inplace``
-    lets the Frobenius pre-scaling reuse ``x``'s storage.
+    lets the Frobenius pre-scaling reuse ``x``'s storage and, for a large
+    matrix outside ``torch.compile``, the update too: column ``j`` of
+    ``poly @ x`` depends on column ``j`` of ``x`` only, so ``x`` is updated
+    a quarter of its columns at a time and the peak drops to ``x``, two
+    Gram-sized matrices and a quarter of ``x`` (eighths measured 9% slower).
     """
     a, b, c = spec.NS_COEFFS
     transpose = x.shape[-2] > x.shape[-1]
@@ -361,10 +369,19 @@ def newton_schulz(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     scale = 1.0 / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + spec.NS_EPS)
     x = x.mul_(scale) if inplace else x * scale
     if x.ndim == 2:
+        rows, cols = x.shape
+        step = -(-cols // 4) if inplace and x.numel() > NS_INPLACE_MIN and not torch.compiler.is_compiling() else 0
+        scratch = torch.empty(rows * step, dtype=x.dtype, device=x.device) if step else None
         for _ in range(spec.NS_STEPS):
             gram = x @ x.mT
             poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.addmm(x, poly, x, beta=a)
+            if not step:
+                x = torch.addmm(x, poly, x, beta=a)
+                continue
+            for j in range(0, cols, step):
+                part = x[:, j : j + step]
+                out = scratch[: rows * part.shape[1]].view(rows, part.shape[1])
+                part.copy_(torch.addmm(part, poly, part, beta=a, out=out))
     else:
         lead = x.shape[:-2]
         x = x.reshape(-1, *x.shape[-2:])
