@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import types
-import zipfile
 
 import numpy as np
 import pytest
