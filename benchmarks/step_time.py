@@ -235,14 +235,6 @@ def torch_memory_worker(size: str, kind: str, theta_path: str | None, device: st
     _torch_optimizer(kind, tiny, theta).step()
     del tiny
     gc.collect()
-    if device == "cpu":
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status("VmRSS")
-    else:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    opt = _torch_optimizer(kind, params, theta)
 
     def current() -> int:
         if device == "cpu":
@@ -261,6 +253,9 @@ def torch_memory_worker(size: str, kind: str, theta_path: str | None, device: st
             torch.cuda.reset_peak_memory_stats()
         return peak
 
+    peak_then_reset()
+    before = current()
+    opt = _torch_optimizer(kind, params, theta)
     opt.step()
     first_peak = peak_then_reset()
     after_first = current()

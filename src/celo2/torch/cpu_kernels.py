@@ -158,7 +158,8 @@ def run_tensors(tasks: "list[tuple[int, Callable[[], None]]]") -> None:
         finally:
             _LOCAL.serial = False
 
-    futures = [_pool(threads).submit(run_share, share) for share in shares[1:]]
+    pool = _pool(threads)
+    futures = [pool.submit(run_share, share) for share in shares[1:]]
     error = None
     try:
         run_share(shares[0])

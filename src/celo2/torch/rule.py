@@ -786,8 +786,9 @@ def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa
 
 
 def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
-    """The step of one float32 CPU matrix in three fused passes (see
-    :mod:`celo2.torch.cpu_kernels`); same contract as :func:`_run`."""
+    """The step of one float32 CPU matrix: three fused passes over it and one
+    call on its row and column statistics (see :mod:`celo2.torch.cpu_kernels`);
+    same contract as :func:`_run`."""
     lay, k = t.lay, cpu_kernels
     R, C = t.shape
     g, p, m, v = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy()
