@@ -17,7 +17,10 @@ What is compared, per framework, on the same parameters, dtype and threads:
   (the usual routing: embeddings, head, vectors and conv kernels to AdamW,
   since PyTorch's Muon takes 2-D tensors only), ``Celo2Base`` and ``Celo2``.
 * JAX (``jax.jit``, parameters and state donated): ``optax.adamw``,
-  ``optax.contrib.muon`` (same routing), ``celo2_base`` and ``celo2``.
+  ``optax.contrib.muon`` (same routing), ``celo2_base`` and ``celo2`` (on
+  CPU their matrices go through the Numba kernels, an XLA custom call), and
+  ``celo2_base_xla`` / ``celo2_xla``: the same with ``cpu_kernels=False``,
+  XLA's own loop.
 
 Timing: all optimizers of one framework live in one process and are stepped
 in rotating order, ``--repeats`` rounds after ``--warmup`` excluded steps (JAX
@@ -77,7 +80,7 @@ SIZES = {
     "tiny": (16, 1, 32, 4),  # seconds; for the test that keeps this script working
 }
 TORCH_OPTS = ("adamw_foreach", "adamw_fused", "muon", "celo2_base", "celo2")
-JAX_OPTS = ("adamw", "muon", "celo2_base", "celo2")
+JAX_OPTS = ("adamw", "muon", "celo2_base", "celo2", "celo2_base_xla", "celo2_xla")
 LR = 1e-3
 
 
@@ -294,10 +297,10 @@ def _jax_optimizer(kind: str, theta, shapes):  # noqa: ANN001
     if kind == "muon":
         dims = {n: (optax.contrib.MuonDimensionNumbers() if _is_muon(n, s) else None) for n, s in shapes}
         return optax.contrib.muon(LR, muon_weight_dimension_numbers=dims)
-    if kind == "celo2_base":
-        return co.celo2_base(LR, theta=theta)
-    if kind == "celo2":
-        return co.celo2(LR, theta=theta)
+    if kind in ("celo2_base", "celo2_base_xla"):
+        return co.celo2_base(LR, theta=theta, cpu_kernels=False if kind.endswith("_xla") else None)
+    if kind in ("celo2", "celo2_xla"):
+        return co.celo2(LR, theta=theta, cpu_kernels=False if kind.endswith("_xla") else None)
     raise ValueError(kind)
 
 
@@ -408,9 +411,9 @@ def format_table(results: dict[str, Any]) -> str:
             for kind, r in rows.items():
                 t = r["median_s"] * 1e3
                 ratio = ""
-                if kind == "celo2_base":
+                if kind.startswith("celo2_base"):
                     ratio = f"{r['median_s'] / rows[base_ref]['median_s']:.2f}x {base_ref.split('_')[0]}"
-                elif kind == "celo2":
+                elif kind.startswith("celo2"):
                     ratio = f"{r['median_s'] / rows[orth_ref]['median_s']:.2f}x muon"
                 state, peak = r.get("state_bytes"), r.get("peak_extra_bytes")
                 trans = r.get("step_transient_bytes", r.get("temp_bytes"))

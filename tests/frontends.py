@@ -53,3 +53,26 @@ class TorchRule:
 
 
 FRONTENDS = {"jax": JaxRule, "torch": TorchRule}
+
+
+class JaxKernelRule(JaxRule):
+    """The JAX front end with its CPU fast path: matrices and conv kernels
+    through the Numba kernels (an XLA custom call)."""
+
+    name = "jax-cpu-kernels"
+
+    def __init__(self, theta):
+        import functools
+
+        import jax
+        import pytest
+
+        from celo2.optax import cpu_ffi
+
+        if not cpu_ffi.AVAILABLE:
+            pytest.skip("numba is not installed: no CPU kernels for JAX")
+        super().__init__(theta)
+        self._step = jax.jit(functools.partial(self._rule.tensor_step, cpu_kernels=True), static_argnums=(4,))
+
+
+FRONTENDS["jax-cpu-kernels"] = JaxKernelRule

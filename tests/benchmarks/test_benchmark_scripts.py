@@ -31,7 +31,7 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     data = json.loads(out.read_text())
     tiny = data["sizes"]["tiny"]
     assert set(tiny["torch"]) == {"adamw_foreach", "adamw_fused", "muon", "celo2_base", "celo2"}
-    assert set(tiny["jax"]) == {"adamw", "muon", "celo2_base", "celo2"}
+    assert set(tiny["jax"]) == {"adamw", "muon", "celo2_base", "celo2", "celo2_base_xla", "celo2_xla"}
     for fw in ("torch", "jax"):
         for kind, row in tiny[fw].items():
             assert row["median_s"] > 0 and len(row["all_s"]) == 2, (fw, kind)

@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from celo2.torch import Celo2, Celo2Base
-from celo2.torch import cpu_kernels, rule
+from celo2.kernels import cpu as cpu_kernels
+from celo2.torch import rule
 
 # 0-D, 1-D, both matrix orientations and a square one, a column and a row
 # (size-1 axes), 3-D with factored axes inside a slice, at the front, and 4-D

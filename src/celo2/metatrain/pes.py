@@ -137,9 +137,11 @@ def default_inner_optimizer(config: MetaTrainConfig) -> InnerOptimizerFactory:
 
     if name == "celo2-base":
         # The spec's Celo2-base: the learned rule without Newton-Schulz on every tensor.
-        return lambda theta: co.celo2_base(lr, weight_decay=wd, theta=theta)
+        return lambda theta: co.celo2_base(lr, weight_decay=wd, theta=theta, cpu_kernels=False)
+    # XLA's formulation (cpu_kernels=False): it batches over the particles under vmap,
+    # where a custom call would run once per particle.
     return lambda theta: co.celo2(lr, weight_decay=wd, adam_lr_mult=mult, theta=theta,
-                                  orthogonalize=True, param_labels=_mlp_labels)
+                                  orthogonalize=True, param_labels=_mlp_labels, cpu_kernels=False)
 
 
 # --- the engine ---------------------------------------------------------------------

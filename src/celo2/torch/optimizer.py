@@ -11,7 +11,7 @@ from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
-from celo2.torch import cpu_kernels
+from celo2.kernels import cpu as cpu_kernels
 from celo2.torch.rule import TorchTheta, _Workspace, apply_step, init_tensor_state, runs_on_one_thread
 
 _BRANCHES = ("auto", routing.LEARNED, routing.ADAM)

@@ -38,7 +38,7 @@ Python branch), so it runs asynchronously on accelerators and traces under
 
 On the CPU, float32 matrices, vectors and conv kernels (4-D, factored over
 their two leading axes) take the fused kernels of
-:mod:`celo2.torch.cpu_kernels` instead (when Numba is installed, and not under
+:mod:`celo2.kernels.cpu` instead (when Numba is installed, and not under
 ``torch.compile``): the same numbers, faster, with no chunk workspace, and
 Celo2-base no longer holds a matrix's direction. Other N-D tensors, other
 dtypes and accelerators stay on the PyTorch path described above.
@@ -56,11 +56,11 @@ import torch
 
 from celo2.rule import spec
 from celo2.rule.theta import Theta
-from celo2.torch import cpu_kernels
+from celo2.kernels import cpu as cpu_kernels
 
 USE_CPU_KERNELS: bool = cpu_kernels.AVAILABLE and os.environ.get("CELO2_CPU_KERNELS", "1") != "0"
 """Run float32 CPU tensors (matrices, vectors, conv kernels) through the fused
-kernels of :mod:`celo2.torch.cpu_kernels` (when Numba is installed). Set the environment
+kernels of :mod:`celo2.kernels.cpu` (when Numba is installed). Set the environment
 variable ``CELO2_CPU_KERNELS=0`` (or this flag) to use the PyTorch path."""
 
 CHUNK_ELEMENTS: int = 1 << 16
@@ -765,7 +765,7 @@ def runs_on_one_thread(state: dict[str, torch.Tensor], grad: torch.Tensor, param
                        orthogonalize: bool) -> bool:
     """Whether :func:`apply_step` on this tensor is fused CPU kernels only
     (no multi-threaded PyTorch operation, no Newton-Schulz), so that whole
-    tensors can be handed to threads (:func:`celo2.torch.cpu_kernels.run_tensors`)."""
+    tensors can be handed to threads (:func:`celo2.kernels.cpu.run_tensors`)."""
     shape = work_shape(param.shape)
     if param.numel() == 0 or grad.shape != param.shape:
         return False
@@ -787,7 +787,7 @@ def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa
 
 def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: ANN001
     """The step of one float32 CPU matrix: three fused passes over it and one
-    call on its row and column statistics (see :mod:`celo2.torch.cpu_kernels`);
+    call on its row and column statistics (see :mod:`celo2.kernels.cpu`);
     same contract as :func:`_run`."""
     lay, k = t.lay, cpu_kernels
     R, C = t.shape
@@ -857,7 +857,7 @@ def _run_conv_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor)
     """The step of one float32 CPU conv kernel (O, I, kh, kw), factored over O
     and I, normalised per (kh, kw) window: a pass for the factored
     statistics, then one fused pass per window (see ``grouped`` in
-    :mod:`celo2.torch.cpu_kernels`); same contract as :func:`_run`."""
+    :mod:`celo2.kernels.cpu`); same contract as :func:`_run`."""
     k, lay = cpu_kernels, t.lay
     O, I = t.shape[:2]
     G = t.shape[2] * t.shape[3]

@@ -1,4 +1,8 @@
-"""Fused CPU kernels for the rule on float32 matrices and vectors (Numba).
+"""Fused CPU kernels for the rule on float32 matrices, vectors and conv kernels (Numba).
+
+Shared by both front ends: the PyTorch optimizer calls them on its tensors'
+NumPy views (with the thread helpers below), the JAX front end from inside a
+compiled step through an XLA custom call (:mod:`celo2.optax.cpu_ffi`).
 
 The chunked PyTorch path in :mod:`celo2.torch.rule` spends most of a CPU step
 in ~40 elementwise passes and in 8x18 matrix products too small for BLAS.
@@ -38,6 +42,7 @@ on disk, so only the first use after an install pays the compile (~30 s).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -177,29 +182,35 @@ def run_tensors(tasks: "list[tuple[int, Callable[[], None]]]") -> None:
 _READY: set = set()
 
 
-def ensure_compiled(kernel, args: tuple) -> None:  # noqa: ANN001
-    """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
-    cache) before its first call.
+@contextlib.contextmanager
+def no_interleave():
+    """Compile what runs inside without LLVM's loop interleaving.
 
-    The compile asks LLVM not to interleave the vectorised loop: with the
-    default of 4 interleaved copies, the MLP's 26 live vectors per copy spilled
-    to the stack on every element (measured 1.5x slower). LLVM options are
-    process-wide, so the option is set under Numba's compiler lock, for this
-    compile only, and reset after; no other code is compiled with it.
+    With the default of 4 interleaved copies of a vectorised loop, the MLP's
+    26 live vectors per copy spilled to the stack on every element (measured
+    1.5x slower). LLVM options are process-wide, so the option is set under
+    Numba's compiler lock and reset after; no other code is compiled with it.
     """
-    if kernel in _READY:
-        return
     import llvmlite.binding as llvm
     from numba.core.compiler_lock import global_compiler_lock
 
     with global_compiler_lock:
-        if kernel in _READY:
-            return
         llvm.set_option("celo2", "-force-vector-interleave=1")
         try:
-            kernel.compile(tuple(numba.typeof(a) for a in args))
+            yield
         finally:
             llvm.set_option("celo2", "-force-vector-interleave=0")  # 0: LLVM's own choice again
+
+
+def ensure_compiled(kernel, args: tuple) -> None:  # noqa: ANN001
+    """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
+    cache) before its first call, under :func:`no_interleave`."""
+    if kernel in _READY:
+        return
+    with no_interleave():
+        if kernel in _READY:
+            return
+        kernel.compile(tuple(numba.typeof(a) for a in args))
         _READY.add(kernel)
 
 

@@ -1,0 +1,200 @@
+"""The XLA FFI handler of :mod:`celo2.optax.cpu_ffi`, as a Numba ``cfunc``.
+
+Imported on first use only: compiling it takes about 20 s the first time
+after an install (Numba then loads it from its disk cache). It reads XLA's C
+structs by word offset; the layouts are those of ``xla/ffi/api/c_api.h``
+(API 0.1 and later) on a 64-bit ABI. The operands' shapes and dtypes are
+checked on the Python side (:mod:`celo2.optax.cpu_ffi`) before any call.
+
+Numba keys this file's cache on this file alone: after editing the kernels
+in :mod:`celo2.kernels.cpu` in a source checkout, touch this file (an
+install writes both anew).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import carray, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from celo2.kernels import cpu as kernels
+from celo2.optax.cpu_ffi import NET_SIZE
+from celo2.rule import spec
+
+
+@intrinsic
+def as_pointer(typingctx, address):  # noqa: ANN001, ANN201, ARG001
+    """An int64 address as a ``void*`` (what ``numba.carray`` takes)."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+# Word (int64) offsets. XLA_FFI_CallFrame: struct_size, extension_start, api,
+# ctx, stage, args {struct_size, extension_start, size, types, args},
+# rets {struct_size, extension_start, size, types, rets}, attrs, future.
+FRAME_EXTENSION, FRAME_STAGE, FRAME_ARGS, FRAME_RETS = 1, 4, 9, 14
+# XLA_FFI_Buffer: struct_size, extension_start, dtype, data, rank, dims.
+BUFFER_DATA, BUFFER_DIMS = 3, 5
+EXTENSION_METADATA = 1  # XLA_FFI_Extension_Metadata
+STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
+API_VERSION_STRUCT_SIZE = 32  # XLA_FFI_Api_Version: 2 words, 2 ints
+API_MINOR = 1  # everything read here exists since FFI API 0.1
+
+MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
+FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
+INPUT_EPS = spec.INPUT_NORM_EPS
+WRITE = kernels.WRITE
+
+grad_stats, factors, accumulate, direction, grouped = (kernels.grad_stats, kernels.factors, kernels.accumulate,
+                                                       kernels.direction, kernels.grouped)
+blocks = numba.njit(cache=True)(kernels.blocks)
+
+
+@numba.njit(cache=True)
+def words(address, n):  # noqa: ANN001, ANN201
+    return carray(as_pointer(address), (n,), np.int64)
+
+
+@numba.njit(cache=True)
+def buffer_data(buffer_address):  # noqa: ANN001, ANN201
+    return as_pointer(words(buffer_address, 6)[BUFFER_DATA])
+
+
+@numba.njit(cache=True)
+def write_metadata(extension):  # noqa: ANN001, ANN201
+    """Answer XLA's metadata query: the FFI API version we were written for, no traits, no state.
+
+    XLA_FFI_Metadata_Extension: base {struct_size, type, next}, metadata*;
+    XLA_FFI_Metadata: struct_size, api_version {struct_size, extension_start,
+    int major, int minor}, uint32 traits, state_type_id."""
+    address = words(extension, 4)[3]
+    meta = words(address, 6)
+    meta[1] = API_VERSION_STRUCT_SIZE
+    meta[2] = 0
+    ints = carray(as_pointer(address), (12,), np.int32)
+    ints[6] = 0
+    ints[7] = API_MINOR
+    ints[8] = 0
+    meta[5] = 0
+
+
+@numba.njit(cache=True)
+def call_buffers(frame_address, n_args, n_rets):  # noqa: ANN001, ANN201
+    """The argument and result buffer addresses of an execute call; empty
+    after answering a metadata query or at another stage (nothing to do)."""
+    frame = carray(frame_address, (16,), np.int64)
+    extension = frame[FRAME_EXTENSION]
+    if extension != 0 or (frame[FRAME_STAGE] & 0xFFFFFFFF) != STAGE_EXECUTE:
+        if extension != 0 and (words(extension, 2)[1] & 0xFFFFFFFF) == EXTENSION_METADATA:
+            write_metadata(extension)
+        empty = np.empty(0, np.int64)
+        return empty, empty
+    return words(frame[FRAME_ARGS], n_args), words(frame[FRAME_RETS], n_rets)
+
+
+@numba.njit(cache=True)
+def dims(buffer_address, rank):  # noqa: ANN001, ANN201
+    return words(words(buffer_address, 6)[BUFFER_DIMS], rank)
+
+
+def _matrix(frame_address):  # noqa: ANN001, ANN202
+    """Operands: grad, param, m, v, fac_r, fac_c, [d0] (int32), the packed net;
+    results: raw direction, m, v, fac_r, fac_c (aliasing the operands), sum of
+    squares of the direction (1,). The same passes as the PyTorch front end's
+    ``_run_matrix_cpu``, in the same block order."""
+    args, rets = call_buffers(frame_address, 8, 6)
+    if args.size == 0:
+        return as_pointer(0)
+    shape = dims(args[0], 2)
+    R = shape[0]
+    C = shape[1]
+    g = carray(buffer_data(args[0]), (R, C), np.float32)
+    p = carray(buffer_data(args[1]), (R, C), np.float32)
+    d0 = carray(buffer_data(args[6]), (1,), np.int32)[0]
+    net = carray(buffer_data(args[7]), (NET_SIZE,), np.float32)
+    out = carray(buffer_data(rets[0]), (R, C), np.float32)
+    m = carray(buffer_data(rets[1]), (3, R, C), np.float32)
+    v = carray(buffer_data(rets[2]), (R, C), np.float32)
+    # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
+    LR = R if d0 == 1 else C
+    LC = C if d0 == 1 else R
+    fac_r = carray(buffer_data(rets[3]), (3, LR), np.float32)
+    fac_c = carray(buffer_data(rets[4]), (3, LC), np.float32)
+    sq_out = carray(buffer_data(rets[5]), (1,), np.float32)
+    w_el = net[0:144].reshape(18, 8)
+    w_row = net[144:192].reshape(6, 8)
+    w_col = net[192:240].reshape(6, 8)
+    b0 = net[240:248]
+    W1 = net[248:312].reshape(8, 8)
+    b1 = net[312:320]
+    w2 = net[320:328]
+    b2 = net[328]
+
+    per, nblk = blocks(R)
+    row_sum = np.empty(R, np.float32)
+    col_part = np.empty((nblk, C), np.float32)
+    grad_stats(0, nblk, g, per, row_sum, col_part)
+    col_sum = col_part.sum(0)
+    rf = np.empty_like(fac_r)
+    cf = np.empty_like(fac_c)
+    term_r = np.empty((8, LR), np.float32)
+    term_c = np.empty((8, LC), np.float32)
+    if d0 == 1:
+        factors(fac_r, fac_c, row_sum, col_sum, C, R, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
+        A, B, TR, TC = rf, cf, term_r, term_c
+    else:
+        factors(fac_r, fac_c, col_sum, row_sum, R, C, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
+        A, B, TR, TC = cf, rf, term_c, term_r
+    sums_part = np.empty((nblk, 18), np.float64)
+    accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
+    sums = sums_part.sum(0)
+    W = np.empty((18, 8), np.float32)
+    n = R * C
+    for c in range(18):
+        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
+        for h in range(8):
+            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+    sq_part = np.empty(nblk, np.float64)
+    direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, WRITE, np.float32(1.0), np.float32(0.0), per,
+              out, sq_part)
+    sq_out[0] = np.float32(sq_part.sum())
+    return as_pointer(0)
+
+
+def _conv(frame_address):  # noqa: ANN001, ANN202
+    """Operands: grad, param (O, I, G), m (3, O, I, G), v, rf (3, O, G), cf
+    (3, I, G), term_r (8, O, G), term_c (8, I, G), the packed net; results:
+    raw direction (O, I, G), m, v (aliasing the operands). The PyTorch front
+    end's ``grouped`` pass, in the same block order."""
+    args, rets = call_buffers(frame_address, 9, 3)
+    if args.size == 0:
+        return as_pointer(0)
+    shape = dims(args[0], 3)
+    O = shape[0]
+    I = shape[1]  # noqa: E741
+    G = shape[2]
+    g = carray(buffer_data(args[0]), (O, I, G), np.float32)
+    p = carray(buffer_data(args[1]), (O, I, G), np.float32)
+    rf = carray(buffer_data(args[4]), (3, O, G), np.float32)
+    cf = carray(buffer_data(args[5]), (3, I, G), np.float32)
+    term_r = carray(buffer_data(args[6]), (8, O, G), np.float32)
+    term_c = carray(buffer_data(args[7]), (8, I, G), np.float32)
+    net = carray(buffer_data(args[8]), (NET_SIZE,), np.float32)
+    out = carray(buffer_data(rets[0]), (O, I, G), np.float32)
+    m = carray(buffer_data(rets[1]), (3, O, I, G), np.float32)
+    v = carray(buffer_data(rets[2]), (O, I, G), np.float32)
+    W = net[0:144].reshape(18, 8).copy()
+    W1 = net[248:312].reshape(8, 8)
+    per, nblk = blocks(O)
+    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, W1, net[312:320], net[320:328], net[328],
+            WRITE, np.float32(1.0), np.float32(0.0), per, out)
+    return as_pointer(0)
+
+
+with kernels.no_interleave():  # the kernels' loops compile as ensure_compiled compiles them
+    matrix_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_matrix)
+    conv_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv)

@@ -1,0 +1,147 @@
+"""The JAX front end's CPU fast path: a matrix's step as one XLA custom call.
+
+XLA:CPU compiles the rule's fused elementwise loop (:func:`celo2.optax.rule.
+tensor_step`) without FMAs and at 256 bits; on the CPUs measured it ran about
+2.5x slower per element than the Numba kernels the PyTorch front end uses
+(:mod:`celo2.kernels.cpu`). So on CPU a float32 matrix's step goes through
+XLA's typed FFI into those same kernels: one call does the factored
+statistics, the accumulators (in place, through ``input_output_aliases``; with
+donated state there is no copy) and the raw direction, and XLA does the rest
+(the output RMS, Newton-Schulz for Celo2, learning rate and weight decay).
+
+The handler is a Numba ``cfunc`` that reads XLA's C call frame
+(``xla/ffi/api/c_api.h``: ``XLA_FFI_CallFrame``, ``XLA_FFI_Buffer``, the
+metadata extension); it is compiled on first use and cached on disk. XLA runs
+independent custom calls on its own threads, so a model's matrices spread
+over the cores. Not differentiable and not batched natively (under ``vmap``
+it loops): :func:`celo2.optax.scale_by_celo2` uses it only for a fixed theta,
+and ``cpu_kernels=False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from celo2.kernels import cpu as kernels
+from celo2.rule import spec
+
+TARGET = "celo2_matrix_step"
+CONV_TARGET = "celo2_conv_step"
+"""The custom-call target names registered with XLA for the CPU platform."""
+
+AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi")
+"""Whether this fast path can run (Numba installed, a JAX with ``jax.ffi``)."""
+
+NET_SIZE = 18 * 8 + 6 * 8 + 6 * 8 + 8 + 8 * 8 + 8 + 8 + 1
+"""Length of the packed network operand, in :func:`pack_theta`'s order (the
+handlers read it at offsets 0, 144, 192, 240, 248, 312, 320, 328)."""
+
+_LOCK = threading.Lock()
+_REGISTERED = False
+
+
+def pack_theta(theta) -> jax.Array:  # noqa: ANN001
+    """The weights the kernels read, as one float32 vector: first-layer rows of
+    the 18 per-element channels, of the 6 row- and 6 column-statistic channels
+    (fast-path order, from :mod:`celo2.optax.rule`), ``b0``, ``w1`` (in, out),
+    ``b1``, and output 0 of ``w2`` and ``b2``."""
+    from celo2.optax import rule
+
+    parts = [
+        rule._weights(theta, rule._EL_ROWS),
+        rule._weights(theta, rule._ROW_ROWS),
+        rule._weights(theta, rule._COL_ROWS),
+        theta["b0"],
+        theta["w1"],
+        theta["b1"],
+        theta["w2"][:, spec.DIRECTION_OUTPUT],
+        theta["b2"][spec.DIRECTION_OUTPUT][None],
+    ]
+    net = jnp.concatenate([jnp.ravel(jnp.asarray(x, jnp.float32)) for x in parts])
+    assert net.shape == (NET_SIZE,), net.shape
+    return net
+
+
+def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002
+    """Which custom call a tensor takes: ``"matrix"`` (float32, 2-D),
+    ``"conv"`` (float32, 4-D, factored over its two leading axes, both longer
+    than 1: the shapes the PyTorch front end's conv kernel takes), or ``None``
+    (XLA's formulation)."""
+    if not AVAILABLE or not all(jnp.dtype(d) == jnp.float32 for d in dtypes):
+        return None
+    if len(shape) == 2:
+        return "matrix"
+    if len(shape) == 4 and sorted(spec.factored_dims(shape)) == [0, 1] and shape[0] > 1 and shape[1] > 1:
+        return "conv"
+    return None
+
+
+def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # noqa: ANN001, ANN201
+    """One float32 matrix through the kernels: ``(raw direction, sum of its
+    squares, new state)``. ``grad`` is unclipped (the kernels clip it);
+    ``state`` is a :class:`celo2.optax.rule.TensorState` and is updated in
+    place when XLA may reuse its buffers."""
+    from celo2.optax.rule import TensorState
+
+    ensure_registered()
+    R, C = grad.shape
+    d1, d0 = spec.factored_dims((R, C))
+    LR, LC = (R, C) if d0 == 1 else (C, R)
+    _check({"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r, "fac_c": state.fac_c},
+           {"param": (R, C), "m": (3, R, C), "v": (R, C), "fac_r": (3, LR), "fac_c": (3, LC)})
+    f32 = jnp.float32
+    shapes = [jax.ShapeDtypeStruct(grad.shape, f32)] + [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
+    shapes.append(jax.ShapeDtypeStruct((1,), f32))
+    call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={2: 1, 3: 2, 4: 3, 5: 4},
+                            vmap_method="sequential")
+    d, m, v, fac_r, fac_c, sq = call(grad, param, *state, jnp.asarray([d0], jnp.int32), net)
+    return d, sq[0], TensorState(m, v, fac_r, fac_c)
+
+
+def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param: jax.Array, rf: jax.Array,
+              cf: jax.Array, term_r: jax.Array, term_c: jax.Array):  # noqa: ANN201
+    """The per-element work of a conv kernel seen as ``(O, I, G)`` (``G`` =
+    kh kw): fold ``grad`` into ``m`` (3, O, I, G) and ``v`` (in place when XLA
+    may reuse them) and return ``(raw direction, m, v)``; each (o, i) window's
+    channels are normalised over its ``G`` elements. ``rf`` (3, O, G) / ``cf``
+    (3, I, G): Adafactor factors; ``term_r`` (8, O, G, with ``b0``) /
+    ``term_c`` (8, I, G): the rank-1 channels' share of the first layer."""
+    ensure_registered()
+    O, I, G = grad.shape
+    _check({"param": param, "m": m, "v": v, "rf": rf, "cf": cf, "term_r": term_r, "term_c": term_c},
+           {"param": (O, I, G), "m": (3, O, I, G), "v": (O, I, G), "rf": (3, O, G), "cf": (3, I, G),
+            "term_r": (8, O, G), "term_c": (8, I, G)})
+    f32 = jnp.float32
+    shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct(m.shape, f32),
+              jax.ShapeDtypeStruct(v.shape, f32)]
+    call = jax.ffi.ffi_call(CONV_TARGET, shapes, input_output_aliases={2: 1, 3: 2}, vmap_method="sequential")
+    return call(grad, param, m, v, rf, cf, term_r, term_c, net)
+
+
+def _check(arrays: dict, shapes: dict) -> None:
+    """The kernels index raw memory: every operand must have exactly the
+    shape and dtype they assume (a mismatched state raises here, at trace time)."""
+    for name, x in arrays.items():
+        if tuple(x.shape) != shapes[name] or jnp.dtype(x.dtype) != jnp.float32:
+            raise ValueError(f"celo2 CPU kernels: {name} has shape {tuple(x.shape)} and dtype {x.dtype}, "
+                             f"expected {shapes[name]} float32 (is the optimizer state from another model?)")
+
+
+def ensure_registered() -> None:
+    """Compile the handler (or load it from Numba's cache) and register it with XLA, once."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if not AVAILABLE:
+        raise RuntimeError("the CPU kernels need Numba (pip install numba) and a JAX with jax.ffi")
+    with _LOCK:
+        if not _REGISTERED:
+            from celo2.optax import _cpu_ffi_handler  # compiles, or loads from Numba's cache
+
+            for name, handler in ((TARGET, _cpu_ffi_handler.matrix_handler),
+                                  (CONV_TARGET, _cpu_ffi_handler.conv_handler)):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
+            _REGISTERED = True

@@ -1,0 +1,155 @@
+"""The JAX CPU fast path (an XLA custom call into the Numba kernels) computes
+what XLA's own formulation computes, in place of it only where it should."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from celo2.optax import celo2, celo2_base, cpu_ffi, rule, theta_to_jax
+
+pytestmark = pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="numba is not installed: no CPU kernels for JAX")
+
+# Matrices (size-1 sides included: which side is the row statistic is decided
+# by the axes, not by the sizes) and conv kernels factored over (O, I).
+CASES = [((24, 7), False), ((7, 24), True), ((1, 7), False), ((7, 1), True), ((48, 300), False),
+         ((6, 5, 3, 3), False), ((5, 6, 3, 3), True), ((16, 8, 1, 1), False)]
+
+
+def _ids(case):
+    return "x".join(map(str, case)) if isinstance(case, tuple) else str(case)
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _both(theta, s_kernels, s_xla, grad, param, orthogonalize):
+    got, s_kernels = rule.tensor_step(theta, s_kernels, grad, param, orthogonalize, cpu_kernels=True)
+    expected, s_xla = rule.tensor_step(theta, s_xla, grad, param, orthogonalize, cpu_kernels=False)
+    return got, expected, s_kernels, s_xla
+
+
+@pytest.mark.parametrize("shape,orthogonalize", CASES, ids=_ids)
+def test_kernels_match_the_xla_formulation(random_theta, shape, orthogonalize):
+    assert cpu_ffi.kind(shape, jnp.float32) in ("matrix", "conv")
+    theta = theta_to_jax(random_theta)
+    rng = np.random.default_rng(sum(shape))
+    param = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.5)
+    s_kernels = s_xla = rule.init_tensor_state(param)
+    for t in range(3):
+        grad = rng.standard_normal(shape).astype(np.float32) * 10.0 ** (t - 2)
+        if t == 1:
+            grad.reshape(-1)[0] = 5000.0  # clipped to 1000 by both
+        got, expected, s_kernels, s_xla = _both(theta, s_kernels, s_xla, jnp.asarray(grad), param, orthogonalize)
+        # Float32 sums in another order: relative error ~3e-5 on a clipped outlier's direction.
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=5e-5)
+        for a, b in zip(s_kernels, s_xla):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        param = param - 0.01 * expected
+
+
+def test_only_float32_matrices_and_conv_kernels_take_the_custom_call():
+    f32 = jnp.float32
+    assert cpu_ffi.kind((3, 4), f32, f32) == "matrix"
+    assert cpu_ffi.kind((8, 4, 3, 3), f32, f32) == "conv"
+    assert cpu_ffi.kind((3, 4), jnp.bfloat16, f32) is None
+    assert cpu_ffi.kind((7,), f32) is None
+    assert cpu_ffi.kind((2, 3, 4), f32) is None
+    assert cpu_ffi.kind((3, 3, 8, 4), f32) is None  # factored over the trailing axes: XLA
+    assert cpu_ffi.kind((1, 4, 3, 3), f32) is None
+
+
+def _model():
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (32, 16), "w2": (16, 4), "b": (16,), "conv": (8, 4, 3, 3), "scale": ()}
+    params = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.3) for k, s in shapes.items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.1) for k, s in shapes.items()}
+             for _ in range(4)]
+    return params, grads
+
+
+@pytest.mark.parametrize("make", [celo2_base, celo2], ids=["celo2_base", "celo2"])
+def test_transform_gives_the_same_training_with_and_without_kernels(random_theta, make):
+    """Four donated steps of a small model through the optax transform: the
+    kernels update the state in place and end where XLA's formulation ends."""
+    params0, grads = _model()
+    finals = {}
+    for on in (True, False):
+        opt = make(1e-2, weight_decay=0.1, theta=random_theta, cpu_kernels=on)
+        step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(g, s, p)),
+                       donate_argnums=(0, 1))
+        p = jax.tree_util.tree_map(jnp.copy, params0)
+        s = opt.init(p)
+        for g in grads:
+            p, s = step(p, s, g)
+        finals[on] = (p, s)
+    for a, b in zip(jax.tree_util.tree_leaves(finals[True]), jax.tree_util.tree_leaves(finals[False])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def _lowered(platform: str, cpu_kernels: bool) -> str:
+    theta = theta_to_jax(None)
+    param = jnp.ones((8, 6), jnp.float32)
+    conv = jnp.ones((8, 6, 3, 3), jnp.float32)
+    state, cstate = rule.init_tensor_state(param), rule.init_tensor_state(conv)
+
+    def f(state, cstate, param, conv):
+        return (rule.tensor_step(theta, state, param, param, False, cpu_kernels),
+                rule.tensor_step(theta, cstate, conv, conv, True, cpu_kernels))
+
+    return jax.jit(f).trace(state, cstate, param, conv).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_custom_calls_are_compiled_for_cpu_only():
+    on_cpu = _lowered("cpu", True)
+    assert cpu_ffi.TARGET in on_cpu and cpu_ffi.CONV_TARGET in on_cpu
+    for text in (_lowered("cpu", False), _lowered("cuda", True)):
+        assert cpu_ffi.TARGET not in text and cpu_ffi.CONV_TARGET not in text
+
+
+def test_default_uses_kernels_for_a_fixed_theta_and_xla_for_a_traced_one(random_theta):
+    params = {"w": jnp.ones((6, 4)) * 0.1}
+    grads = {"w": jnp.cos(jnp.arange(24.0)).reshape(6, 4)}
+
+    def hlo(theta):
+        opt = celo2_base(1e-2, theta=theta)
+        return jax.jit(lambda p, g: opt.update(g, opt.init(p), p)).lower(params, grads).as_text()
+
+    assert cpu_ffi.TARGET in hlo(random_theta)
+    traced = jax.jit(lambda th: jax.jit(lambda p, g: celo2_base(1e-2, theta=th).update(
+        g, celo2_base(1e-2, theta=th).init(p), p)[0])(params, grads))
+    # A traced theta (meta-gradients, PES) keeps XLA's formulation, which is differentiable.
+    assert cpu_ffi.TARGET not in traced.lower(theta_to_jax(random_theta)).as_text()
+
+
+def test_kernels_under_vmap_match_one_by_one(random_theta):
+    theta = theta_to_jax(random_theta)
+    params = jnp.stack([jnp.full((5, 4), 0.1 * (k + 1)) for k in range(3)])
+    grads = jnp.stack([jnp.sin(jnp.arange(20.0) * (k + 1)).reshape(5, 4) for k in range(3)])
+    states = jax.vmap(rule.init_tensor_state)(params)
+
+    def step(s, g, p):
+        return rule.tensor_step(theta, s, g, p, False, cpu_kernels=True)[0]
+
+    batched = jax.jit(jax.vmap(step))(states, grads, params)
+    for k in range(3):
+        one = jax.jit(step)(rule.init_tensor_state(params[k]), grads[k], params[k])
+        np.testing.assert_allclose(np.asarray(batched[k]), np.asarray(one), rtol=0, atol=1e-6)
+
+
+def test_asking_for_kernels_without_numba_names_the_problem(monkeypatch):
+    monkeypatch.setattr(cpu_ffi, "AVAILABLE", False)
+    with pytest.raises(ValueError, match="cpu_kernels=True needs Numba"):
+        celo2_base(1e-3, cpu_kernels=True)
+    celo2_base(1e-3)  # the default falls back to XLA
+
+
+def test_a_state_of_the_wrong_shape_is_refused_before_any_kernel_runs(random_theta):
+    theta = theta_to_jax(random_theta)
+    param = jnp.ones((6, 4), jnp.float32)
+    wrong = rule.init_tensor_state(jnp.ones((4, 6), jnp.float32))
+    with pytest.raises(ValueError, match=r"m has shape \(3, 4, 6\).*expected \(3, 6, 4\)"):
+        rule.tensor_step(theta, wrong, param, param, False, cpu_kernels=True)
