@@ -607,62 +607,80 @@ if AVAILABLE:
         the first layer in fast-path channel order."""
         O, I, G = graw.shape
         n = I * G
+        # Each row o as one run of n = I G elements (all arrays are C-contiguous):
+        # the channel loop then has unit strides and vectorises.
+        g_rows = graw.reshape(O, n)
+        p_rows = p.reshape(O, n)
+        m_rows = m.reshape(3, O, n)
+        v_rows = v.reshape(O, n)
+        CF_flat = CF.reshape(3, n)  # CF[k, i, e] sits at j = i G + e
+        TC_flat = TC.reshape(8, n)
         X = np.empty((18, n), np.float32)
         T = np.empty((8, n), np.float32)
         D = np.empty(n, np.float32)
-        ss = np.empty(18, np.float32)
+        FR = np.empty((3, n), np.float32)  # RF[k, o, e] repeated over the windows of row o
+        FR0 = FR[0]; FR1 = FR[1]; FR2 = FR[2]; CF0 = CF_flat[0]; CF1 = CF_flat[1]; CF2 = CF_flat[2]  # noqa: E702
+        X0 = X[0]; X1 = X[1]; X2 = X[2]; X3 = X[3]; X4 = X[4]; X5 = X[5]  # noqa: E702
+        X6 = X[6]; X7 = X[7]; X8 = X[8]; X9 = X[9]; X10 = X[10]; X11 = X[11]  # noqa: E702
+        X12 = X[12]; X13 = X[13]; X14 = X[14]; X15 = X[15]; X16 = X[16]; X17 = X[17]  # noqa: E702
+        T0 = T[0]; T1 = T[1]; T2 = T[2]; T3 = T[3]; T4 = T[4]; T5 = T[5]; T6 = T[6]; T7 = T[7]  # noqa: E702
         for blk in range(lo, hi):
             for o in range(blk * per, min(O, (blk + 1) * per)):
                 for i in range(I):
-                    ss[:] = _ZERO
                     for e in range(G):
                         j = i * G + e
-                        g = min(max(graw[o, i, e], -_GRAD_CLIP), _GRAD_CLIP)
-                        m0 = m[0, o, i, e] + wm[0] * (g - m[0, o, i, e])
-                        m1 = m[1, o, i, e] + wm[1] * (g - m[1, o, i, e])
-                        m2 = m[2, o, i, e] + wm[2] * (g - m[2, o, i, e])
-                        m[0, o, i, e] = m0
-                        m[1, o, i, e] = m1
-                        m[2, o, i, e] = m2
-                        vv = _RMS_DECAY * v[o, i, e] + _RMS_W * g * g
-                        v[o, i, e] = vv
-                        rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
-                        f0 = RF[0, o, e] * CF[0, i, e]
-                        f1 = RF[1, o, e] * CF[1, i, e]
-                        f2 = RF[2, o, e] * CF[2, i, e]
-                        X[0, j] = g
-                        X[1, j] = min(max(g, -_FEATURE_CLIP), _FEATURE_CLIP)
-                        X[2, j] = p[o, i, e]
-                        X[3, j] = m0
-                        X[4, j] = m1
-                        X[5, j] = m2
-                        X[6, j] = vv
-                        X[7, j] = m0 * rv
-                        X[8, j] = m1 * rv
-                        X[9, j] = m2 * rv
-                        X[10, j] = rv
-                        X[11, j] = g * f0
-                        X[12, j] = g * f1
-                        X[13, j] = g * f2
-                        X[14, j] = g * rv
-                        X[15, j] = m0 * f0
-                        X[16, j] = m1 * f1
-                        X[17, j] = m2 * f2
-                        for c in range(18):
-                            ss[c] += X[c, j] * X[c, j]
+                        FR0[j] = RF[0, o, e]
+                        FR1[j] = RF[1, o, e]
+                        FR2[j] = RF[2, o, e]
                         for k in range(8):
-                            T[k, j] = TR[k, o, e] + TC[k, i, e]
-                    for c in range(18):
-                        inv = _ONE / np.sqrt(ss[c] / G + _INPUT_NORM_EPS)
+                            T[k, j] = TR[k, o, e] + TC_flat[k, j]
+                gr = g_rows[o]; pr = p_rows[o]; vr = v_rows[o]; m0r = m_rows[0, o]; m1r = m_rows[1, o]; m2r = m_rows[2, o]  # noqa: E702, E501
+                for j in range(n):
+                    g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
+                    m0 = m0r[j] + wm[0] * (g - m0r[j])
+                    m1 = m1r[j] + wm[1] * (g - m1r[j])
+                    m2 = m2r[j] + wm[2] * (g - m2r[j])
+                    m0r[j] = m0
+                    m1r[j] = m1
+                    m2r[j] = m2
+                    vv = _RMS_DECAY * vr[j] + _RMS_W * g * g
+                    vr[j] = vv
+                    rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
+                    f0 = FR0[j] * CF0[j]
+                    f1 = FR1[j] * CF1[j]
+                    f2 = FR2[j] * CF2[j]
+                    X0[j] = g
+                    X1[j] = min(max(g, -_FEATURE_CLIP), _FEATURE_CLIP)
+                    X2[j] = pr[j]
+                    X3[j] = m0
+                    X4[j] = m1
+                    X5[j] = m2
+                    X6[j] = vv
+                    X7[j] = m0 * rv
+                    X8[j] = m1 * rv
+                    X9[j] = m2 * rv
+                    X10[j] = rv
+                    X11[j] = g * f0
+                    X12[j] = g * f1
+                    X13[j] = g * f2
+                    X14[j] = g * rv
+                    X15[j] = m0 * f0
+                    X16[j] = m1 * f1
+                    X17[j] = m2 * f2
+                # Each window's channels to unit RMS over its G elements.
+                for c in range(18):
+                    xc = X[c]
+                    for i in range(I):
+                        ss = _ZERO
                         for e in range(G):
-                            X[c, i * G + e] *= inv
+                            x = xc[i * G + e]
+                            ss += x * x
+                        inv = _ONE / np.sqrt(ss / G + _INPUT_NORM_EPS)
+                        for e in range(G):
+                            xc[i * G + e] *= inv
                 # The MLP over the row, unrolled and inline, as in ``direction``
                 # (the same loop as a called function ran ~10x slower there).
-                X0 = X[0]; X1 = X[1]; X2 = X[2]; X3 = X[3]; X4 = X[4]; X5 = X[5]  # noqa: E702
-                X6 = X[6]; X7 = X[7]; X8 = X[8]; X9 = X[9]; X10 = X[10]; X11 = X[11]  # noqa: E702
-                X12 = X[12]; X13 = X[13]; X14 = X[14]; X15 = X[15]; X16 = X[16]; X17 = X[17]  # noqa: E702
-                T0 = T[0]; T1 = T[1]; T2 = T[2]; T3 = T[3]; T4 = T[4]; T5 = T[5]; T6 = T[6]; T7 = T[7]  # noqa: E702
-                for j in range(X.shape[1]):
+                for j in range(n):
                     g = X0[j]; x1 = X1[j]; pp = X2[j]; m0 = X3[j]; m1 = X4[j]; m2 = X5[j]  # noqa: E702
                     vv = X6[j]; x7 = X7[j]; x8 = X8[j]; x9 = X9[j]; rv = X10[j]; x11 = X11[j]  # noqa: E702
                     x12 = X12[j]; x13 = X13[j]; x14 = X14[j]; x15 = X15[j]; x16 = X16[j]; x17 = X17[j]  # noqa: E702
