@@ -15,9 +15,9 @@ from celo2.optax import celo2, celo2_base, cpu_ffi, rule, theta_to_jax
 
 pytestmark = pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="numba is not installed: no CPU kernels for JAX")
 
-# Matrices (size-1 sides included: which side is the row statistic is decided
+# Vectors and scalars, matrices (size-1 sides included: which side is the row statistic is decided
 # by the axes, not by the sizes) and conv kernels factored over (O, I).
-CASES = [((24, 7), False), ((7, 24), True), ((1, 7), False), ((7, 1), True), ((48, 300), False),
+CASES = [((), False), ((37,), False), ((1,), True), ((24, 7), False), ((7, 24), True), ((1, 7), False), ((7, 1), True), ((48, 300), False),
          ((6, 5, 3, 3), False), ((5, 6, 3, 3), True), ((16, 8, 1, 1), False)]
 
 
@@ -34,13 +34,14 @@ def _both(theta, s_kernels, s_xla, grad, param, orthogonalize):
 
 @pytest.mark.parametrize("shape,orthogonalize", CASES, ids=_ids)
 def test_kernels_match_the_xla_formulation(random_theta, shape, orthogonalize):
-    assert cpu_ffi.kind(shape, jnp.float32) in ("matrix", "conv")
+    assert cpu_ffi.kind(shape, jnp.float32) in ("vector", "matrix", "conv")
     theta = theta_to_jax(random_theta)
     rng = np.random.default_rng(sum(shape))
     param = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.5)
     s_kernels = s_xla = rule.init_tensor_state(param)
     for t in range(3):
         grad = rng.standard_normal(shape).astype(np.float32) * 10.0 ** (t - 2)
+        grad = np.asarray(grad, np.float32)
         if t == 1:
             grad.reshape(-1)[0] = 5000.0  # clipped to 1000 by both
         got, expected, s_kernels, s_xla = _both(theta, s_kernels, s_xla, jnp.asarray(grad), param, orthogonalize)
@@ -51,12 +52,14 @@ def test_kernels_match_the_xla_formulation(random_theta, shape, orthogonalize):
         param = param - 0.01 * expected
 
 
-def test_only_float32_matrices_and_conv_kernels_take_the_custom_call():
+def test_only_float32_vectors_matrices_and_conv_kernels_take_the_custom_call():
     f32 = jnp.float32
+    assert cpu_ffi.kind((), f32, f32) == "vector"
+    assert cpu_ffi.kind((7,), f32, f32) == "vector"
     assert cpu_ffi.kind((3, 4), f32, f32) == "matrix"
     assert cpu_ffi.kind((8, 4, 3, 3), f32, f32) == "conv"
     assert cpu_ffi.kind((3, 4), jnp.bfloat16, f32) is None
-    assert cpu_ffi.kind((7,), f32) is None
+    assert cpu_ffi.kind((7,), f32, jnp.float16) is None
     assert cpu_ffi.kind((2, 3, 4), f32) is None
     assert cpu_ffi.kind((3, 3, 8, 4), f32) is None  # factored over the trailing axes: XLA
     assert cpu_ffi.kind((1, 4, 3, 3), f32) is None
@@ -94,20 +97,23 @@ def _lowered(platform: str, cpu_kernels: bool) -> str:
     theta = theta_to_jax(None)
     param = jnp.ones((8, 6), jnp.float32)
     conv = jnp.ones((8, 6, 3, 3), jnp.float32)
-    state, cstate = rule.init_tensor_state(param), rule.init_tensor_state(conv)
+    bias = jnp.ones((6,), jnp.float32)
+    states = [rule.init_tensor_state(x) for x in (param, conv, bias)]
 
-    def f(state, cstate, param, conv):
-        return (rule.tensor_step(theta, state, param, param, False, cpu_kernels),
-                rule.tensor_step(theta, cstate, conv, conv, True, cpu_kernels))
+    def f(states, param, conv, bias):
+        return (rule.tensor_step(theta, states[0], param, param, False, cpu_kernels),
+                rule.tensor_step(theta, states[1], conv, conv, True, cpu_kernels),
+                rule.tensor_step(theta, states[2], bias, bias, False, cpu_kernels))
 
-    return jax.jit(f).trace(state, cstate, param, conv).lower(lowering_platforms=(platform,)).as_text()
+    return jax.jit(f).trace(states, param, conv, bias).lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_custom_calls_are_compiled_for_cpu_only():
     on_cpu = _lowered("cpu", True)
-    assert cpu_ffi.TARGET in on_cpu and cpu_ffi.CONV_TARGET in on_cpu
+    targets = (cpu_ffi.TARGET, cpu_ffi.CONV_TARGET, cpu_ffi.VECTOR_TARGET)
+    assert all(t in on_cpu for t in targets)
     for text in (_lowered("cpu", False), _lowered("cuda", True)):
-        assert cpu_ffi.TARGET not in text and cpu_ffi.CONV_TARGET not in text
+        assert not any(t in text for t in targets)
 
 
 def test_default_uses_kernels_for_a_fixed_theta_and_xla_for_a_traced_one(random_theta):

@@ -49,8 +49,9 @@ FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.floa
 INPUT_EPS = spec.INPUT_NORM_EPS
 WRITE = kernels.WRITE
 
-grad_stats, factors, accumulate, direction, grouped = (kernels.grad_stats, kernels.factors, kernels.accumulate,
-                                                       kernels.direction, kernels.grouped)
+grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
+grouped, vector_accumulate = kernels.grouped, kernels.vector_accumulate
+VECTOR_CHANNELS = 15  # vectors lack the three fac_m channels (the last of the fast-path order)
 blocks = numba.njit(cache=True)(kernels.blocks)
 
 
@@ -195,6 +196,47 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     return as_pointer(0)
 
 
+def _vector(frame_address):  # noqa: ANN001, ANN202
+    """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), the packed
+    net; results: raw direction (n,), m, v, fac (aliasing the operands), sum
+    of squares of the direction (1,). The PyTorch front end's
+    ``_run_vector_cpu``: the accumulator pass, then the direction pass on the
+    vector as one row (unit row factors, zero weights for the channels
+    vectors lack)."""
+    args, rets = call_buffers(frame_address, 6, 5)
+    if args.size == 0:
+        return as_pointer(0)
+    n = dims(args[0], 1)[0]
+    g = carray(buffer_data(args[0]), (n,), np.float32)
+    p = carray(buffer_data(args[1]), (n,), np.float32)
+    net = carray(buffer_data(args[5]), (NET_SIZE,), np.float32)
+    out = carray(buffer_data(rets[0]), (1, n), np.float32)
+    m = carray(buffer_data(rets[1]), (3, n), np.float32)
+    v = carray(buffer_data(rets[2]), (n,), np.float32)
+    fac = carray(buffer_data(rets[3]), (3, n), np.float32)
+    sq_out = carray(buffer_data(rets[4]), (1,), np.float32)
+    factor = np.empty((3, n), np.float32)
+    sums = np.empty(VECTOR_CHANNELS, np.float64)
+    vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)
+    w_el = net[0:144].reshape(18, 8)
+    W = np.zeros((18, 8), np.float32)
+    for c in range(VECTOR_CHANNELS):
+        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
+        for h in range(8):
+            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+    A = np.ones((3, 1), np.float32)
+    TR = net[240:248].copy().reshape(8, 1)
+    TC = np.zeros((8, n), np.float32)
+    per, nblk = blocks(1)
+    sq_part = np.empty(nblk, np.float64)
+    direction(0, nblk, g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
+              net[248:312].reshape(8, 8), net[312:320], net[320:328], net[328], WRITE, np.float32(1.0),
+              np.float32(0.0), per, out, sq_part)
+    sq_out[0] = np.float32(sq_part.sum())
+    return as_pointer(0)
+
+
 with kernels.no_interleave():  # the kernels' loops compile as ensure_compiled compiles them
     matrix_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_matrix)
     conv_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv)
+    vector_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_vector)

@@ -30,6 +30,7 @@ from celo2.rule import spec
 
 TARGET = "celo2_matrix_step"
 CONV_TARGET = "celo2_conv_step"
+VECTOR_TARGET = "celo2_vector_step"
 """The custom-call target names registered with XLA for the CPU platform."""
 
 AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi")
@@ -66,12 +67,15 @@ def pack_theta(theta) -> jax.Array:  # noqa: ANN001
 
 
 def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002
-    """Which custom call a tensor takes: ``"matrix"`` (float32, 2-D),
+    """Which custom call a tensor takes: ``"vector"`` (float32, 0-D or 1-D),
+    ``"matrix"`` (float32, 2-D),
     ``"conv"`` (float32, 4-D, factored over its two leading axes, both longer
     than 1: the shapes the PyTorch front end's conv kernel takes), or ``None``
     (XLA's formulation)."""
     if not AVAILABLE or not all(jnp.dtype(d) == jnp.float32 for d in dtypes):
         return None
+    if len(shape) <= 1:
+        return "vector"
     if len(shape) == 2:
         return "matrix"
     if len(shape) == 4 and sorted(spec.factored_dims(shape)) == [0, 1] and shape[0] > 1 and shape[1] > 1:
@@ -99,6 +103,23 @@ def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
                             vmap_method="sequential")
     d, m, v, fac_r, fac_c, sq = call(grad, param, *state, jnp.asarray([d0], jnp.int32), net)
     return d, sq[0], TensorState(m, v, fac_r, fac_c)
+
+
+def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # noqa: ANN001, ANN201
+    """A float32 vector ``(n,)`` through the kernels: ``(raw direction, sum of
+    its squares, new state)``, like :func:`matrix_step`."""
+    from celo2.optax.rule import TensorState
+
+    ensure_registered()
+    (n,) = grad.shape
+    _check({"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r},
+           {"param": (n,), "m": (3, n), "v": (n,), "fac_r": (3, n)})
+    f32 = jnp.float32
+    shapes = [jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((n,), f32),
+              jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((1,), f32)]
+    call = jax.ffi.ffi_call(VECTOR_TARGET, shapes, input_output_aliases={2: 1, 3: 2, 4: 3}, vmap_method="sequential")
+    d, m, v, fac, sq = call(grad, param, state.m, state.v, state.fac_r, net)
+    return d, sq[0], TensorState(m, v, fac, state.fac_c)
 
 
 def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param: jax.Array, rf: jax.Array,
@@ -142,6 +163,7 @@ def ensure_registered() -> None:
             from celo2.optax import _cpu_ffi_handler  # compiles, or loads from Numba's cache
 
             for name, handler in ((TARGET, _cpu_ffi_handler.matrix_handler),
-                                  (CONV_TARGET, _cpu_ffi_handler.conv_handler)):
+                                  (CONV_TARGET, _cpu_ffi_handler.conv_handler),
+                                  (VECTOR_TARGET, _cpu_ffi_handler.vector_handler)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
             _REGISTERED = True

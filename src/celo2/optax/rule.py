@@ -25,7 +25,7 @@ buffers are not reused across tensors; ``XLA_FLAGS=
 that of the largest tensor alone.
 
 On CPU, ``tensor_step(..., cpu_kernels=True)`` replaces that loop for float32
-matrices and conv kernels by one custom call into the Numba kernels
+vectors, matrices and conv kernels by one custom call into the Numba kernels
 (:mod:`celo2.optax.cpu_ffi`).
 """
 
@@ -273,10 +273,11 @@ def tensor_step(
     shape; the caller applies learning rate and weight decay. Same numbers as
     :func:`reference_tensor_step`, without full-size channel tensors.
 
-    ``cpu_kernels=True``: when compiled for CPU, a float32 matrix's step is one
-    custom call into the fused Numba kernels (:mod:`celo2.optax.cpu_ffi`,
-    about 3x faster than XLA's loop there; not differentiable); other tensors,
-    and other platforms, take the XLA formulation.
+    ``cpu_kernels=True``: when compiled for CPU, the step of a float32 vector,
+    matrix or conv kernel is one custom call into the fused Numba kernels
+    (:mod:`celo2.optax.cpu_ffi`, about 3x faster than XLA's loop there; not
+    differentiable); other tensors, and other platforms, take the XLA
+    formulation.
     """
     if cpu_kernels:
         from celo2.optax import cpu_ffi
@@ -285,6 +286,11 @@ def tensor_step(
         if kind is not None:
             def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
                 net = cpu_ffi.pack_theta(theta)
+                if kind == "vector":
+                    work = _work_shape(tuple(param.shape))
+                    d, sq, new_state = cpu_ffi.vector_step(net, state, grad.reshape(work), param.reshape(work))
+                    d = d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS)
+                    return d.reshape(param.shape), new_state
                 if kind == "matrix":
                     d, sq, new_state = cpu_ffi.matrix_step(net, state, grad, param)
                     if not orthogonalize:
