@@ -1,18 +1,20 @@
-"""The JAX front end's CPU fast path: a matrix's step as one XLA custom call.
+"""The JAX front end's CPU fast path: a tensor's step as one XLA custom call.
 
 XLA:CPU compiles the rule's fused elementwise loop (:func:`celo2.optax.rule.
-tensor_step`) without FMAs and at 256 bits; on the CPUs measured it ran about
-2.5x slower per element than the Numba kernels the PyTorch front end uses
-(:mod:`celo2.kernels.cpu`). So on CPU a float32 matrix's step goes through
-XLA's typed FFI into those same kernels: one call does the factored
-statistics, the accumulators (in place, through ``input_output_aliases``; with
-donated state there is no copy) and the raw direction, and XLA does the rest
-(the output RMS, Newton-Schulz for Celo2, learning rate and weight decay).
+tensor_step`) without FMAs and at 256 bits; on the CPU measured it ran about
+3x slower than the Numba kernels the PyTorch front end uses
+(:mod:`celo2.kernels.cpu`), and conv kernels about 5x. So on CPU the step of a
+float32 vector, matrix or conv kernel goes through XLA's typed FFI into those
+same kernels: one call does the accumulators (in place, through
+``input_output_aliases``; with donated state there is no copy), the factored
+statistics (conv kernels: computed by XLA, they are small) and the raw
+direction, and XLA does the rest (the output RMS, Newton-Schulz for Celo2,
+learning rate and weight decay).
 
-The handler is a Numba ``cfunc`` that reads XLA's C call frame
+The handlers are Numba ``cfunc``\ s that read XLA's C call frame
 (``xla/ffi/api/c_api.h``: ``XLA_FFI_CallFrame``, ``XLA_FFI_Buffer``, the
-metadata extension); it is compiled on first use and cached on disk. XLA runs
-independent custom calls on its own threads, so a model's matrices spread
+metadata extension); they are compiled on first use and cached on disk. XLA
+runs independent custom calls on its own threads, so a model's tensors spread
 over the cores. Not differentiable and not batched natively (under ``vmap``
 it loops): :func:`celo2.optax.scale_by_celo2` uses it only for a fixed theta,
 and ``cpu_kernels=False`` turns it off.
@@ -20,6 +22,7 @@ and ``cpu_kernels=False`` turns it off.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import jax
@@ -33,8 +36,9 @@ CONV_TARGET = "celo2_conv_step"
 VECTOR_TARGET = "celo2_vector_step"
 """The custom-call target names registered with XLA for the CPU platform."""
 
-AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi")
-"""Whether this fast path can run (Numba installed, a JAX with ``jax.ffi``)."""
+AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi") and sys.maxsize > 2**32 and sys.byteorder == "little"
+"""Whether this fast path can run: Numba installed, a JAX with ``jax.ffi``, and
+a 64-bit little-endian process (the handlers read XLA's structs by word)."""
 
 NET_SIZE = 18 * 8 + 6 * 8 + 6 * 8 + 8 + 8 * 8 + 8 + 8 + 1
 """Length of the packed network operand, in :func:`pack_theta`'s order (the

@@ -38,10 +38,10 @@ def scale_by_celo2(
     ``update`` needs ``params``. Like ``optax.scale_by_adam``, the output is a
     descent direction to be scaled by ``-learning_rate``.
 
-    ``cpu_kernels``: on CPU, run float32 matrices through the fused Numba
-    kernels (an XLA custom call, :mod:`celo2.optax.cpu_ffi`) instead of XLA's
-    own loop; same numbers to float32 rounding, about 3x faster, but not
-    differentiable. ``None`` (default): on when Numba is installed and theta
+    ``cpu_kernels``: on CPU, run float32 vectors, matrices and conv kernels
+    through the fused Numba kernels (an XLA custom call,
+    :mod:`celo2.optax.cpu_ffi`) instead of XLA's own loop; same numbers to
+    float32 rounding, about 3x faster, but not differentiable. ``None`` (default): on when Numba is installed and theta
     is not traced; ``False``: XLA everywhere (needed to differentiate through
     the update); ``True``: on, and an error if Numba is missing. Other
     platforms always compile the XLA formulation.
