@@ -11,7 +11,7 @@ statistics (conv kernels: computed by XLA, they are small) and the raw
 direction, and XLA does the rest (the output RMS, Newton-Schulz for Celo2,
 learning rate and weight decay).
 
-The handlers are Numba ``cfunc``\ s that read XLA's C call frame
+The handlers are Numba C callbacks (``numba.cfunc``) that read XLA's C call frame
 (``xla/ffi/api/c_api.h``: ``XLA_FFI_CallFrame``, ``XLA_FFI_Buffer``, the
 metadata extension); they are compiled on first use and cached on disk. XLA
 runs independent custom calls on its own threads, so a model's tensors spread
