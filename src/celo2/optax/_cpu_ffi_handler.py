@@ -102,6 +102,20 @@ def dims(buffer_address, rank):  # noqa: ANN001, ANN201
     return words(words(buffer_address, 6)[BUFFER_DIMS], rank)
 
 
+@numba.njit(cache=True)
+def normalised_first_layer(w_el, sums, n):  # noqa: ANN001, ANN201
+    """The per-element channels' first-layer rows scaled by each channel's
+    input RMS (``sums``: sums of squares over the ``n`` elements; channels
+    beyond ``len(sums)`` get zero rows), in float64 then cast, as the PyTorch
+    front end does."""
+    W = np.zeros((18, 8), np.float32)
+    for c in range(sums.shape[0]):
+        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
+        for h in range(8):
+            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+    return W
+
+
 def _matrix(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param, m, v, fac_r, fac_c, [d0] (int32), the packed net;
     results: raw direction, m, v, fac_r, fac_c (aliasing the operands), sum of
@@ -152,13 +166,7 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
         A, B, TR, TC = cf, rf, term_c, term_r
     sums_part = np.empty((nblk, 18), np.float64)
     accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
-    sums = sums_part.sum(0)
-    W = np.empty((18, 8), np.float32)
-    n = R * C
-    for c in range(18):
-        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
-        for h in range(8):
-            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+    W = normalised_first_layer(w_el, sums_part.sum(0), R * C)
     sq_part = np.empty(nblk, np.float64)
     direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, WRITE, np.float32(1.0), np.float32(0.0), per,
               out, sq_part)
@@ -218,12 +226,7 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     factor = np.empty((3, n), np.float32)
     sums = np.empty(VECTOR_CHANNELS, np.float64)
     vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)
-    w_el = net[0:144].reshape(18, 8)
-    W = np.zeros((18, 8), np.float32)
-    for c in range(VECTOR_CHANNELS):
-        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
-        for h in range(8):
-            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+    W = normalised_first_layer(net[0:144].reshape(18, 8), sums, n)
     A = np.ones((3, 1), np.float32)
     TR = net[240:248].copy().reshape(8, 1)
     TC = np.zeros((8, n), np.float32)
