@@ -51,7 +51,7 @@ WRITE = kernels.WRITE
 
 grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
 grouped, vector_accumulate = kernels.grouped, kernels.vector_accumulate
-VECTOR_CHANNELS = 15  # vectors lack the three fac_m channels (the last of the fast-path order)
+VECTOR_CHANNELS = spec.NUM_VECTOR_FEATURES  # 15: vectors lack the three fac_m channels (last in the fast-path order)
 blocks = numba.njit(cache=True)(kernels.blocks)
 
 
