@@ -48,9 +48,10 @@ Memory: what the optimizer adds on top of parameters and gradients.
 
 The issue's memory target is step transient <= 25% of the largest parameter
 tensor. XLA:CPU's default scheduler favours concurrency and keeps the
-scratch of all tensors alive together; run with
-``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` to see
-the memory-ordered figure.
+scratch of all tensors alive together; for XLA's own formulation (the
+``*_xla`` rows) ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``
+gives the memory-ordered figure. With the CPU kernels the scratch is each
+tensor's raw direction (a custom-call output), which that flag does not change.
 
 Threads: ``--threads N`` sets the intra-op threads of every optimizer (torch
 and XLA). On a CPU shared with other jobs, multi-threaded runs stall at
