@@ -82,6 +82,19 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 """Smaller tensors run on the calling thread (a pool hand-off costs tens of us)."""
 
 
+def kernel_kind(shape: tuple[int, ...]) -> "str | None":
+    """Which kernels cover a tensor of this shape, in either front end:
+    ``"vector"`` (0-D or 1-D), ``"matrix"`` (2-D), ``"conv"`` (4-D, factored
+    over its two leading axes, both longer than 1), else ``None``."""
+    if len(shape) < 2:
+        return "vector"
+    if len(shape) == 2:
+        return "matrix"
+    if len(shape) == 4 and sorted(spec.factored_dims(shape)) == [0, 1] and shape[0] > 1 and shape[1] > 1:
+        return "conv"
+    return None
+
+
 def blocks(rows: int) -> tuple[int, int]:
     """(rows per block, number of blocks): at least 16 rows and at most 64
     blocks, so per-block column partials stay under 1/16 of the matrix."""
@@ -307,6 +320,19 @@ def _kernel(fn, cache: bool = True):  # noqa: ANN001, ANN202
 
 
 if AVAILABLE:
+    @numba.njit(cache=True)
+    def normalised_first_layer(w_el, sums, n):  # noqa: ANN001
+        """The per-element channels' first-layer rows ``w_el`` (18, 8) scaled
+        by each channel's input RMS (``sums``: sums of squares over the ``n``
+        elements, in float64), cast to float32; channels beyond ``len(sums)``
+        (the three a vector lacks) get zero rows."""
+        W = np.zeros((18, 8), np.float32)
+        for c in range(sums.shape[0]):
+            inv = 1.0 / np.sqrt(sums[c] / n + spec.INPUT_NORM_EPS)
+            for h in range(8):
+                W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
+        return W
+
     @_kernel
     def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
         """Pass 1 on blocks ``lo:hi``: row sums and per-block column sums of ``clip(g)^2``."""

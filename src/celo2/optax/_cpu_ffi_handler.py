@@ -46,11 +46,11 @@ API_MINOR = 1  # everything read here exists since FFI API 0.1
 
 MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
 FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
-INPUT_EPS = spec.INPUT_NORM_EPS
 WRITE = kernels.WRITE
 
 grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
 grouped, vector_accumulate = kernels.grouped, kernels.vector_accumulate
+normalised_first_layer = kernels.normalised_first_layer
 VECTOR_CHANNELS = spec.NUM_VECTOR_FEATURES  # 15: vectors lack the three fac_m channels (last in the fast-path order)
 blocks = numba.njit(cache=True)(kernels.blocks)
 
@@ -100,20 +100,6 @@ def call_buffers(frame_address, n_args, n_rets):  # noqa: ANN001, ANN201
 @numba.njit(cache=True)
 def dims(buffer_address, rank):  # noqa: ANN001, ANN201
     return words(words(buffer_address, 6)[BUFFER_DIMS], rank)
-
-
-@numba.njit(cache=True)
-def normalised_first_layer(w_el, sums, n):  # noqa: ANN001, ANN201
-    """The per-element channels' first-layer rows scaled by each channel's
-    input RMS (``sums``: sums of squares over the ``n`` elements; channels
-    beyond ``len(sums)`` get zero rows), in float64 then cast, as the PyTorch
-    front end does."""
-    W = np.zeros((18, 8), np.float32)
-    for c in range(sums.shape[0]):
-        inv = 1.0 / np.sqrt(sums[c] / n + INPUT_EPS)
-        for h in range(8):
-            W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
-    return W
 
 
 def _matrix(frame_address):  # noqa: ANN001, ANN202

@@ -78,13 +78,7 @@ def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002
     (XLA's formulation)."""
     if not AVAILABLE or not all(jnp.dtype(d) == jnp.float32 for d in dtypes):
         return None
-    if len(shape) <= 1:
-        return "vector"
-    if len(shape) == 2:
-        return "matrix"
-    if len(shape) == 4 and sorted(spec.factored_dims(shape)) == [0, 1] and shape[0] > 1 and shape[1] > 1:
-        return "conv"
-    return None
+    return kernels.kernel_kind(shape)
 
 
 def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # noqa: ANN001, ANN201

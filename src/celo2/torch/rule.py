@@ -680,7 +680,7 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
         return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
     lay = theta.layout()
     t = _Tensor(lay, state, grad, param, dims, chunk_elements)
-    kind = _cpu_kernel_kind(state, t.g, param, shape, dims)
+    kind = _cpu_kernel_kind(state, t.g, param, shape)
     if kind == "vector":
         return _run_vector_cpu(t, apply, param)
     if kind == "matrix":
@@ -742,23 +742,17 @@ def _run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, 
 
 
 def _cpu_kernel_kind(state: dict[str, torch.Tensor], g: torch.Tensor, param: torch.Tensor,
-                     shape: tuple[int, ...], dims: Optional[tuple[int, int]]) -> Optional[str]:
+                     shape: tuple[int, ...]) -> Optional[str]:
     """Which fused CPU kernels take this tensor (``"vector"``, ``"matrix"``,
     ``"conv"``), or ``None`` for the PyTorch path: float32 everywhere,
     contiguous, on the CPU, not traced by ``torch.compile``, and a shape the
-    kernels cover (conv kernels factored over their two leading axes)."""
+    kernels cover (:func:`celo2.kernels.cpu.kernel_kind`)."""
     if not (USE_CPU_KERNELS and param.device.type == "cpu" and not torch.compiler.is_compiling()
             and param.dtype == torch.float32 and g.dtype == torch.float32
             and g.is_contiguous() and param.is_contiguous() and state["m"].is_contiguous()
             and state["v"].is_contiguous() and state["fac_r"].is_contiguous() and g.data_ptr() != param.data_ptr()):
         return None
-    if dims is None:
-        return "vector"
-    if len(shape) == 2:
-        return "matrix"
-    if len(shape) == 4 and sorted(dims) == [0, 1] and shape[0] > 1 and shape[1] > 1:
-        return "conv"
-    return None
+    return cpu_kernels.kernel_kind(shape)
 
 
 def runs_on_one_thread(state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
@@ -769,8 +763,7 @@ def runs_on_one_thread(state: dict[str, torch.Tensor], grad: torch.Tensor, param
     shape = work_shape(param.shape)
     if param.numel() == 0 or grad.shape != param.shape:
         return False
-    dims = spec.factored_dims(shape)
-    kind = _cpu_kernel_kind(state, grad, param, shape, dims)
+    kind = _cpu_kernel_kind(state, grad, param, shape)
     return kind == "vector" or (kind is not None and not orthogonalize)
 
 
@@ -813,9 +806,7 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     A, B, TR, TC = (rf, cf, term_r, term_c) if d0 == 1 else (cf, rf, term_c, term_r)
     sums_part = np.empty((nblk, _CHANNELS), np.float64)
     k.run_blocks(k.accumulate, nblk, t.numel, g, p, m, v, nl.momentum_w, A * A, B * B, per, sums_part)
-    sums = sums_part.sum(0)
-    inv = 1.0 / np.sqrt(sums / t.numel + spec.INPUT_NORM_EPS)
-    W = (nl.w_el * inv[:, None]).astype(np.float32)
+    W = k.normalised_first_layer(nl.w_el, sums_part.sum(0), t.numel)
     return _direction_cpu(t, apply, param, (g, p, m, v), A, B, TR, TC, W, orthogonalize)
 
 
@@ -903,8 +894,7 @@ def _run_vector_cpu(t: "_Tensor", apply, param: torch.Tensor) -> Optional[torch.
     args = (g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
     k.ensure_compiled(k.vector_accumulate, args)
     k.vector_accumulate(*args)
-    W = np.zeros((_CHANNELS, 8), np.float32)  # rows of fac_m stay zero: vectors lack them
-    W[:_VECTOR_CHANNELS] = nl.w_el[:_VECTOR_CHANNELS] / np.sqrt(sums / n + spec.INPUT_NORM_EPS)[:, None]
+    W = k.normalised_first_layer(nl.w_el, sums, n)  # rows of fac_m stay zero: vectors lack them
     return _direction_cpu(t, apply, param, (g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n)),
                           np.ones((3, 1), np.float32), factor, nl.b0.reshape(8, 1), np.zeros((8, n), np.float32), W,
                           False)
