@@ -44,14 +44,18 @@ Memory: what the optimizer adds on top of parameters and gradients.
   and ``memory_allocated`` play the same roles.
 * JAX: the compiled step's own accounting (``memory_analysis()``): state
   bytes, and ``temp_size_in_bytes`` (scratch beyond the donated inputs) as
-  the step transient.
+  the step transient; the gradients are live inputs of the step, as when a
+  jitted update is called with them.
+  XLA:CPU's default scheduler favours concurrency and keeps the scratch of
+  all tensors alive together (with the CPU kernels, each tensor's raw
+  direction, a custom-call output). "mem-ord." is the same step compiled in
+  a separate process with
+  ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``, the
+  schedule that frees each tensor's scratch before the next tensor's step
+  (``compiler_options`` on ``compile()`` does not reach this flag).
 
 The issue's memory target is step transient <= 25% of the largest parameter
-tensor. XLA:CPU's default scheduler favours concurrency and keeps the
-scratch of all tensors alive together; for XLA's own formulation (the
-``*_xla`` rows) ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``
-gives the memory-ordered figure. With the CPU kernels the scratch is each
-tensor's raw direction (a custom-call output), which that flag does not change.
+tensor.
 
 Threads: ``--threads N`` sets the intra-op threads of every optimizer (torch
 and XLA). On a CPU shared with other jobs, multi-threaded runs stall at
@@ -316,6 +320,34 @@ def _jax_step_fn(opt):  # noqa: ANN001
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def _jax_compiled(kind: str, theta, params0, grads, size: str):  # noqa: ANN001, ANN202
+    """One optimizer's compiled step, its fresh parameters and state, and its memory figures."""
+    import jax
+
+    opt = _jax_optimizer(kind, theta, model_shapes(size))
+    params = jax.tree_util.tree_map(lambda x: x + 0, params0)
+    state = opt.init(params)
+    t0 = time.perf_counter()
+    compiled = _jax_step_fn(opt).lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    temp = int(mem.temp_size_in_bytes) if mem is not None else None
+    info = {"compile_s": compile_s, "state_bytes": state_bytes, "temp_bytes": temp,
+            "peak_extra_bytes": None if temp is None else state_bytes + temp}
+    return compiled, params, state, info
+
+
+def jax_memory_ordered(size: str, kinds: list[str], theta_path: str | None) -> dict[str, Any]:
+    """The compiled steps' scratch when XLA:CPU schedules for memory (run in a
+    process started with ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``:
+    the flag is read once per process, and ``compiler_options`` does not reach it)."""
+    theta = _load_theta(theta_path)
+    params0, grads = _jax_setup(size)
+    return {k: {"temp_bytes_memory_ordered": _jax_compiled(k, theta, params0, grads, size)[3]["temp_bytes"]}
+            for k in kinds}
+
+
 def jax_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_path: str | None) -> dict[str, Any]:
     import jax
 
@@ -323,18 +355,7 @@ def jax_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_pat
     params0, grads = _jax_setup(size)
     runs, info = {}, {}
     for kind in kinds:
-        opt = _jax_optimizer(kind, theta, model_shapes(size))
-        params = jax.tree_util.tree_map(lambda x: x + 0, params0)
-        state = opt.init(params)
-        fn = _jax_step_fn(opt)
-        t0 = time.perf_counter()
-        compiled = fn.lower(params, state, grads).compile()
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-        temp = int(mem.temp_size_in_bytes) if mem is not None else None
-        info[kind] = {"compile_s": compile_s, "state_bytes": state_bytes, "temp_bytes": temp,
-                      "peak_extra_bytes": None if temp is None else state_bytes + temp}
+        compiled, params, state, info[kind] = _jax_compiled(kind, theta, params0, grads, size)
         runs[kind] = [compiled, params, state]
     for kind in kinds:
         for _ in range(warmup):
@@ -360,8 +381,13 @@ def jax_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_pat
 # =============================================================================
 # Driver
 # =============================================================================
-def _worker_env(threads: int | None, memory: bool) -> dict[str, str]:
+MEMORY_ORDERED_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _worker_env(threads: int | None, memory: bool, jax_memory_ordered: bool = False) -> dict[str, str]:
     env = dict(os.environ)
+    if jax_memory_ordered:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MEMORY_ORDERED_FLAG).strip()
     if memory:
         # Memory workers only: every allocation >= 64 KiB is its own mapping,
         # so freed buffers leave the resident set. Timing workers keep glibc's
@@ -386,7 +412,7 @@ def _run_worker(args: list[str], opts: argparse.Namespace) -> Any:
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += ["--_worker", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(threads, args[0].endswith("-mem")))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(threads, args[0] == "torch-mem", args[0] == "jax-mem"))
     if res.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -407,8 +433,10 @@ def format_table(results: dict[str, Any]) -> str:
             rows = per.get(fw)
             if not rows:
                 continue
+            ordered = fw == "jax" and any("temp_bytes_memory_ordered" in r for r in rows.values())
             lines.append(f"[{fw}]  {'optimizer':14s} {'median ms':>10s} {'ratio':>14s} "
-                         f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}")
+                         f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}"
+                         + (f" {'mem-ord.':>9s} {'/largest':>8s}" if ordered else ""))
             for kind, r in rows.items():
                 t = r["median_s"] * 1e3
                 ratio = ""
@@ -419,10 +447,15 @@ def format_table(results: dict[str, Any]) -> str:
                 state, peak = r.get("state_bytes"), r.get("peak_extra_bytes")
                 trans = r.get("step_transient_bytes", r.get("temp_bytes"))
                 rel = "-" if trans is None else f"{trans / largest:.2f}"
-                lines.append(f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}")
+                line = f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}"
+                if ordered:
+                    mo = r.get("temp_bytes_memory_ordered")
+                    line += f"{_mb(mo)[1:]} {'-' if mo is None else f'{mo / largest:.2f}':>8s}"
+                lines.append(line)
     lines.append("\n1st peak+: torch: resident memory added by building the optimizer and its first step (state, "
                  "Python objects, threads); JAX: state + scratch.\nstep tr.: the most a later step adds on top of "
-                 "what it starts with (torch), or the compiled step's scratch (JAX).")
+                 "what it starts with (torch), or the compiled step's scratch (JAX).\nmem-ord. (JAX): that scratch when XLA "
+                 "schedules for memory (XLA_FLAGS=" + MEMORY_ORDERED_FLAG + ").")
     return "\n".join(lines)
 
 
@@ -433,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every optimizer (default: library default)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-optimizer memory subprocesses (torch)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses (torch: per optimizer; JAX: the memory-ordered compile)")
     ap.add_argument("--device", default="cpu", help="torch device for the memory measurement")
     ap.add_argument("--theta", default=None, help="theta file (default: the shipped theta)")
     ap.add_argument("--out", default=None)
@@ -452,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta)
         elif mode == "jax-time":
             out = jax_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta)
+        elif mode == "jax-mem":
+            out = jax_memory_ordered(size, rest[0].split(","), args.theta)
         elif mode == "torch-mem":
             out = torch_memory_worker(size, rest[0], args.theta, args.device)
         else:
@@ -481,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         if "jax" in frameworks:
             t0 = time.time()
             per["jax"] = _run_worker(["jax-time", size, ",".join(JAX_OPTS)], args)
+            if not args.no_memory:
+                for kind, extra in _run_worker(["jax-mem", size, ",".join(JAX_OPTS)], args).items():
+                    per["jax"][kind].update(extra)
             print(f"[{size}] jax done in {time.time() - t0:.0f}s", file=sys.stderr)
         results["sizes"][size] = per
     results["machine"]["loadavg_end"] = os.getloadavg()

@@ -93,6 +93,24 @@ def test_transform_gives_the_same_training_with_and_without_kernels(random_theta
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(32, 16, 3, 3), (64, 48)], ids=_ids)
+def test_a_donated_state_is_updated_in_place(shape):
+    """No copy of the state in or out of the custom call: the compiled step's
+    scratch (the raw direction, factors and rank-1 terms) stays below the
+    size of the momenta ``m`` (3 tensors), which a copy would take. Reshaped
+    conv operands once made XLA copy ``m`` and ``v`` around every call."""
+    params = {"w": jnp.ones(shape, jnp.float32)}
+    grads = {"w": jnp.full(shape, 0.01, jnp.float32)}
+    opt = celo2_base(1e-2, cpu_kernels=True)
+    state = opt.init(params)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(g, s, p)),
+                   donate_argnums=(0, 1))
+    compiled = step.lower(params, state, grads).compile()
+    assert cpu_ffi.CONV_TARGET in compiled.as_text() or cpu_ffi.TARGET in compiled.as_text()
+    momenta_bytes = 3 * int(np.prod(shape)) * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < momenta_bytes
+
+
 def _lowered(platform: str, cpu_kernels: bool) -> str:
     theta = theta_to_jax(None)
     param = jnp.ones((8, 6), jnp.float32)

@@ -161,17 +161,18 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
 
 
 def _conv(frame_address):  # noqa: ANN001, ANN202
-    """Operands: grad, param (O, I, G), m (3, O, I, G), v, rf (3, O, G), cf
-    (3, I, G), term_r (8, O, G), term_c (8, I, G), the packed net; results:
-    raw direction (O, I, G), m, v (aliasing the operands). The PyTorch front
-    end's ``grouped`` pass, in the same block order."""
+    """Operands: grad, param (O, I, kh, kw), m (3, O, I, kh, kw), v, rf (3, O,
+    G), cf (3, I, G), term_r (8, O, G), term_c (8, I, G), the packed net
+    (``G`` = kh kw); results: raw direction (O, I, kh, kw), m, v (aliasing
+    the operands). The kernel views the row-major tensors as (O, I, G). The
+    PyTorch front end's ``grouped`` pass, in the same block order."""
     args, rets = call_buffers(frame_address, 9, 3)
     if args.size == 0:
         return as_pointer(0)
-    shape = dims(args[0], 3)
+    shape = dims(args[0], 4)
     O = shape[0]
     I = shape[1]  # noqa: E741
-    G = shape[2]
+    G = shape[2] * shape[3]
     g = carray(buffer_data(args[0]), (O, I, G), np.float32)
     p = carray(buffer_data(args[1]), (O, I, G), np.float32)
     rf = carray(buffer_data(args[4]), (3, O, G), np.float32)

@@ -122,17 +122,21 @@ def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
 
 def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param: jax.Array, rf: jax.Array,
               cf: jax.Array, term_r: jax.Array, term_c: jax.Array):  # noqa: ANN201
-    """The per-element work of a conv kernel seen as ``(O, I, G)`` (``G`` =
-    kh kw): fold ``grad`` into ``m`` (3, O, I, G) and ``v`` (in place when XLA
-    may reuse them) and return ``(raw direction, m, v)``; each (o, i) window's
-    channels are normalised over its ``G`` elements. ``rf`` (3, O, G) / ``cf``
-    (3, I, G): Adafactor factors; ``term_r`` (8, O, G, with ``b0``) /
-    ``term_c`` (8, I, G): the rank-1 channels' share of the first layer."""
+    """The per-element work of a conv kernel ``(O, I, kh, kw)``, seen by the
+    kernel as ``(O, I, G)`` (``G`` = kh kw, the same memory): fold ``grad``
+    into ``m`` (3, O, I, kh, kw) and ``v`` (in place when XLA may reuse them)
+    and return ``(raw direction, m, v)``; each (o, i) window's channels are
+    normalised over its ``G`` elements. ``rf`` (3, O, G) / ``cf`` (3, I, G):
+    Adafactor factors; ``term_r`` (8, O, G, with ``b0``) / ``term_c`` (8, I,
+    G): the rank-1 channels' share of the first layer. The tensors keep their
+    own 4-D shapes here: a reshaped operand that aliases a result made XLA
+    copy the state in and out of every call."""
     ensure_registered()
-    O, I, G = grad.shape
+    O, I, kh, kw = grad.shape  # noqa: E741
+    G = kh * kw
     _check({"param": param, "m": m, "v": v, "rf": rf, "cf": cf, "term_r": term_r, "term_c": term_c},
-           {"param": (O, I, G), "m": (3, O, I, G), "v": (O, I, G), "rf": (3, O, G), "cf": (3, I, G),
-            "term_r": (8, O, G), "term_c": (8, I, G)})
+           {"param": (O, I, kh, kw), "m": (3, O, I, kh, kw), "v": (O, I, kh, kw), "rf": (3, O, G),
+            "cf": (3, I, G), "term_r": (8, O, G), "term_c": (8, I, G)})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct(m.shape, f32),
               jax.ShapeDtypeStruct(v.shape, f32)]

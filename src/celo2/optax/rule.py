@@ -334,10 +334,9 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
     if d0 != 1:
         pairs = [(b, a) for a, b in pairs]
     (rf, cf), (tr, tc) = pairs
-    d, m, v = cpu_ffi.conv_step(net, state.m.reshape(3, O, I, G), state.v.reshape(O, I, G), grad.reshape(O, I, G),
-                                param.reshape(O, I, G), rf.reshape(3, O, G), cf.reshape(3, I, G),
+    d, m, v = cpu_ffi.conv_step(net, state.m, state.v, grad, param, rf.reshape(3, O, G), cf.reshape(3, I, G),
                                 tr.reshape(8, O, G), tc.reshape(8, I, G))
-    return d.reshape(shape), state._replace(m=m.reshape(state.m.shape), v=v.reshape(shape))
+    return d, state._replace(m=m, v=v)
 
 
 def _xla_tensor_step(
