@@ -40,6 +40,10 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     for kind, row in tiny["torch"].items():
         assert row["peak_extra_bytes"] >= 0 and row["largest_param_bytes"] > 0, kind
         assert row["step_transient_bytes"] >= 0 and row["kept_after_first_bytes"] >= 0, kind
+    # The JAX memory-ordered compile ran in its own process, for every optimizer.
+    for kind, row in tiny["jax"].items():
+        assert row["temp_bytes_memory_ordered"] >= 0 and row["temp_bytes"] >= 0, kind
+    assert "mem-ord." in res.stdout
     assert "celo2_base" in res.stdout and "x adamw" in res.stdout and "x muon" in res.stdout
 
 
