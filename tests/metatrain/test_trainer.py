@@ -143,3 +143,14 @@ def test_the_two_runs_of_a_pair_share_resets_lengths_and_scales(full_run):
     # ... but not their weights: theta + eps and theta - eps train them differently.
     assert not np.array_equal(p.params["w0"][0::2], p.params["w0"][1::2])
     assert state.accumulator.shape == (SMOKE.num_pairs, 347)
+
+
+def test_metadata_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    """A run lasts long enough for the checkout to move under it; the metadata
+    records the code that started it, looked up once at the start."""
+    from celo2.metatrain import trainer
+
+    answers = iter(["commit-at-start", "commit-later"])
+    monkeypatch.setattr(trainer, "git_commit", lambda: next(answers))
+    meta_train(preset("smoke", iterations=2, checkpoint_every=2), tmp_path / "run", progress=False, log=_quiet)
+    assert json.loads((tmp_path / "run" / "metadata.json").read_text())["git_commit"] == "commit-at-start"

@@ -15,13 +15,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from celo2._io import atomic_write_text
+from celo2._provenance import git_commit
 from celo2.eval.runner import RunSpec
 
 EDGE_LOW, EDGE_HIGH, EDGE_SINGLE = "low", "high", "single"
@@ -155,23 +155,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
-    import celo2
-
-    here = Path(celo2.__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        # Changes to the package itself, untracked files included (new modules count).
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        return sha + ("+uncommitted-changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment_info(threads: int, jobs: int) -> dict[str, Any]:
     """Machine and versions: enough to tell whether two reports are comparable."""
     import numpy
@@ -194,7 +177,7 @@ def environment_info(threads: int, jobs: int) -> dict[str, Any]:
         "torch_threads_per_run": threads,
         "parallel_runs": jobs,
         "versions": versions,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from celo2._io import atomic_write_bytes
+from celo2._provenance import git_commit
 from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.tasks import TaskData, load_task_data
 from celo2.rule.theta import Theta, load_theta, save_theta
@@ -52,17 +52,6 @@ class CheckpointError(ValueError):
 
 class RunDirError(ValueError):
     """A run folder that cannot be used as asked (exists without --resume, ...)."""
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 @dataclass
@@ -276,6 +265,7 @@ class MetaTrainer:
         log(f"tasks: {self.data.summary()} training images; {self.pes.P} particles "
             f"({c.inner_steps_per_iteration:,} inner steps per iteration) on {self.num_devices} device(s)")
 
+        commit = git_commit()  # now, not at the end: the checkout may move while the run lasts
         t0 = time.perf_counter()  # wall time counts compilation too
         if start < c.iterations:
             log(f"compiled the iteration in {self.compile(state):.1f} s")
@@ -333,7 +323,7 @@ class MetaTrainer:
                 "devices": self.num_devices,
                 "jax_version": jax.__version__,
                 "platform": platform.platform(),
-                "git_commit": _git_commit(),
+                "git_commit": commit,
             }
             atomic_write_bytes(run / "metadata.json", (json.dumps(meta, indent=2) + "\n").encode())
             log(f"done: {iterations} iterations in {wall:.0f} s; theta -> {run / 'theta.state'}")
