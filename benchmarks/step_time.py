@@ -412,7 +412,8 @@ def _run_worker(args: list[str], opts: argparse.Namespace) -> Any:
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += ["--_worker", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(threads, args[0] == "torch-mem", args[0] == "jax-mem"))
+    env = _worker_env(threads, args[0] == "torch-mem", args[0] == "jax-mem")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -454,8 +455,8 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(line)
     lines.append("\n1st peak+: torch: resident memory added by building the optimizer and its first step (state, "
                  "Python objects, threads); JAX: state + scratch.\nstep tr.: the most a later step adds on top of "
-                 "what it starts with (torch), or the compiled step's scratch (JAX).\nmem-ord. (JAX): that scratch when XLA "
-                 "schedules for memory (XLA_FLAGS=" + MEMORY_ORDERED_FLAG + ").")
+                 "what it starts with (torch), or the compiled step's scratch (JAX).\nmem-ord. (JAX): that scratch "
+                 "when XLA schedules for memory (XLA_FLAGS=" + MEMORY_ORDERED_FLAG + ").")
     return "\n".join(lines)
 
 
@@ -466,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every optimizer (default: library default)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses (torch: per optimizer; JAX: the memory-ordered compile)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the memory subprocesses (torch: per optimizer; JAX: the memory-ordered compile)")
     ap.add_argument("--device", default="cpu", help="torch device for the memory measurement")
     ap.add_argument("--theta", default=None, help="theta file (default: the shipped theta)")
     ap.add_argument("--out", default=None)
