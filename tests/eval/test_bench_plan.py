@@ -6,6 +6,7 @@ import pytest
 
 import celo2
 from celo2.eval import bench as B
+from celo2.rule import theta as theta_module
 
 
 def test_parse_grid_forms():
@@ -55,7 +56,7 @@ def test_theta_labels_expand_celo2(theta_files):
 
 
 def test_default_theta_is_the_shipped_one_unlabelled(monkeypatch, random_theta):
-    monkeypatch.setattr(celo2, "load_theta", lambda source=None: random_theta)
+    monkeypatch.setattr(theta_module, "load_theta", lambda source=None: random_theta)
     plan = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2-base"]))
     assert plan.optimizers == ["celo2-base"]
     assert plan.theta_refs[0].label == "shipped"
@@ -65,7 +66,7 @@ def test_missing_shipped_theta_says_what_to_do(monkeypatch):
     def missing(source=None):
         raise celo2.ThetaNotFoundError("no asset")
 
-    monkeypatch.setattr(celo2, "load_theta", missing)
+    monkeypatch.setattr(theta_module, "load_theta", missing)
     with pytest.raises(B.BenchError, match="--theta shipped.*--theta LABEL=PATH"):
         B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2"]))
     # Baselines alone need no theta.

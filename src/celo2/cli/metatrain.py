@@ -1,4 +1,4 @@
-"""``celo2 meta-train``: PES meta-training of theta, and ``celo2 meta-train plot RUN_DIR``."""
+"""``celo2 meta-train``: PES meta-training of theta; ``plot RUN_DIR`` and ``score THETA...``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
   celo2 meta-train --preset cpu --data-dir DATA --out runs/cpu
   celo2 meta-train --out runs/cpu --resume                  # continue a killed run
   celo2 meta-train plot runs/cpu                            # meta-loss curve -> PNG
+  celo2 meta-train score shipped published=theta.state --data-dir DATA   # thetas on the meta-loss
 
 Presets: paper (the published recipe), cpu (sized for 2 CPU cores), smoke.
 Any setting can be changed with --set key=value (see --print-config for keys).
+'score' runs every theta, unperturbed, on the same inner runs of the preset's
+tasks and reports the meta-loss (mean clipped training loss per inner step)
+per task, with paired differences to the first theta: a noise-free way to
+compare checkpoints or thetas on the objective meta-training optimises.
 File-based tasks (mnist, fashion-mnist, cifar10, svhn) read DATA given by
 --data-dir or $CELO2_DATA_DIR; digits and synthetic need no files.
 """
@@ -24,11 +29,13 @@ File-based tasks (mnist, fashion-mnist, cifar10, svhn) read DATA given by
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "meta-train", help="meta-train theta with PES; 'meta-train plot RUN_DIR' draws its curve",
+        "meta-train", help="meta-train theta with PES; 'plot RUN_DIR' draws its curve; 'score THETA...' "
+                           "compares thetas on the meta-loss",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("action", nargs="*", metavar="plot RUN_DIR",
-                   help="'plot RUN_DIR' draws RUN_DIR's meta-loss curve instead of training")
+    p.add_argument("action", nargs="*", metavar="plot RUN_DIR | score THETA",
+                   help="'plot RUN_DIR' draws RUN_DIR's meta-loss curve; 'score THETA [THETA ...]' scores "
+                        "thetas ('shipped', LABEL=PATH or PATH) on the meta-loss; neither: train")
     p.add_argument("--preset", default=None, help="paper, cpu (default) or smoke")
     p.add_argument("--tasks", default=None,
                    help="comma-separated task families, e.g. mnist,fashion-mnist,digits,synthetic")
@@ -46,7 +53,12 @@ def register(subparsers) -> None:
     p.add_argument("--cpu-devices", default="auto", metavar="N",
                    help="split the CPU into N JAX host devices so that particles run on every core "
                         "(default: one per core; 1 turns it off; ignored if XLA_FLAGS sets it)")
-    p.add_argument("--output", default=None, help="(plot) PNG path, default RUN_DIR/meta_loss.png")
+    p.add_argument("--truncations", type=int, default=None, metavar="N",
+                   help="(score) truncations per run stream (default 400: 20,000 inner steps at the cpu preset)")
+    p.add_argument("--runs-per-task", type=int, default=None, metavar="K",
+                   help="(score) run streams per task (default: 2 x pairs_per_task, a PES iteration's worth)")
+    p.add_argument("--output", default=None,
+                   help="(plot) PNG path, default RUN_DIR/meta_loss.png; (score) also write the scores as JSON here")
     p.set_defaults(func=run)
 
 
@@ -102,6 +114,13 @@ def _resolve_config(args):
     return config, out
 
 
+def _printed_config(args, config) -> bool:
+    """``--print-config``: print the resolved config (and do nothing else)."""
+    if args.print_config:
+        print(config.to_json())
+    return bool(args.print_config)
+
+
 def _set_cpu_devices(value: str) -> None:
     """Ask XLA for one host device per core before JAX starts (XLA runs small ops on one thread)."""
     import os
@@ -127,9 +146,13 @@ def _set_cpu_devices(value: str) -> None:
 
 def run(args) -> int:
     errors = _errors()
+    if args.action and args.action[0] == "score":
+        return _score(args, errors)
+    if args.truncations is not None or args.runs_per_task is not None:
+        return _fail("--truncations and --runs-per-task belong to 'celo2 meta-train score THETA...'")
     if args.action:
         if args.action[0] != "plot":
-            return _fail(f"unknown action {args.action[0]!r}; the only action is 'plot RUN_DIR'")
+            return _fail(f"unknown action {args.action[0]!r}; the actions are 'plot RUN_DIR' and 'score THETA...'")
         if len(args.action) != 2:
             return _fail("usage: celo2 meta-train plot RUN_DIR [--output PNG]")
         from celo2.metatrain.plot import plot_run
@@ -141,11 +164,10 @@ def run(args) -> int:
         print(path)
         return 0
     if args.output is not None:
-        return _fail("--output belongs to 'celo2 meta-train plot RUN_DIR'")
+        return _fail("--output belongs to 'celo2 meta-train plot RUN_DIR' and 'celo2 meta-train score THETA...'")
     try:
         config, out = _resolve_config(args)
-        if args.print_config:
-            print(config.to_json())
+        if _printed_config(args, config):
             return 0
         _set_cpu_devices(args.cpu_devices)
         from celo2.metatrain.trainer import meta_train
@@ -155,4 +177,38 @@ def run(args) -> int:
         return _fail(str(exc))
     if result.iterations >= config.iterations:
         print(out / "theta.state")
+    return 0
+
+
+def _score(args, errors) -> int:
+    """``celo2 meta-train score THETA...``: the thetas on the preset's meta-loss, side by side."""
+    from celo2.rule.theta import ThetaSpecError, load_labelled_thetas
+
+    specs = args.action[1:]
+    if not specs:
+        return _fail("usage: celo2 meta-train score THETA [THETA ...] (THETA: shipped, LABEL=PATH or PATH)")
+    if args.resume or args.out is not None:
+        return _fail("score writes no run folder: --resume and --out belong to training (use --output FILE.json)")
+    if args.iterations is not None:
+        return _fail("--iterations belongs to training; score runs --truncations N per run stream")
+    try:
+        config, _ = _resolve_config(args)
+        if _printed_config(args, config):
+            return 0
+        thetas = load_labelled_thetas(specs, flag="score")
+        _set_cpu_devices(args.cpu_devices)
+        from celo2.metatrain.score import DEFAULT_TRUNCATIONS, score_thetas
+
+        truncations = DEFAULT_TRUNCATIONS if args.truncations is None else args.truncations
+        print(f"scoring {len(thetas)} theta(s) on tasks {', '.join(config.tasks)}: {truncations} truncations "
+              f"x {config.truncation_length} steps per run stream, seed {config.seed}", file=sys.stderr)
+        scores = score_thetas({t.label: t.theta for t in thetas}, config, truncations=truncations,
+                              runs_per_task=args.runs_per_task, progress=not args.no_progress)
+    except (ThetaSpecError, *errors) as exc:
+        return _fail(str(exc))
+    print(f"meta-loss: mean clipped training loss per inner step, {scores.runs_per_task} run streams per task "
+          f"x {scores.truncations * scores.truncation_length} steps, the same for every theta")
+    print(scores.table())
+    if args.output:
+        print(scores.save(args.output))
     return 0

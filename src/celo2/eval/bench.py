@@ -19,9 +19,9 @@ from typing import Any
 from celo2.eval import optimizers as opt_registry
 from celo2.eval import tasks as task_registry
 from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
+from celo2.rule.theta import SHIPPED_LABEL as SHIPPED
 
 SUITES = ("smoke", "quick", "full")
-SHIPPED = "shipped"
 
 #: Per suite: default tasks, optimizers, seeds and LR grids (lo, hi, points).
 #: ``full`` uses 7 log-spaced points over three decades per optimizer (the
@@ -139,39 +139,15 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 def resolve_thetas(entries: list[str] | None) -> tuple[dict[str, Any], list[ThetaRef], bool]:
     """``(label -> Theta, refs, labelled)``; ``labelled`` is False only for the default shipped theta."""
-    from celo2 import ThetaError, ThetaNotFoundError, load_theta
+    from celo2.rule.theta import ThetaSpecError, load_labelled_thetas
 
     labelled = entries is not None
-    entries = entries or [SHIPPED]
-    thetas: dict[str, Any] = {}
-    refs: list[ThetaRef] = []
-    for entry in entries:
-        if entry == SHIPPED:
-            label, path = SHIPPED, None
-        elif "=" in entry:
-            label, path = (x.strip() for x in entry.split("=", 1))
-            if not label or not path:
-                raise BenchError(f"--theta {entry!r}: expected LABEL=PATH")
-        else:
-            label, path = Path(entry).stem, entry
-        if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise BenchError(f"--theta {entry!r}: label {label!r} must be letters, digits, '-', '_' or '.'")
-        if label in thetas:
-            raise BenchError(f"--theta: label {label!r} given twice")
-        try:
-            theta = load_theta(path if path is not None else None)
-        except ThetaNotFoundError as exc:
-            if path is None:
-                raise BenchError(
-                    "--theta shipped: the project has no shipped theta yet "
-                    f"({exc}); pass --theta LABEL=PATH (e.g. --theta published=theta.state)"
-                ) from None
-            raise BenchError(f"--theta {entry!r}: {exc}") from None
-        except (ThetaError, OSError) as exc:
-            raise BenchError(f"--theta {entry!r}: cannot load {path}: {exc}") from None
-        thetas[label] = theta
-        source = "celo2.load_theta() (shipped)" if path is None else str(Path(path).resolve())
-        refs.append(ThetaRef(label, source, theta.checksum()))
+    try:
+        loaded = load_labelled_thetas(entries or [SHIPPED], flag="--theta")
+    except ThetaSpecError as exc:
+        raise BenchError(str(exc)) from None
+    thetas = {t.label: t.theta for t in loaded}
+    refs = [ThetaRef(t.label, t.source, t.theta.checksum()) for t in loaded]
     return thetas, refs, labelled
 
 

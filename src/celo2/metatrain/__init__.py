@@ -10,7 +10,8 @@ Pieces: :mod:`~celo2.metatrain.config` (settings, presets),
 :mod:`~celo2.metatrain.tasks` (task families and the image-MLP task),
 :mod:`~celo2.metatrain.pes` (the vectorised PES engine),
 :mod:`~celo2.metatrain.trainer` (run folder, checkpoints, resume),
-:mod:`~celo2.metatrain.plot` (meta-loss curve). JAX is imported on first use.
+:mod:`~celo2.metatrain.plot` (meta-loss curve),
+:mod:`~celo2.metatrain.score` (thetas compared on the meta-loss). JAX is imported on first use.
 """
 
 from celo2.metatrain.config import (
@@ -42,6 +43,8 @@ _LAZY = {
     "RunDirError": "trainer",
     "plot_run": "plot",
     "PES": "pes",
+    "score_thetas": "score",
+    "MetaLossScores": "score",
 }
 
 

@@ -115,6 +115,16 @@ def pes_pair_gradient(
     return grad, jax.tree_util.tree_map(new_acc, eps, accumulator)
 
 
+def particle_mesh(devices: list, groups: int) -> "jax.sharding.Mesh | None":
+    """A 1-D mesh (axis ``"particles"``) over as many of ``devices`` as divide
+    ``groups`` (the units that must stay on one device, e.g. the +/- pairs);
+    ``None`` when that is fewer than two."""
+    from jax.sharding import Mesh
+
+    n = max((d for d in range(1, len(devices) + 1) if groups % d == 0), default=1)
+    return Mesh(np.asarray(devices[:n]), (PARTICLE_AXIS,)) if n >= 2 else None
+
+
 # --- inner optimisers -------------------------------------------------------------
 def _mlp_labels(params):
     # As in the published meta-training: every weight matrix (the output layer
@@ -292,6 +302,21 @@ class PES:
             body, (particles, jnp.zeros_like(particles.step, dtype=bool)), idx)
         return particles, losses, after
 
+    def unroll(self, mesh: "jax.sharding.Mesh | None" = None) -> Callable:
+        """:meth:`_unroll`, under ``shard_map`` when ``mesh`` (1-D, axis
+        ``"particles"``) has several devices: each device steps its own slice
+        of particles."""
+        if mesh is None or mesh.size <= 1:
+            return self._unroll
+        from jax.sharding import PartitionSpec as PS
+
+        part, rep = PS(PARTICLE_AXIS), PS()
+        return jax.shard_map(
+            self._unroll, mesh=mesh,
+            in_specs=(part, part, part, part, part, rep, rep, rep),
+            out_specs=(part, PS(None, PARTICLE_AXIS), PS(None, PARTICLE_AXIS)),
+        )
+
     def iteration(self, state: TrainerState, X: jax.Array, y: jax.Array, sizes: jax.Array,
                   mesh: "jax.sharding.Mesh | None" = None) -> tuple[TrainerState, dict]:
         """Unroll every particle one truncation, estimate the gradient, step theta.
@@ -312,17 +337,7 @@ class PES:
         data_keys = self._pair_to_particles(keys[1 + self.num_pairs:])
         task = jnp.asarray(self.particle_task)
 
-        unroll = self._unroll
-        if mesh is not None and mesh.size > 1:
-            from jax.sharding import PartitionSpec as PS
-
-            part, rep = PS(PARTICLE_AXIS), PS()
-            unroll = jax.shard_map(
-                self._unroll, mesh=mesh,
-                in_specs=(part, part, part, part, part, rep, rep, rep),
-                out_specs=(part, PS(None, PARTICLE_AXIS), PS(None, PARTICLE_AXIS)),
-            )
-        particles, losses, after = unroll(
+        particles, losses, after = self.unroll(mesh)(
             theta_p, state.particles, fresh_keys, data_keys, task, X, y, sizes)
 
         T = c.truncation_length
@@ -358,5 +373,5 @@ class PES:
 
 __all__ = [
     "InnerOptimizerFactory", "PARTICLE_AXIS", "PES", "Particles", "TrainerState", "clip_meta_loss",
-    "default_inner_optimizer", "pes_pair_gradient", "unflatten_theta", "zero_nonfinite",
+    "default_inner_optimizer", "particle_mesh", "pes_pair_gradient", "unflatten_theta", "zero_nonfinite",
 ]

@@ -92,16 +92,9 @@ class MetaTrainer:
     # -- devices ---------------------------------------------------------------------
     def _make_mesh(self, devices: list):
         """A 1-D mesh over as many devices as divide the number of pairs (pairs stay together)."""
-        from jax.sharding import Mesh
+        from celo2.metatrain.pes import particle_mesh
 
-        from celo2.metatrain.pes import PARTICLE_AXIS
-
-        if not self.config.shard or len(devices) < 2:
-            return None
-        n = max(d for d in range(1, len(devices) + 1) if self.pes.num_pairs % d == 0)
-        if n < 2:
-            return None
-        return Mesh(np.asarray(devices[:n]), (PARTICLE_AXIS,))
+        return particle_mesh(devices, self.pes.num_pairs) if self.config.shard else None
 
     @property
     def num_devices(self) -> int:
