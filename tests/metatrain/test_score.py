@@ -108,6 +108,8 @@ def test_cli_scores_thetas_and_writes_json(tmp_path, capsys):
     assert saved["tasks"] == ["digits", "synthetic"] and saved["truncations"] == 2
     assert saved["thetas"]["mine"]["difference_to_first"] is None
     assert set(saved["thetas"]["other"]["difference_to_first"]) == {"mean", "stderr"}
+    png = tmp_path / "scores.png"
+    assert str(png) in captured.out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv,needle", [

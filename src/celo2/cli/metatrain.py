@@ -58,7 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--runs-per-task", type=int, default=None, metavar="K",
                    help="(score) run streams per task (default: 2 x pairs_per_task, a PES iteration's worth)")
     p.add_argument("--output", default=None,
-                   help="(plot) PNG path, default RUN_DIR/meta_loss.png; (score) also write the scores as JSON here")
+                   help="(plot) PNG path, default RUN_DIR/meta_loss.png; (score) also write the scores as JSON here, "
+                        "and their plot beside it (.png)")
     p.set_defaults(func=run)
 
 
@@ -210,5 +211,8 @@ def _score(args, errors) -> int:
           f"x {scores.truncations * scores.truncation_length} steps, the same for every theta")
     print(scores.table())
     if args.output:
+        from celo2.metatrain.plot import plot_scores
+
         print(scores.save(args.output))
+        print(plot_scores(scores, Path(args.output).with_suffix(".png")))
     return 0

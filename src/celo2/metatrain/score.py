@@ -90,6 +90,7 @@ class MetaLossScores:
                     "difference_to_first": None if label == base else dict(
                         zip(("mean", "stderr"), self.paired_difference(label, base))),
                     "seconds": self.seconds.get(label),
+                    "streams": self.streams[label].tolist(),
                 }
                 for label in self.labels
             },
@@ -131,8 +132,8 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
     takes) on ``config``'s meta-training objective.
 
     Every theta trains the same ``runs_per_task`` run streams per task
-    (default: as many as a PES iteration of ``config`` steps, ``2 x
-    pairs_per_task``) for ``truncations`` truncations of
+    (default ``2 x pairs_per_task``: as many inner runs as a PES iteration of
+    ``config`` steps) for ``truncations`` truncations of
     ``config.truncation_length`` steps; a stream starts a new inner run (fresh
     weights, scale and length, drawn from ``seed``) whenever one ends, as in
     meta-training. ``config``'s PES and outer-optimiser settings are unused.
@@ -170,8 +171,8 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
     def stream_keys(base, idx, slot):
         return jax.vmap(lambda j: jax.random.fold_in(base, 3 * j + slot))(idx)
 
-    def start(theta, template_steps):
-        idx = indices(template_steps.shape[0])
+    def start(theta, zeros):  # zeros: one per stream, laid out as the streams are
+        idx = indices(zeros.shape[0])
         runs = jax.vmap(lambda k: pes._draw_run(k, theta))(stream_keys(root, idx, 0))
         if config.initial_offset_max > 0:
             offsets = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.initial_offset_max, jnp.int32))(
@@ -179,43 +180,42 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
             runs = runs._replace(step=offsets)
         return runs
 
-    def truncation(theta, particles, i, X, y, sizes):
+    def truncation(theta, particles, total, i, X, y, sizes):
         idx = indices(particles.step.shape[0])
         base = jax.random.fold_in(root, i)
         theta_p = jnp.broadcast_to(theta, idx.shape + theta.shape)
         particles, losses, _ = pes._unroll(theta_p, particles, stream_keys(base, idx, 0), stream_keys(base, idx, 1),
                                            idx // K, X, y, sizes)
-        return particles, jnp.sum(clip_meta_loss(losses, clip), axis=0)
+        return particles, total + jnp.sum(clip_meta_loss(losses, clip), axis=0)
 
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec as PS
 
         part, rep = PS(PARTICLE_AXIS), PS()
         start = jax.shard_map(start, mesh=mesh, in_specs=(rep, part), out_specs=part)
-        truncation = jax.shard_map(truncation, mesh=mesh, in_specs=(rep, part, rep, rep, rep, rep),
+        truncation = jax.shard_map(truncation, mesh=mesh, in_specs=(rep, part, part, rep, rep, rep, rep),
                                    out_specs=(part, part))
         # The data on every device once, not resharded at every call.
         X, y, sizes = jax.device_put((data.X, data.y, data.sizes), NamedSharding(mesh, rep))
-        template = jax.device_put(np.zeros(P, np.int32), NamedSharding(mesh, part))
+        zeros = jax.device_put(np.zeros(P, np.float32), NamedSharding(mesh, part))
     else:
         X, y, sizes = jax.device_put((data.X, data.y, data.sizes))
-        template = jnp.zeros(P, jnp.int32)
+        zeros = jnp.zeros(P, jnp.float32)
     start, truncation = jax.jit(start), jax.jit(truncation)
 
     scores = MetaLossScores(tuple(data.names), K, truncations, config.truncation_length, seed)
-    for label, theta in loaded.items():
+    for number, (label, theta) in enumerate(loaded.items(), 1):
         t0 = time.perf_counter()
         flat = jnp.asarray(theta.to_flat())
-        particles = start(flat, template)
-        total = jnp.zeros((P,), jnp.float32)
+        particles, total = start(flat, zeros), zeros
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=truncations, desc=f"score {label}", unit="trunc", dynamic_ncols=True)
+            bar = tqdm(total=truncations, desc=f"score {label} ({number}/{len(loaded)})", unit="trunc",
+                       dynamic_ncols=True)
         for i in range(truncations):
-            particles, sums = truncation(flat, particles, i + 1, X, y, sizes)
-            total = total + sums
+            particles, total = truncation(flat, particles, total, i + 1, X, y, sizes)
             if bar is not None:
                 bar.update(1)
                 if (i + 1) % 20 == 0 or i + 1 == truncations:
