@@ -20,8 +20,8 @@ Presets: paper (the published recipe), cpu (sized for 2 CPU cores), smoke.
 Any setting can be changed with --set key=value (see --print-config for keys).
 'score' runs every theta, unperturbed, on the same inner runs of the preset's
 tasks and reports the meta-loss (mean clipped training loss per inner step)
-per task, with paired differences to the first theta: a noise-free way to
-compare checkpoints or thetas on the objective meta-training optimises.
+per task, with paired differences to the first theta: checkpoints or thetas
+compared on the objective meta-training optimises, without PES's noise.
 File-based tasks (mnist, fashion-mnist, cifar10, svhn) read DATA given by
 --data-dir or $CELO2_DATA_DIR; digits and synthetic need no files.
 """
