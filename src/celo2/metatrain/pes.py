@@ -302,21 +302,6 @@ class PES:
             body, (particles, jnp.zeros_like(particles.step, dtype=bool)), idx)
         return particles, losses, after
 
-    def unroll(self, mesh: "jax.sharding.Mesh | None" = None) -> Callable:
-        """:meth:`_unroll`, under ``shard_map`` when ``mesh`` (1-D, axis
-        ``"particles"``) has several devices: each device steps its own slice
-        of particles."""
-        if mesh is None or mesh.size <= 1:
-            return self._unroll
-        from jax.sharding import PartitionSpec as PS
-
-        part, rep = PS(PARTICLE_AXIS), PS()
-        return jax.shard_map(
-            self._unroll, mesh=mesh,
-            in_specs=(part, part, part, part, part, rep, rep, rep),
-            out_specs=(part, PS(None, PARTICLE_AXIS), PS(None, PARTICLE_AXIS)),
-        )
-
     def iteration(self, state: TrainerState, X: jax.Array, y: jax.Array, sizes: jax.Array,
                   mesh: "jax.sharding.Mesh | None" = None) -> tuple[TrainerState, dict]:
         """Unroll every particle one truncation, estimate the gradient, step theta.
@@ -337,7 +322,17 @@ class PES:
         data_keys = self._pair_to_particles(keys[1 + self.num_pairs:])
         task = jnp.asarray(self.particle_task)
 
-        particles, losses, after = self.unroll(mesh)(
+        unroll = self._unroll
+        if mesh is not None and mesh.size > 1:
+            from jax.sharding import PartitionSpec as PS
+
+            part, rep = PS(PARTICLE_AXIS), PS()
+            unroll = jax.shard_map(
+                self._unroll, mesh=mesh,
+                in_specs=(part, part, part, part, part, rep, rep, rep),
+                out_specs=(part, PS(None, PARTICLE_AXIS), PS(None, PARTICLE_AXIS)),
+            )
+        particles, losses, after = unroll(
             theta_p, state.particles, fresh_keys, data_keys, task, X, y, sizes)
 
         T = c.truncation_length
