@@ -46,6 +46,14 @@ Memory: what the optimizer adds on top of parameters and gradients.
   bytes, and ``temp_size_in_bytes`` (scratch beyond the donated inputs) as
   the step transient; the gradients are live inputs of the step, as when a
   jitted update is called with them.
+  The update is also compiled inside a training step whose gradients are
+  made in the step by backpropagation (through one matrix product,
+  convolution or batch sum per tensor: intermediates, which the optimizer
+  may overwrite): "train+" is the
+  scratch that step needs over the same step with ``optax.sgd``, i.e. what
+  the optimizer adds beyond parameters, gradients and state. There the CPU
+  kernels' custom calls return each direction in its gradient's buffer; with
+  the gradients as live inputs XLA first copies each one.
   XLA:CPU's default scheduler favours concurrency and keeps the scratch of
   all tensors alive together (with the CPU kernels, each tensor's raw
   direction, a custom-call output). "mem-ord." is the same step compiled in
@@ -320,8 +328,60 @@ def _jax_step_fn(opt):  # noqa: ANN001
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _jax_compiled(kind: str, theta, params0, grads, size: str):  # noqa: ANN001, ANN202
-    """One optimizer's compiled step, its fresh parameters and state, and its memory figures."""
+TRAIN_STEP_RANK = 8
+"""Batch dimension of the products that make the gradients of the train-step
+memory measurement (see :func:`_jax_train_step_temp`)."""
+
+
+def _jax_train_step_temp(opt, params) -> int | None:  # noqa: ANN001
+    """Scratch (``temp_size_in_bytes``) of a compiled training step whose
+    gradients come out of backpropagation inside it, as in a model: the loss
+    is a sum of one term per tensor, ``<x W, y>`` for a matrix, ``<conv(x,
+    W), y>`` for a conv kernel, ``<tanh(x + w), y>`` over a batch for a
+    vector, so each gradient is the output of a matrix product, a
+    convolution or a sum over the batch, which no optimizer fuses into its
+    own loops. Compiled, never run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    rng = np.random.default_rng(1)
+    k = TRAIN_STEP_RANK
+
+    def normal(*shape: int) -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+    data = {}
+    for name, x in params.items():
+        if x.ndim == 2:
+            data[name] = (normal(k, x.shape[0]), normal(k, x.shape[1]))
+        elif x.ndim == 4:
+            O, I, kh, kw = x.shape  # noqa: E741
+            data[name] = (normal(2, I, 4 * kh, 4 * kw), normal(2, O, 4 * kh, 4 * kw))
+        else:  # a bias or a norm's gain: its gradient sums the batch
+            data[name] = (normal(k, *x.shape), normal(k, *x.shape))
+
+    def term(w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        if w.ndim == 2:
+            return jnp.sum((a @ w) * b)
+        if w.ndim == 4:
+            return jnp.sum(jax.lax.conv(a, w, (1, 1), "SAME") * b)
+        return jnp.sum(jnp.tanh(a + w) * b)
+
+    def train_step(params, state, data):  # noqa: ANN001, ANN202
+        grads = jax.grad(lambda p: sum(term(p[n], *data[n]) for n in p))(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    mem = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt.init(params), data).compile().memory_analysis()
+    return None if mem is None else int(mem.temp_size_in_bytes)
+
+
+def _jax_compiled(kind: str, theta, params0, grads, size: str, sgd_train_temp: int | None = None):  # noqa: ANN001, ANN202
+    """One optimizer's compiled step, its fresh parameters and state, and its
+    memory figures; with ``sgd_train_temp`` (plain SGD's train-step scratch),
+    also the train-step scratch it adds over SGD's."""
     import jax
 
     opt = _jax_optimizer(kind, theta, model_shapes(size))
@@ -335,7 +395,16 @@ def _jax_compiled(kind: str, theta, params0, grads, size: str):  # noqa: ANN001,
     temp = int(mem.temp_size_in_bytes) if mem is not None else None
     info = {"compile_s": compile_s, "state_bytes": state_bytes, "temp_bytes": temp,
             "peak_extra_bytes": None if temp is None else state_bytes + temp}
+    if sgd_train_temp is not None:
+        train = _jax_train_step_temp(opt, params0)
+        info["train_temp_over_sgd_bytes"] = None if train is None else train - sgd_train_temp
     return compiled, params, state, info
+
+
+def _sgd_train_temp(params0) -> int | None:  # noqa: ANN001
+    import optax
+
+    return _jax_train_step_temp(optax.sgd(LR), params0)
 
 
 def jax_memory_ordered(size: str, kinds: list[str], theta_path: str | None) -> dict[str, Any]:
@@ -344,8 +413,13 @@ def jax_memory_ordered(size: str, kinds: list[str], theta_path: str | None) -> d
     the flag is read once per process, and ``compiler_options`` does not reach it)."""
     theta = _load_theta(theta_path)
     params0, grads = _jax_setup(size)
-    return {k: {"temp_bytes_memory_ordered": _jax_compiled(k, theta, params0, grads, size)[3]["temp_bytes"]}
-            for k in kinds}
+    sgd = _sgd_train_temp(params0)
+    out = {}
+    for k in kinds:
+        info = _jax_compiled(k, theta, params0, grads, size, sgd)[3]
+        out[k] = {"temp_bytes_memory_ordered": info["temp_bytes"],
+                  "train_temp_over_sgd_bytes_memory_ordered": info["train_temp_over_sgd_bytes"]}
+    return out
 
 
 def jax_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_path: str | None) -> dict[str, Any]:
@@ -354,8 +428,9 @@ def jax_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_pat
     theta = _load_theta(theta_path)
     params0, grads = _jax_setup(size)
     runs, info = {}, {}
+    sgd = _sgd_train_temp(params0)
     for kind in kinds:
-        compiled, params, state, info[kind] = _jax_compiled(kind, theta, params0, grads, size)
+        compiled, params, state, info[kind] = _jax_compiled(kind, theta, params0, grads, size, sgd)
         runs[kind] = [compiled, params, state]
     for kind in kinds:
         for _ in range(warmup):
@@ -435,9 +510,14 @@ def format_table(results: dict[str, Any]) -> str:
             if not rows:
                 continue
             ordered = fw == "jax" and any("temp_bytes_memory_ordered" in r for r in rows.values())
+            train = fw == "jax" and any("train_temp_over_sgd_bytes" in r for r in rows.values())
+            keys = (["temp_bytes_memory_ordered"] if ordered else []) + (["train_temp_over_sgd_bytes"] if train else [])
+            keys += ["train_temp_over_sgd_bytes_memory_ordered"] if train and ordered else []
+            heads = {"temp_bytes_memory_ordered": "mem-ord.", "train_temp_over_sgd_bytes": "train+",
+                     "train_temp_over_sgd_bytes_memory_ordered": "train+ m-o"}
             lines.append(f"[{fw}]  {'optimizer':14s} {'median ms':>10s} {'ratio':>14s} "
                          f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}"
-                         + (f" {'mem-ord.':>9s} {'/largest':>8s}" if ordered else ""))
+                         + "".join(f" {heads[k]:>10s} {'/largest':>8s}" for k in keys))
             for kind, r in rows.items():
                 t = r["median_s"] * 1e3
                 ratio = ""
@@ -449,14 +529,16 @@ def format_table(results: dict[str, Any]) -> str:
                 trans = r.get("step_transient_bytes", r.get("temp_bytes"))
                 rel = "-" if trans is None else f"{trans / largest:.2f}"
                 line = f"       {kind:14s} {t:10.1f} {ratio:>14s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}"
-                if ordered:
-                    mo = r.get("temp_bytes_memory_ordered")
-                    line += f"{_mb(mo)[1:]} {'-' if mo is None else f'{mo / largest:.2f}':>8s}"
+                for key in keys:
+                    x = r.get(key)
+                    line += f" {_mb(x)} {'-' if x is None else f'{x / largest:.2f}':>8s}"
                 lines.append(line)
     lines.append("\n1st peak+: torch: resident memory added by building the optimizer and its first step (state, "
                  "Python objects, threads); JAX: state + scratch.\nstep tr.: the most a later step adds on top of "
                  "what it starts with (torch), or the compiled step's scratch (JAX).\nmem-ord. (JAX): that scratch "
-                 "when XLA schedules for memory (XLA_FLAGS=" + MEMORY_ORDERED_FLAG + ").")
+                 "when XLA schedules for memory (XLA_FLAGS=" + MEMORY_ORDERED_FLAG + ").\ntrain+ (JAX): "
+                 "the scratch a training step whose gradients are made inside it needs over the same step with "
+                 "optax.sgd; m-o: with the memory-ordered schedule.")
     return "\n".join(lines)
 
 

@@ -43,7 +43,13 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     # The JAX memory-ordered compile ran in its own process, for every optimizer.
     for kind, row in tiny["jax"].items():
         assert row["temp_bytes_memory_ordered"] >= 0 and row["temp_bytes"] >= 0, kind
-    assert "mem-ord." in res.stdout
+    # The training-step compile (gradients made inside the step) ran for both schedules, against SGD's.
+    for kind, row in tiny["jax"].items():
+        for key in ("train_temp_over_sgd_bytes", "train_temp_over_sgd_bytes_memory_ordered"):
+            assert isinstance(row[key], int), (kind, key)
+    assert tiny["jax"]["adamw"]["train_temp_over_sgd_bytes_memory_ordered"] <= tiny["jax"]["celo2_base_xla"][
+        "train_temp_over_sgd_bytes_memory_ordered"]
+    assert "mem-ord." in res.stdout and "train+" in res.stdout
     assert "celo2_base" in res.stdout and "x adamw" in res.stdout and "x muon" in res.stdout
 
 

@@ -75,8 +75,10 @@ _OUTPUT_NORM_EPS = _F(spec.OUTPUT_NORM_EPS)
 _ZERO = _F(0.0)
 _ONE = _F(1.0)
 
-WRITE, SQUARES, APPLY = 0, 1, 2
-"""Modes of the direction kernels: write it out, only sum its squares, or apply it."""
+WRITE, SQUARES, APPLY, OVER_GRAD = 0, 1, 2, 3
+"""Modes of the direction kernels: write it out, only sum its squares, apply
+it, or write it over the gradient (each row once that row is read: the JAX
+front end's custom calls return the direction in the gradient's buffer)."""
 
 PARALLEL_MIN_ELEMENTS = 1 << 16
 """Smaller tensors run on the calling thread (a pool hand-off costs tens of us)."""
@@ -450,8 +452,8 @@ if AVAILABLE:
         (3, C): Adafactor factors along rows / columns; ``TR`` (8, R) (with
         ``b0``) / ``TC`` (8, C): the rank-1 channels' share of the first layer.
         ``W1`` (8, 8) is ``(in, out)``. Mode WRITE: ``out = d``; APPLY: ``p =
-        decay p + step d``. Every mode leaves the per-block sums of ``d^2`` in
-        ``sq_part``.
+        decay p + step d``; OVER_GRAD: ``graw = d`` (``out`` unused). Every
+        mode leaves the per-block sums of ``d^2`` in ``sq_part``.
 
         The MLP is written out unit by unit so that it stays in registers, and
         each row's directions go to a row buffer before the mode's store: a
@@ -543,6 +545,9 @@ if AVAILABLE:
                 elif mode == 2:
                     for j in range(C):
                         pr[j] = decay * pr[j] + step * row[j]
+                elif mode == 3:
+                    for j in range(C):
+                        gr[j] = row[j]
             sq_part[blk] = sq
 
     @_kernel
@@ -626,8 +631,8 @@ if AVAILABLE:
         Per row ``o``: fold ``g`` into ``m`` / ``v`` and build the 18 channels
         of all its windows, normalise each window's channels to unit RMS, run
         the MLP over the row, then per window either write the raw
-        direction (mode WRITE; the caller finishes it) or apply it with the
-        window's output RMS (mode APPLY). ``RF`` (3, O, G) / ``CF`` (3, I, G)
+        direction (mode WRITE, or OVER_GRAD into ``graw``; the caller finishes
+        it) or apply it with the window's output RMS (mode APPLY). ``RF`` (3, O, G) / ``CF`` (3, I, G)
         are the Adafactor factors, ``TR`` (8, O, G, with ``b0``) / ``TC``
         (8, I, G) the rank-1 channels' share of the first layer, ``W`` (18, 8)
         the first layer in fast-path channel order."""
@@ -765,6 +770,9 @@ if AVAILABLE:
                     if mode == 0:
                         for e in range(G):
                             out[o, i, e] = D[i * G + e]
+                    elif mode == 3:
+                        for e in range(G):
+                            graw[o, i, e] = D[i * G + e]
                     else:
                         dsq = _ZERO
                         for e in range(G):

@@ -46,10 +46,10 @@ API_MINOR = 1  # everything read here exists since FFI API 0.1
 
 MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
 FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
-WRITE = kernels.WRITE
+OVER_GRAD = kernels.OVER_GRAD
 
 grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
-grouped, vector_accumulate = kernels.grouped, kernels.vector_accumulate
+grouped, vector_accumulate, group_grad_stats = kernels.grouped, kernels.vector_accumulate, kernels.group_grad_stats
 normalised_first_layer = kernels.normalised_first_layer
 VECTOR_CHANNELS = spec.NUM_VECTOR_FEATURES  # 15: vectors lack the three fac_m channels (last in the fast-path order)
 blocks = numba.njit(cache=True)(kernels.blocks)
@@ -104,20 +104,20 @@ def dims(buffer_address, rank):  # noqa: ANN001, ANN201
 
 def _matrix(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param, m, v, fac_r, fac_c, [d0] (int32), the packed net;
-    results: raw direction, m, v, fac_r, fac_c (aliasing the operands), sum of
-    squares of the direction (1,). The same passes as the PyTorch front end's
-    ``_run_matrix_cpu``, in the same block order."""
+    results: raw direction, m, v, fac_r, fac_c (aliasing grad and the state
+    operands), sum of squares of the direction (1,). The same passes as the
+    PyTorch front end's ``_run_matrix_cpu``, in the same block order; the
+    direction is written over the gradient, row by row."""
     args, rets = call_buffers(frame_address, 8, 6)
     if args.size == 0:
         return as_pointer(0)
     shape = dims(args[0], 2)
     R = shape[0]
     C = shape[1]
-    g = carray(buffer_data(args[0]), (R, C), np.float32)
+    g = carray(buffer_data(rets[0]), (R, C), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (R, C), np.float32)
     d0 = carray(buffer_data(args[6]), (1,), np.int32)[0]
     net = carray(buffer_data(args[7]), (NET_SIZE,), np.float32)
-    out = carray(buffer_data(rets[0]), (R, C), np.float32)
     m = carray(buffer_data(rets[1]), (3, R, C), np.float32)
     v = carray(buffer_data(rets[2]), (R, C), np.float32)
     # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
@@ -154,8 +154,8 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
     accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
     W = normalised_first_layer(w_el, sums_part.sum(0), R * C)
     sq_part = np.empty(nblk, np.float64)
-    direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, WRITE, np.float32(1.0), np.float32(0.0), per,
-              out, sq_part)
+    direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, OVER_GRAD, np.float32(1.0), np.float32(0.0), per,
+              np.empty((1, 1), np.float32), sq_part)  # ``out`` is unused in mode OVER_GRAD
     sq_out[0] = np.float32(sq_part.sum())
     return as_pointer(0)
 
@@ -164,8 +164,9 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param (O, I, kh, kw), m (3, O, I, kh, kw), v, rf (3, O,
     G), cf (3, I, G), term_r (8, O, G), term_c (8, I, G), the packed net
     (``G`` = kh kw); results: raw direction (O, I, kh, kw), m, v (aliasing
-    the operands). The kernel views the row-major tensors as (O, I, G). The
-    PyTorch front end's ``grouped`` pass, in the same block order."""
+    grad and the state operands). The kernel views the row-major tensors as
+    (O, I, G). The PyTorch front end's ``grouped`` pass, in the same block
+    order, with the direction written over the gradient."""
     args, rets = call_buffers(frame_address, 9, 3)
     if args.size == 0:
         return as_pointer(0)
@@ -173,28 +174,49 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     O = shape[0]
     I = shape[1]  # noqa: E741
     G = shape[2] * shape[3]
-    g = carray(buffer_data(args[0]), (O, I, G), np.float32)
+    g = carray(buffer_data(rets[0]), (O, I, G), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (O, I, G), np.float32)
     rf = carray(buffer_data(args[4]), (3, O, G), np.float32)
     cf = carray(buffer_data(args[5]), (3, I, G), np.float32)
     term_r = carray(buffer_data(args[6]), (8, O, G), np.float32)
     term_c = carray(buffer_data(args[7]), (8, I, G), np.float32)
     net = carray(buffer_data(args[8]), (NET_SIZE,), np.float32)
-    out = carray(buffer_data(rets[0]), (O, I, G), np.float32)
     m = carray(buffer_data(rets[1]), (3, O, I, G), np.float32)
     v = carray(buffer_data(rets[2]), (O, I, G), np.float32)
     W = net[0:144].reshape(18, 8).copy()
     W1 = net[248:312].reshape(8, 8)
     per, nblk = blocks(O)
     grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, W1, net[312:320], net[320:328], net[328],
-            WRITE, np.float32(1.0), np.float32(0.0), per, out)
+            OVER_GRAD, np.float32(1.0), np.float32(0.0), per, np.empty((1, 1, 1), np.float32))
+    return as_pointer(0)
+
+
+def _conv_stats(frame_address):  # noqa: ANN001, ANN202
+    """Operand: grad (O, I, kh, kw); results: grad (aliasing the operand,
+    untouched), sums of ``clip(g)^2`` over I (O, kh, kw) and over O (I, kh,
+    kw): the PyTorch front end's ``group_grad_stats`` pass, in the same
+    block order."""
+    args, rets = call_buffers(frame_address, 1, 3)
+    if args.size == 0:
+        return as_pointer(0)
+    shape = dims(args[0], 4)
+    O = shape[0]
+    I = shape[1]  # noqa: E741
+    G = shape[2] * shape[3]
+    g = carray(buffer_data(args[0]), (O, I, G), np.float32)
+    row_sum = carray(buffer_data(rets[1]), (O, G), np.float32)
+    col_sum = carray(buffer_data(rets[2]), (I, G), np.float32)
+    per, nblk = blocks(O)
+    col_part = np.empty((nblk, I, G), np.float32)
+    group_grad_stats(0, nblk, g, per, row_sum, col_part)
+    col_sum[:, :] = col_part.sum(0)
     return as_pointer(0)
 
 
 def _vector(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), the packed
-    net; results: raw direction (n,), m, v, fac (aliasing the operands), sum
-    of squares of the direction (1,). The PyTorch front end's
+    net; results: raw direction (n,), m, v, fac (aliasing grad and the state
+    operands), sum of squares of the direction (1,). The PyTorch front end's
     ``_run_vector_cpu``: the accumulator pass, then the direction pass on the
     vector as one row (unit row factors, zero weights for the channels
     vectors lack)."""
@@ -202,10 +224,9 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     if args.size == 0:
         return as_pointer(0)
     n = dims(args[0], 1)[0]
-    g = carray(buffer_data(args[0]), (n,), np.float32)
+    g = carray(buffer_data(rets[0]), (n,), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (n,), np.float32)
     net = carray(buffer_data(args[5]), (NET_SIZE,), np.float32)
-    out = carray(buffer_data(rets[0]), (1, n), np.float32)
     m = carray(buffer_data(rets[1]), (3, n), np.float32)
     v = carray(buffer_data(rets[2]), (n,), np.float32)
     fac = carray(buffer_data(rets[3]), (3, n), np.float32)
@@ -220,8 +241,8 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     per, nblk = blocks(1)
     sq_part = np.empty(nblk, np.float64)
     direction(0, nblk, g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
-              net[248:312].reshape(8, 8), net[312:320], net[320:328], net[328], WRITE, np.float32(1.0),
-              np.float32(0.0), per, out, sq_part)
+              net[248:312].reshape(8, 8), net[312:320], net[320:328], net[328], OVER_GRAD, np.float32(1.0),
+              np.float32(0.0), per, np.empty((1, 1), np.float32), sq_part)
     sq_out[0] = np.float32(sq_part.sum())
     return as_pointer(0)
 
@@ -230,3 +251,4 @@ with kernels.no_interleave():  # the kernels' loops compile as ensure_compiled c
     matrix_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_matrix)
     conv_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv)
     vector_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_vector)
+    conv_stats_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv_stats)

@@ -7,9 +7,13 @@ tensor_step`) without FMAs and at 256 bits; on the CPU measured it ran about
 float32 vector, matrix or conv kernel goes through XLA's typed FFI into those
 same kernels: one call does the accumulators (in place, through
 ``input_output_aliases``; with donated state there is no copy), the factored
-statistics (conv kernels: computed by XLA, they are small) and the raw
-direction, and XLA does the rest (the output RMS, Newton-Schulz for Celo2,
-learning rate and weight decay).
+statistics (conv kernels: their sums in a call of their own, the rest by
+XLA, it is small) and the raw direction, and XLA does the rest (the output RMS, Newton-Schulz for Celo2,
+learning rate and weight decay). The direction is written over the gradient
+(aliased too), each row once the kernel has read it: inside a training step,
+where the gradient is an intermediate, the step needs no buffer for it; a
+gradient the caller still holds (an eager call, a jitted update without
+donation) is copied first by XLA, so it is never changed.
 
 The handlers are Numba C callbacks (``numba.cfunc``) that read XLA's C call frame
 (``xla/ffi/api/c_api.h``: ``XLA_FFI_CallFrame``, ``XLA_FFI_Buffer``, the
@@ -34,6 +38,7 @@ from celo2.rule import spec
 TARGET = "celo2_matrix_step"
 CONV_TARGET = "celo2_conv_step"
 VECTOR_TARGET = "celo2_vector_step"
+CONV_STATS_TARGET = "celo2_conv_stats"
 """The custom-call target names registered with XLA for the CPU platform."""
 
 AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi") and sys.maxsize > 2**32 and sys.byteorder == "little"
@@ -97,7 +102,7 @@ def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32)] + [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
     shapes.append(jax.ShapeDtypeStruct((1,), f32))
-    call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={2: 1, 3: 2, 4: 3, 5: 4},
+    call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2, 4: 3, 5: 4},
                             vmap_method="sequential")
     d, m, v, fac_r, fac_c, sq = call(grad, param, *state, jnp.asarray([d0], jnp.int32), net)
     return d, sq[0], TensorState(m, v, fac_r, fac_c)
@@ -115,7 +120,8 @@ def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((n,), f32),
               jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((1,), f32)]
-    call = jax.ffi.ffi_call(VECTOR_TARGET, shapes, input_output_aliases={2: 1, 3: 2, 4: 3}, vmap_method="sequential")
+    call = jax.ffi.ffi_call(VECTOR_TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2, 4: 3},
+                            vmap_method="sequential")
     d, m, v, fac, sq = call(grad, param, state.m, state.v, state.fac_r, net)
     return d, sq[0], TensorState(m, v, fac, state.fac_c)
 
@@ -140,8 +146,25 @@ def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct(m.shape, f32),
               jax.ShapeDtypeStruct(v.shape, f32)]
-    call = jax.ffi.ffi_call(CONV_TARGET, shapes, input_output_aliases={2: 1, 3: 2}, vmap_method="sequential")
+    call = jax.ffi.ffi_call(CONV_TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2}, vmap_method="sequential")
     return call(grad, param, m, v, rf, cf, term_r, term_c, net)
+
+
+def conv_stats(grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A float32 conv kernel's gradient ``(O, I, kh, kw)``: ``(grad, sums of
+    clip(g)^2 over I (O, kh, kw), over O (I, kh, kw))``, in one pass of the
+    kernels (XLA would hold ``g^2`` whole to reduce it along two axes). The
+    gradient comes back unchanged in its own buffer (aliased): handing that
+    to :func:`conv_step` leaves the gradient a single reader before the call
+    that writes over it, so XLA need not copy it."""
+    ensure_registered()
+    O, I, kh, kw = grad.shape  # noqa: E741
+    _check({"grad": grad}, {"grad": (O, I, kh, kw)})
+    f32 = jnp.float32
+    shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct((O, kh, kw), f32),
+              jax.ShapeDtypeStruct((I, kh, kw), f32)]
+    call = jax.ffi.ffi_call(CONV_STATS_TARGET, shapes, input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(grad)
 
 
 def _check(arrays: dict, shapes: dict) -> None:
@@ -166,6 +189,7 @@ def ensure_registered() -> None:
 
             for name, handler in ((TARGET, _cpu_ffi_handler.matrix_handler),
                                   (CONV_TARGET, _cpu_ffi_handler.conv_handler),
-                                  (VECTOR_TARGET, _cpu_ffi_handler.vector_handler)):
+                                  (VECTOR_TARGET, _cpu_ffi_handler.vector_handler),
+                                  (CONV_STATS_TARGET, _cpu_ffi_handler.conv_stats_handler)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
             _REGISTERED = True

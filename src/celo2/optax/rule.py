@@ -320,11 +320,13 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
     O, I, G = shape[0], shape[1], shape[2] * shape[3]
     dims = spec.factored_dims(shape)
     d1, d0 = dims
-    g = jnp.clip(grad, -spec.GRAD_CLIP, spec.GRAD_CLIP)
-    gsq = jnp.square(g) + spec.FACTORED_EPS
-    bf = _decays(spec.FACTORED_DECAYS, g.ndim - 1)
-    fac_r = bf * state.fac_r + (1.0 - bf) * jnp.mean(gsq, axis=d0)[None]
-    fac_c = bf * state.fac_c + (1.0 - bf) * jnp.mean(gsq, axis=d1)[None]
+    # Means of clip(g)^2 + eps over axis d0 and d1, from the sums over I (axis 1) and over O (axis 0).
+    grad, *over = cpu_ffi.conv_stats(grad)
+    sums = dict(zip((1, 0), over))
+    mean = {1: sums[1] * (1.0 / I) + spec.FACTORED_EPS, 0: sums[0] * (1.0 / O) + spec.FACTORED_EPS}
+    bf = _decays(spec.FACTORED_DECAYS, grad.ndim - 1)
+    fac_r = bf * state.fac_r + (1.0 - bf) * mean[d0][None]
+    fac_c = bf * state.fac_c + (1.0 - bf) * mean[d1][None]
     state = state._replace(fac_r=fac_r, fac_c=fac_c)
     row_factor, col_factor = _adafactor_factors(fac_r, fac_c, dims)
     term_r, term_c = _rank1_terms(theta, state, dims, (2, 3))
