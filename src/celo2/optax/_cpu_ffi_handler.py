@@ -102,6 +102,13 @@ def dims(buffer_address, rank):  # noqa: ANN001, ANN201
     return words(words(buffer_address, 6)[BUFFER_DIMS], rank)
 
 
+@numba.njit(cache=True)
+def window_dims(buffer_address):  # noqa: ANN001, ANN201
+    """A conv kernel (O, I, kh, kw) as the kernels view it: (O, I, G = kh kw)."""
+    shape = dims(buffer_address, 4)
+    return shape[0], shape[1], shape[2] * shape[3]
+
+
 def _matrix(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param, m, v, fac_r, fac_c, [d0] (int32), the packed net;
     results: raw direction, m, v, fac_r, fac_c (aliasing grad and the state
@@ -170,10 +177,7 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     args, rets = call_buffers(frame_address, 9, 3)
     if args.size == 0:
         return as_pointer(0)
-    shape = dims(args[0], 4)
-    O = shape[0]
-    I = shape[1]  # noqa: E741
-    G = shape[2] * shape[3]
+    O, I, G = window_dims(args[0])  # noqa: E741
     g = carray(buffer_data(rets[0]), (O, I, G), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (O, I, G), np.float32)
     rf = carray(buffer_data(args[4]), (3, O, G), np.float32)
@@ -199,10 +203,7 @@ def _conv_stats(frame_address):  # noqa: ANN001, ANN202
     args, rets = call_buffers(frame_address, 1, 3)
     if args.size == 0:
         return as_pointer(0)
-    shape = dims(args[0], 4)
-    O = shape[0]
-    I = shape[1]  # noqa: E741
-    G = shape[2] * shape[3]
+    O, I, G = window_dims(args[0])  # noqa: E741
     g = carray(buffer_data(args[0]), (O, I, G), np.float32)
     row_sum = carray(buffer_data(rets[1]), (O, G), np.float32)
     col_sum = carray(buffer_data(rets[2]), (I, G), np.float32)
