@@ -49,9 +49,9 @@ Memory: what the optimizer adds on top of parameters and gradients.
   The update is also compiled inside a training step whose gradients are
   made in the step by backpropagation (through one matrix product,
   convolution or batch sum per tensor: intermediates, which the optimizer
-  may overwrite): "train+" is the
-  scratch that step needs over the same step with ``optax.sgd``, i.e. what
-  the optimizer adds beyond parameters, gradients and state. There the CPU
+  may overwrite): "train+" is the scratch that step needs over the same
+  step with ``optax.sgd``, i.e. what the optimizer adds beyond parameters,
+  gradients and state. There the CPU
   kernels' custom calls return each direction in its gradient's buffer; with
   the gradients as live inputs XLA first copies each one.
   XLA:CPU's default scheduler favours concurrency and keeps the scratch of
@@ -509,12 +509,10 @@ def format_table(results: dict[str, Any]) -> str:
             rows = per.get(fw)
             if not rows:
                 continue
-            ordered = fw == "jax" and any("temp_bytes_memory_ordered" in r for r in rows.values())
-            train = fw == "jax" and any("train_temp_over_sgd_bytes" in r for r in rows.values())
-            keys = (["temp_bytes_memory_ordered"] if ordered else []) + (["train_temp_over_sgd_bytes"] if train else [])
-            keys += ["train_temp_over_sgd_bytes_memory_ordered"] if train and ordered else []
+            # The JAX scratch columns that were measured (the memory-ordered ones come from their own process).
             heads = {"temp_bytes_memory_ordered": "mem-ord.", "train_temp_over_sgd_bytes": "train+",
                      "train_temp_over_sgd_bytes_memory_ordered": "train+ m-o"}
+            keys = [k for k in heads if any(k in r for r in rows.values())]
             lines.append(f"[{fw}]  {'optimizer':14s} {'median ms':>10s} {'ratio':>14s} "
                          f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}"
                          + "".join(f" {heads[k]:>10s} {'/largest':>8s}" for k in keys))

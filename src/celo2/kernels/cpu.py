@@ -632,8 +632,8 @@ if AVAILABLE:
         of all its windows, normalise each window's channels to unit RMS, run
         the MLP over the row, then per window either write the raw
         direction (mode WRITE, or OVER_GRAD into ``graw``; the caller finishes
-        it) or apply it with the window's output RMS (mode APPLY). ``RF`` (3, O, G) / ``CF`` (3, I, G)
-        are the Adafactor factors, ``TR`` (8, O, G, with ``b0``) / ``TC``
+        it) or apply it with the window's output RMS (mode APPLY). ``RF`` (3,
+        O, G) / ``CF`` (3, I, G) are the Adafactor factors, ``TR`` (8, O, G, with ``b0``) / ``TC``
         (8, I, G) the rank-1 channels' share of the first layer, ``W`` (18, 8)
         the first layer in fast-path channel order."""
         O, I, G = graw.shape

@@ -49,10 +49,10 @@ def plot_scores(scores, out: str | os.PathLike) -> Path:
     diffs = [scores.paired_difference(label, base) for label in labels]
     ax.bar(x, [d for d, _ in diffs], yerr=[2 * e if np.isfinite(e) else 0.0 for _, e in diffs],
            color="0.8", edgecolor="0.4", capsize=4, label="mean over tasks (95% interval)")
-    base_tasks = scores.per_task(base)
+    per_task = {label: scores.per_task(label) for label in labels}
     for t, task in enumerate(scores.tasks):
-        per_task = [scores.per_task(label)[task] - base_tasks[task] for label in labels]
-        ax.plot(x + (t - (len(scores.tasks) - 1) / 2) * 0.12, per_task, "o", ms=4, color=f"C{t}", label=task)
+        diff = [per_task[label][task] - per_task[base][task] for label in labels]
+        ax.plot(x + (t - (len(scores.tasks) - 1) / 2) * 0.12, diff, "o", ms=4, color=f"C{t}", label=task)
     ax.axhline(0.0, color="0.3", lw=0.8)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel(f"meta-loss minus {base}'s (lower is better)")

@@ -8,8 +8,8 @@ float32 vector, matrix or conv kernel goes through XLA's typed FFI into those
 same kernels: one call does the accumulators (in place, through
 ``input_output_aliases``; with donated state there is no copy), the factored
 statistics (conv kernels: their sums in a call of their own, the rest by
-XLA, it is small) and the raw direction, and XLA does the rest (the output RMS, Newton-Schulz for Celo2,
-learning rate and weight decay). The direction is written over the gradient
+XLA, it is small) and the raw direction, and XLA does the rest (the output
+RMS, Newton-Schulz for Celo2, learning rate and weight decay). The direction is written over the gradient
 (aliased too), each row once the kernel has read it: inside a training step,
 where the gradient is an intermediate, the step needs no buffer for it; a
 gradient the caller still holds (an eager call, a jitted update without

@@ -320,10 +320,9 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
     O, I, G = shape[0], shape[1], shape[2] * shape[3]
     dims = spec.factored_dims(shape)
     d1, d0 = dims
-    # Means of clip(g)^2 + eps over axis d0 and d1, from the sums over I (axis 1) and over O (axis 0).
-    grad, *over = cpu_ffi.conv_stats(grad)
-    sums = dict(zip((1, 0), over))
-    mean = {1: sums[1] * (1.0 / I) + spec.FACTORED_EPS, 0: sums[0] * (1.0 / O) + spec.FACTORED_EPS}
+    grad, sum_over_i, sum_over_o = cpu_ffi.conv_stats(grad)
+    # Means of clip(g)^2 + eps over axis 1 (I) and axis 0 (O); the factored statistics average over d0 and d1.
+    mean = {1: sum_over_i * (1.0 / I) + spec.FACTORED_EPS, 0: sum_over_o * (1.0 / O) + spec.FACTORED_EPS}
     bf = _decays(spec.FACTORED_DECAYS, grad.ndim - 1)
     fac_r = bf * state.fac_r + (1.0 - bf) * mean[d0][None]
     fac_c = bf * state.fac_c + (1.0 - bf) * mean[d1][None]
