@@ -288,7 +288,7 @@ def test_torch_compile_of_the_step_matches_eager(random_theta):
         compiled()
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-    assert set(opts[1].state[models[1].weight]) == {"m", "v", "fac_r", "fac_c"}
+    assert set(opts[1].state[models[1].weight]) == {"m", "v", "fac_r", "fac_c", "nonfinite_steps"}
 
 
 def test_optimizer_workspace_is_small_and_reused(random_theta, monkeypatch):

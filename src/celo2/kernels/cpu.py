@@ -97,6 +97,72 @@ def kernel_kind(shape: tuple[int, ...]) -> "str | None":
     return None
 
 
+def operand_shapes(kind: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape each operand of a kernel kind must have, for a tensor of ``shape``.
+
+    The one description of the kernels' operands, read by both front ends'
+    host wrappers (:func:`check_operands`): the kernels index raw memory, so
+    an operand of any other shape would make them read or write out of bounds.
+
+    Args:
+        kind: ``"vector"``, ``"matrix"`` or ``"conv"`` (see :func:`kernel_kind`).
+        shape: The parameter's shape.
+
+    Returns:
+        Operand name -> shape: ``grad`` and ``param`` (the kernel's view of the
+        tensor: a vector flat, a matrix as is, a conv kernel ``(O, I, kh,
+        kw)``), the state ``m``, ``v``, ``fac_r`` (and ``fac_c`` unless a
+        vector), and for a conv kernel the per-step operands ``rf``, ``cf``
+        (Adafactor factors) and ``term_r``, ``term_c`` (rank-1 channels' share
+        of the first layer), whose windows are flattened to ``G = kh kw``.
+
+    Raises:
+        ValueError: If ``kind`` does not cover ``shape``.
+    """
+    if kernel_kind(tuple(shape)) != kind:
+        raise ValueError(f"celo2 CPU kernels: a tensor of shape {tuple(shape)} is not a {kind!r} kernel's")
+    if kind == "vector":
+        n = 1
+        for s in shape:
+            n *= s
+        return {"grad": (n,), "param": (n,), "m": (3, n), "v": (n,), "fac_r": (3, n)}
+    d1, d0 = spec.factored_dims(shape)
+    without = lambda axis: tuple(s for i, s in enumerate(shape) if i != axis)  # noqa: E731
+    shapes = {"grad": tuple(shape), "param": tuple(shape), "m": (3, *shape), "v": tuple(shape),
+              "fac_r": (3, *without(d0)), "fac_c": (3, *without(d1))}
+    if kind == "conv":
+        O, I, kh, kw = shape  # noqa: E741
+        G = kh * kw
+        shapes.update(rf=(3, O, G), cf=(3, I, G), term_r=(8, O, G), term_c=(8, I, G))
+    return shapes
+
+
+def check_operands(kind: str, shape: tuple[int, ...], arrays: "dict[str, object]", *, contiguous: bool = True) -> None:
+    """Refuse operands the kernels cannot take safely, before any kernel runs.
+
+    Args:
+        kind: The kernel kind (see :func:`operand_shapes`).
+        shape: The parameter's shape.
+        arrays: Operand name (a key of :func:`operand_shapes`) -> array (NumPy,
+            or anything with ``shape`` and ``dtype``, a JAX tracer say).
+        contiguous: Also require C-contiguous NumPy arrays (default ``True``;
+            ``False`` where the caller's layout is fixed by XLA).
+
+    Raises:
+        ValueError: Naming the first operand whose shape, dtype (float32) or
+            layout is not what the kernel kind takes.
+    """
+    expected = operand_shapes(kind, shape)
+    for name, x in arrays.items():
+        got = tuple(x.shape)
+        if got != expected[name] or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"celo2 CPU kernels: {name} has shape {got} and dtype {x.dtype}, expected "
+                             f"{expected[name]} float32 for a tensor of shape {tuple(shape)} (is the "
+                             f"optimizer state from another model, or the parameter resized?)")
+        if contiguous and isinstance(x, np.ndarray) and not x.flags.c_contiguous:
+            raise ValueError(f"celo2 CPU kernels: {name} (shape {got}) is not C-contiguous")
+
+
 def blocks(rows: int) -> tuple[int, int]:
     """(rows per block, number of blocks): at least 16 rows and at most 64
     blocks, so per-block column partials stay under 1/16 of the matrix."""
@@ -192,6 +258,34 @@ def run_tensors(tasks: "list[tuple[int, Callable[[], None]]]") -> None:
             error = error or exc
     if error is not None:
         raise error
+
+
+NONFINITE_BLOCK = 1 << 16
+"""Elements per block of :func:`all_finite`."""
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether a C-contiguous float32 array holds no NaN or +-inf (one read,
+    split over threads like the kernels; a host check, for CPU arrays).
+
+    Args:
+        x: The array (a gradient's NumPy view).
+
+    Returns:
+        ``True`` when every element is finite.
+
+    Raises:
+        ValueError: If ``x`` is not a C-contiguous float32 array.
+    """
+    if np.dtype(x.dtype) != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"all_finite: expected a C-contiguous float32 array, got {x.dtype} (shape {x.shape})")
+    bits = x.reshape(-1).view(np.uint32)
+    nblk = -(-bits.shape[0] // NONFINITE_BLOCK)
+    if nblk == 0:
+        return True
+    out = np.empty(nblk, np.int64)
+    run_blocks(nonfinite_blocks, nblk, bits.shape[0], bits, NONFINITE_BLOCK, out)
+    return not out.any()
 
 
 _READY: set = set()
@@ -334,6 +428,19 @@ if AVAILABLE:
             for h in range(8):
                 W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
         return W
+
+    @_kernel
+    def nonfinite_blocks(lo, hi, bits, per, out):  # noqa: ANN001
+        """Blocks ``lo:hi`` (``per`` elements each) of a float32 array seen as
+        ``uint32`` ``bits``: ``out[blk]`` = how many of its elements are NaN or
+        +-inf (exponent bits all set). Integer arithmetic, so fast-math cannot
+        assume the check away."""
+        n = bits.shape[0]
+        for blk in range(lo, hi):
+            c = 0
+            for j in range(blk * per, min(n, (blk + 1) * per)):
+                c += (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+            out[blk] = c
 
     @_kernel
     def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001

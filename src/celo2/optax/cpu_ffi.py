@@ -96,9 +96,7 @@ def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
     ensure_registered()
     R, C = grad.shape
     d1, d0 = spec.factored_dims((R, C))
-    LR, LC = (R, C) if d0 == 1 else (C, R)
-    _check({"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r, "fac_c": state.fac_c},
-           {"param": (R, C), "m": (3, R, C), "v": (R, C), "fac_r": (3, LR), "fac_c": (3, LC)})
+    _check("matrix", grad, {"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r, "fac_c": state.fac_c})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32)] + [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
     shapes.append(jax.ShapeDtypeStruct((1,), f32))
@@ -115,8 +113,7 @@ def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
 
     ensure_registered()
     (n,) = grad.shape
-    _check({"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r},
-           {"param": (n,), "m": (3, n), "v": (n,), "fac_r": (3, n)})
+    _check("vector", grad, {"param": param, "m": state.m, "v": state.v, "fac_r": state.fac_r})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((n,), f32),
               jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((1,), f32)]
@@ -138,11 +135,7 @@ def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param
     own 4-D shapes here: a reshaped operand that aliases a result made XLA
     copy the state in and out of every call."""
     ensure_registered()
-    O, I, kh, kw = grad.shape  # noqa: E741
-    G = kh * kw
-    _check({"param": param, "m": m, "v": v, "rf": rf, "cf": cf, "term_r": term_r, "term_c": term_c},
-           {"param": (O, I, kh, kw), "m": (3, O, I, kh, kw), "v": (O, I, kh, kw), "rf": (3, O, G),
-            "cf": (3, I, G), "term_r": (8, O, G), "term_c": (8, I, G)})
+    _check("conv", grad, {"param": param, "m": m, "v": v, "rf": rf, "cf": cf, "term_r": term_r, "term_c": term_c})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct(m.shape, f32),
               jax.ShapeDtypeStruct(v.shape, f32)]
@@ -159,7 +152,7 @@ def conv_stats(grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     that writes over it, so XLA need not copy it."""
     ensure_registered()
     O, I, kh, kw = grad.shape  # noqa: E741
-    _check({"grad": grad}, {"grad": (O, I, kh, kw)})
+    _check("conv", grad, {})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct((O, kh, kw), f32),
               jax.ShapeDtypeStruct((I, kh, kw), f32)]
@@ -167,13 +160,11 @@ def conv_stats(grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return call(grad)
 
 
-def _check(arrays: dict, shapes: dict) -> None:
-    """The kernels index raw memory: every operand must have exactly the
-    shape and dtype they assume (a mismatched state raises here, at trace time)."""
-    for name, x in arrays.items():
-        if tuple(x.shape) != shapes[name] or jnp.dtype(x.dtype) != jnp.float32:
-            raise ValueError(f"celo2 CPU kernels: {name} has shape {tuple(x.shape)} and dtype {x.dtype}, "
-                             f"expected {shapes[name]} float32 (is the optimizer state from another model?)")
+def _check(kind: str, grad: jax.Array, arrays: dict) -> None:
+    """The kernels index raw memory: the gradient and every operand must have
+    exactly the shape and dtype they assume (:func:`celo2.kernels.cpu.
+    operand_shapes`); a mismatched state raises here, at trace time."""
+    kernels.check_operands(kind, tuple(grad.shape), {"grad": grad, **arrays}, contiguous=False)
 
 
 def ensure_registered() -> None:

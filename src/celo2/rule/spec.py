@@ -122,3 +122,38 @@ def theta_shapes() -> dict[str, tuple[int, ...]]:
 
 THETA_KEYS: tuple[str, ...] = tuple(theta_shapes())
 NUM_THETA_PARAMS: int = sum(math.prod(s) for s in theta_shapes().values())  # 347
+
+# --- non-finite gradients ---------------------------------------------------------
+NONFINITE_POLICIES: tuple[str, ...] = ("skip", "propagate")
+"""Values of the optimizers' ``nonfinite`` option (the first is the default).
+
+``"skip"``: a tensor whose gradient holds any NaN or +-inf element keeps its
+parameter and all of its optimizer state bitwise unchanged for that step (no
+weight decay either), and its counter of skipped steps goes up by one; every
+other tensor steps exactly as it would without the check. The AdamW branch of
+Celo2 follows the same rule. The decision is per tensor and per step, taken
+where the gradient lives (on an accelerator as a device-side flag that gates
+the writes, never a host synchronisation).
+
+``"propagate"``: no check; a non-finite gradient flows through the arithmetic
+as in AdamW (the rule's per-tensor normalisations then spread it over the
+whole tensor and into its accumulators), and the counters stay 0.
+"""
+NONFINITE_DEFAULT: str = NONFINITE_POLICIES[0]
+
+
+def check_nonfinite_policy(value: str) -> str:
+    """``value`` if it names a policy of :data:`NONFINITE_POLICIES`.
+
+    Args:
+        value: The ``nonfinite`` option as given by the user.
+
+    Returns:
+        The value unchanged.
+
+    Raises:
+        ValueError: If it is not one of :data:`NONFINITE_POLICIES`.
+    """
+    if value not in NONFINITE_POLICIES:
+        raise ValueError(f"invalid nonfinite={value!r}: expected one of {NONFINITE_POLICIES}")
+    return value

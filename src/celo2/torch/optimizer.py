@@ -12,10 +12,37 @@ from torch.optim.adam import adam as _adam_functional
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
 from celo2.kernels import cpu as cpu_kernels
-from celo2.torch.rule import TorchTheta, _Workspace, apply_step, init_tensor_state, runs_on_one_thread
+from celo2.torch import rule as _rule
+from celo2.torch.rule import (TorchTheta, _Workspace, apply_step, init_tensor_state, runs_on_one_thread,
+                              state_shapes)
 
 _BRANCHES = ("auto", routing.LEARNED, routing.ADAM)
 _STATE_KEYS_FP32 = ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq")
+_LEARNED_KEYS = ("m", "v", "fac_r", "fac_c")
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+_COUNTER = "nonfinite_steps"
+_ALGORITHM_KEYS = ("branch", "orthogonalize", "nonfinite")
+"""Param-group settings that select the algorithm: a saved state must agree on them."""
+
+
+def _adam_shapes(p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape), "step": ()}
+
+
+def _checked_on_host(p: torch.Tensor) -> bool:
+    """Whether the non-finite check of ``p``'s gradient is read on the host:
+    CPU tensors while the CPU kernels are on (they read host memory anyway;
+    nothing to synchronise), outside ``torch.compile``. Everywhere else, the
+    CPU with ``CELO2_CPU_KERNELS=0`` included, a device-side flag gates the
+    writes, as on accelerators."""
+    return _rule.USE_CPU_KERNELS and p.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _grad_finite(g: torch.Tensor) -> bool:
+    """Host check of a CPU gradient: no NaN or +-inf element."""
+    if cpu_kernels.AVAILABLE and g.dtype == torch.float32 and g.is_contiguous():
+        return cpu_kernels.all_finite(g.detach().numpy())
+    return bool(torch.isfinite(g).all())
 
 
 class _LearnedOptimizer(torch.optim.Optimizer):
@@ -35,6 +62,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         adam_eps: float,
         adam_name_pattern: str | None,
         foreach: bool | None,
+        nonfinite: str,
     ) -> None:
         if not 0.0 <= float(lr):
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
@@ -55,6 +83,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
             foreach=foreach,
+            nonfinite=spec.check_nonfinite_policy(nonfinite),
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -62,6 +91,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group option branch={group['branch']!r}: expected one of {_BRANCHES}"
                 )
+            spec.check_nonfinite_policy(group["nonfinite"])
             for p in group["params"]:
                 if torch.is_complex(p):
                     name = self._name_of(group, p)
@@ -83,6 +113,12 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             if q is p:
                 return name
         return None
+
+    @staticmethod
+    def _label(group_index: int, group: dict[str, Any], index: int) -> str:
+        """The parameter's name when ``named_parameters()`` was given, else ``group<g>.param<i>``."""
+        names = group.get("param_names")
+        return names[index] if names else f"group{group_index}.param{index}"
 
     def _branch(self, group: dict[str, Any], index: int, p: torch.Tensor) -> str:
         if group["branch"] != "auto":
@@ -109,41 +145,148 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             self._theta_by_device[device] = TorchTheta.from_theta(self.theta, device)
         return self._theta_by_device[device]
 
-    # -- state_dict: keep accumulators float32 whatever the parameter dtype ----------
+    def nonfinite_steps(self) -> dict[str, int]:
+        """Steps skipped for a non-finite gradient, per parameter (``nonfinite="skip"``).
+
+        Reads every counter ``state[p]["nonfinite_steps"]`` to the host, so it
+        synchronises with accelerators: call it for logging, not every step.
+
+        Returns:
+            Parameter name (``group<g>.param<i>`` without names) -> count (0 for
+            parameters not stepped yet, and always 0 under ``"propagate"``).
+        """
+        counts = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                counter = self.state[p].get(_COUNTER) if p in self.state else None
+                counts[self._label(gi, group, i)] = 0 if counter is None else int(counter)
+        return counts
+
+    # -- state_dict: checked whole before anything loads; accumulators float32 -----------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` of the same optimizer class and model.
+
+        Every saved tensor is checked against its parameter first (keys and
+        shapes for its branch, floating dtype), and the param-group settings
+        that select the algorithm (``branch``, ``orthogonalize``,
+        ``nonfinite``) must agree with this optimizer's; on any mismatch
+        nothing is loaded. Accumulators are kept float32 whatever the
+        parameter dtype. A state saved before ``nonfinite`` existed keeps this
+        optimizer's setting.
+
+        Args:
+            state_dict: As returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: Naming the param group or parameter (its name when
+                ``named_parameters()`` was given, else ``group<g>.param<i>``)
+                and what differs; the optimizer is left exactly as it was.
+        """
+        self._check_state_dict(state_dict)
+        kept = [{k: g[k] for k in _ALGORITHM_KEYS} for g in self.param_groups]
         saved = state_dict["state"]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_to_param = dict(zip(saved_ids, params))
         super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, kept):
+            for key, value in settings.items():
+                group.setdefault(key, value)
         for pid, pstate in saved.items():
             p = id_to_param.get(pid)
+            if p is not None and _COUNTER in pstate:  # cast to the parameter's dtype by PyTorch's loader
+                self.state[p][_COUNTER] = pstate[_COUNTER].to(device=p.device, dtype=torch.int32, copy=True)
             if p is None or p.dtype == torch.float32:
                 continue
             for key in _STATE_KEYS_FP32:
                 if key in pstate and isinstance(pstate[key], torch.Tensor):
                     self.state[p][key] = pstate[key].to(device=p.device, dtype=torch.float32, copy=True)
 
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state_dict that does not fit this optimizer (see :meth:`load_state_dict`)."""
+        me = type(self).__name__
+        where = f"{me}.load_state_dict"
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the saved state has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}; nothing was loaded")
+        for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(sg["params"]) != len(group["params"]):
+                raise ValueError(f"{where}: param group {gi} of the saved state has {len(sg['params'])} parameters, "
+                                 f"this optimizer's {len(group['params'])}; nothing was loaded")
+            missing = [k for k in ("branch", "orthogonalize") if k not in sg]
+            if missing:
+                raise ValueError(f"{where}: param group {gi} of the saved state has no {missing} setting: it is not a "
+                                 f"Celo2/Celo2Base state (another optimizer's, AdamW's say); nothing was loaded")
+            for key in _ALGORITHM_KEYS:
+                if key in sg and sg[key] != group[key]:
+                    raise ValueError(
+                        f"{where}: param group {gi} was saved with {key}={sg[key]!r}, this {me} has {key}="
+                        f"{group[key]!r} (a {self._variant(sg)} state into a {me}?); that setting selects the "
+                        f"algorithm, so nothing was loaded")
+            for i, (p, pid) in enumerate(zip(group["params"], sg["params"])):
+                pstate = saved_state.get(pid)
+                if pstate:
+                    self._check_tensor_state(where, self._label(gi, group, i), self._branch(group, i, p), p, pstate)
+
+    @staticmethod
+    def _variant(group: dict[str, Any]) -> str:
+        if group.get("branch") == routing.LEARNED and not group.get("orthogonalize"):
+            return "Celo2Base"
+        return "Celo2" if group.get("branch") in _BRANCHES else "foreign"
+
+    @staticmethod
+    def _check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pstate: dict[str, Any],
+                            error: type[Exception] = ValueError) -> None:
+        """Refuse (raise ``error``) a tensor's saved or current state whose keys,
+        shapes or dtypes do not fit ``p``."""
+        expected = state_shapes(p.shape) if branch == routing.LEARNED else _adam_shapes(p)
+        keys = set(pstate) - {_COUNTER}
+        if keys != set(expected):
+            raise error(f"{where}: the state of {label} has {sorted(keys)}, the {branch!r} branch keeps "
+                             f"{sorted(expected)}; nothing was changed")
+        for key, shape in expected.items():
+            t = pstate[key]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise error(f"{where}: state {key!r} of {label} is {type(t).__name__} "
+                                 f"{getattr(t, 'dtype', '')}, expected a floating-point tensor; nothing was changed")
+            if tuple(t.shape) != shape:
+                raise error(f"{where}: state {key!r} of {label} has shape {tuple(t.shape)}, expected {shape} "
+                                 f"for a parameter of shape {tuple(p.shape)}; nothing was changed")
+        counter = pstate.get(_COUNTER)
+        if counter is not None and (not isinstance(counter, torch.Tensor) or counter.ndim != 0
+                                    or counter.is_floating_point() or counter.is_complex()):
+            raise error(f"{where}: state {_COUNTER!r} of {label} must be a 0-d integer tensor; nothing was changed")
+
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimisation step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: Before any tensor is written, naming the parameter, if
+                a gradient is sparse or has another shape than its parameter,
+                or a parameter's state does not fit it (resized since its
+                state was made, or an unchecked state put in place).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        plan = self._plan()
+        for group, entries in plan:
             adam_params: list[torch.Tensor] = []
             threaded: list[tuple[int, Callable[[], None]]] = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        f"({self._name_of(group, p) or f'parameter {i}'}); use a dense embedding"
-                    )
-                if self._branch(group, i, p) == routing.ADAM:
+            for p, branch in entries:
+                if branch == routing.ADAM:
                     adam_params.append(p)
                 else:
                     task = self._learned_step(group, p)
@@ -155,36 +298,108 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 self._adam_step(group, adam_params)
         return loss
 
+    def _plan(self) -> list[tuple[dict[str, Any], list[tuple[torch.Tensor, str]]]]:
+        """``(group, [(param, branch)])`` of the tensors to step, every one
+        checked first (see :meth:`step`), so that a bad one stops the step
+        before anything is written."""
+        me = type(self).__name__
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            entries = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{me} does not support sparse gradients "
+                        f"({self._name_of(group, p) or f'parameter {i}'}); use a dense embedding"
+                    )
+                label = self._label(gi, group, i)
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"{me}.step: the gradient of {label} has shape {tuple(p.grad.shape)}, the "
+                                       f"parameter {tuple(p.shape)}; nothing was changed")
+                branch = self._branch(group, i, p)
+                state = self.state.get(p)
+                if state:
+                    self._check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError)
+                entries.append((p, branch))
+            plan.append((group, entries))
+        return plan
+
+    @staticmethod
+    def _counter(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        if _COUNTER not in state:
+            state[_COUNTER] = torch.zeros((), dtype=torch.int32, device=p.device)
+        return state[_COUNTER]
+
     def _learned_step(self, group: dict[str, Any], p: torch.Tensor) -> Callable[[], None] | None:
         """Step ``p`` now, or return its step as a task when it is fused CPU
         kernels only (the caller spreads those over threads)."""
         state = self.state[p]
         if not state:
             state.update(init_tensor_state(p))
+        counter = self._counter(state, p)
         theta = self._torch_theta(p.device)
         # p <- p (1 - lr wd) - lr * direction, in place, chunk by chunk where possible.
         args = (theta, state, p.grad, p, group["orthogonalize"], group["lr"], group["weight_decay"])
-        if runs_on_one_thread(state, p.grad, p, group["orthogonalize"]):
+        gate = None
+        if group["nonfinite"] == "skip":
+            if _checked_on_host(p):
+                if not _grad_finite(p.grad):
+                    counter.add_(1)
+                    return None
+            else:
+                gate = _Gate(p, [state[k] for k in _LEARNED_KEYS], counter)
+        if gate is None and runs_on_one_thread(state, p.grad, p, group["orthogonalize"]):
             theta.layout().numpy()  # built here, not raced for by the threads
             return partial(apply_step, *args)
         workspace = None
         if not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
             workspace = self._workspace_by_device.setdefault(p.device, _Workspace())
         apply_step(*args, workspace=workspace)
+        if gate is not None:
+            gate.close()
         return None
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic."""
-        beta1, beta2 = group["adam_betas"]
-        lr = group["lr"] * group["adam_lr_mult"]
-        fp32, low = [], []
+        """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,
+        under the group's non-finite policy."""
+        host, gated, gates = [], [], []
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            (fp32 if p.dtype == torch.float32 else low).append(p)
+            counter = self._counter(state, p)
+            if group["nonfinite"] != "skip":
+                host.append(p)
+            elif _checked_on_host(p):
+                if _grad_finite(p.grad):
+                    host.append(p)
+                else:
+                    counter.add_(1)
+            else:
+                if p.device.type != "cpu" and state["step"].device != p.device:
+                    # Gated on the device: the step count lives there too (AdamW's
+                    # capturable arithmetic), so no write needs the flag on the host.
+                    state["step"] = state["step"].to(p.device)
+                gated.append(p)
+                gates.append(_Gate(p, [state[k] for k in _ADAM_KEYS], counter))
+        self._adam_run(group, host, capturable=False)
+        self._adam_run(group, [p for p in gated if p.device.type == "cpu"], capturable=False)
+        self._adam_run(group, [p for p in gated if p.device.type != "cpu"], capturable=True)
+        for gate in gates:
+            gate.close()
+
+    def _adam_run(self, group: dict[str, Any], params: list[torch.Tensor], capturable: bool) -> None:
+        if not params:
+            return
+        beta1, beta2 = group["adam_betas"]
+        lr = group["lr"] * group["adam_lr_mult"]
+        kw = dict(decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+                  eps=group["adam_eps"], maximize=False, capturable=capturable)
+        fp32 = [p for p in params if p.dtype == torch.float32]
         if fp32:
             _adam_functional(
                 fp32,
@@ -194,20 +409,21 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 [],
                 [self.state[p]["step"] for p in fp32],
                 foreach=group["foreach"],
-                decoupled_weight_decay=True,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=lr,
                 weight_decay=group["weight_decay"],
-                eps=group["adam_eps"],
-                maximize=False,
+                **kw,
             )
-        for p in low:
-            # Half-precision parameters: the same arithmetic on a float32 copy,
-            # so the moments never lose precision.
+        for p in params:
+            if p.dtype == torch.float32:
+                continue
             state = self.state[p]
-            p32 = p.to(torch.float32)
+            if p.dtype == torch.float64:
+                # The float32 update, taken on a zero parameter, then applied in
+                # float64: the parameter is never rounded through float32.
+                p32, wd = torch.zeros_like(p, dtype=torch.float32), 0.0
+            else:
+                # Half-precision parameters: the same arithmetic on a float32 copy,
+                # so the moments never lose precision.
+                p32, wd = p.to(torch.float32), group["weight_decay"]
             _adam_functional(
                 [p32],
                 [p.grad.to(torch.float32)],
@@ -216,16 +432,62 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 [],
                 [state["step"]],
                 foreach=False,
-                decoupled_weight_decay=True,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=lr,
-                weight_decay=group["weight_decay"],
-                eps=group["adam_eps"],
-                maximize=False,
+                weight_decay=wd,
+                **kw,
             )
-            p.copy_(p32)
+            if p.dtype == torch.float64:
+                if group["weight_decay"]:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+                p.add_(p32)
+            else:
+                p.copy_(p32)
+
+
+class _Gate:
+    """The device-side non-finite guard of one tensor: ``ok`` (no NaN or
+    +-inf in its gradient) is computed where the gradient lives, the tensor
+    and its state are copied, and :meth:`close` puts the copies back where
+    ``ok`` is false (``torch.where``: bitwise either way, no host
+    synchronisation) and counts the skipped step."""
+
+    def __init__(self, p: torch.Tensor, state: list[torch.Tensor], counter: torch.Tensor) -> None:
+        self.ok = torch.isfinite(p.grad).all()
+        self.tensors = [p.detach(), *state]
+        self.saved = [t.clone() for t in self.tensors]
+        self.counter = counter
+
+    def close(self) -> None:
+        for t, old in zip(self.tensors, self.saved):
+            t.copy_(torch.where(self.ok, t, old))
+        self.counter.add_(self.ok.logical_not().to(self.counter.dtype))
+        self.saved = []
+
+
+_POLICY_DOC = """
+    Non-finite gradients (``nonfinite``, see :data:`celo2.rule.spec.NONFINITE_POLICIES`):
+    under ``"skip"`` (default) a tensor whose gradient holds any NaN or +-inf
+    keeps its parameter and all of its state bitwise unchanged for that step
+    (no weight decay either; both branches), every other tensor steps as it
+    would without the check, and ``state[p]["nonfinite_steps"]`` (a 0-d int32
+    tensor on the parameter's device) counts the skipped steps;
+    :meth:`nonfinite_steps` reads them all by name. On the CPU (with the CPU
+    kernels on) the check is read on the host and a skipped tensor is not
+    touched; elsewhere (accelerators, ``CELO2_CPU_KERNELS=0``) it is a
+    device-side flag that gates the writes with ``torch.where`` (no
+    synchronisation; the tensor and its state are copied for the step, and
+    on accelerators the AdamW branch keeps its step count on the device). ``"propagate"`` runs no check: a NaN flows through as in AdamW
+    and, through the rule's normalisations, reaches the whole tensor and its
+    accumulators.
+
+    Zero gradients: the rule's output is normalised to unit RMS, so with
+    exactly zero gradients a parameter still moves by about ``lr`` per step
+    (published theta included); freeze a tensor by leaving it out of the
+    optimizer (or ``grad=None``), not by zeroing its gradient.
+
+    Dtypes: accumulators are float32 whatever the parameter dtype; a float64
+    parameter is updated in float64 (``lr=0`` leaves it exactly unchanged);
+    bfloat16 / float16 parameters combine the update in float32 and round once.
+"""
 
 
 class Celo2(_LearnedOptimizer):
@@ -242,6 +504,28 @@ class Celo2(_LearnedOptimizer):
 
     Both branches use decoupled weight decay: ``p <- p - lr * (step + wd * p)``
     (with ``adam_lr_mult * lr`` on the AdamW branch).
+
+    Args:
+        params: Parameters, or ``named_parameters()`` (names enable name
+            routing and name the tensors in errors and :meth:`nonfinite_steps`),
+            or param-group dicts.
+        lr: Learning rate of the rule (default 1e-3); AdamW gets ``adam_lr_mult * lr``.
+        weight_decay: Decoupled weight decay (default 0).
+        adam_lr_mult: Learning-rate multiplier of the AdamW branch (default 20).
+        adam_betas: AdamW's betas (default (0.9, 0.95)).
+        adam_eps: AdamW's epsilon (default 1e-8).
+        theta: The rule's weights: a :class:`~celo2.rule.theta.Theta`, a path,
+            or ``None`` for the shipped theta.
+        orthogonalize: Newton-Schulz on the rule's matrix directions (default ``True``).
+        adam_name_pattern: Regex of names routed to AdamW (default
+            :data:`celo2.rule.routing.ADAM_NAME_PATTERN`; ``None``: shapes only).
+        foreach: Passed to AdamW's functional step (default ``None``: PyTorch's choice).
+        nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
+
+    Raises:
+        ValueError: For a negative ``lr``, ``weight_decay``, ``adam_lr_mult`` or
+            ``adam_eps``, betas outside [0, 1), an unknown ``branch`` or
+            ``nonfinite``, or complex parameters.
     """
 
     def __init__(
@@ -257,6 +541,7 @@ class Celo2(_LearnedOptimizer):
         orthogonalize: bool = True,
         adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
         foreach: bool | None = None,
+        nonfinite: str = spec.NONFINITE_DEFAULT,
     ) -> None:
         super().__init__(
             params,
@@ -270,11 +555,26 @@ class Celo2(_LearnedOptimizer):
             adam_eps=adam_eps,
             adam_name_pattern=adam_name_pattern,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
 
 
 class Celo2Base(_LearnedOptimizer):
-    """Celo2-base: the learned rule, without orthogonalisation, on every tensor."""
+    """Celo2-base: the learned rule, without orthogonalisation, on every tensor.
+
+    Args:
+        params: Parameters, ``named_parameters()`` or param-group dicts.
+        lr: Learning rate (default 1e-3).
+        weight_decay: Decoupled weight decay ``p <- p - lr * (step + wd * p)`` (default 0).
+        theta: The rule's weights: a :class:`~celo2.rule.theta.Theta`, a path,
+            or ``None`` for the shipped theta.
+        foreach: Unused by the rule (kept for the shared machinery; default ``None``).
+        nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
+
+    Raises:
+        ValueError: For a negative ``lr`` or ``weight_decay``, an unknown
+            ``nonfinite``, or complex parameters.
+    """
 
     def __init__(
         self,
@@ -284,6 +584,7 @@ class Celo2Base(_LearnedOptimizer):
         theta: Theta | str | None = None,
         *,
         foreach: bool | None = None,
+        nonfinite: str = spec.NONFINITE_DEFAULT,
     ) -> None:
         super().__init__(
             params,
@@ -297,4 +598,9 @@ class Celo2Base(_LearnedOptimizer):
             adam_eps=spec.ADAM_EPS,
             adam_name_pattern=None,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
+
+
+for _cls in (Celo2, Celo2Base):
+    _cls.__doc__ += _POLICY_DOC

@@ -200,25 +200,31 @@ def work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape) if len(shape) else (1,)
 
 
-def init_tensor_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zeroed accumulators for one parameter (see :class:`celo2.optax.rule.TensorState`)."""
-    shape = work_shape(param.shape)
-    kw = dict(dtype=torch.float32, device=param.device)
+def state_shapes(shape: torch.Size | tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape of each accumulator of a parameter of ``shape`` (all float32).
+
+    Args:
+        shape: The parameter's shape.
+
+    Returns:
+        ``{"m", "v", "fac_r", "fac_c"}`` -> shape, as :func:`init_tensor_state` makes them.
+    """
+    shape = work_shape(shape)
     k = len(spec.FACTORED_DECAYS)
     dims = spec.factored_dims(shape)
     if dims is None:
-        fac_r = torch.zeros((k, *shape), **kw)
-        fac_c = torch.zeros((k, 0), **kw)
+        fac_r, fac_c = (k, *shape), (k, 0)
     else:
         d1, d0 = dims
-        fac_r = torch.zeros((k, *[s for i, s in enumerate(shape) if i != d0]), **kw)
-        fac_c = torch.zeros((k, *[s for i, s in enumerate(shape) if i != d1]), **kw)
-    return {
-        "m": torch.zeros((len(spec.MOMENTUM_DECAYS), *shape), **kw),
-        "v": torch.zeros(shape, **kw),
-        "fac_r": fac_r,
-        "fac_c": fac_c,
-    }
+        fac_r = (k, *[s for i, s in enumerate(shape) if i != d0])
+        fac_c = (k, *[s for i, s in enumerate(shape) if i != d1])
+    return {"m": (len(spec.MOMENTUM_DECAYS), *shape), "v": shape, "fac_r": fac_r, "fac_c": fac_c}
+
+
+def init_tensor_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zeroed accumulators for one parameter (see :class:`celo2.optax.rule.TensorState`)."""
+    return {key: torch.zeros(s, dtype=torch.float32, device=param.device)
+            for key, s in state_shapes(param.shape).items()}
 
 
 # =============================================================================
@@ -750,7 +756,8 @@ def _cpu_kernel_kind(state: dict[str, torch.Tensor], g: torch.Tensor, param: tor
     if not (USE_CPU_KERNELS and param.device.type == "cpu" and not torch.compiler.is_compiling()
             and param.dtype == torch.float32 and g.dtype == torch.float32
             and g.is_contiguous() and param.is_contiguous() and state["m"].is_contiguous()
-            and state["v"].is_contiguous() and state["fac_r"].is_contiguous() and g.data_ptr() != param.data_ptr()):
+            and state["v"].is_contiguous() and state["fac_r"].is_contiguous() and state["fac_c"].is_contiguous()
+            and g.data_ptr() != param.data_ptr()):
         return None
     return cpu_kernels.kernel_kind(shape)
 
@@ -785,6 +792,8 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     lay, k = t.lay, cpu_kernels
     R, C = t.shape
     g, p, m, v = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy()
+    fac_r, fac_c = t.fac_r.numpy(), t.fac_c.numpy()
+    k.check_operands("matrix", t.shape, {"grad": g, "param": p, "m": m, "v": v, "fac_r": fac_r, "fac_c": fac_c})
     per, nblk = k.blocks(R)
     row_sum = np.empty(R, np.float32)
     col_part = np.empty((nblk, C), np.float32)
@@ -795,7 +804,6 @@ def _run_matrix_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tenso
     sum_over = {1: row_sum, 0: col_part.sum(0)}
     d1, d0 = t.dims
     nl = lay.numpy()
-    fac_r, fac_c = t.fac_r.numpy(), t.fac_c.numpy()
     rf, cf = np.empty_like(fac_r), np.empty_like(fac_c)
     term_r = np.empty((8, fac_r.shape[1]), np.float32)
     term_c = np.empty((8, fac_c.shape[1]), np.float32)
@@ -852,6 +860,8 @@ def _run_conv_cpu(t: "_Tensor", orthogonalize: bool, apply, param: torch.Tensor)
     k, lay = cpu_kernels, t.lay
     O, I = t.shape[:2]
     G = t.shape[2] * t.shape[3]
+    k.check_operands("conv", t.shape, {"grad": t.g.numpy(), "param": t.p.numpy(), "m": t.m.numpy(),
+                                       "v": t.v.numpy(), "fac_r": t.fac_r.numpy(), "fac_c": t.fac_c.numpy()})
     g, p = t.g.numpy().reshape(O, I, G), t.p.numpy().reshape(O, I, G)
     m, v = t.m.numpy().reshape(3, O, I, G), t.v.numpy().reshape(O, I, G)
     per, nblk = k.blocks(O)
@@ -889,6 +899,7 @@ def _run_vector_cpu(t: "_Tensor", apply, param: torch.Tensor) -> Optional[torch.
     then the matrix direction kernel on it as one row; same contract as :func:`_run`."""
     k, nl, n = cpu_kernels, t.lay.numpy(), t.numel
     g, p, m, v, fac = t.g.numpy(), t.p.numpy(), t.m.numpy(), t.v.numpy(), t.fac_r.numpy()
+    k.check_operands("vector", t.shape, {"grad": g, "param": p, "m": m, "v": v, "fac_r": fac})
     factor = np.empty((3, n), np.float32)
     sums = np.empty(_VECTOR_CHANNELS, np.float64)
     args = (g, p, m, v, fac, nl.momentum_w, nl.factored_w, factor, sums)
@@ -918,10 +929,13 @@ def _apply_update(param: torch.Tensor, a: int, b: int, d: torch.Tensor, apply, s
     lr, wd = apply
     p = param.detach().reshape(work_shape(param.shape))[a:b]
     step = -lr if scale is None else scale * (-lr)
-    if p.dtype == torch.float32:
+    if p.dtype in (torch.float32, torch.float64):
+        # In the parameter's own dtype: float64 is never rounded through float32.
         if wd:
             p.mul_(1.0 - lr * wd)
-        if isinstance(step, torch.Tensor):
+        if p.dtype != d.dtype:
+            p.add_(d.to(p.dtype).mul_(step))
+        elif isinstance(step, torch.Tensor):
             p.addcmul_(d, step)
         else:
             p.add_(d, alpha=step)
