@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celo2.rule import spec
+from celo2.rule import layout, spec
 from celo2.rule.theta import Theta, load_theta
 
 ThetaTree = Mapping[str, jax.Array]
@@ -220,21 +220,16 @@ def reference_tensor_step(
 # =============================================================================
 # The fast formulation
 # =============================================================================
-def _element_rows() -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
-    """(theta key, row) of the first-layer weights read by each channel: the
-    per-element channels (vector groups then fac_m), the row and the column
-    statistic channels."""
-    def rows(index: int) -> list[tuple[str, int]]:
-        return [(f"w0__{index}", r) for r in range(spec.FEATURE_GROUPS[index].width)]
-
-    names = {g.name: g.index for g in spec.FEATURE_GROUPS}
-    element = [kr for g in spec.FEATURE_GROUPS[: spec.VECTOR_GROUPS] for kr in rows(g.index)] + rows(names["fac_m"])
-    row = rows(names["row"]) + rows(names["rsqrt_row"])
-    col = rows(names["col"]) + rows(names["rsqrt_col"])
-    return element, row, col
+def _theta_rows(rows: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(theta key, row) of rows of the concatenated ``(30, 8)`` first layer."""
+    where = {r: (f"w0__{g.index}", i) for g in spec.FEATURE_GROUPS for i, r in enumerate(layout.GROUP_ROWS[g.name])}
+    return [where[r] for r in rows]
 
 
-_EL_ROWS, _ROW_ROWS, _COL_ROWS = _element_rows()
+# The channel order of the fused formulation and of the kernels (celo2.rule.layout):
+# per-element channels, then the row- and column-statistic channels.
+_EL_ROWS, _ROW_ROWS, _COL_ROWS = (_theta_rows(r) for r in (layout.ELEMENT_ROWS, layout.ROW_STAT_ROWS,
+                                                             layout.COL_STAT_ROWS))
 
 
 def _weights(theta: ThetaTree, rows: list[tuple[str, int]]) -> jax.Array:

@@ -58,9 +58,18 @@ def resolve_ns_dtype(ns_dtype: str | torch.dtype, device: torch.device | str) ->
     """
     device = torch.device(device)
     name = ns_dtype_name(ns_dtype)
-    if name == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float32  # bfloat16 is emulated before Ampere
-    return _DTYPES[resolve_ns_dtype_name(name, device.type)]
+    if name != "auto":
+        return _DTYPES[name]
+    return _DTYPES[_auto_name(device.type, device.index if device.type == "cuda" else None)]
+
+
+@torch.compiler.assume_constant_result
+def _auto_name(device_type: str, index: Optional[int]) -> str:
+    """What ``"auto"`` means on a device (read from the hardware once per process; a constant
+    under ``torch.compile``)."""
+    if device_type == "cuda" and torch.cuda.get_device_capability(index)[0] < 8:
+        return "float32"  # bfloat16 is emulated before Ampere
+    return resolve_ns_dtype_name("auto", device_type)
 
 
 def _column_blocks(x: torch.Tensor) -> int:
