@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
+
 NS_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 """Names ``ns_dtype`` accepts (the front ends also take their framework's dtype objects)."""
 
@@ -55,8 +57,14 @@ def ns_dtype_name(ns_dtype: object) -> str:
     Raises:
         ValueError: ``ns_dtype`` names another dtype or nothing known.
     """
-    name = ns_dtype if isinstance(ns_dtype, str) else str(getattr(ns_dtype, "name", ns_dtype))
-    name = name.removeprefix("torch.").removeprefix("jnp.").lower()
+    if isinstance(ns_dtype, str):
+        name = ns_dtype
+    else:
+        try:  # NumPy and JAX dtypes (bfloat16 through ml_dtypes)
+            name = np.dtype(ns_dtype).name
+        except TypeError:  # torch.float32 and the like
+            name = str(ns_dtype)
+    name = name.removeprefix("torch.").lower()
     name = {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
     if name not in NS_DTYPES:
         raise ValueError(f"ns_dtype={ns_dtype!r}: expected 'auto', float32 or bfloat16")

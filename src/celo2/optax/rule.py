@@ -109,21 +109,31 @@ def _rms_normalise(x: jax.Array, eps: float, axes: tuple[int, ...]) -> jax.Array
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
-def newton_schulz(x: jax.Array) -> jax.Array:
-    """Approximately orthogonalise the last two axes (batched over leading axes)."""
+def newton_schulz(x: jax.Array, dtype: "jnp.dtype | None" = None) -> jax.Array:
+    """Approximately orthogonalise the last two axes (batched over leading axes).
+
+    Args:
+        x: A ``(..., R, C)`` array; tall matrices are iterated transposed.
+        dtype: The dtype of the matrix products (default ``x.dtype``); the
+            Frobenius pre-scaling is computed in ``x``'s dtype first.
+
+    Returns:
+        The result in ``x``'s dtype.
+    """
     a, b, c = spec.NS_COEFFS
+    out_dtype = x.dtype
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:
         x = jnp.swapaxes(x, -1, -2)
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    x = x / (norm + spec.NS_EPS)
+    x = (x / (norm + spec.NS_EPS)).astype(dtype or out_dtype)
     for _ in range(spec.NS_STEPS):
         gram = x @ jnp.swapaxes(x, -1, -2)
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x
     if transpose:
         x = jnp.swapaxes(x, -1, -2)
-    return x
+    return x.astype(out_dtype)
 
 
 def update_accumulators(state: TensorState, g: jax.Array) -> tuple[TensorState, jax.Array]:
@@ -260,7 +270,7 @@ def _sums_of_squares(xs: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Arr
 
 def tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
-    cpu_kernels: bool = False,
+    cpu_kernels: bool = False, ns_dtype: "jnp.dtype" = jnp.float32,
 ) -> tuple[jax.Array, TensorState]:
     """One step of the rule on one tensor: ``(direction, new_state)``.
 
@@ -272,7 +282,8 @@ def tensor_step(
     matrix or conv kernel is one custom call into the fused Numba kernels
     (:mod:`celo2.optax.cpu_ffi`, about 3x faster than XLA's loop there; not
     differentiable); other tensors, and other platforms, take the XLA
-    formulation.
+    formulation. ``ns_dtype``: the dtype of Newton-Schulz's matrix products
+    (default float32; see :func:`celo2.optax.scale_by_celo2`).
     """
     if cpu_kernels:
         from celo2.optax import cpu_ffi
@@ -293,14 +304,14 @@ def tensor_step(
                 else:
                     d, new_state = _conv_step_cpu(theta, net, state, grad, param)
                 if orthogonalize:
-                    d = newton_schulz(d)
+                    d = newton_schulz(d, ns_dtype)
                 return _rms_normalise(d, spec.OUTPUT_NORM_EPS, (d.ndim - 2, d.ndim - 1)), new_state
 
             def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
-                return _xla_tensor_step(theta, state, grad, param, orthogonalize)
+                return _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
 
             return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
-    return _xla_tensor_step(theta, state, grad, param, orthogonalize)
+    return _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
 
 
 def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: jax.Array,
@@ -336,7 +347,8 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
 
 
 def _xla_tensor_step(
-    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool
+    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
+    ns_dtype: "jnp.dtype" = jnp.float32,
 ) -> tuple[jax.Array, TensorState]:
     """:func:`tensor_step` as XLA code: the 12 rank-1 channels on the
     statistics, the rest one fused elementwise loop."""
@@ -376,6 +388,6 @@ def _xla_tensor_step(
         direction = direction + w2[k] * jax.nn.relu(z)
     direction = jnp.broadcast_to(direction, work)
     if orthogonalize and nd >= 2:
-        direction = newton_schulz(direction)
+        direction = newton_schulz(direction, ns_dtype)
     direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, axes)
     return direction.reshape(shape).astype(param.dtype), state

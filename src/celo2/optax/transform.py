@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from celo2.hardware import ns_dtype_name, resolve_ns_dtype_name
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 from celo2.optax.rule import TensorState, init_tensor_state, tensor_step, theta_to_jax
@@ -28,7 +29,7 @@ def _is_tensor_state(x: Any) -> bool:
 
 
 def scale_by_celo2(
-    theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None
+    theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None, ns_dtype: Any = "auto",
 ) -> optax.GradientTransformation:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
@@ -45,10 +46,24 @@ def scale_by_celo2(
     is not traced; ``False``: XLA everywhere (needed to differentiate through
     the update); ``True``: on, and an error if Numba is missing. Other
     platforms always compile the XLA formulation.
+
+    ``ns_dtype``: the dtype of Newton-Schulz's matrix products. ``"auto"``
+    (default): bfloat16 where the default backend multiplies it natively (GPU,
+    CPUs with AMX or AVX512-BF16, see :func:`celo2.hardware.resolve_ns_dtype_name`),
+    float32 elsewhere and whenever theta is traced (a meta-gradient through
+    the update keeps float32); ``"float32"`` / ``"bfloat16"`` (or
+    ``jnp.float32`` / ``jnp.bfloat16``) force it.
+
+    Raises:
+        ValueError: an unknown ``ns_dtype``, or ``cpu_kernels=True`` without Numba.
     """
     traced = _is_traced_mapping(theta)
     theta_tree = theta_to_jax(theta) if not traced else dict(theta)
     use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
+    ns_name = ns_dtype_name(ns_dtype)
+    if ns_name == "auto":
+        ns_name = "float32" if traced else resolve_ns_dtype_name("auto", jax.default_backend())
+    ns = jnp.dtype(ns_name)
 
     def init_fn(params: Any) -> ScaleByCelo2State:
         return ScaleByCelo2State(
@@ -68,7 +83,7 @@ def scale_by_celo2(
                 outs.append(None)
                 new_states.append(s)
                 continue
-            direction, s = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
+            direction, s = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns)
             outs.append(direction)
             new_states.append(s)
         return (
@@ -133,6 +148,7 @@ def celo2(
     param_labels: Any = None,
     adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
     cpu_kernels: bool | None = None,
+    ns_dtype: Any = "auto",
 ) -> optax.GradientTransformation:
     """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
 
@@ -140,14 +156,15 @@ def celo2(
     scalars, and (by name) embeddings and output heads get
     ``optax.adamw(adam_lr_mult * lr, adam_b1, adam_b2, adam_eps, weight_decay)``.
     ``param_labels`` (a pytree or function of params giving ``"celo2"`` or
-    ``"adam"`` per leaf) overrides the default routing. ``cpu_kernels``: see
+    ``"adam"`` per leaf) overrides the default routing. ``cpu_kernels`` and
+    ``ns_dtype`` (Newton-Schulz's dtype, default ``"auto"``): see
     :func:`scale_by_celo2`.
     """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
     return optax.partition(
         {
             routing.LEARNED: optax.chain(
-                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels),
+                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, ns_dtype=ns_dtype),
                 optax.add_decayed_weights(weight_decay),
                 optax.scale_by_learning_rate(learning_rate),
             ),
