@@ -248,19 +248,6 @@ class _MuonWithAdamW:
                 yield from (v for v in st.values() if hasattr(v, "nbytes"))
 
 
-def _celo2_accepts_ns_dtype() -> bool:
-    import inspect
-
-    from celo2.torch import Celo2
-
-    return "ns_dtype" in inspect.signature(Celo2).parameters
-
-
-def _torch_kinds(kinds: list[str] | tuple[str, ...]) -> list[str]:
-    """The rows this checkout can build (``celo2_bf16`` needs ``Celo2(ns_dtype=...)``)."""
-    return [k for k in kinds if k != "celo2_bf16" or _celo2_accepts_ns_dtype()]
-
-
 def _torch_optimizer(kind: str, named, theta):  # noqa: ANN001
     import torch
 
@@ -276,8 +263,7 @@ def _torch_optimizer(kind: str, named, theta):  # noqa: ANN001
     if kind == "celo2_base":
         return Celo2Base(named, lr=LR, theta=theta)
     if kind in ("celo2_fp32", "celo2_bf16"):
-        ns = {"ns_dtype": TORCH_NS_DTYPES[kind]} if _celo2_accepts_ns_dtype() else {}
-        return Celo2(named, lr=LR, theta=theta, **ns)
+        return Celo2(named, lr=LR, theta=theta, ns_dtype=TORCH_NS_DTYPES[kind])
     raise ValueError(f"unknown torch optimizer {kind!r}; expected one of {TORCH_OPTS}")
 
 
@@ -835,7 +821,6 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = args.frameworks.split(",")
     if "torch" in frameworks or args.train_share:
         results["torch_ns_dtype_auto"] = _run_worker(["torch-ns", "-"], args)
-        torch_kinds = _torch_kinds(torch_kinds)
     for size in args.sizes.split(","):
         shapes = model_shapes(size)
         per: dict[str, Any] = {"num_params": sum(_numel(s) for _, s in shapes),

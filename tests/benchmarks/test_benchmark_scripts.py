@@ -62,7 +62,7 @@ def step_time_kinds() -> list[str]:
         import step_time
     finally:
         sys.path.remove(str(BENCH))
-    return step_time._torch_kinds(step_time.TORCH_OPTS)
+    return list(step_time.TORCH_OPTS)
 
 
 def test_step_time_gpt_shapes_and_training_step_share(tmp_path):
@@ -84,7 +84,7 @@ def test_step_time_gpt_shapes_and_training_step_share(tmp_path):
                 "--threads", "1", "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    kinds = set(step_time._torch_kinds(step_time.TORCH_OPTS))
+    kinds = set(step_time.TORCH_OPTS)
     assert set(data["sizes"]["gpt-tiny"]["torch"]) == kinds
     share = data["train_share"]
     assert set(share["rows"]) == kinds and share["tokens_per_step"] == 2 * 16
