@@ -470,7 +470,7 @@ def _load_npz(members: dict[str, bytes], origin: str) -> Theta:
 
 
 # -- PyLO's PyTorch state_dict ------------------------------------------------------------
-def _load_pt(data: bytes, members: dict[str, bytes], origin: str) -> Theta:
+def _load_pt(members: dict[str, bytes], origin: str) -> Theta:
     pickles = [name for name in members if name.endswith("data.pkl")]
     if len(pickles) != 1:
         raise ThetaError(f"{origin}: a PyTorch archive holds one data.pkl, this one {len(pickles)}")
@@ -480,8 +480,14 @@ def _load_pt(data: bytes, members: dict[str, bytes], origin: str) -> Theta:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ThetaError(f"{origin}: reading a PyTorch .pt theta needs torch installed") from exc
+    # torch reads a fresh archive of the members zipfile has checked: its own zip reader trusts header fields
+    # that zipfile ignores (an external-attributes byte can make it read a record as empty, loading garbage).
+    clean = io.BytesIO()
+    with zipfile.ZipFile(clean, "w", zipfile.ZIP_STORED) as archive:
+        for name, body in members.items():
+            archive.writestr(name, body)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(clean.getvalue()), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ThetaError(f"{origin}: not a readable PyTorch state_dict ({type(exc).__name__}: {exc!s:.200})") from exc
     if not isinstance(state, Mapping):
@@ -519,7 +525,7 @@ def _load_file(path: Path) -> Theta:
         # .npz and torch's zip-based .pt are both zip archives.
         members = _zip_members(data, origin)
         if any(name.endswith("data.pkl") for name in members):
-            return _load_pt(data, members, origin)
+            return _load_pt(members, origin)
         return _load_npz(members, origin)
     if suffix in (".state", ".msgpack") or 0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF):
         return theta_from_flax_bytes(data, origin=origin)
