@@ -46,14 +46,14 @@ _PROJECT_FORMAT = "celo2-theta-v2"
 _PROJECT_FORMATS_READ = ("celo2-theta-v1", _PROJECT_FORMAT)
 #: Largest theta file read. A theta is 347 floats (under 8 KiB in every format); the cap leaves room for metadata.
 _MAX_FILE_BYTES = 4 << 20
-#: Most members of a ``.npz`` or ``.pt`` zip archive (a PyLO ``.pt`` has 23, a celo2 ``.npz`` 22).
+#: Most members of a ``.npz`` or ``.pt`` zip archive (a theta's ``.pt`` has 23 to 25, a celo2 ``.npz`` 22).
 _MAX_ZIP_MEMBERS = 64
 #: Largest pickle inside a ``.pt``. PyLO's is under 2 KiB; the cap bounds how deeply a pickle can nest
 #: objects, since hashing a nested tuple key recurses in C (a 1 MB pickle overflows the stack).
 _MAX_PICKLE_BYTES = 64 << 10
 #: Most dimensions of an array in a theta file (theta arrays have one or two).
 _MAX_NDIM = 8
-#: dtype kinds an array in a theta file may have: float, signed and unsigned int, bool; unicode for npz metadata.
+#: dtype kinds an array in a theta file may have: float, signed and unsigned int, bool (npz text records add unicode).
 _ARRAY_KINDS = "fiub"
 #: Seconds ``hf://`` waits for the Hub to answer before it falls back to the local cache.
 _HF_TIMEOUT_S = 5.0
@@ -481,7 +481,7 @@ def _load_pt(members: dict[str, bytes], origin: str) -> Theta:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ThetaError(f"{origin}: reading a PyTorch .pt theta needs torch installed") from exc
     # torch reads a fresh archive of the members zipfile has checked: its own zip reader trusts header fields
-    # that zipfile ignores (an external-attributes byte can make it read a record as empty, loading garbage).
+    # that zipfile ignores (a changed external-attributes field makes it load wrong values without an error).
     clean = io.BytesIO()
     with zipfile.ZipFile(clean, "w", zipfile.ZIP_STORED) as archive:
         for name, body in members.items():
@@ -613,7 +613,7 @@ def load_theta(source: "str | os.PathLike[str] | Theta | Mapping[str, Any] | Non
     if isinstance(source, Theta):
         return source
     if isinstance(source, Mapping):
-        return Theta(_validated({k: np.asarray(v) for k, v in source.items()}, "mapping"))
+        return Theta(_validated(dict(source), "mapping"))
     text = os.fspath(source)
     if text.startswith("hf://"):
         return load_theta(_download_from_hub(text))
