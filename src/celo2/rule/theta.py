@@ -221,7 +221,9 @@ def _array_from_parts(parts: Any, origin: str, what: str) -> np.ndarray:
         raise ThetaError(f"{origin}: {what} has dtype {dtype}, expected a numeric dtype")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != len(buffer):
-        raise ThetaError(f"{origin}: {what} declares shape {tuple(shape)} of {dtype} ({nbytes} bytes), holds {len(buffer)}")
+        raise ThetaError(
+            f"{origin}: {what} declares shape {tuple(shape)} of {dtype} ({nbytes} bytes), holds {len(buffer)}"
+        )
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
@@ -357,7 +359,9 @@ def _zip_members(data: bytes, origin: str) -> dict[str, bytes]:
                 with archive.open(info) as fh:
                     body = fh.read(_MAX_FILE_BYTES + 1)
                 if len(body) != info.file_size:
-                    raise ThetaError(f"{origin}: archive member {name!r:.80} holds {len(body)} bytes, declares {info.file_size}")
+                    raise ThetaError(
+                        f"{origin}: archive member {name!r:.80} holds {len(body)} bytes, declares {info.file_size}"
+                    )
                 members[name] = body
     except ThetaError:
         raise
@@ -442,7 +446,8 @@ def _load_npz(members: dict[str, bytes], origin: str) -> Theta:
     recorded = _npz_text(raw, "__sha256__", origin)
     if fmt is not None and fmt not in _PROJECT_FORMATS_READ:
         raise ThetaError(
-            f"{origin}: theta format {fmt!r:.40}; this celo2 reads {', '.join(_PROJECT_FORMATS_READ)} (a newer celo2 may read it)"
+            f"{origin}: theta format {fmt!r:.40}; this celo2 reads {', '.join(_PROJECT_FORMATS_READ)} "
+            "(a newer celo2 may read it)"
         )
     if fmt == _PROJECT_FORMAT and recorded is None:
         raise ThetaError(f"{origin}: format {fmt} without its __sha256__ record (the file is damaged)")
@@ -724,7 +729,9 @@ def _download_from_hub(url: str) -> str:
         try:
             return huggingface_hub.hf_hub_download(**request, local_files_only=True)
         except Exception as exc:
-            raise ThetaError(f"{url}: HF_HUB_OFFLINE is set and {filename} of {repo_id} is not in the local cache; {how}") from exc
+            raise ThetaError(
+                f"{url}: HF_HUB_OFFLINE is set and {filename} of {repo_id} is not in the local cache; {how}"
+            ) from exc
     try:
         huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(**request), timeout=_HF_TIMEOUT_S)
     except HfHubHTTPError as exc:
