@@ -479,6 +479,15 @@ def test_flax_state_cannot_detect_a_weight_flip_but_catches_structure(tmp_path, 
         load_theta(path)
 
 
+def test_oversized_files_are_refused_before_they_are_read(tmp_path):
+    for suffix in (".state", ".npz", ".pt"):
+        big = tmp_path / f"big{suffix}"
+        with open(big, "wb") as fh:
+            fh.truncate((4 << 20) + 1)
+        with pytest.raises(ThetaError, match="more than a theta file holds"):
+            load_theta(big)
+
+
 def test_shipped_theta_is_checked_against_its_record(monkeypatch, tmp_path, random_theta):
     import celo2.rule.theta as theta_module
 

@@ -215,7 +215,7 @@ def _array_from_parts(parts: Any, origin: str, what: str) -> np.ndarray:
         raise ThetaError(f"{origin}: {what} has a malformed dtype or buffer")
     try:
         dtype = np.dtype(dtype_name)
-    except TypeError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ThetaError(f"{origin}: {what} has an unknown dtype {dtype_name!r:.40}") from exc
     if dtype.kind not in _ARRAY_KINDS or dtype.itemsize == 0:
         raise ThetaError(f"{origin}: {what} has dtype {dtype}, expected a numeric dtype")
