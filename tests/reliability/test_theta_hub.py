@@ -119,6 +119,17 @@ def test_unreachable_endpoint_fails_fast_without_a_retry_loop(tmp_path):
     assert f"cannot reach {endpoint}" in result["error"] and "pass its local path" in result["error"]
 
 
+def test_endpoint_that_never_answers_times_out_in_seconds(tmp_path):
+    """A socket that accepts connections and never replies stands in for a network that drops packets."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result, elapsed = _load_in_fresh_interpreter("hf://amoudgl/celo2", tmp_path, HF_ENDPOINT=endpoint)
+    assert elapsed < FAST_S + 5  # the request's own 5 s timeout, plus the interpreter's start
+    assert f"cannot reach {endpoint}" in result["error"] and "timeout 5 s" in result["error"]
+
+
 def test_local_hub_serves_the_file_then_the_cache_serves_it_offline(tmp_path, hub, random_theta):
     result, _ = _load_in_fresh_interpreter("hf://owner/celo2", tmp_path, HF_ENDPOINT=hub)
     assert result == {"checksum": random_theta.checksum()}
