@@ -64,6 +64,7 @@ class RunLock:
         where = f"{flag} {self.folder}" if flag else str(self.folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise RunFolderError(f"{where}: is a file, not a folder")
+        self._created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -111,11 +112,19 @@ class RunLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Clear the holder record and drop the lock (a no-op when already released)."""
+        """Clear the holder record and drop the lock (a no-op when already released).
+
+        A folder this lock created and nothing else was written to (the command
+        failed on bad input) is removed again.
+        """
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            if self._created and os.listdir(self.folder) == [LOCK_NAME]:
+                os.unlink(self.path)
+                os.rmdir(self.folder)
+            else:
+                os.ftruncate(self._fd, 0)
         finally:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None

@@ -1,0 +1,136 @@
+"""Ctrl-C and damaged files in ``celo2 meta-train``, each run in a subprocess (a crash fails the test).
+
+The smoke preset of ``tests/cli/test_metatrain.py``; the children share a JAX
+compilation cache, so only the first one (the one interrupted while it
+compiles) pays the full compile.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import celo2
+
+ITERATIONS = 300
+EVERY = 100
+TRAIN = ("meta-train", "--preset", "smoke", "--iterations", str(ITERATIONS), "--checkpoint-every", str(EVERY),
+         "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("interrupt")
+
+
+@pytest.fixture(scope="module")
+def env(work, env_with):
+    cache = work / "jax-cache"
+    return env_with(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+_REFERENCE: dict[str, np.ndarray] = {}
+
+
+def _reference(celo2_cli, work: Path, env) -> np.ndarray:
+    """Theta of the uninterrupted run of the same length (computed once, after the cache is warm)."""
+    if "theta" not in _REFERENCE:
+        r = celo2_cli(*TRAIN, "--out", "reference", cwd=work, env=env)
+        assert r.returncode == 0, r.stderr
+        _REFERENCE["theta"] = celo2.load_theta(work / "reference" / "theta.state").to_flat()
+    return _REFERENCE["theta"]
+
+
+def _interrupt(child) -> tuple[str, list[str]]:
+    child.proc.send_signal(signal.SIGINT)
+    r = child.finish()
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "Fatal Python error" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if "resume with: " in l]
+    assert len(lines) == 1, r.stderr
+    return r.stderr, shlex.split(lines[0].split("resume with: ", 1)[1])
+
+
+def _resume(celo2_cli, work: Path, env, command: list[str]) -> str:
+    assert command[:2] == ["celo2", "meta-train"] and "--resume" in command
+    r = celo2_cli(*command[1:], cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+
+def test_ctrl_c_while_compiling_exits_cleanly_and_resumes_to_the_same_theta(work, env, celo2_child, celo2_cli):
+    child = celo2_child(*TRAIN, "--out", "during-compile", cwd=work, env=env)
+    child.wait_for("training images")  # logged just before the compile starts; it takes seconds
+    err, command = _interrupt(child)
+    assert "compiled the iteration" in err  # the compile was let finish, not torn down
+    assert "no checkpoint yet" in err
+    _resume(celo2_cli, work, env, command)
+    got = celo2.load_theta(work / "during-compile" / "theta.state").to_flat()
+    np.testing.assert_array_equal(got, _reference(celo2_cli, work, env))
+
+
+def test_ctrl_c_mid_run_saves_a_checkpoint_and_resumes_to_the_same_theta(work, env, celo2_child, celo2_cli):
+    run = work / "mid-run"
+    child = celo2_child(*TRAIN, "--out", str(run), cwd=work, env=env)
+    child.wait_for("compiled the iteration")
+    time.sleep(0.5)  # some iterations (about 100 a second), not all 300
+    _, command = _interrupt(child)
+    with np.load(run / "checkpoint" / "trainer.npz") as npz:
+        saved_at = json.loads(str(npz["__meta__"]))["iteration"]
+    assert 0 < saved_at < ITERATIONS
+    err = _resume(celo2_cli, work, env, command)
+    assert f"from iteration {saved_at}" in err
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, ITERATIONS + 1))
+    np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), _reference(celo2_cli, work, env))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(work, env, celo2_cli):
+    run = work / "corrupt"
+    r = celo2_cli(*TRAIN, "--iterations", "200", "--out", str(run), cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    ckpt = run / "checkpoint"
+    assert (ckpt / "trainer.prev.npz").is_file()
+    (ckpt / "trainer.npz").write_bytes(b"PK\x03\x04 torn by a full disk")
+    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", str(ITERATIONS), "--no-progress",
+                  cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    warning = [l for l in r.stderr.splitlines() if "falling back to" in l]
+    assert len(warning) == 1 and str(ckpt / "trainer.npz") in warning[0], r.stderr
+    assert f"{ckpt / 'trainer.prev.npz'} (iteration 100)" in warning[0]
+    np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), _reference(celo2_cli, work, env))
+
+    # Both unusable: one line naming both files, exit 2, nothing overwritten.
+    (ckpt / "trainer.prev.npz").write_bytes(b"garbage")
+    (ckpt / "trainer.npz").write_bytes(b"garbage too")
+    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", "400", "--no-progress",
+                  cwd=work, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("celo2 meta-train: error: no usable checkpoint")
+    assert "trainer.npz" in line and "trainer.prev.npz" in line
+    assert (ckpt / "trainer.npz").read_bytes() == b"garbage too"
+
+
+def test_garbage_metrics_line_is_named_on_resume(work, env, celo2_cli):
+    run = work / "garbage"
+    r = celo2_cli(*TRAIN, "--iterations", "200", "--out", str(run), cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines.insert(4, "%%% not json %%%")
+    path.write_text("\n".join(lines) + "\n")
+    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", "250", "--no-progress",
+                  cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {path}:5: not a metrics row" in r.stderr, r.stderr
+    assert "not json" in (run / "metrics.rejected.txt").read_text()
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, 251))
