@@ -71,7 +71,7 @@ class RunLock:
         except OSError as exc:
             reason = "a parent is a file, not a folder" if exc.errno in (errno.ENOTDIR, errno.EEXIST) else (
                 exc.strerror or str(exc))
-            raise RunFolderError(f"{where}: cannot use it as a run folder ({reason})") from None
+            raise RunFolderError(f"{where}: cannot create or open the folder ({reason})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ import pytest
 
 import celo2
 
-ITERATIONS = 300
-EVERY = 100
+ITERATIONS = 150
+EVERY = 50
 TRAIN = ("meta-train", "--preset", "smoke", "--iterations", str(ITERATIONS), "--checkpoint-every", str(EVERY),
          "--no-progress")
 
@@ -80,7 +81,10 @@ def test_ctrl_c_mid_run_saves_a_checkpoint_and_resumes_to_the_same_theta(work, e
     run = work / "mid-run"
     child = celo2_child(*TRAIN, "--out", str(run), cwd=work, env=env)
     child.wait_for("compiled the iteration")
-    time.sleep(0.5)  # some iterations (about 100 a second), not all 300
+    first = run / "thetas" / f"theta-{EVERY:06d}.state"  # the first checkpoint: the run is under way
+    end = time.monotonic() + 60
+    while not first.exists() and child.proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.01)
     _, command = _interrupt(child)
     with np.load(run / "checkpoint" / "trainer.npz") as npz:
         saved_at = json.loads(str(npz["__meta__"]))["iteration"]
@@ -92,45 +96,47 @@ def test_ctrl_c_mid_run_saves_a_checkpoint_and_resumes_to_the_same_theta(work, e
     np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), _reference(celo2_cli, work, env))
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(work, env, celo2_cli):
-    run = work / "corrupt"
-    r = celo2_cli(*TRAIN, "--iterations", "200", "--out", str(run), cwd=work, env=env)
-    assert r.returncode == 0, r.stderr
+def test_damaged_checkpoint_and_metrics_fall_back_with_warnings(work, env, celo2_cli):
+    reference = _reference(celo2_cli, work, env)
+    run = work / "damaged"
+    shutil.copytree(work / "reference", run)
     ckpt = run / "checkpoint"
     assert (ckpt / "trainer.prev.npz").is_file()
     (ckpt / "trainer.npz").write_bytes(b"PK\x03\x04 torn by a full disk")
-    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", str(ITERATIONS), "--no-progress",
-                  cwd=work, env=env)
-    assert r.returncode == 0, r.stderr
-    warning = [l for l in r.stderr.splitlines() if "falling back to" in l]
-    assert len(warning) == 1 and str(ckpt / "trainer.npz") in warning[0], r.stderr
-    assert f"{ckpt / 'trainer.prev.npz'} (iteration 100)" in warning[0]
-    np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), _reference(celo2_cli, work, env))
-
-    # Both unusable: one line naming both files, exit 2, nothing overwritten.
-    (ckpt / "trainer.prev.npz").write_bytes(b"garbage")
-    (ckpt / "trainer.npz").write_bytes(b"garbage too")
-    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", "400", "--no-progress",
-                  cwd=work, env=env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("celo2 meta-train: error: no usable checkpoint")
-    assert "trainer.npz" in line and "trainer.prev.npz" in line
-    assert (ckpt / "trainer.npz").read_bytes() == b"garbage too"
-
-
-def test_garbage_metrics_line_is_named_on_resume(work, env, celo2_cli):
-    run = work / "garbage"
-    r = celo2_cli(*TRAIN, "--iterations", "200", "--out", str(run), cwd=work, env=env)
-    assert r.returncode == 0, r.stderr
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines()
     lines.insert(4, "%%% not json %%%")
     path.write_text("\n".join(lines) + "\n")
-    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--iterations", "250", "--no-progress",
-                  cwd=work, env=env)
+    (run / "theta.state").unlink()
+
+    r = celo2_cli("meta-train", "--out", str(run), "--resume", "--no-progress", cwd=work, env=env)
     assert r.returncode == 0, r.stderr
+    warning = [l for l in r.stderr.splitlines() if "falling back to" in l]
+    assert len(warning) == 1 and str(ckpt / "trainer.npz") in warning[0], r.stderr
+    assert f"{ckpt / 'trainer.prev.npz'} (iteration {ITERATIONS - EVERY})" in warning[0]
     assert f"warning: {path}:5: not a metrics row" in r.stderr, r.stderr
     assert "not json" in (run / "metrics.rejected.txt").read_text()
     rows = [json.loads(l) for l in path.read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == list(range(1, 251))
+    assert [r["iteration"] for r in rows] == list(range(1, ITERATIONS + 1))
+    np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), reference)
+
+
+
+def test_no_usable_checkpoint_is_one_line_and_exit_2(work, capsys):
+    """In-process (no computation happens: the checkpoints are read before anything is compiled)."""
+    from celo2.cli.main import main
+
+    run = work / "unusable"
+    (run / "checkpoint").mkdir(parents=True)
+    from celo2.metatrain import preset
+
+    (run / "config.json").write_text(preset("smoke", iterations=ITERATIONS, checkpoint_every=EVERY).to_json())
+    (run / "checkpoint" / "trainer.prev.npz").write_bytes(b"garbage")
+    (run / "checkpoint" / "trainer.npz").write_bytes(b"garbage too")
+    code = main(["meta-train", "--out", str(run), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("celo2 meta-train: error: no usable checkpoint"), err
+    assert "trainer.npz" in line and "trainer.prev.npz" in line
+    assert (run / "checkpoint" / "trainer.npz").read_bytes() == b"garbage too"

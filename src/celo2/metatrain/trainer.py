@@ -330,11 +330,9 @@ class MetaTrainer:
             CheckpointError: no usable checkpoint, or one of a different configuration.
             MetaTrainInterrupted: Ctrl-C; raised at the next safe point, after saving a checkpoint.
         """
-        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        log = log or _stderr
         run = Path(run_dir)
-        if run.is_dir() and not resume and any(p.name != LOCK_NAME for p in run.iterdir()):
-            raise RunDirError(
-                f"run folder {run} is not empty; pass --resume to continue it or choose another --out")
+        _check_fresh(run, resume)
         with _DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
             return self._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
                                       stop_after=stop_after)
@@ -521,6 +519,17 @@ def _jitted_iteration(pes, mesh, inner_optimizer) -> Callable:
     return _STEP_CACHE[key]
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_fresh(run: Path, resume: bool) -> None:
+    """A new run needs an empty (or missing) folder; only ``resume`` continues one."""
+    if run.is_dir() and not resume and any(p.name != LOCK_NAME for p in run.iterdir()):
+        raise RunDirError(
+            f"run folder {run} is not empty; pass --resume to continue it or choose another --out")
+
+
 def _check_same_run(saved: MetaTrainConfig, current: MetaTrainConfig, origin: str) -> None:
     a, b = saved.to_dict(), current.to_dict()
     changed = [k for k in a if k not in RESUMABLE_KEYS and k != "preset" and a[k] != b.get(k)]
@@ -677,11 +686,13 @@ def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: b
     if resume and (run / "config.json").is_file():
         saved = MetaTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         _check_same_run(saved, config, origin=str(run / "config.json"))
-    with _DeferredInterrupt() as interrupt:
+    log = log or _stderr
+    _check_fresh(run, resume)
+    # The folder is claimed before the data are loaded: a folder in use is reported at once.
+    with _DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
         trainer = MetaTrainer(config, data=data, inner_optimizer=inner_optimizer)
-        if interrupt.requested:  # while loading data: nothing written yet
-            raise MetaTrainInterrupted(run, 0, None)
-        return trainer.train(run, resume=resume, progress=progress, stop_after=stop_after, log=log)
+        return trainer._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
+                                     stop_after=stop_after)
 
 
 __all__ = [
