@@ -68,7 +68,8 @@ def _resume(celo2_cli, work: Path, env, command: list[str]) -> str:
 
 def test_ctrl_c_while_compiling_exits_cleanly_and_resumes_to_the_same_theta(work, env, celo2_child, celo2_cli):
     child = celo2_child(*TRAIN, "--out", "during-compile", cwd=work, env=env)
-    child.wait_for("training images")  # logged just before the compile starts; it takes seconds
+    child.wait_for("compiling the iteration")
+    time.sleep(1.0)  # into the compile, which takes XLA several seconds (the cache is empty yet)
     err, command = _interrupt(child)
     assert "compiled the iteration" in err  # the compile was let finish, not torn down
     assert "no checkpoint yet" in err

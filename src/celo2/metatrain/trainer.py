@@ -410,6 +410,7 @@ class MetaTrainer:
         try:
             stop_if_asked(state, saved, saved_at)
             if start < c.iterations:
+                log("compiling the iteration ...")
                 log(f"compiled the iteration in {self.compile(state):.1f} s")
             stop_if_asked(state, saved, saved_at)
             total = c.iterations
