@@ -45,6 +45,7 @@ def test_second_process_is_refused_naming_the_holder(holder):
     ["bench", "--suite", "smoke", "--steps", "1", "--tasks", "mlp", "--optimizers", "adamw", "--lrs", "1e-3",
      "--no-progress", "--out"],
     ["demo", "--quick", "--no-progress", "--out"],
+    ["meta-train", "--preset", "smoke", "--iterations", "2", "--no-progress", "--out"],
 ])
 def test_cli_on_a_folder_in_use_stops_at_once(holder, celo2_cli, tmp_path, argv):
     run, p = holder
