@@ -154,10 +154,31 @@ if AVAILABLE:
     _W2 = _C(layout.SEGMENT["w2"].offset)
     _B2 = _C(layout.SEGMENT["b2"].offset)
     _NAN_ALL = _C(tl.PropagateNan.ALL)
+    _INF = _C(float("inf"))
 
     # =============================================================================
     # Element helpers
     # =============================================================================
+    # The kernels call Triton builtins only, none of triton.language's own
+    # ``@triton.jit`` helpers (``tl.sum``, ``tl.zeros``, ``tl.cdiv``...): those
+    # are decorated when Triton is first imported, so a copy of this module
+    # decorated under the interpreter after Triton was imported in compiled mode
+    # (as the tests load it) could not call them. Reductions pass the standard
+    # library's combine functions to ``tl.reduce``: the interpreter recognises
+    # those and reduces with NumPy (any other combine function it runs element
+    # by element, some 100x slower).
+    _SUM_COMBINE = tl.standard._sum_combine
+    _MAX_COMBINE = tl.standard._elementwise_max
+
+    @triton.jit
+    def _sum(x, axis: tl.constexpr):
+        """``tl.sum``: a reduction tree of fixed order."""
+        return tl.reduce(x, axis, _SUM_COMBINE)
+
+    @triton.jit
+    def _max(x, axis: tl.constexpr):
+        return tl.reduce(x, axis, _MAX_COMBINE)
+
     @triton.jit
     def _clip(x, c):
         """``clamp(x, -c, c)`` with NaN propagated (as ``torch.clamp``)."""
@@ -169,8 +190,8 @@ if AVAILABLE:
 
     @triton.jit
     def _nonfinite(x):
-        """1 where ``x`` is NaN or +-inf (``x - x`` is 0 exactly for every finite value), else 0."""
-        return ((x - x) != 0).to(tl.int32)
+        """1 where ``x`` is NaN or +-inf, else 0."""
+        return ((x != x) | (tl.abs(x) == _INF)).to(tl.int32)
 
     @triton.jit
     def _remove(n, inner, span):
@@ -215,7 +236,7 @@ if AVAILABLE:
     @triton.jit
     def _psum(part_ptr, c: tl.constexpr, q, mask, grp, gmask, G, nlb, pl):
         """Block ``pl``'s sum of ``q`` per group into ``part[c, grp, pl]``."""
-        tl.store(part_ptr + (c * G + grp) * nlb + pl, tl.sum(tl.where(mask, q, 0.0), axis=1), mask=gmask)
+        tl.store(part_ptr + (c * G + grp) * nlb + pl, _sum(tl.where(mask, q, 0.0), 1), mask=gmask)
 
     @triton.jit
     def _channel(h, x, c: tl.constexpr, inv_ptr, G, grp, gmask, net_ptr):
@@ -225,20 +246,33 @@ if AVAILABLE:
         return h + (x * s[:, None])[:, :, None] * w[None, None, :]
 
     @triton.jit
+    def _to_bfloat16(x):
+        """float32 -> bfloat16 rounded to nearest even, in integer arithmetic (what the GPU's
+        conversion does; the interpreter's conversion truncates). NaN and inf stay NaN and inf."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _update_param(p_ptr, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
-                      LR_T: tl.constexpr, WD_T: tl.constexpr, P64: tl.constexpr):
-        """``p <- p (1 - lr wd) - lr scale d`` where ``mask``: float32 math rounded once (float64 for float64 ``p``)."""
+                      LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr):
+        """``p <- p (1 - lr wd) - lr scale d`` where ``mask``: float32 math, rounded once to nearest even
+        for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64 math for a float64 one (1)."""
         if LR_T:
             lr = tl.load(lr_ptr).to(tl.float32)
         if WD_T:
             wd = tl.load(wd_ptr).to(tl.float32)
         p = tl.load(p_ptr + n, mask=mask, other=0.0)
-        if P64:
-            lr64 = lr.to(tl.float64)
-            new = p * (1.0 - lr64 * wd.to(tl.float64)) - (lr64 * scale.to(tl.float64)) * d.to(tl.float64)
+        if P_KIND == 1:
+            one = tl.full([], 1.0, tl.float64)  # promotes lr and wd (float32 scalars) exactly
+            new = p * (one - one * lr * wd) - ((d.to(tl.float64) * lr) * scale)
         else:
             new = p.to(tl.float32) * (1.0 - lr * wd) - (lr * scale) * d
-        tl.store(p_ptr + n, new.to(p.dtype), mask=mask)
+            if P_KIND == 2:
+                new = _to_bfloat16(new)
+            elif P_KIND == 3:
+                new = new.to(tl.float16)  # round to nearest even
+        tl.store(p_ptr + n, new, mask=mask)
 
     # =============================================================================
     # Pass 1: gradient statistics and the non-finite flag
@@ -249,7 +283,7 @@ if AVAILABLE:
         """Program ``(a, block of h, b, c)`` of the ``(A, SH, B, SL, C)`` view: the sums of
         ``clip(g)^2`` over ``SL`` (complete) and its block's partial sums over ``SH``."""
         pid = tl.program_id(0).to(tl.int64)
-        nhb = tl.cdiv(SH, BH)
+        nhb = (SH + BH - 1) // BH
         hb = pid % nhb
         t = pid // nhb
         c = t % C
@@ -259,8 +293,8 @@ if AVAILABLE:
         h = hb * BH + tl.arange(0, BH)
         hmask = h < SH
         row = ((a * SH + h) * B + b) * SL
-        acc = tl.zeros([BH], dtype=tl.float32)
-        bad = tl.zeros([BH, BLL], dtype=tl.int32)
+        acc = tl.full([BH], 0.0, tl.float32)
+        bad = tl.full([BH, BLL], 0, tl.int32)
         for l0 in range(0, SL, BLL):
             l = l0 + tl.arange(0, BLL)
             lmask = l < SL
@@ -270,18 +304,18 @@ if AVAILABLE:
                 bad = bad | _nonfinite(graw)
             g = _clip(graw.to(tl.float32), _GRAD_CLIP)
             g2 = g * g
-            acc += tl.sum(g2, axis=1)
-            tl.store(part_hi_ptr + hb * n_hi + ((a * B + b) * SL + l) * C + c, tl.sum(g2, axis=0), mask=lmask)
+            acc += _sum(g2, 1)
+            tl.store(part_hi_ptr + hb * n_hi + ((a * B + b) * SL + l) * C + c, _sum(g2, 0), mask=lmask)
         tl.store(sum_lo_ptr + ((a * SH + h) * B + b) * C + c, acc, mask=hmask)
         if CHECK:
-            tl.atomic_max(flag_ptr, tl.max(tl.max(bad, axis=1), axis=0))
+            tl.atomic_max(flag_ptr, _max(_max(bad, 1), 0))
 
     @triton.jit
     def _flag_pass(g_ptr, flag_ptr, N, BLOCK: tl.constexpr):
         """A vector's first pass: the non-finite flag only."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         graw = tl.load(g_ptr + i, mask=i < N, other=0.0)
-        tl.atomic_max(flag_ptr, tl.max(_nonfinite(graw), axis=0))
+        tl.atomic_max(flag_ptr, _max(_nonfinite(graw), 0))
 
     # =============================================================================
     # Passes 2-3: the factored statistics
@@ -294,12 +328,12 @@ if AVAILABLE:
         o = pid.to(tl.int64) * BO + tl.arange(0, BO)
         omask = o < n_out
         base = (o // Q) * S * Q + o % Q
-        a0 = tl.zeros([BO, BS], dtype=tl.float32)
-        a1 = tl.zeros([BO, BS], dtype=tl.float32)
-        a2 = tl.zeros([BO, BS], dtype=tl.float32)
-        r0 = tl.zeros([BO, BS], dtype=tl.float32)
-        r1 = tl.zeros([BO, BS], dtype=tl.float32)
-        r2 = tl.zeros([BO, BS], dtype=tl.float32)
+        a0 = tl.full([BO, BS], 0.0, tl.float32)
+        a1 = tl.full([BO, BS], 0.0, tl.float32)
+        a2 = tl.full([BO, BS], 0.0, tl.float32)
+        r0 = tl.full([BO, BS], 0.0, tl.float32)
+        r1 = tl.full([BO, BS], 0.0, tl.float32)
+        r2 = tl.full([BO, BS], 0.0, tl.float32)
         for j0 in range(0, S, BS):
             j = j0 + tl.arange(0, BS)
             mask = omask[:, None] & (j < S)[None, :]
@@ -320,16 +354,16 @@ if AVAILABLE:
                 a1 += tl.where(mask, x1, 0.0)
                 a2 += tl.where(mask, x2, 0.0)
         if NORM:
-            tl.store(out_ptr + o, tl.rsqrt(tl.sum(a0, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out_ptr + n_out + o, tl.rsqrt(tl.sum(a1, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out_ptr + 2 * n_out + o, tl.rsqrt(tl.sum(a2, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out2_ptr + o, tl.rsqrt(tl.sum(r0, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out2_ptr + n_out + o, tl.rsqrt(tl.sum(r1, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out2_ptr + 2 * n_out + o, tl.rsqrt(tl.sum(r2, axis=1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out_ptr + o, tl.rsqrt(_sum(a0, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out_ptr + n_out + o, tl.rsqrt(_sum(a1, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out_ptr + 2 * n_out + o, tl.rsqrt(_sum(a2, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out2_ptr + o, tl.rsqrt(_sum(r0, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out2_ptr + n_out + o, tl.rsqrt(_sum(r1, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out2_ptr + 2 * n_out + o, tl.rsqrt(_sum(r2, 1) / S + _INPUT_NORM_EPS), mask=omask)
         else:
-            tl.store(out_ptr + o, tl.sum(a0, axis=1) / S, mask=omask)
-            tl.store(out_ptr + n_out + o, tl.sum(a1, axis=1) / S, mask=omask)
-            tl.store(out_ptr + 2 * n_out + o, tl.sum(a2, axis=1) / S, mask=omask)
+            tl.store(out_ptr + o, _sum(a0, 1) / S, mask=omask)
+            tl.store(out_ptr + n_out + o, _sum(a1, 1) / S, mask=omask)
+            tl.store(out_ptr + 2 * n_out + o, _sum(a2, 1) / S, mask=omask)
 
     @triton.jit
     def _stat_reduce(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, hi_ptr, hi_tot, hi_parts, n_hi, hi_inv,
@@ -383,7 +417,7 @@ if AVAILABLE:
         mi = (i // (mean_s * mean_q)) * mean_q + i % mean_q
         sg = i // len_s
         hidx = tl.arange(0, _H)
-        term = tl.zeros([BLOCK, _H], dtype=tl.float32)
+        term = tl.full([BLOCK, _H], 0.0, tl.float32)
         if IS_ROW:
             term += tl.load(net_ptr + _B0 + hidx)[None, :]
         term = _factor_k(_fold(s_ptr, ns, x, i, mask, 0, _WF0), 0, s_ptr, f_ptr, ns, i, mask, store, mean_ptr,
@@ -506,12 +540,12 @@ if AVAILABLE:
         grp = pid.to(tl.int64) * BGR + tl.arange(0, BGR)
         gmask = grp < G
         for c in tl.static_range(NCH):
-            acc = tl.zeros([BGR, RB], dtype=tl.float32)
+            acc = tl.full([BGR, RB], 0.0, tl.float32)
             for j0 in range(0, nlb, RB):
                 j = j0 + tl.arange(0, RB)
                 acc += tl.load(part_ptr + (c * G + grp[:, None]) * nlb + j[None, :],
                                mask=gmask[:, None] & (j < nlb)[None, :], other=0.0)
-            tl.store(out_ptr + c * G + grp, tl.rsqrt(tl.sum(acc, axis=1) / L + EPS), mask=gmask)
+            tl.store(out_ptr + c * G + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
         if WRITE_OK:
             if pid == 0:
                 if SKIP:
@@ -524,7 +558,7 @@ if AVAILABLE:
                    out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
                    N, G, L, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
                    FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr, LR_T: tl.constexpr,
-                   WD_T: tl.constexpr, P64: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
+                   WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
         """Channels -> MLP -> direction; MODE 0 writes it (zeros when the flag is up), 1 writes
         per-block sums of its squares, 2 applies it with each group's ``scale``."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
@@ -542,7 +576,7 @@ if AVAILABLE:
             f0 = _vector_factor(tl.load(fac_ptr + n, mask=mask, other=1.0))
             f1 = _vector_factor(tl.load(fac_ptr + N + n, mask=mask, other=1.0))
             f2 = _vector_factor(tl.load(fac_ptr + 2 * N + n, mask=mask, other=1.0))
-            h = tl.zeros([BG, BL, _H], dtype=tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
+            h = tl.full([BG, BL, _H], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, _clip(g, _FEATURE_CLIP), _CH_CLIP, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, p, _CH_P, inv_ptr, G, grp, gmask, net_ptr)
@@ -563,10 +597,10 @@ if AVAILABLE:
             h = _channel(h, m1 * f1, _CH_FACM + 1, inv_ptr, G, grp, gmask, net_ptr)
             h = _channel(h, m2 * f2, _CH_FACM + 2, inv_ptr, G, grp, gmask, net_ptr)
         h = _relu(h)
-        d = tl.zeros([BG, BL], dtype=tl.float32) + tl.load(net_ptr + _B2)
+        d = tl.full([BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B2)
         for j in tl.static_range(_H):
             w1 = tl.load(net_ptr + _W1 + hidx * _H + j)  # column j of w1 (in, out)
-            u = _relu(tl.load(net_ptr + _B1 + j) + tl.sum(h * w1[None, None, :], axis=2))
+            u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[None, None, :], 2))
             d += tl.load(net_ptr + _W2 + j) * u
         if MODE == 0:
             tl.store(out_ptr + n, tl.where(_where_ok(mask, flag_ptr, SKIP), d, 0.0), mask=mask)
@@ -574,11 +608,11 @@ if AVAILABLE:
             _psum(sq_ptr, 0, d * d, mask, grp, gmask, G, nlb, pl)
         else:
             scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
-            _update_param(p_ptr, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P64)
+            _update_param(p_ptr, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
 
     @triton.jit
     def _held(d_ptr, p_ptr, sq_ptr, scale_ptr, ok_ptr, lr_ptr, lr, wd_ptr, wd, G, L, nlb,
-              MODE: tl.constexpr, LR_T: tl.constexpr, WD_T: tl.constexpr, P64: tl.constexpr,
+              MODE: tl.constexpr, LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr,
               BG: tl.constexpr, BL: tl.constexpr):
         """A held direction: MODE 1 per-block sums of ``d^2``, MODE 2 the update where ``ok``."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
@@ -588,7 +622,7 @@ if AVAILABLE:
         else:
             scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
             ok = mask & ((mask.to(tl.float32) * 0.0 + tl.load(ok_ptr)) != 0)
-            _update_param(p_ptr, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P64)
+            _update_param(p_ptr, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
 
 
 # =============================================================================
@@ -675,6 +709,11 @@ def _reduce_tile(outputs: int, length: int) -> tuple[int, int, int]:
     bs = min(_pow2(length), 256)
     bo = min(_pow2(outputs), max(1, TILE // bs))
     return bo, bs, -(-outputs // bo)
+
+
+def _param_kind(dtype: torch.dtype) -> int:
+    """How :func:`_update_param` combines: 0 float32, 1 float64, 2 bfloat16, 3 float16."""
+    return {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}[dtype]
 
 
 def _work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -853,7 +892,7 @@ def _direction_pass(prep: _Prepared, mode: int, out: torch.Tensor, sq: torch.Ten
         *prep.args, out, sq, scale, prep.flag if lr_ptr is None else lr_ptr, lr_val,
         prep.flag if wd_ptr is None else wd_ptr, wd_val, *prep.ints,
         FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-        P64=p.dtype == torch.float64, BG=geo.bg, BL=geo.bl, num_warps=8)
+        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
 
 
 def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor, *,
@@ -973,11 +1012,11 @@ def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scala
     okv = ok.detach().reshape(())
     common = dict(BG=geo.bg, BL=geo.bl, num_warps=8)
     _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
-                           MODE=SQUARES, LR_T=False, WD_T=False, P64=False, **common)
+                           MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
     _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
     _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
                            okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
                            MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-                           P64=param.dtype == torch.float64, **common)
+                           P_KIND=_param_kind(param.dtype), **common)
     if copied:
         param.detach().copy_(flat.view(param.shape))
