@@ -254,15 +254,14 @@ if AVAILABLE:
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _update_param(p_ptr, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
+    def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
                       LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr):
-        """``p <- p (1 - lr wd) - lr scale d`` where ``mask``: float32 math, rounded once to nearest even
+        """``p <- p (1 - lr wd) - lr scale d`` where ``mask`` (``p`` as loaded, in its dtype): float32 math, rounded once to nearest even
         for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64 math for a float64 one (1)."""
         if LR_T:
             lr = tl.load(lr_ptr).to(tl.float32)
         if WD_T:
             wd = tl.load(wd_ptr).to(tl.float32)
-        p = tl.load(p_ptr + n, mask=mask, other=0.0)
         if P_KIND == 1:
             one = tl.full([], 1.0, tl.float64)  # promotes lr and wd (float32 scalars) exactly
             new = p * (one - one * lr * wd) - ((d.to(tl.float64) * lr) * scale)
@@ -451,13 +450,15 @@ if AVAILABLE:
     # =============================================================================
     @triton.jit
     def _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask):
+        """``g`` (clipped), ``p`` as stored and as float32, ``m`` and ``v`` at ``n``."""
         g = _clip(tl.load(g_ptr + n, mask=mask, other=0.0).to(tl.float32), _GRAD_CLIP)
-        p = tl.load(p_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        praw = tl.load(p_ptr + n, mask=mask, other=0.0)
+        p = praw.to(tl.float32)
         m0 = tl.load(m_ptr + n, mask=mask, other=0.0)
         m1 = tl.load(m_ptr + N + n, mask=mask, other=0.0)
         m2 = tl.load(m_ptr + 2 * N + n, mask=mask, other=0.0)
         v = tl.load(v_ptr + n, mask=mask, other=0.0)
-        return g, p, m0, m1, m2, v
+        return g, praw, p, m0, m1, m2, v
 
     @triton.jit
     def _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi):
@@ -480,7 +481,7 @@ if AVAILABLE:
         squares of the per-element channels."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
         store = _where_ok(mask, flag_ptr, SKIP)
-        g, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
+        g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
         m0 = m0 + _WM0 * (g - m0)
         m1 = m1 + _WM1 * (g - m1)
         m2 = m2 + _WM2 * (g - m2)
@@ -562,7 +563,7 @@ if AVAILABLE:
         """Channels -> MLP -> direction; MODE 0 writes it (zeros when the flag is up), 1 writes
         per-block sums of its squares, 2 applies it with each group's ``scale``."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
-        g, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
+        g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
         rv = tl.rsqrt(v + _RSQRT_EPS)
         hidx = tl.arange(0, _H)
         if FACTORED:
@@ -608,7 +609,7 @@ if AVAILABLE:
             _psum(sq_ptr, 0, d * d, mask, grp, gmask, G, nlb, pl)
         else:
             scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
-            _update_param(p_ptr, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
+            _update_param(p_ptr, praw, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
 
     @triton.jit
     def _held(d_ptr, p_ptr, sq_ptr, scale_ptr, ok_ptr, lr_ptr, lr, wd_ptr, wd, G, L, nlb,
@@ -622,7 +623,8 @@ if AVAILABLE:
         else:
             scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
             ok = mask & ((mask.to(tl.float32) * 0.0 + tl.load(ok_ptr)) != 0)
-            _update_param(p_ptr, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
+            p = tl.load(p_ptr + n, mask=mask, other=0.0)
+            _update_param(p_ptr, p, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
 
 
 # =============================================================================
