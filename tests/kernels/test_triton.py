@@ -18,7 +18,7 @@ from celo2.torch import rule
 # orientations, one whose groups span several blocks and one whose long
 # statistic spans several reduction tiles; 3-D with the factored axes at the
 # front, at the back and split; conv kernels, one with a single input channel.
-SHAPES = [(), (37,), (1500,), (1, 7), (7, 1), (24, 7), (7, 24), (37, 61), (300, 3), (3, 10, 9), (9, 10, 3), (5, 3, 4),
+SHAPES = [(), (37,), (1500,), (1, 7), (7, 1), (24, 7), (37, 61), (300, 3), (3, 10, 9), (9, 10, 3), (5, 3, 4),
           (6, 5, 3, 3), (2, 1, 5, 3)]
 
 
@@ -180,7 +180,7 @@ def test_nan_propagates_without_the_skip(tk, net):
     assert ok.item() == 1.0 and torch.isnan(param).all() and torch.isnan(state["m"][:, 3, 4]).all()
 
 
-@pytest.mark.parametrize("shape", [(), (37,), (24, 7), (5, 3, 4)], ids=_ids)
+@pytest.mark.parametrize("shape", [(), (24, 7), (5, 3, 4)], ids=_ids)
 def test_clean_steps_are_bitwise_unaffected_by_the_flag(tk, net, shape):
     gen = torch.Generator().manual_seed(11)
     param = torch.randn(shape, generator=gen)

@@ -64,7 +64,8 @@ once (float64 parameters combine in float64). The kernels index contiguous
 operands only: a non-contiguous gradient or parameter is copied to a
 contiguous one first (an extra copy launch), and a non-contiguous parameter
 is updated through that copy and copied back; state must be contiguous (as
-:func:`celo2.torch.rule.init_tensor_state` makes it). Indices are 64-bit.
+:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are 64-bit; a tensor has
+fewer than :data:`MAX_ELEMENTS` elements.
 
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
@@ -99,6 +100,9 @@ INTERPRETED: bool = bool(AVAILABLE and triton.knobs.runtime.interpret)
 
 TILE: int = 1024
 """Elements per program of the element passes (a power of two)."""
+
+MAX_ELEMENTS: int = 1 << 31
+"""Tensors must have fewer elements (block counts and per-block partial offsets are 32-bit)."""
 
 PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 """Parameter dtypes the kernels take."""
@@ -194,6 +198,13 @@ if AVAILABLE:
         return ((x != x) | (tl.abs(x) == _INF)).to(tl.int32)
 
     @triton.jit
+    def _row(ptr, k: tl.constexpr, stride):
+        """``ptr + k * stride`` without an int32 product that could overflow (``k`` small)."""
+        for _ in tl.static_range(k):
+            ptr += stride
+        return ptr
+
+    @triton.jit
     def _remove(n, inner, span):
         """Flat index without one axis: ``span`` = that axis' size times ``inner``, the elements after it."""
         return (n // span) * inner + n % inner
@@ -230,18 +241,18 @@ if AVAILABLE:
     @triton.jit
     def _fold(s_ptr, ns, x, i, mask, k: tl.constexpr, wf):
         """Statistic ``k`` folded with the mean ``x`` (``+ FACTORED_EPS``), not stored."""
-        s = tl.load(s_ptr + k * ns + i, mask=mask, other=1.0)
+        s = tl.load(_row(s_ptr, k, ns) + i, mask=mask, other=1.0)
         return s + wf * (x - s)
 
     @triton.jit
     def _psum(part_ptr, c: tl.constexpr, q, mask, grp, gmask, G, nlb, pl):
         """Block ``pl``'s sum of ``q`` per group into ``part[c, grp, pl]``."""
-        tl.store(part_ptr + (c * G + grp) * nlb + pl, _sum(tl.where(mask, q, 0.0), 1), mask=gmask)
+        tl.store(_row(part_ptr, c, G * nlb) + grp * nlb + pl, _sum(tl.where(mask, q, 0.0), 1), mask=gmask)
 
     @triton.jit
     def _channel(h, x, c: tl.constexpr, inv_ptr, G, grp, gmask, net_ptr):
         """``h + (x * inv_c) w_el[c]``: channel ``c`` normalised by its group's RMS, into the first layer."""
-        s = tl.load(inv_ptr + c * G + grp, mask=gmask, other=0.0)
+        s = tl.load(_row(inv_ptr, c, G) + grp, mask=gmask, other=0.0)
         w = tl.load(net_ptr + _W_EL + c * _H + tl.arange(0, _H))
         return h + (x * s[:, None])[:, :, None] * w[None, None, :]
 
@@ -355,14 +366,14 @@ if AVAILABLE:
         if NORM:
             tl.store(out_ptr + o, tl.rsqrt(_sum(a0, 1) / S + _INPUT_NORM_EPS), mask=omask)
             tl.store(out_ptr + n_out + o, tl.rsqrt(_sum(a1, 1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out_ptr + 2 * n_out + o, tl.rsqrt(_sum(a2, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out_ptr + n_out + n_out + o, tl.rsqrt(_sum(a2, 1) / S + _INPUT_NORM_EPS), mask=omask)
             tl.store(out2_ptr + o, tl.rsqrt(_sum(r0, 1) / S + _INPUT_NORM_EPS), mask=omask)
             tl.store(out2_ptr + n_out + o, tl.rsqrt(_sum(r1, 1) / S + _INPUT_NORM_EPS), mask=omask)
-            tl.store(out2_ptr + 2 * n_out + o, tl.rsqrt(_sum(r2, 1) / S + _INPUT_NORM_EPS), mask=omask)
+            tl.store(out2_ptr + n_out + n_out + o, tl.rsqrt(_sum(r2, 1) / S + _INPUT_NORM_EPS), mask=omask)
         else:
             tl.store(out_ptr + o, _sum(a0, 1) / S, mask=omask)
             tl.store(out_ptr + n_out + o, _sum(a1, 1) / S, mask=omask)
-            tl.store(out_ptr + 2 * n_out + o, _sum(a2, 1) / S, mask=omask)
+            tl.store(out_ptr + n_out + n_out + o, _sum(a2, 1) / S, mask=omask)
 
     @triton.jit
     def _stat_reduce(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, hi_ptr, hi_tot, hi_parts, n_hi, hi_inv,
@@ -392,15 +403,15 @@ if AVAILABLE:
     def _factor_k(x, k: tl.constexpr, s_ptr, f_ptr, ns, i, mask, store, mean_ptr, n_mean, mi, norm_ptr, normr_ptr,
                   ng, sg, net_ptr, term, IS_ROW: tl.constexpr, W_OFF: tl.constexpr):
         """Statistic ``k``: stored folded, its Adafactor factor, and its two channels' share of ``term``."""
-        tl.store(s_ptr + k * ns + i, x, mask=store)
+        tl.store(_row(s_ptr, k, ns) + i, x, mask=store)
         if IS_ROW:
-            y = x / (tl.load(mean_ptr + k * n_mean + mi, mask=mask, other=1.0) + _ROW_MEAN_EPS)
+            y = x / (tl.load(_row(mean_ptr, k, n_mean) + mi, mask=mask, other=1.0) + _ROW_MEAN_EPS)
         else:
             y = x
-        tl.store(f_ptr + k * ns + i, tl.rsqrt(tl.maximum(y, _SAFE_RSQRT_FLOOR)), mask=mask)
+        tl.store(_row(f_ptr, k, ns) + i, tl.rsqrt(tl.maximum(y, _SAFE_RSQRT_FLOOR)), mask=mask)
         hidx = tl.arange(0, _H)
-        a = x * tl.load(norm_ptr + k * ng + sg, mask=mask, other=0.0)
-        r = tl.rsqrt(x + _RSQRT_EPS) * tl.load(normr_ptr + k * ng + sg, mask=mask, other=0.0)
+        a = x * tl.load(_row(norm_ptr, k, ng) + sg, mask=mask, other=0.0)
+        r = tl.rsqrt(x + _RSQRT_EPS) * tl.load(_row(normr_ptr, k, ng) + sg, mask=mask, other=0.0)
         w = tl.load(net_ptr + W_OFF + k * _H + hidx)
         wr = tl.load(net_ptr + W_OFF + (3 + k) * _H + hidx)
         return term + a[:, None] * w[None, :] + r[:, None] * wr[None, :]
@@ -456,7 +467,7 @@ if AVAILABLE:
         p = praw.to(tl.float32)
         m0 = tl.load(m_ptr + n, mask=mask, other=0.0)
         m1 = tl.load(m_ptr + N + n, mask=mask, other=0.0)
-        m2 = tl.load(m_ptr + 2 * N + n, mask=mask, other=0.0)
+        m2 = tl.load(m_ptr + N + N + n, mask=mask, other=0.0)
         v = tl.load(v_ptr + n, mask=mask, other=0.0)
         return g, praw, p, m0, m1, m2, v
 
@@ -466,7 +477,7 @@ if AVAILABLE:
         ihi = _remove(n, hi_inner, hi_span)
         f0 = tl.load(f_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + ihi, mask=mask, other=0.0)
         f1 = tl.load(f_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + ihi, mask=mask, other=0.0)
-        f2 = tl.load(f_lo + 2 * n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + 2 * n_hi + ihi, mask=mask, other=0.0)
+        f2 = tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0)
         return ilo, ihi, f0, f1, f2
 
     @triton.jit
@@ -489,7 +500,7 @@ if AVAILABLE:
         v = _RMS_DECAY * v + _RMS_W * g2
         tl.store(m_ptr + n, m0, mask=store)
         tl.store(m_ptr + N + n, m1, mask=store)
-        tl.store(m_ptr + 2 * N + n, m2, mask=store)
+        tl.store(m_ptr + N + N + n, m2, mask=store)
         tl.store(v_ptr + n, v, mask=store)
         if FACTORED:
             ilo, ihi, f0, f1, f2 = _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span,
@@ -498,13 +509,13 @@ if AVAILABLE:
             gsq = g2 + _FACTORED_EPS
             a0 = tl.load(fac_ptr + n, mask=mask, other=0.0)
             a1 = tl.load(fac_ptr + N + n, mask=mask, other=0.0)
-            a2 = tl.load(fac_ptr + 2 * N + n, mask=mask, other=0.0)
+            a2 = tl.load(fac_ptr + N + N + n, mask=mask, other=0.0)
             a0 = a0 + _WF0 * (gsq - a0)
             a1 = a1 + _WF1 * (gsq - a1)
             a2 = a2 + _WF2 * (gsq - a2)
             tl.store(fac_ptr + n, a0, mask=store)
             tl.store(fac_ptr + N + n, a1, mask=store)
-            tl.store(fac_ptr + 2 * N + n, a2, mask=store)
+            tl.store(fac_ptr + N + N + n, a2, mask=store)
             f0 = _vector_factor(a0)
             f1 = _vector_factor(a1)
             f2 = _vector_factor(a2)
@@ -544,9 +555,9 @@ if AVAILABLE:
             acc = tl.full([BGR, RB], 0.0, tl.float32)
             for j0 in range(0, nlb, RB):
                 j = j0 + tl.arange(0, RB)
-                acc += tl.load(part_ptr + (c * G + grp[:, None]) * nlb + j[None, :],
+                acc += tl.load(_row(part_ptr, c, G * nlb) + grp[:, None] * nlb + j[None, :],
                                mask=gmask[:, None] & (j < nlb)[None, :], other=0.0)
-            tl.store(out_ptr + c * G + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
+            tl.store(_row(out_ptr, c, G) + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
         if WRITE_OK:
             if pid == 0:
                 if SKIP:
@@ -576,7 +587,7 @@ if AVAILABLE:
         else:
             f0 = _vector_factor(tl.load(fac_ptr + n, mask=mask, other=1.0))
             f1 = _vector_factor(tl.load(fac_ptr + N + n, mask=mask, other=1.0))
-            f2 = _vector_factor(tl.load(fac_ptr + 2 * N + n, mask=mask, other=1.0))
+            f2 = _vector_factor(tl.load(fac_ptr + N + N + n, mask=mask, other=1.0))
             h = tl.full([BG, BL, _H], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, _clip(g, _FEATURE_CLIP), _CH_CLIP, inv_ptr, G, grp, gmask, net_ptr)
@@ -732,7 +743,7 @@ def supports(param: torch.Tensor) -> bool:
         True for a non-empty float32, bfloat16, float16 or float64 tensor of any
         shape on a CUDA device (on the CPU instead when :data:`INTERPRETED`).
     """
-    if not AVAILABLE or param.dtype not in PARAM_DTYPES or param.numel() == 0 or param.is_complex():
+    if not AVAILABLE or param.dtype not in PARAM_DTYPES or not 0 < param.numel() < MAX_ELEMENTS:
         return False
     return param.device.type == ("cpu" if INTERPRETED else "cuda")
 
@@ -761,8 +772,9 @@ def _require_available(param: torch.Tensor) -> None:
                            "(set TRITON_INTERPRET=1 before this module is first imported)")
     if param.dtype not in PARAM_DTYPES:
         raise TypeError(f"celo2.kernels.triton: parameter dtype {param.dtype} is not one of {PARAM_DTYPES}")
-    if param.numel() == 0:
-        raise ValueError("celo2.kernels.triton: the parameter is empty")
+    if not 0 < param.numel() < MAX_ELEMENTS:
+        raise ValueError(f"celo2.kernels.triton: the parameter has {param.numel()} elements; "
+                         f"the kernels take 1 to {MAX_ELEMENTS - 1}")
 
 
 def _check_operands(net: torch.Tensor, state: Mapping[str, torch.Tensor], grad: torch.Tensor,
