@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,4 +313,24 @@ def test_cpu_tensors_need_the_interpreter():
     param = torch.randn(4, 3)
     assert not module.supports(param)
     with pytest.raises(RuntimeError, match="interpreter"):
+        module.direction(torch.zeros(layout.NET_SIZE), rule.init_tensor_state(param), param, param)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    """Without Triton the module still imports: nothing is supported and calls say why."""
+    import importlib.util
+    import sys
+
+    import celo2.kernels
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    path = Path(celo2.kernels.__file__).with_name("triton.py")
+    spec = importlib.util.spec_from_file_location("celo2_kernels_triton_absent", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    param = torch.zeros(3)
+    assert not module.AVAILABLE and not module.INTERPRETED and not module.supports(param)
+    with pytest.raises(RuntimeError, match="not installed"):
         module.direction(torch.zeros(layout.NET_SIZE), rule.init_tensor_state(param), param, param)

@@ -45,7 +45,11 @@ A vector (15 channels, unfactored) takes 5: the flag, ``_flag_pass``,
 ``_direction``. :func:`apply_step` runs the direction pass twice (``SQUARES``:
 per-block sums of ``d^2``; then ``APPLY``) with a ``_reduce_groups`` between:
 9 launches for a factored tensor, 7 for a vector. :func:`apply_held` takes 3.
-Block sizes are fixed or chosen from the shape on the host.
+Block sizes are fixed or chosen from the shape on the host. The full-size
+streams per element of a step follow from these passes (a matrix's
+``apply_step`` reads ``g`` four times and ``p``, ``m``, ``v`` three times, and
+writes ``p``, ``m``, ``v`` once); ``benchmarks/triton_traffic.py`` counts them
+from the kernels' loads and stores.
 
 **Determinism.** Every float reduction is a per-block partial reduced in a
 fixed order by a later launch (or inside one program), so results do not
@@ -730,7 +734,17 @@ def _param_kind(dtype: torch.dtype) -> int:
 
 
 def _work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape) if len(shape) else (1,)
+    from celo2.torch.rule import work_shape  # imported here: the front end imports this module lazily
+
+    return work_shape(shape)
+
+
+@lru_cache(maxsize=256)
+def _state_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of :func:`celo2.torch.rule.init_tensor_state` for a parameter of ``shape``."""
+    from celo2.torch.rule import init_tensor_state
+
+    return {k: tuple(v.shape) for k, v in init_tensor_state(torch.empty(shape, device="meta")).items()}
 
 
 def supports(param: torch.Tensor) -> bool:
@@ -787,16 +801,7 @@ def _check_operands(net: torch.Tensor, state: Mapping[str, torch.Tensor], grad: 
         raise ValueError(f"grad has shape {tuple(grad.shape)}, the parameter {tuple(param.shape)}")
     if not grad.is_floating_point() or grad.device != param.device:
         raise ValueError(f"grad must be a floating tensor on {param.device}; got {grad.dtype} on {grad.device}")
-    shape = _work_shape(param.shape)
-    dims = spec.factored_dims(shape)
-    k = len(spec.MOMENTUM_DECAYS)
-    if dims is None:
-        expected = {"m": (k, *shape), "v": shape, "fac_r": (k, *shape)}
-    else:
-        d1, d0 = dims
-        expected = {"m": (k, *shape), "v": shape,
-                    "fac_r": (k, *[s for i, s in enumerate(shape) if i != d0]),
-                    "fac_c": (k, *[s for i, s in enumerate(shape) if i != d1])}
+    expected = _state_shapes(tuple(param.shape))
     for key, want in expected.items():
         if key not in state:
             raise KeyError(f"state has no {key!r} (expected celo2.torch.rule.init_tensor_state's keys)")
