@@ -112,7 +112,6 @@ def test_report_only_and_dry_run(tmp_path, capsys):
     (["--lr-grid", "adamw=1:2"], "--lr-grid adamw"),
     (["--lr-grid", "sgd=0.1"], "--lr-grid: 'sgd' is not one of the selected"),
     (["--seeds", "x"], "--seeds"),
-    (["--steps", "0"], "--steps"),
     (["--theta", "p=/nonexistent/theta.state", "--optimizers", "celo2"], "--theta"),
     (["--data-dir", "/nonexistent-celo2-data"], "/nonexistent-celo2-data"),
 ])
@@ -127,6 +126,8 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     (["--suite", "huge"], "--suite"),
     (["--lr-grid", "adamw"], "--lr-grid"),
     (["--weight-decay", "x=abc"], "--weight-decay"),
+    (["--steps", "0"], "argument --steps: must be a positive integer"),
+    (["--jobs", "-1"], "argument --jobs"),
 ])
 def test_argparse_level_errors(capsys, flags, needle):
     with pytest.raises(SystemExit) as exc:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -170,23 +168,6 @@ def test_default_theta_reads_the_shipped_file_and_metadata(monkeypatch, tmp_path
     monkeypatch.setattr(theta_module, "default_theta_path", lambda: path)
     theta = load_theta()
     assert theta.allclose(random_theta) and theta.metadata["iterations"] == 5
-
-
-def test_hf_source_downloads_with_huggingface_hub(monkeypatch, tmp_path, random_theta):
-    """``hf://owner/repo`` goes through huggingface_hub (a local fake stands in for the Hub)."""
-    save_theta(random_theta, tmp_path / "theta.state")
-    calls = []
-
-    def fake_download(repo_id, filename, revision=None):
-        calls.append((repo_id, filename, revision))
-        return str(tmp_path / filename)
-
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
-    assert load_theta("hf://amoudgl/celo2").allclose(random_theta)
-    assert load_theta("hf://amoudgl/celo2/theta.state@abc123").allclose(random_theta)
-    assert calls == [("amoudgl/celo2", "theta.state", None), ("amoudgl/celo2", "theta.state", "abc123")]
-    with pytest.raises(ThetaError, match="hf://owner/repo"):
-        load_theta("hf://just-owner")
 
 
 def test_folder_with_theta_state(tmp_path, random_theta):

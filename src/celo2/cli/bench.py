@@ -1,15 +1,18 @@
 """``celo2 bench``: Celo2 against AdamW, Adam, SGD and Muon on CPU-sized PyTorch tasks.
 
 Thin wrapper: flags -> :class:`celo2.eval.bench.BenchOptions` ->
-:func:`celo2.eval.bench.run_bench`. Bad flags exit with status 2 and a message
-naming the flag.
+:func:`celo2.eval.bench.run_bench`, holding the run folder's lock
+(:class:`celo2._runlock.RunLock`). Bad flags exit with status 2 and a message
+naming the flag (``celo2.cli.main`` reports the errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import sys
+from pathlib import Path
+
+from celo2.cli.main import positive_int
 
 EPILOG = """\
 examples:
@@ -68,7 +71,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr-grid", action="append", default=[], type=_parse_kv_grid, metavar="NAME=GRID",
                    help="LR grid of one optimizer (kind or celo2[LABEL]): NAME=LO:HI:N (log-spaced) or NAME=A,B,...")
     p.add_argument("--seeds", metavar="N|A,B", help="number of seeds (0..N-1) or a comma list; default: the suite's")
-    p.add_argument("--steps", type=int, metavar="N", help="override every task's number of training steps")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="override every task's number of training steps")
     p.add_argument("--weight-decay", action="append", default=[], type=_parse_wd, metavar="[NAME=]WD",
                    help="weight decay for every optimizer (WD) or one (NAME=WD); defaults: 0.1 for "
                    "adamw/muon/celo2/celo2-base, 0 for adam/sgd")
@@ -78,10 +81,10 @@ def register(subparsers) -> None:
                    "image tasks use built-in digits upsampled to 28x28, and the report says so)")
     p.add_argument("--dataset", default="fashion-mnist", choices=IMAGE_DATASETS,
                    help="28x28 dataset of the image tasks (default fashion-mnist)")
-    p.add_argument("--jobs", type=int, metavar="N",
+    p.add_argument("--jobs", type=positive_int, metavar="N",
                    help="runs in parallel processes, each single-threaded (default: 1 for smoke, else one per "
                    "CPU core up to 8); results do not depend on it")
-    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N", help="torch threads per run (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from RUN_DIR's results, for the runs the other flags select; run nothing")
@@ -90,39 +93,41 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celo2.eval.bench import BenchError, BenchOptions, parse_grid, parse_seeds, run_bench
-    from celo2.eval.tasks import TaskDataError
+    """Run the bench the flags describe; bad input raises the project's errors (reported by ``cli.main``)."""
+    from celo2._runlock import RunLock
+    from celo2.eval.bench import BenchError, BenchOptions, default_out, parse_grid, parse_seeds, run_bench
 
-    try:
-        grids = {}
-        for name, text in args.lr_grid:
-            if name in grids:
-                raise BenchError(f"--lr-grid: {name!r} given twice")
-            grids[name] = parse_grid(text, flag=f"--lr-grid {name}")
-        opts = BenchOptions(
-            suite=args.suite,
-            tasks=args.tasks,
-            optimizers=args.optimizers,
-            lrs=None if args.lrs is None else parse_grid(args.lrs, flag="--lrs"),
-            lr_grids=grids,
-            seeds=None if args.seeds is None else parse_seeds(args.seeds),
-            steps=args.steps,
-            thetas=args.theta,
-            weight_decays=dict(args.weight_decay),
-            out=args.out,
-            data_dir=args.data_dir,
-            dataset=args.dataset,
-            jobs=args.jobs,
-            threads=args.threads,
-            progress=not args.no_progress,
-            report_only=args.report_only,
-            dry_run=args.dry_run,
-            command=_command_from_args(args),
-        )
+    grids = {}
+    for name, text in args.lr_grid:
+        if name in grids:
+            raise BenchError(f"--lr-grid: {name!r} given twice")
+        grids[name] = parse_grid(text, flag=f"--lr-grid {name}")
+    opts = BenchOptions(
+        suite=args.suite,
+        tasks=args.tasks,
+        optimizers=args.optimizers,
+        lrs=None if args.lrs is None else parse_grid(args.lrs, flag="--lrs"),
+        lr_grids=grids,
+        seeds=None if args.seeds is None else parse_seeds(args.seeds),
+        steps=args.steps,
+        thetas=args.theta,
+        weight_decays=dict(args.weight_decay),
+        out=args.out,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        jobs=args.jobs,
+        threads=args.threads,
+        progress=not args.no_progress,
+        report_only=args.report_only,
+        dry_run=args.dry_run,
+        command=_command_from_args(args),
+    )
+    run_dir = Path(opts.out or default_out(opts.suite))
+    if opts.dry_run or (opts.report_only and not run_dir.is_dir()):
+        run_bench(opts)  # writes nothing
+        return 0
+    with RunLock(run_dir, flag="--out"):
         run_bench(opts)
-    except (BenchError, TaskDataError) as exc:
-        print(f"celo2 bench: error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

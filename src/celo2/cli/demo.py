@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from celo2._io import atomic_write_text
+from celo2.cli.main import nonnegative_float, positive_float, positive_int
+
 DEFAULT_STEPS = 1000
 QUICK_STEPS = 60
 #: Learning-rate grids. Celo2's lr is the step size of its unit-RMS matrix
@@ -71,18 +74,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "results (JSON) to --out. Needs no download and runs in about a minute on a CPU."
         ),
     )
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and validation split (default 0)")
     p.add_argument("--out", default="celo2-demo", help="output folder for the plot and results (default celo2-demo/)")
     p.add_argument("--theta", default=None, help="theta file to use instead of the one shipped with celo2 (.state, .npz, .pt or hf://owner/repo)")
     p.add_argument("--quick", action="store_true", help="a tiny run (one learning rate each, small model) for smoke tests")
     p.add_argument("--dataset", default="synthetic", help="task dataset (default synthetic; digits needs no download either; mnist, fashion-mnist, cifar10, svhn need --data-dir)")
     p.add_argument("--data-dir", default=None, help="data root for downloaded datasets (default $CELO2_DATA_DIR)")
-    p.add_argument("--hidden", type=int, default=None, help="hidden width of the two-layer MLP (default 128; 32 with --quick)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay, the same for both optimizers (default 0)")
-    p.add_argument("--celo2-lr", type=float, nargs="+", default=None, help=f"Celo2 learning-rate grid (default {' '.join(map(str, CELO2_LRS))})")
-    p.add_argument("--adamw-lr", type=float, nargs="+", default=None, help=f"AdamW learning-rate grid (default {' '.join(map(str, ADAMW_LRS))})")
+    p.add_argument("--hidden", type=positive_int, default=None, help="hidden width of the two-layer MLP (default 128; 32 with --quick)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="decoupled weight decay, the same for both optimizers (default 0)")
+    p.add_argument("--celo2-lr", type=positive_float, nargs="+", default=None, help=f"Celo2 learning-rate grid (default {' '.join(map(str, CELO2_LRS))})")
+    p.add_argument("--adamw-lr", type=positive_float, nargs="+", default=None, help=f"AdamW learning-rate grid (default {' '.join(map(str, ADAMW_LRS))})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -132,22 +135,33 @@ def run(args: argparse.Namespace) -> int:
     theta, error = _load_theta(args.theta)
     if error:
         return _fail(error)
-    from celo2.torch import Celo2
-
+    from celo2._runlock import RunLock
     from celo2.data import DatasetNotFoundError, load_task_images
 
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     hidden = args.hidden if args.hidden is not None else (32 if args.quick else 128)
-    if steps < 1 or hidden < 1 or args.batch_size < 1:
-        return _fail("--steps, --hidden and --batch-size must be positive")
-    celo2_lrs = tuple(args.celo2_lr or (QUICK_CELO2_LRS if args.quick else CELO2_LRS))
-    adamw_lrs = tuple(args.adamw_lr or (QUICK_ADAMW_LRS if args.quick else ADAMW_LRS))
 
     try:
         x_all, y_all = load_task_images(args.dataset, "train", root=args.data_dir)
         x_test, y_test = load_task_images(args.dataset, "test", root=args.data_dir)
     except (DatasetNotFoundError, ValueError) as exc:
         return _fail(str(exc))
+    # The output folder is claimed before training, so that a bad --out or a
+    # folder in use is reported before the minute of work, not after it.
+    with RunLock(args.out, flag="--out"):
+        return _train_and_report(torch, args, theta, steps, hidden, (x_all, y_all), (x_test, y_test))
+
+
+def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden: int, train_split, test_split) -> int:
+    """Train every (optimizer, lr) of the grid, print the table and write the outputs into ``args.out``."""
+    from tqdm.auto import tqdm
+
+    from celo2.torch import Celo2
+
+    x_all, y_all = train_split
+    x_test, y_test = test_split
+    celo2_lrs = tuple(args.celo2_lr or (QUICK_CELO2_LRS if args.quick else CELO2_LRS))
+    adamw_lrs = tuple(args.adamw_lr or (QUICK_ADAMW_LRS if args.quick else ADAMW_LRS))
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(x_all))
     n_val = max(1, int(round(VAL_FRACTION * len(x_all))))
@@ -186,8 +200,6 @@ def run(args: argparse.Namespace) -> int:
         print("Celo2 routing (learned rule for hidden matrices, AdamW at 20x lr for the rest):")
         print("  " + probe.routing_table().replace("\n", "\n  "))
 
-        from tqdm.auto import tqdm
-
         results = []
         with tqdm(total=steps * len(grid), desc="training", unit="step", disable=args.no_progress, file=sys.stderr, mininterval=0.5) as bar:
             for name, lr in grid:
@@ -207,18 +219,17 @@ def run(args: argparse.Namespace) -> int:
         best.best = True
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     print()
     print(table)
-    (out / "table.txt").write_text(table + "\n")
+    atomic_write_text(out / "table.txt", table + "\n")
     config = {
         "dataset": args.dataset, "steps": steps, "seed": args.seed, "hidden": hidden,
         "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "celo2_lrs": list(celo2_lrs), "adamw_lrs": list(adamw_lrs), "theta": theta.metadata.get("source"),
         "theta_sha256": theta.checksum(),
     }
-    (out / "results.json").write_text(json.dumps({"config": config, "runs": [asdict(r) for r in results]}, indent=1, allow_nan=True))
+    atomic_write_text(out / "results.json", json.dumps({"config": config, "runs": [asdict(r) for r in results]}, indent=1, allow_nan=True))
     png = plot_curves(results, out / "loss_curves.png", f"{args.dataset}, {steps} steps, seed {args.seed}")
     print(f"\nwrote {png}, {out / 'results.json'} and {out / 'table.txt'}")
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
+
+from celo2.cli.main import positive_int
 
 DESCRIPTION = """\
 Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
@@ -40,11 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", default=None,
                    help="comma-separated task families, e.g. mnist,fashion-mnist,digits,synthetic")
     p.add_argument("--data-dir", default=None, help="dataset folder (else $CELO2_DATA_DIR)")
-    p.add_argument("--iterations", type=int, default=None, help="outer iterations")
+    p.add_argument("--iterations", type=positive_int, default=None, help="outer iterations")
     p.add_argument("--out", default=None, help="run folder (default runs/meta-train-PRESET-seedSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N")
+    p.add_argument("--seed", type=int, default=None, help="root seed of theta's init and every random draw")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N")
     p.add_argument("--metrics-format", default=None, help="jsonl (default) or csv")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (repeatable), e.g. --set pairs_per_task=4")
@@ -53,31 +56,14 @@ def register(subparsers) -> None:
     p.add_argument("--cpu-devices", default="auto", metavar="N",
                    help="split the CPU into N JAX host devices so that particles run on every core "
                         "(default: one per core; 1 turns it off; ignored if XLA_FLAGS sets it)")
-    p.add_argument("--truncations", type=int, default=None, metavar="N",
+    p.add_argument("--truncations", type=positive_int, default=None, metavar="N",
                    help="(score) truncations per run stream (default 400: 20,000 inner steps at the cpu preset)")
-    p.add_argument("--runs-per-task", type=int, default=None, metavar="K",
+    p.add_argument("--runs-per-task", type=positive_int, default=None, metavar="K",
                    help="(score) run streams per task (default: 2 x pairs_per_task, a PES iteration's worth)")
     p.add_argument("--output", default=None,
                    help="(plot) PNG path, default RUN_DIR/meta_loss.png; (score) also write the scores as JSON here, "
                         "and their plot beside it (.png)")
     p.set_defaults(func=run)
-
-
-def _errors():
-    """Exceptions that mean bad input: reported in one line, exit code 2."""
-    from celo2.metatrain.config import ConfigError
-    from celo2.metatrain.tasks import TaskError
-    from celo2.metatrain.trainer import CheckpointError, RunDirError
-    from celo2.rule.theta import ThetaError, ThetaNotFoundError
-
-    errors = [ConfigError, TaskError, CheckpointError, RunDirError, ThetaError, ThetaNotFoundError]
-    try:
-        from celo2.data import DatasetFormatError, DatasetNotFoundError
-
-        errors += [DatasetFormatError, DatasetNotFoundError]
-    except ImportError:  # pragma: no cover - data package always present in this project
-        pass
-    return tuple(errors)
 
 
 def _fail(msg: str) -> int:
@@ -146,9 +132,9 @@ def _set_cpu_devices(value: str) -> None:
 
 
 def run(args) -> int:
-    errors = _errors()
+    """Train, ``plot`` or ``score``; bad input raises the project's errors (one line, exit 2, in ``cli.main``)."""
     if args.action and args.action[0] == "score":
-        return _score(args, errors)
+        return _score(args)
     if args.truncations is not None or args.runs_per_task is not None:
         return _fail("--truncations and --runs-per-task belong to 'celo2 meta-train score THETA...'")
     if args.action:
@@ -158,32 +144,39 @@ def run(args) -> int:
             return _fail("usage: celo2 meta-train plot RUN_DIR [--output PNG]")
         from celo2.metatrain.plot import plot_run
 
-        try:
-            path = plot_run(args.action[1], args.output)
-        except errors as exc:
-            return _fail(str(exc))
-        print(path)
+        print(plot_run(args.action[1], args.output))
         return 0
     if args.output is not None:
         return _fail("--output belongs to 'celo2 meta-train plot RUN_DIR' and 'celo2 meta-train score THETA...'")
-    try:
-        config, out = _resolve_config(args)
-        if _printed_config(args, config):
-            return 0
-        _set_cpu_devices(args.cpu_devices)
-        from celo2.metatrain.trainer import meta_train
+    config, out = _resolve_config(args)
+    if _printed_config(args, config):
+        return 0
+    _set_cpu_devices(args.cpu_devices)
+    from celo2.metatrain.trainer import MetaTrainInterrupted, meta_train
 
+    try:
         result = meta_train(config, out, resume=args.resume, progress=not args.no_progress)
-    except errors as exc:
-        return _fail(str(exc))
+    except MetaTrainInterrupted as exc:
+        print(f"celo2 meta-train: {exc}; resume with: {_resume_command(args, out)}", file=sys.stderr)
+        return 130
     if result.iterations >= config.iterations:
         print(out / "theta.state")
     return 0
 
 
-def _score(args, errors) -> int:
+def _resume_command(args, out: Path) -> str:
+    """The command that continues the run in ``out``: the one typed, with ``--resume`` (and ``--out``)."""
+    argv = list(getattr(args, "argv", None) or ["meta-train"])
+    if args.out is None:
+        argv += ["--out", str(out)]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["celo2", *argv])
+
+
+def _score(args) -> int:
     """``celo2 meta-train score THETA...``: the thetas on the preset's meta-loss, side by side."""
-    from celo2.rule.theta import ThetaSpecError, load_labelled_thetas
+    from celo2.rule.theta import load_labelled_thetas
 
     specs = args.action[1:]
     if not specs:
@@ -192,21 +185,18 @@ def _score(args, errors) -> int:
         return _fail("score writes no run folder: --resume and --out belong to training (use --output FILE.json)")
     if args.iterations is not None:
         return _fail("--iterations belongs to training; score runs --truncations N per run stream")
-    try:
-        config, _ = _resolve_config(args)
-        if _printed_config(args, config):
-            return 0
-        thetas = load_labelled_thetas(specs, flag="score")
-        _set_cpu_devices(args.cpu_devices)
-        from celo2.metatrain.score import DEFAULT_TRUNCATIONS, score_thetas
+    config, _ = _resolve_config(args)
+    if _printed_config(args, config):
+        return 0
+    thetas = load_labelled_thetas(specs, flag="score")
+    _set_cpu_devices(args.cpu_devices)
+    from celo2.metatrain.score import DEFAULT_TRUNCATIONS, score_thetas
 
-        truncations = DEFAULT_TRUNCATIONS if args.truncations is None else args.truncations
-        print(f"scoring {len(thetas)} theta(s) on tasks {', '.join(config.tasks)}: {truncations} truncations "
-              f"x {config.truncation_length} steps per run stream, seed {config.seed}", file=sys.stderr)
-        scores = score_thetas({t.label: t.theta for t in thetas}, config, truncations=truncations,
-                              runs_per_task=args.runs_per_task, progress=not args.no_progress)
-    except (ThetaSpecError, *errors) as exc:
-        return _fail(str(exc))
+    truncations = DEFAULT_TRUNCATIONS if args.truncations is None else args.truncations
+    print(f"scoring {len(thetas)} theta(s) on tasks {', '.join(config.tasks)}: {truncations} truncations "
+          f"x {config.truncation_length} steps per run stream, seed {config.seed}", file=sys.stderr)
+    scores = score_thetas({t.label: t.theta for t in thetas}, config, truncations=truncations,
+                          runs_per_task=args.runs_per_task, progress=not args.no_progress)
     print(f"meta-loss: mean clipped training loss per inner step, {scores.runs_per_task} run streams per task "
           f"x {scores.truncations * scores.truncation_length} steps, the same for every theta")
     print(scores.table())

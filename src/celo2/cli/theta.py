@@ -59,5 +59,8 @@ def _convert(args: argparse.Namespace) -> int:
     except (ThetaError, ThetaNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the destination cannot be written: a parent is a file, no permission, disk full
+        print(f"error: cannot write {args.dest}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote {path} ({theta.num_params} parameters, sha256:{theta.checksum()})")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celo2.data.errors import DatasetFormatError
+from celo2.data.errors import DatasetFormatError, DatasetNotFoundError
 
 #: IDX type code -> big-endian numpy dtype.
 IDX_DTYPES = {
@@ -34,12 +34,17 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def read_bytes_maybe_gzip(path: "str | os.PathLike[str]") -> bytes:
-    """The file's bytes, decompressed when it is gzip (detected by its magic bytes)."""
+    """The file's bytes, decompressed when it is gzip (detected by its magic bytes).
+
+    Raises:
+        DatasetNotFoundError: no file at ``path``.
+        DatasetFormatError: the file cannot be read, or its gzip data are corrupt or truncated.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise
+        raise DatasetNotFoundError(f"{path}: no such file") from None
     except OSError as exc:
         raise DatasetFormatError(f"{path}: cannot read ({exc})") from exc
     if raw[:2] != _GZIP_MAGIC:

@@ -4,7 +4,9 @@ Run folder::
 
     RUN_DIR/config.json            full configuration (written at start)
     RUN_DIR/metrics.jsonl|csv      one row per iteration
-    RUN_DIR/checkpoint/trainer.npz full trainer state (the only thing --resume reads)
+    RUN_DIR/checkpoint/trainer.npz full trainer state (what --resume reads)
+    RUN_DIR/checkpoint/trainer.prev.npz the checkpoint before it, read when trainer.npz is
+                                   unreadable (a resume names the file and iteration it falls back to)
     RUN_DIR/checkpoint/theta.state theta at that checkpoint, authors' format
     RUN_DIR/thetas/theta-NNNNNN.state  theta at every checkpoint, kept (1.8 KB each), so
                                    that a checkpoint can be chosen afterwards on a
@@ -14,7 +16,15 @@ Run folder::
 
 Every file is written to a temporary name and moved into place with
 ``os.replace``, so a run killed at any moment leaves either the previous or
-the new checkpoint, never a torn one. Resuming restores the complete state
+the new checkpoint, never a torn one; temporary files of an interrupted write
+are removed when the folder is next opened. The folder is locked while a run
+uses it (:class:`celo2._runlock.RunLock`): a second process stops at once.
+
+Ctrl-C (SIGINT) is deferred while the trainer works: XLA compiling, or a
+checkpoint half written, is never cut off. The run stops at the next safe point
+(after the compile or the iteration in progress), writes a checkpoint of the
+iterations done and raises :class:`MetaTrainInterrupted`; a second Ctrl-C
+aborts at once (the checkpoints on disk are whole either way). Resuming restores the complete state
 (theta, outer AdamW, every inner run, PES accumulators, the root key); since
 every random draw is derived from the root key and the iteration number, the
 resumed run computes exactly what the uninterrupted run would have.
@@ -27,8 +37,14 @@ import io
 import json
 import os
 import platform
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from celo2._io import atomic_write_bytes
+from celo2._runlock import LOCK_NAME, RunFolderError, RunLock
 from celo2._provenance import git_commit
 from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.tasks import TaskData, load_task_data
@@ -50,8 +67,67 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the run's configuration."""
 
 
-class RunDirError(ValueError):
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read as one (torn, truncated, not a checkpoint)."""
+
+
+class RunDirError(RunFolderError):
     """A run folder that cannot be used as asked (exists without --resume, ...)."""
+
+
+class MetaTrainInterrupted(KeyboardInterrupt):
+    """Meta-training stopped by Ctrl-C (SIGINT) at a safe point.
+
+    Attributes:
+        run_dir: the run folder.
+        iteration: the iterations done (and saved, when ``checkpoint`` is not None).
+        checkpoint: the checkpoint to resume from, or None when no iteration has been saved yet.
+    """
+
+    def __init__(self, run_dir: Path, iteration: int, checkpoint: Path | None):
+        self.run_dir, self.iteration, self.checkpoint = Path(run_dir), int(iteration), checkpoint
+        saved = f"checkpoint {checkpoint} (iteration {iteration})" if checkpoint else "no checkpoint yet"
+        super().__init__(f"meta-training of {run_dir} interrupted: {saved}")
+
+
+class _DeferredInterrupt:
+    """SIGINT sets a flag instead of raising, while meta-training holds this; see the module docstring.
+
+    Only the main thread can take signals; elsewhere (and where SIGINT is
+    ignored) this changes nothing and :attr:`requested` stays False.
+    """
+
+    _active: "_DeferredInterrupt | None" = None
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._owner = False
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if _DeferredInterrupt._active is not None:  # nested: the outer one holds the handler
+            return _DeferredInterrupt._active
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._owner = True
+            _DeferredInterrupt._active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owner:
+            signal.signal(signal.SIGINT, self._previous)
+            _DeferredInterrupt._active = None
+            self._owner = False
+
+    def _handle(self, signum, frame) -> None:
+        # os.write, not print: a handler may run in the middle of another write to stderr.
+        if self.requested:
+            os.write(2, b"\ninterrupted again: aborting now (the checkpoints on disk are whole)\n")
+            os._exit(130)
+        self.requested = True
+        os.write(2, b"\ninterrupt: stopping at the next safe point and saving a checkpoint "
+                    b"(Ctrl-C again to abort at once)\n")
 
 
 @dataclass
@@ -154,17 +230,30 @@ class MetaTrainer:
         return Theta.from_flat(np.asarray(state.theta, np.float32))
 
     # -- checkpoints -----------------------------------------------------------------
-    def save_checkpoint(self, state, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write ``checkpoint/theta.state`` then ``checkpoint/trainer.npz``, each atomically."""
+    def save_checkpoint(self, state, run_dir: str | os.PathLike, extra: dict | None = None, *,
+                        snapshot: bool = True) -> Path:
+        """Write ``checkpoint/theta.state`` then ``checkpoint/trainer.npz``, each atomically.
+
+        Args:
+            state: the trainer state to save.
+            run_dir: the run folder.
+            extra: more metadata keys stored in the checkpoint (e.g. ``wall_time_s``).
+            snapshot: also keep theta in ``thetas/theta-NNNNNN.state`` (the regular checkpoints;
+                not the one written on Ctrl-C, so the trajectory keeps its spacing).
+
+        Returns:
+            The path of ``trainer.npz``. The one it replaces is kept as ``trainer.prev.npz``.
+        """
         import jax
 
         ckpt = Path(run_dir) / "checkpoint"
         theta = self.theta_of(state)
         theta.metadata.update({"iteration": int(state.iteration), "config": self.config.to_dict()})
         save_theta(theta, ckpt / "theta.state")
-        # The trajectory, for choosing a checkpoint by validation afterwards:
-        # PES's meta-loss is noisy and does not rank thetas out of distribution.
-        save_theta(theta, Path(run_dir) / "thetas" / f"theta-{int(state.iteration):06d}.state")
+        if snapshot:
+            # The trajectory, for choosing a checkpoint by validation afterwards:
+            # PES's meta-loss is noisy and does not rank thetas out of distribution.
+            save_theta(theta, Path(run_dir) / "thetas" / f"theta-{int(state.iteration):06d}.state")
         leaves = jax.tree_util.tree_leaves(state)
         arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         meta = {
@@ -179,6 +268,8 @@ class MetaTrainer:
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.asarray(json.dumps(meta)), **arrays)
         path = ckpt / "trainer.npz"
+        if path.exists():
+            _keep_previous(path, ckpt / "trainer.prev.npz")
         atomic_write_bytes(path, buf.getvalue())
         return path
 
@@ -195,10 +286,11 @@ class MetaTrainer:
             with np.load(path, allow_pickle=False) as npz:
                 meta = json.loads(str(npz["__meta__"]))
                 leaves = [npz[f"leaf_{i:05d}"] for i in range(int(meta["num_leaves"]))]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable meta-training checkpoint ({exc})") from exc
+                int(meta["iteration"]), dict(meta["config"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise CorruptCheckpointError(f"{path}: not a readable meta-training checkpoint ({exc})") from exc
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+            raise CorruptCheckpointError(f"{path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         saved = MetaTrainConfig.from_dict(meta["config"])
         _check_same_run(saved, self.config, origin=str(path))
         theta0 = Theta.init(0).to_flat()
@@ -221,28 +313,77 @@ class MetaTrainer:
               log: Callable[[str], None] | None = None, stop_after: int | None = None) -> MetaTrainResult:
         """Meta-train into ``run_dir`` (see the module docstring for its contents).
 
-        ``resume`` continues from ``run_dir/checkpoint`` (or starts afresh when
-        there is none yet). ``stop_after`` ends this session after that many
-        iterations without finishing the run (for tests and timing).
+        Args:
+            run_dir: the run folder; locked for the duration of the call.
+            resume: continue from ``run_dir/checkpoint`` (or start afresh when there is none yet).
+            progress: show a progress bar.
+            log: where messages go (default: standard error).
+            stop_after: end this session after that many iterations without finishing the run
+                (for tests and timing).
+
+        Returns:
+            The run folder, theta, iterations done, final meta-loss and wall time.
+
+        Raises:
+            RunDirError: the folder holds something and ``resume`` is False.
+            RunFolderError: the folder cannot be created, written or locked (another process has it).
+            CheckpointError: no usable checkpoint, or one of a different configuration.
+            MetaTrainInterrupted: Ctrl-C; raised at the next safe point, after saving a checkpoint.
         """
+        log = log or _stderr
+        run = Path(run_dir)
+        _check_fresh(run, resume)
+        with _DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
+            return self._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
+                                      stop_after=stop_after)
+
+    def _load_latest(self, run: Path, log: Callable[[str], None]) -> tuple[Any, dict] | None:
+        """The newest readable checkpoint of ``run`` (falling back to the previous one), or None if none."""
+        ckpt = run / "checkpoint"
+        candidates = [ckpt / "trainer.npz", ckpt / "trainer.prev.npz"]
+        if not any(p.exists() for p in candidates):
+            return None
+        problems = []
+        for path in candidates:
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            try:
+                state, meta = self.load_checkpoint(path)
+            except CorruptCheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            if problems:
+                log(f"warning: {'; '.join(problems)}; falling back to {path} (iteration {int(meta['iteration'])})")
+            return state, meta
+        raise CheckpointError(f"no usable checkpoint in {ckpt}: {'; '.join(problems)}")
+
+    def _train_locked(self, run: Path, interrupt: _DeferredInterrupt, *, resume: bool, progress: bool,
+                      log: Callable[[str], None], stop_after: int | None) -> MetaTrainResult:
         import jax
 
-        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         c = self.config
-        run = Path(run_dir)
-        ckpt = run / "checkpoint" / "trainer.npz"
-        if run.exists() and any(run.iterdir()) and not resume:
-            raise RunDirError(
-                f"run folder {run} is not empty; pass --resume to continue it or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
         metrics_path = run / ("metrics.jsonl" if c.metrics_format == "jsonl" else "metrics.csv")
+        ckpt_path = run / "checkpoint" / "trainer.npz"
+
+        def stop_if_asked(state, saved: Path | None, saved_at: int) -> None:
+            """At a safe point: on Ctrl-C, checkpoint what is not saved yet, then raise."""
+            if not interrupt.requested:
+                return
+            it = int(state.iteration)
+            if it > saved_at:
+                writer.flush()
+                saved = self.save_checkpoint(state, run, {"wall_time_s": elapsed_before + time.perf_counter() - t0},
+                                             snapshot=False)
+            raise MetaTrainInterrupted(run, it if saved else 0, saved)
 
         elapsed_before = 0.0
-        if resume and ckpt.exists():
-            state, meta = self.load_checkpoint(ckpt)
+        loaded = self._load_latest(run, log) if resume else None
+        if loaded is not None:
+            state, meta = loaded
             elapsed_before = float(meta.get("wall_time_s", 0.0))
             start = int(meta["iteration"])
-            _truncate_metrics(metrics_path, start)
+            _truncate_metrics(metrics_path, start, log)
             log(f"resuming {run} from iteration {start}")
             if int(meta.get("devices", 1)) != self.num_devices:
                 log(f"note: the run used {meta.get('devices', 1)} device(s), now {self.num_devices}: "
@@ -250,9 +391,11 @@ class MetaTrainer:
         else:
             if resume:
                 log(f"no checkpoint in {run}: starting from scratch")
-                _truncate_metrics(metrics_path, 0)
+                _truncate_metrics(metrics_path, 0, log)
             state = self.init_state()
             start = 0
+        saved = ckpt_path if loaded is not None else None
+        saved_at = start
         atomic_write_bytes(run / "config.json", (c.to_json() + "\n").encode())
         log(f"meta-train config (preset {c.preset!r}):\n{c.to_json()}")
         log(f"tasks: {self.data.summary()} training images; {self.pes.P} particles "
@@ -260,19 +403,22 @@ class MetaTrainer:
 
         commit = git_commit()  # now, not at the end: the checkout may move while the run lasts
         t0 = time.perf_counter()  # wall time counts compilation too
-        if start < c.iterations:
-            log(f"compiled the iteration in {self.compile(state):.1f} s")
         writer = _MetricsWriter(metrics_path, c.metrics_format)
-        total = c.iterations
-        end = total if stop_after is None else min(total, start + stop_after)
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=start, desc="meta-train", unit="it", dynamic_ncols=True)
         last = None
         steps = c.inner_steps_per_iteration
         try:
+            stop_if_asked(state, saved, saved_at)
+            if start < c.iterations:
+                log("compiling the iteration ...")
+                log(f"compiled the iteration in {self.compile(state):.1f} s")
+            stop_if_asked(state, saved, saved_at)
+            total = c.iterations
+            end = total if stop_after is None else min(total, start + stop_after)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, initial=start, desc="meta-train", unit="it", dynamic_ncols=True)
             for it in range(start, end):
                 t_it = time.perf_counter()
                 state, m = self.step(state)
@@ -293,7 +439,9 @@ class MetaTrainer:
                     bar.set_postfix(meta_loss=f"{m['meta_loss']:.4f}", steps_s=f"{steps / dt:,.0f}")
                 if (it + 1) % c.checkpoint_every == 0 or it + 1 == total:
                     writer.flush()
-                    self.save_checkpoint(state, run, {"wall_time_s": row["wall_time_s"]})
+                    saved = self.save_checkpoint(state, run, {"wall_time_s": row["wall_time_s"]})
+                    saved_at = it + 1
+                stop_if_asked(state, saved, saved_at)
         finally:
             writer.close()
             if bar is not None:
@@ -372,6 +520,17 @@ def _jitted_iteration(pes, mesh, inner_optimizer) -> Callable:
     return _STEP_CACHE[key]
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_fresh(run: Path, resume: bool) -> None:
+    """A new run needs an empty (or missing) folder; only ``resume`` continues one."""
+    if run.is_dir() and not resume and any(p.name != LOCK_NAME for p in run.iterdir()):
+        raise RunDirError(
+            f"run folder {run} is not empty; pass --resume to continue it or choose another --out")
+
+
 def _check_same_run(saved: MetaTrainConfig, current: MetaTrainConfig, origin: str) -> None:
     a, b = saved.to_dict(), current.to_dict()
     changed = [k for k in a if k not in RESUMABLE_KEYS and k != "preset" and a[k] != b.get(k)]
@@ -413,37 +572,78 @@ class _MetricsWriter:
         self.fh.close()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The metrics rows of a run folder (JSON lines or CSV), skipping a torn last line."""
+def read_metrics(run_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The metrics rows of a run folder (JSON lines or CSV).
+
+    Args:
+        run_dir: the run folder.
+        warn: called with a message naming the file and line of each line that is not a metrics
+            row (a line cut short by a kill, or damaged); such lines are skipped either way.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        RunDirError: the folder has no metrics file.
+    """
     run = Path(run_dir)
+
+    def bad(path: Path, lineno: int, text: str) -> None:
+        if warn is not None:
+            warn(f"warning: {path}:{lineno}: not a metrics row, skipped: {text[:80]!r}")
+
     if (run / "metrics.jsonl").exists():
+        path = run / "metrics.jsonl"
         rows = []
-        for line in (run / "metrics.jsonl").read_text().splitlines():
+        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                row = json.loads(line)
+                int(row["iteration"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                bad(path, lineno, line)
+                continue
+            rows.append(row)
         return rows
     if (run / "metrics.csv").exists():
-        with open(run / "metrics.csv", newline="") as fh:
+        path = run / "metrics.csv"
+        with open(path, newline="", errors="replace") as fh:
             rows = []
-            for r in csv.DictReader(fh):
+            reader = csv.DictReader(fh)
+            for r in reader:
                 try:
-                    rows.append({k: float(v) for k, v in r.items()})
-                except (TypeError, ValueError):
+                    row = {k: float(v) for k, v in r.items()}
+                    int(row["iteration"])
+                except (TypeError, ValueError, KeyError, AttributeError):
+                    bad(path, reader.line_num, ",".join(str(v) for v in r.values()))
                     continue
+                rows.append(row)
             return rows
     raise RunDirError(f"{run}: no metrics.jsonl or metrics.csv (is this a meta-train run folder?)")
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows after ``iteration`` (logged by a killed run after its last checkpoint)."""
+def _truncate_metrics(path: Path, iteration: int, log: Callable[[str], None]) -> None:
+    """Drop rows after ``iteration`` (logged by a killed run after its last checkpoint).
+
+    Lines that are not metrics rows are dropped from the file, with a warning
+    naming each: a row that cannot be parsed cannot be plotted or resumed from,
+    and rows after the checkpoint are computed again anyway. Their text is kept
+    in ``RUN_DIR/metrics.rejected.txt``, so nothing is destroyed.
+    """
     if not path.exists():
         return
+    rejected: list[str] = []
+
+    def warn(msg: str) -> None:
+        rejected.append(msg)
+        log(msg)
+
     try:
-        rows = [r for r in read_metrics(path.parent) if int(r["iteration"]) <= iteration]
+        rows = [r for r in read_metrics(path.parent, warn) if int(r["iteration"]) <= iteration]
     except RunDirError:
         return
+    if rejected:
+        with open(path.parent / "metrics.rejected.txt", "a") as fh:
+            fh.write("".join(m + "\n" for m in rejected))
     buf = io.StringIO()
     if path.suffix == ".csv":
         w = csv.DictWriter(buf, fieldnames=_MetricsWriter.FIELDS)
@@ -457,6 +657,23 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def _keep_previous(path: Path, prev: Path) -> None:
+    """Make ``prev`` a copy of ``path`` atomically, ``path`` staying in place throughout."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{prev.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            os.unlink(tmp)
+            os.link(path, tmp)  # a second name for the same file: no copy needed
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, prev)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                progress: bool = True, data: TaskData | None = None,
                inner_optimizer: Callable | None = None, stop_after: int | None = None,
@@ -467,14 +684,20 @@ def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: b
     agree with ``config`` except for :data:`RESUMABLE_KEYS`.
     """
     run = Path(out_dir)
-    if resume and (run / "config.json").exists():
+    if resume and (run / "config.json").is_file():
         saved = MetaTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         _check_same_run(saved, config, origin=str(run / "config.json"))
-    trainer = MetaTrainer(config, data=data, inner_optimizer=inner_optimizer)
-    return trainer.train(run, resume=resume, progress=progress, stop_after=stop_after, log=log)
+    log = log or _stderr
+    _check_fresh(run, resume)
+    # The folder is claimed before the data are loaded: a folder in use is reported at once.
+    with _DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
+        trainer = MetaTrainer(config, data=data, inner_optimizer=inner_optimizer)
+        return trainer._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
+                                     stop_after=stop_after)
 
 
 __all__ = [
-    "CheckpointError", "MetaTrainResult", "MetaTrainer", "RESUMABLE_KEYS", "RunDirError",
+    "CheckpointError", "CorruptCheckpointError", "MetaTrainInterrupted", "MetaTrainResult", "MetaTrainer",
+    "RESUMABLE_KEYS", "RunDirError",
     "meta_train", "read_metrics",
 ]
