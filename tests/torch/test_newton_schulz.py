@@ -34,6 +34,10 @@ def test_plan_cuts_groups_at_max_elements():
     plan = ns.plan_batches([(10, 10)] * 5 + [(30, 30)], max_elements=250)
     assert [b.members for b in plan] == [(0, 1), (2, 3), (4,), (5,)]  # (30, 30) exceeds it alone
     assert all(b.numel <= 250 for b in plan[:3])
+    # On the CPU only small matrices are stacked; a larger one is a batch alone.
+    plan = ns.plan_batches([(10, 10), (30, 30), (10, 10), (30, 30)], max_member=200)
+    assert [b.members for b in plan] == [(0, 2), (1,), (3,)]
+    assert ns.batch_member_limit("cpu") == ns.CPU_BATCH_MEMBER_ELEMENTS and ns.batch_member_limit("meta") is None
     with pytest.raises(ValueError, match="tensor 1 has shape"):
         ns.plan_batches([(3, 3), (3,)])
 

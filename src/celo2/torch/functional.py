@@ -36,7 +36,7 @@ from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import spec
 from celo2.torch import _chunked, _numba, _reference, _triton
 from celo2.torch._state import TorchTheta, work_shape
-from celo2.torch.ns import newton_schulz, newton_schulz_many, plan_batches, resolve_ns_dtype
+from celo2.torch.ns import NS_BATCH_ELEMENTS, batch_member_limit, newton_schulz, newton_schulz_many, plan_batches, resolve_ns_dtype
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "numba", "torch", "reference")
 """Values of ``backend=``."""
@@ -299,27 +299,41 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
         gate.close()
 
 
+def _waves(batches: list, limit: int) -> list[list]:  # noqa: ANN001
+    """Consecutive batches gathered until they hold ``limit`` elements (a larger batch is a wave alone)."""
+    waves, cur, size = [], [], 0
+    for batch in batches:
+        if cur and size + batch.numel > limit:
+            waves.append(cur)
+            cur, size = [], 0
+        cur.append(batch)
+        size += batch.numel
+    return waves + ([cur] if cur else [])
+
+
 def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters,  # noqa: ANN001
                 chunk_elements, workspace) -> None:  # noqa: ANN001
-    """Raw directions a batch at a time, Newton-Schulz on each batch (:func:`~celo2.torch.ns.plan_batches`,
-    per device and dtype), then each tensor finished."""
+    """Raw directions a wave at a time (up to :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS` elements; the
+    Numba ones spread over threads as whole tensors), Newton-Schulz on each batch of the wave
+    (:func:`~celo2.torch.ns.plan_batches`, per device and dtype), then each tensor finished."""
     by_device: dict[torch.device, list[tuple[int, str]]] = {}
     for i, b in held:
         by_device.setdefault(params[i].device, []).append((i, b))
     for device, items in by_device.items():
         dtype = resolve_ns_dtype(ns_dtype, device)
-        shapes = [work_shape(params[i].shape) for i, _ in items]
-        for batch in plan_batches(shapes):
-            members = [items[j] for j in batch.members]
+        limit = batch_member_limit(device)
+        batches = plan_batches([work_shape(params[i].shape) for i, _ in items], max_member=limit)
+        for wave in _waves(batches, NS_BATCH_ELEMENTS):
+            members = [[items[j] for j in batch.members] for batch in wave]
             dirs: dict[int, torch.Tensor] = {}
             oks: dict[int, torch.Tensor] = {}
             tasks = []
-            for i, b in members:
-                theta = theta_of(device)
+            theta = theta_of(device)
+            for i, b in (m for batch in members for m in batch):
                 if b == "triton":
                     dirs[i], oks[i] = _triton.direction(theta, states[i], grads[i], params[i], skip)
                 elif b == "numba":
-                    def task(i=i, theta=theta) -> None:  # noqa: ANN001
+                    def task(i=i) -> None:  # noqa: ANN001
                         dirs[i] = _numba.run(theta, states[i], grads[i], params[i], True, None, raw=True)
                     tasks.append((params[i].numel(), task))
                 else:
@@ -328,16 +342,24 @@ def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, co
                                    chunk_elements=chunk_elements, workspace=ws)
             if tasks:
                 cpu_kernels.run_tensors(tasks)
-            order = [i for i, _ in members]
-            outs = newton_schulz_many([dirs.pop(i) for i in order], dtype=dtype, inplace=True)
-            for (i, b), d in zip(members, outs):
-                if b == "triton":
-                    _triton.apply_held(params[i], d, oks[i], *apply)
-                    if skip:
-                        counters[i].add_((oks[i] == 0).to(counters[i].dtype))
-                    continue
-                shape = work_shape(params[i].shape)
-                axes = tuple(range(max(0, d.ndim - 2), d.ndim))
-                ms = torch.linalg.vector_norm(d, dim=axes, keepdim=True, dtype=torch.float32).square_()
-                ms = ms.mul_(1.0 / (shape[-1] * shape[-2])).add_(spec.OUTPUT_NORM_EPS).rsqrt_()
-                _chunked.apply_update(params[i], 0, shape[0], d, apply, ms)
+            for batch_members in members:
+                outs = newton_schulz_many([dirs.pop(i) for i, _ in batch_members], dtype=dtype, inplace=True,
+                                          max_member=limit)
+                for (i, b), d in zip(batch_members, outs):
+                    _finish_held(params[i], d, oks.get(i), apply, counters[i] if skip else None)
+
+
+def _finish_held(param: torch.Tensor, d: torch.Tensor, ok: Optional[torch.Tensor], apply: tuple[Any, Any],
+                 counter: Optional[torch.Tensor]) -> None:
+    """``p <- p (1 - lr wd) - lr d / rms(d)`` (RMS over the last two axes) for an orthogonalised ``d``;
+    with ``ok`` (Triton) only where it is 1, counting a skipped step in ``counter``."""
+    if ok is not None:
+        _triton.apply_held(param, d, ok, *apply)
+        if counter is not None:
+            counter.add_((ok == 0).to(counter.dtype))
+        return
+    shape = work_shape(param.shape)
+    axes = tuple(range(max(0, d.ndim - 2), d.ndim))
+    ms = torch.linalg.vector_norm(d, dim=axes, keepdim=True, dtype=torch.float32).square_()
+    ms = ms.mul_(1.0 / (shape[-1] * shape[-2])).add_(spec.OUTPUT_NORM_EPS).rsqrt_()
+    _chunked.apply_update(param, 0, shape[0], d, apply, ms)
