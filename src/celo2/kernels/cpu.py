@@ -4,7 +4,7 @@ Shared by both front ends: the PyTorch optimizer calls them on its tensors'
 NumPy views (with the thread helpers below), the JAX front end from inside a
 compiled step through an XLA custom call (:mod:`celo2.optax.cpu_ffi`).
 
-The chunked PyTorch path in :mod:`celo2.torch.rule` spends most of a CPU step
+The chunked PyTorch path in :mod:`celo2.torch._chunked` spends most of a CPU step
 in ~40 elementwise passes and in 8x18 matrix products too small for BLAS.
 Here each pass over a tensor is one compiled loop: every element's channels,
 both hidden layers and the direction are computed in registers, and the loop
