@@ -916,9 +916,10 @@ if AVAILABLE:
         scaled application); returns the sum of the direction's squares."""
         R = g.shape[0]
         per, nblk = blocks_jit(R)
-        W1 = net[_W1[0]:_W1[1]].reshape(_H, _H)
-        b1 = net[_B1[0]:_B1[1]]
-        w2 = net[_W2[0]:_W2[1]]
+        # Contiguous copies (a slice types as any-layout, which the kernels' loops index more slowly).
+        W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
+        b1 = net[_B1[0]:_B1[1]].copy()
+        w2 = net[_W2[0]:_W2[1]].copy()
         b2 = net[_B2[0]]
         sq_part = np.empty(nblk, np.float64)
         if mode != APPLY:
@@ -958,9 +959,9 @@ if AVAILABLE:
         cf = np.empty_like(fac_c)
         term_r = np.empty((_H, fac_r.shape[1]), np.float32)
         term_c = np.empty((_H, fac_c.shape[1]), np.float32)
-        w_row = net[_W_ROW[0]:_W_ROW[1]].reshape(6, _H)
-        w_col = net[_W_COL[0]:_W_COL[1]].reshape(6, _H)
-        b0 = net[_B0[0]:_B0[1]]
+        w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(6, _H)
+        w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(6, _H)
+        b0 = net[_B0[0]:_B0[1]].copy()
         wf, wm = FACTORED_W, MOMENTUM_W
         # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
         if d0 == 1:
@@ -971,7 +972,7 @@ if AVAILABLE:
             A, B, TR, TC = cf, rf, term_c, term_r
         sums_part = np.empty((nblk, _CH), np.float64)
         accumulate(0, nblk, g, p, m, v, wm, A * A, B * B, per, sums_part)
-        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].reshape(_CH, _H), sums_part.sum(0), R * C)
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums_part.sum(0), R * C)
         return finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out)
 
     @numba.njit(cache=True, nogil=True)
@@ -988,7 +989,7 @@ if AVAILABLE:
         sums = np.empty(_VECTOR_CH, np.float64)
         vector_accumulate(g, p, m, v, fac, wm, wf, factor, sums)
         # Rows of fac_m stay zero in W: vectors lack those channels.
-        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].reshape(_CH, _H), sums, n)
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, n)
         A = np.ones((3, 1), np.float32)
         TR = net[_B0[0]:_B0[1]].copy().reshape(_H, 1)
         TC = np.zeros((_H, n), np.float32)

@@ -162,9 +162,10 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     v = carray(buffer_data(rets[2]), (O, I, G), np.float32)
     W = net[W_EL[0]:W_EL[1]].reshape(W_EL_SHAPE).copy()
     per, nblk = blocks(O)
-    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, net[W1[0]:W1[1]].reshape(H, H),
-            net[B1[0]:B1[1]], net[W2[0]:W2[1]], net[B2[0]], OVER_GRAD, np.float32(1.0), np.float32(0.0), per,
-            np.empty((1, 1, 1), np.float32))
+    # Contiguous copies: a slice types as any-layout, which the kernel's loops index more slowly.
+    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, net[W1[0]:W1[1]].copy().reshape(H, H),
+            net[B1[0]:B1[1]].copy(), net[W2[0]:W2[1]].copy(), net[B2[0]], OVER_GRAD, np.float32(1.0),
+            np.float32(0.0), per, np.empty((1, 1, 1), np.float32))
     return as_pointer(0)
 
 
