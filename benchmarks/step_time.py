@@ -273,12 +273,12 @@ def _state_bytes(opt) -> int:  # noqa: ANN001
     return sum(v.nbytes for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes"))
 
 
-def ns_workspace_bytes(kind: str, size: str) -> int:
+def ns_workspace_bytes(kind: str, size: str, device: str = "cpu") -> int:
     """The scratch Newton-Schulz needs at its peak, by the shapes alone: the largest batch (one matrix for
     Muon, a shape group's batch for Celo2) in its dtype, its Gram matrix and polynomial, and one more
     batch-sized product; 0 for the rows that do not orthogonalise."""
     from celo2.rule import routing
-    from celo2.torch.ns import plan_batches
+    from celo2.torch.ns import batch_member_limit, plan_batches
 
     if kind not in TORCH_NS_DTYPES:
         return 0
@@ -288,7 +288,7 @@ def ns_workspace_bytes(kind: str, size: str) -> int:
         batches = [(1, min(s), max(s)) for s in mats]
     else:
         mats = [s for n, s in model_shapes(size) if len(s) >= 2 and routing.route(n, s) == routing.LEARNED]
-        batches = [(sum(b.counts), *b.shape) for b in plan_batches(mats)]
+        batches = [(sum(b.counts), *b.shape) for b in plan_batches(mats, max_member=batch_member_limit(device))]
     return max((item * n * (2 * r * c + 2 * r * r) for n, r, c in batches), default=0)
 
 
@@ -373,7 +373,7 @@ def _torch_cuda_row(kind: str, base, theta, repeats: int, warmup: int, size: str
     row = {"median_s": statistics.median(times), "all_s": times, "state_bytes": _state_bytes(opt),
            "peak_extra_bytes": first_peak, "kept_after_first_bytes": kept, "step_transient_bytes": transient,
            "largest_param_bytes": max(p.numel() * p.element_size() for _, p in base),
-           "ns_workspace_bytes": ns_workspace_bytes(kind, size)}
+           "ns_workspace_bytes": ns_workspace_bytes(kind, size, "cuda")}
     del opt, named
     gc.collect()
     torch.cuda.empty_cache()

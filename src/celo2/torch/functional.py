@@ -190,7 +190,8 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
         orthogonalize: Newton-Schulz on tensors of two or more dims.
         chunk_elements: Elements per chunk of the chunked path (tests force tiny chunks).
         backend: See the module doc (default ``"auto"``).
-        ns_dtype: Newton-Schulz's dtype (default float32; ``"auto"`` as in :class:`~celo2.torch.Celo2`).
+        ns_dtype: Newton-Schulz's dtype (default float32; ``"auto"`` as in :class:`~celo2.torch.Celo2`;
+            the reference formula always multiplies in float32).
 
     Returns:
         The direction: float32, unit RMS over the last two axes, the parameter's shape.
@@ -245,7 +246,8 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
         backend: See the module doc (default ``"auto"``).
         ns_dtype: Newton-Schulz's matrix products: ``"auto"`` (bfloat16 where the
             hardware multiplies it natively, see
-            :func:`celo2.torch.ns.resolve_ns_dtype`), ``torch.float32`` or ``torch.bfloat16``.
+            :func:`celo2.torch.ns.resolve_ns_dtype`), ``torch.float32`` or ``torch.bfloat16``
+            (the reference backend always multiplies in float32).
         nonfinite: ``"skip"`` (default): a tensor whose gradient has a NaN or +-inf
             keeps its parameter and state bitwise unchanged and its counter goes
             up; ``"propagate"``: no check (see :data:`celo2.rule.spec.NONFINITE_POLICIES`).
