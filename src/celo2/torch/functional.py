@@ -313,10 +313,19 @@ def _waves(batches: list, limit: int) -> list[list]:  # noqa: ANN001
     return waves + ([cur] if cur else [])
 
 
+def _wave_elements(device: torch.device, batches: list) -> int:  # noqa: ANN001
+    """How many elements of raw directions a wave holds: on the CPU as many of the largest batch as
+    there are threads (each thread computes whole tensors' directions; the memory stays a few
+    matrices), elsewhere :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS`."""
+    if device.type != "cpu":
+        return NS_BATCH_ELEMENTS
+    return torch.get_num_threads() * max(b.numel for b in batches)
+
+
 def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters,  # noqa: ANN001
                 chunk_elements, workspace) -> None:  # noqa: ANN001
-    """Raw directions a wave at a time (up to :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS` elements; the
-    Numba ones spread over threads as whole tensors), Newton-Schulz on each batch of the wave
+    """Raw directions a wave at a time (:func:`_wave_elements`; the Numba ones spread over threads as
+    whole tensors), Newton-Schulz on each batch of the wave
     (:func:`~celo2.torch.ns.plan_batches`, per device and dtype), then each tensor finished."""
     by_device: dict[torch.device, list[tuple[int, str]]] = {}
     for i, b in held:
@@ -325,7 +334,7 @@ def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, co
         dtype = resolve_ns_dtype(ns_dtype, device)
         limit = batch_member_limit(device)
         batches = plan_batches([work_shape(params[i].shape) for i, _ in items], max_member=limit)
-        for wave in _waves(batches, NS_BATCH_ELEMENTS):
+        for wave in _waves(batches, _wave_elements(device, batches)):
             members = [[items[j] for j in batch.members] for batch in wave]
             dirs: dict[int, torch.Tensor] = {}
             oks: dict[int, torch.Tensor] = {}
