@@ -314,12 +314,17 @@ def _waves(batches: list, limit: int) -> list[list]:  # noqa: ANN001
 
 
 def _wave_elements(device: torch.device, batches: list) -> int:  # noqa: ANN001
-    """How many elements of raw directions a wave holds: on the CPU as many of the largest batch as
-    there are threads (each thread computes whole tensors' directions; the memory stays a few
-    matrices), elsewhere :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS`."""
+    """How many elements of raw directions a wave holds: on the CPU at least as many of the largest
+    batch as there are threads (each thread computes whole tensors' directions) and
+    :data:`CPU_WAVE_ELEMENTS`; elsewhere :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS`."""
     if device.type != "cpu":
         return NS_BATCH_ELEMENTS
-    return torch.get_num_threads() * max(b.numel for b in batches)
+    return max(CPU_WAVE_ELEMENTS, torch.get_num_threads() * max(b.numel for b in batches))
+
+
+CPU_WAVE_ELEMENTS: int = 1 << 22
+"""The raw directions a wave of held tensors holds at least on the CPU (16 MiB): fewer waves keep
+the threads busy between Newton-Schulz batches, at the cost of holding more directions at once."""
 
 
 def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters,  # noqa: ANN001
