@@ -317,7 +317,7 @@ def _wave_elements(device: torch.device, batches: list) -> int:  # noqa: ANN001
     """How many elements of raw directions a wave holds: on the CPU at least as many of the largest
     batch as there are threads (each thread computes whole tensors' directions) and
     :data:`CPU_WAVE_ELEMENTS`; elsewhere :data:`~celo2.torch.ns.NS_BATCH_ELEMENTS`."""
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # traced: no Numba threads, the compiler plans
         return NS_BATCH_ELEMENTS
     return max(CPU_WAVE_ELEMENTS, torch.get_num_threads() * max(b.numel for b in batches))
 
