@@ -18,9 +18,9 @@ from celo2.torch import rule
 # 0-D; vectors, one longer than a block; a row and a column; matrices of both
 # orientations, one whose groups span several blocks and one whose long
 # statistic spans several reduction tiles; 3-D with the factored axes at the
-# front, at the back and split; conv kernels, one with a single input channel.
+# front, at the back and split; conv kernels, one with a single input channel; 5-D.
 SHAPES = [(), (37,), (1500,), (1, 7), (7, 1), (24, 7), (37, 61), (300, 3), (3, 10, 9), (9, 10, 3), (5, 3, 4),
-          (6, 5, 3, 3), (2, 1, 5, 3)]
+          (6, 5, 3, 3), (2, 1, 5, 3), (2, 3, 2, 4, 5)]
 
 
 def _ids(shape):

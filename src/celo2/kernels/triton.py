@@ -122,7 +122,8 @@ PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.fl
 Scalar = Union[float, torch.Tensor]
 
 # Direction-pass modes, the layout's names, and the fused pass's apply with its own output RMS.
-WRITE, SQUARES, APPLY = int(layout.DirectionMode.WRITE), int(layout.DirectionMode.SQUARES), int(layout.DirectionMode.APPLY)
+WRITE, SQUARES, APPLY = (int(layout.DirectionMode.WRITE), int(layout.DirectionMode.SQUARES),
+                         int(layout.DirectionMode.APPLY))
 _APPLY_LOCAL = max(int(m) for m in layout.DirectionMode) + 1
 
 
@@ -280,8 +281,9 @@ if AVAILABLE:
     @triton.jit
     def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
                       LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr):
-        """``p <- p (1 - lr wd) - lr scale d`` where ``mask`` (``p`` as loaded, in its dtype): float32 math, rounded once to nearest even
-        for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64 math for a float64 one (1)."""
+        """``p <- p (1 - lr wd) - lr scale d`` where ``mask`` (``p`` as loaded, in its dtype): float32
+        math, rounded once to nearest even for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64
+        math for a float64 one (1)."""
         if LR_T:
             lr = tl.load(lr_ptr).to(tl.float32)
         if WD_T:
@@ -490,7 +492,8 @@ if AVAILABLE:
         ihi = _remove(n, hi_inner, hi_span)
         f0 = tl.load(f_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + ihi, mask=mask, other=0.0)
         f1 = tl.load(f_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + ihi, mask=mask, other=0.0)
-        f2 = tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0)
+        f2 = (tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0)
+              * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0))
         return ilo, ihi, f0, f1, f2
 
     @triton.jit
