@@ -53,6 +53,7 @@ the direction with its groups' output RMS; then ``direction`` and
 ``apply_step`` both take 5 launches for a factored tensor and 3 for a vector,
 and read the full-size operands once after ``_grad_stats``. So the count
 depends on the shape's kind only, never on its size.
+
 Block sizes are fixed or chosen from the shape on the host. The full-size
 streams per element of a step follow from these passes (a matrix's
 ``apply_step`` reads ``g`` four times and ``p``, ``m``, ``v`` three times, and
@@ -76,8 +77,8 @@ once (float64 parameters combine in float64). The kernels index contiguous
 operands only: a non-contiguous gradient or parameter is copied to a
 contiguous one first (an extra copy launch), and a non-contiguous parameter
 is updated through that copy and copied back; state must be contiguous (as
-:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are 64-bit; a tensor has
-fewer than :data:`MAX_ELEMENTS` elements.
+:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are
+64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
