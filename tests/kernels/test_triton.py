@@ -18,9 +18,9 @@ from celo2.torch import _chunked, functional, rule
 # 0-D; vectors, one longer than a block; a row and a column; matrices of both
 # orientations, one whose groups span several blocks and one whose long
 # statistic spans several reduction tiles; 3-D with the factored axes at the
-# front, at the back and split; conv kernels, one with a single input channel.
+# front, at the back and split; conv kernels, one with a single input channel; 5-D.
 SHAPES = [(), (37,), (1500,), (1, 7), (7, 1), (24, 7), (37, 61), (300, 3), (3, 10, 9), (9, 10, 3), (5, 3, 4),
-          (6, 5, 3, 3), (2, 1, 5, 3)]
+          (6, 5, 3, 3), (2, 1, 5, 3), (2, 3, 2, 4, 5)]
 
 
 def _ids(shape):
@@ -254,13 +254,17 @@ class _Counting:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("small, large, launches", [((37,), (3000,), (4, 6)), ((24, 7), (70, 40), (6, 8)),
-                                                    ((5, 3, 3, 3), (8, 6, 3, 3), (6, 8))], ids=["vector", "matrix", "conv"])
+@pytest.mark.parametrize("small, large, launches", [
+    ((37,), (1000,), (2, 2)), ((1500,), (5000,), (4, 6)),  # vectors: groups within one tile, or across tiles
+    ((24, 7), (30, 30), (4, 4)), ((40, 30), (70, 40), (6, 8)),  # matrices likewise
+    ((5, 3, 3, 3), (16, 12, 3, 3), (4, 4)),  # conv kernels: every window within a tile
+], ids=["vector-fused", "vector", "matrix-fused", "matrix", "conv"])
 def test_launches_do_not_grow_with_size(tk, net, monkeypatch, small, large, launches):
-    """Triton launches per tensor (the flag's torch.zeros comes on top): a fixed count."""
+    """Triton launches per tensor (the flag's torch.zeros comes on top): a count set by the shape's
+    kind (groups within one tile or not), the same for a larger tensor of that kind."""
     counts: collections.Counter = collections.Counter()
     for name in ("_grad_stats", "_flag_pass", "_stat_reduce", "_factors", "_accumulate", "_reduce_groups",
-                 "_direction", "_held"):
+                 "_direction", "_fused", "_held"):
         monkeypatch.setattr(tk, name, _Counting(getattr(tk, name), counts, name))
     for shape in (small, large):
         param = torch.randn(shape)

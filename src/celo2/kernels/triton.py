@@ -45,6 +45,15 @@ A vector (15 channels, unfactored) takes 5: the flag, ``_flag_pass``,
 ``_direction``. :func:`apply_step` runs the direction pass twice (``SQUARES``:
 per-block sums of ``d^2``; then ``APPLY``) with a ``_reduce_groups`` between:
 9 launches for a factored tensor, 7 for a vector. :func:`apply_held` takes 3.
+
+When every normalisation group fits one tile (``L <= TILE``: conv kernels and
+other N-D tensors with small trailing axes, matrices and vectors of up to
+``TILE`` elements), passes 5-7 are one launch, ``_fused``, which also applies
+the direction with its groups' output RMS; then ``direction`` and
+``apply_step`` both take 5 launches for a factored tensor and 3 for a vector,
+and read the full-size operands once after ``_grad_stats``. So the count
+depends on the shape's kind only, never on its size.
+
 Block sizes are fixed or chosen from the shape on the host. The full-size
 streams per element of a step follow from these passes (a matrix's
 ``apply_step`` reads ``g`` four times and ``p``, ``m``, ``v`` three times, and
@@ -68,8 +77,8 @@ once (float64 parameters combine in float64). The kernels index contiguous
 operands only: a non-contiguous gradient or parameter is copied to a
 contiguous one first (an extra copy launch), and a non-contiguous parameter
 is updated through that copy and copied back; state must be contiguous (as
-:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are 64-bit; a tensor has
-fewer than :data:`MAX_ELEMENTS` elements.
+:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are
+64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
@@ -113,8 +122,10 @@ PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.fl
 
 Scalar = Union[float, torch.Tensor]
 
-# Direction-pass modes, the layout's names.
-WRITE, SQUARES, APPLY = int(layout.DirectionMode.WRITE), int(layout.DirectionMode.SQUARES), int(layout.DirectionMode.APPLY)
+# Direction-pass modes, the layout's names, and the fused pass's apply with its own output RMS.
+WRITE, SQUARES, APPLY = (int(layout.DirectionMode.WRITE), int(layout.DirectionMode.SQUARES),
+                         int(layout.DirectionMode.APPLY))
+_APPLY_LOCAL = max(int(m) for m in layout.DirectionMode) + 1
 
 
 def _f32(x: float) -> float:
@@ -271,8 +282,9 @@ if AVAILABLE:
     @triton.jit
     def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
                       LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr):
-        """``p <- p (1 - lr wd) - lr scale d`` where ``mask`` (``p`` as loaded, in its dtype): float32 math, rounded once to nearest even
-        for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64 math for a float64 one (1)."""
+        """``p <- p (1 - lr wd) - lr scale d`` where ``mask`` (``p`` as loaded, in its dtype): float32
+        math, rounded once to nearest even for a bfloat16 (``P_KIND`` 2) or float16 (3) ``p``; float64
+        math for a float64 one (1)."""
         if LR_T:
             lr = tl.load(lr_ptr).to(tl.float32)
         if WD_T:
@@ -481,7 +493,8 @@ if AVAILABLE:
         ihi = _remove(n, hi_inner, hi_span)
         f0 = tl.load(f_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + ihi, mask=mask, other=0.0)
         f1 = tl.load(f_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + ihi, mask=mask, other=0.0)
-        f2 = tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0)
+        f2 = (tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0)
+              * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0))
         return ilo, ihi, f0, f1, f2
 
     @triton.jit
@@ -495,6 +508,14 @@ if AVAILABLE:
         """Fold ``g`` into ``m`` and ``v`` (a vector's ``fac`` too) and write the per-block sums of
         squares of the per-element channels."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
+        _accumulate_tile(pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr,
+                         part_ptr, N, G, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi, FACTORED, SKIP)
+
+    @triton.jit
+    def _accumulate_tile(pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr,
+                         part_ptr, N, G, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
+                         FACTORED: tl.constexpr, SKIP: tl.constexpr):
+        """The accumulate pass on one tile; returns what the direction pass reads (state updated)."""
         store = _where_ok(mask, flag_ptr, SKIP)
         g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
         m0 = m0 + _WM0 * (g - m0)
@@ -523,6 +544,8 @@ if AVAILABLE:
             f0 = _vector_factor(a0)
             f1 = _vector_factor(a1)
             f2 = _vector_factor(a2)
+            ilo = n
+            ihi = n
         r = 1.0 / (v + _RSQRT_EPS)
         q0 = m0 * m0
         q1 = m1 * m1
@@ -546,6 +569,7 @@ if AVAILABLE:
             _psum(part_ptr, _CH_FACM, q0 * (f0 * f0), mask, grp, gmask, G, nlb, pl)
             _psum(part_ptr, _CH_FACM + 1, q1 * (f1 * f1), mask, grp, gmask, G, nlb, pl)
             _psum(part_ptr, _CH_FACM + 2, q2 * (f2 * f2), mask, grp, gmask, G, nlb, pl)
+        return g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi
 
     @triton.jit
     def _reduce_groups(part_ptr, out_ptr, G, nlb, L, flag_ptr, ok_ptr, NCH: tl.constexpr, EPS: tl.constexpr,
@@ -554,20 +578,28 @@ if AVAILABLE:
         with ``WRITE_OK`` program 0 also writes ``ok`` from the flag."""
         pid = tl.program_id(0)
         grp = pid.to(tl.int64) * BGR + tl.arange(0, BGR)
-        gmask = grp < G
+        _reduce_rows(part_ptr, out_ptr, grp, grp < G, G, nlb, L, NCH, EPS, RB)
+        if WRITE_OK:
+            if pid == 0:
+                _write_ok(flag_ptr, ok_ptr, SKIP)
+
+    @triton.jit
+    def _reduce_rows(part_ptr, out_ptr, grp, gmask, G, nlb, L, NCH: tl.constexpr, EPS: tl.constexpr,
+                     RB: tl.constexpr):
         for c in tl.static_range(NCH):
-            acc = tl.full([BGR, RB], 0.0, tl.float32)
+            acc = tl.full([grp.shape[0], RB], 0.0, tl.float32)
             for j0 in range(0, nlb, RB):
                 j = j0 + tl.arange(0, RB)
                 acc += tl.load(_row(part_ptr, c, G * nlb) + grp[:, None] * nlb + j[None, :],
                                mask=gmask[:, None] & (j < nlb)[None, :], other=0.0)
             tl.store(_row(out_ptr, c, G) + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
-        if WRITE_OK:
-            if pid == 0:
-                if SKIP:
-                    tl.store(ok_ptr, 1.0 - (tl.load(flag_ptr) != 0).to(tl.float32))
-                else:
-                    tl.store(ok_ptr, tl.full([], 1.0, tl.float32))
+
+    @triton.jit
+    def _write_ok(flag_ptr, ok_ptr, SKIP: tl.constexpr):
+        if SKIP:
+            tl.store(ok_ptr, 1.0 - (tl.load(flag_ptr) != 0).to(tl.float32))
+        else:
+            tl.store(ok_ptr, tl.full([], 1.0, tl.float32))
 
     @triton.jit
     def _direction(g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, t_lo, t_hi, inv_ptr, net_ptr, flag_ptr,
@@ -579,19 +611,35 @@ if AVAILABLE:
         per-block sums of its squares, 2 applies it with each group's ``scale``."""
         pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
         g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
-        rv = tl.rsqrt(v + _RSQRT_EPS)
-        hidx = tl.arange(0, _H)
         if FACTORED:
             ilo, ihi, f0, f1, f2 = _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span,
                                                    n_hi)
+        else:
+            f0 = _vector_factor(tl.load(fac_ptr + n, mask=mask, other=1.0))
+            f1 = _vector_factor(tl.load(fac_ptr + N + n, mask=mask, other=1.0))
+            f2 = _vector_factor(tl.load(fac_ptr + N + N + n, mask=mask, other=1.0))
+            ilo = n
+            ihi = n
+        _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
+                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
+                        G, L, nlb, n_lo, n_hi, FACTORED, SKIP, MODE, LR_T, WD_T, P_KIND, BG, BL)
+
+    @triton.jit
+    def _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
+                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
+                        G, L, nlb, n_lo, n_hi, FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr,
+                        LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr,
+                        BL: tl.constexpr):
+        """The direction pass on one tile, from its loaded (and updated) values; MODE 4 (``_APPLY_LOCAL``)
+        applies it with the output RMS of the tile's groups (each group whole in the tile)."""
+        rv = tl.rsqrt(v + _RSQRT_EPS)
+        hidx = tl.arange(0, _H)
+        if FACTORED:
             hoff = hidx[None, None, :].to(tl.int64)
             m3 = mask[:, :, None]
             h = (tl.load(t_lo + hoff * n_lo + ilo[:, :, None], mask=m3, other=0.0)
                  + tl.load(t_hi + hoff * n_hi + ihi[:, :, None], mask=m3, other=0.0))
         else:
-            f0 = _vector_factor(tl.load(fac_ptr + n, mask=mask, other=1.0))
-            f1 = _vector_factor(tl.load(fac_ptr + N + n, mask=mask, other=1.0))
-            f2 = _vector_factor(tl.load(fac_ptr + N + N + n, mask=mask, other=1.0))
             h = tl.full([BG, BL, _H], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, _clip(g, _FEATURE_CLIP), _CH_CLIP, inv_ptr, G, grp, gmask, net_ptr)
@@ -623,8 +671,34 @@ if AVAILABLE:
         elif MODE == 1:
             _psum(sq_ptr, 0, d * d, mask, grp, gmask, G, nlb, pl)
         else:
-            scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
-            _update_param(p_ptr, praw, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
+            if MODE == 2:
+                scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
+            else:
+                scale = tl.rsqrt(_sum(tl.where(mask, d * d, 0.0), 1) / L + _OUTPUT_NORM_EPS)[:, None]
+            _update_param(p_ptr, praw, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd,
+                          LR_T, WD_T, P_KIND)
+
+    @triton.jit
+    def _fused(g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, t_lo, t_hi, part_ptr, inv_ptr, net_ptr, flag_ptr,
+               ok_ptr, out_ptr, lr_ptr, lr, wd_ptr, wd, N, G, L, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
+               FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr, NCH: tl.constexpr,
+               LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
+        """Accumulate, input RMS and direction in one launch, for tensors whose groups each fit one tile
+        (``L <= BL``): MODE 0 writes the raw direction, MODE 4 applies it. The values loaded for the
+        accumulators feed the direction from registers; the tile's channel sums go through
+        ``part``/``inv`` in memory, which only this program touches (a barrier between)."""
+        pl, grp, gmask, mask, n = _tile(G, L, 1, BG, BL)
+        g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi = _accumulate_tile(
+            pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr, part_ptr,
+            N, G, 1, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi, FACTORED, SKIP)
+        tl.debug_barrier()
+        _reduce_rows(part_ptr, inv_ptr, grp, gmask, G, 1, L, NCH, _INPUT_NORM_EPS, 1)
+        tl.debug_barrier()
+        _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
+                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, out_ptr, out_ptr, lr_ptr, lr, wd_ptr, wd,
+                        G, L, 1, n_lo, n_hi, FACTORED, SKIP, MODE, LR_T, WD_T, P_KIND, BG, BL)
+        if tl.program_id(0) == 0:
+            _write_ok(flag_ptr, ok_ptr, SKIP)
 
     @triton.jit
     def _held(d_ptr, p_ptr, sq_ptr, scale_ptr, ok_ptr, lr_ptr, lr, wd_ptr, wd, G, L, nlb,
@@ -677,6 +751,11 @@ class _Geometry:
     mean_q: int = 1
     bh: int = 1  # grad_stats tile
     bll: int = 1
+
+    @property
+    def fused(self) -> bool:
+        """Whether each group fits one tile: accumulate, input RMS and direction then take one launch."""
+        return self.nlb == 1
 
     @property
     def programs(self) -> int:
@@ -838,6 +917,8 @@ class _Prepared:
     flag: torch.Tensor
     ok: torch.Tensor
     skip: bool
+    part: torch.Tensor  # per-block channel sums
+    nch: int  # per-element channels
 
 
 def _prepare(net: torch.Tensor, state: Mapping[str, torch.Tensor], g: torch.Tensor, p: torch.Tensor,
@@ -888,10 +969,26 @@ def _prepare(net: torch.Tensor, state: Mapping[str, torch.Tensor], g: torch.Tens
         fac = state["fac_r"].view(-1)
         f_lo = f_hi = t_lo = t_hi = fac  # unused by vector kernels
         ints = (N, G, L, nlb, 1, 1, 1, 1, 1, 1)
-    _accumulate[(geo.programs,)](g, p, m, v, fac, f_lo, f_hi, flag, part, *ints,
-                                 FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=8)
-    _launch_reduce(part, inv, G, nlb, L, flag, ok, nch, spec.INPUT_NORM_EPS, skip, True)
-    return _Prepared(geo, (g, p, m, v, fac, f_lo, f_hi, t_lo, t_hi, inv, net, flag), ints, flag, ok, skip)
+    if not geo.fused:
+        _accumulate[(geo.programs,)](g, p, m, v, fac, f_lo, f_hi, flag, part, *ints,
+                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=8)
+        _launch_reduce(part, inv, G, nlb, L, flag, ok, nch, spec.INPUT_NORM_EPS, skip, True)
+    return _Prepared(geo, (g, p, m, v, fac, f_lo, f_hi, t_lo, t_hi, inv, net, flag), ints, flag, ok, skip, part, nch)
+
+
+def _fused_pass(prep: _Prepared, mode: int, out: torch.Tensor, lr: Scalar = 0.0, weight_decay: Scalar = 0.0) -> None:
+    """Accumulate, input RMS and the direction pass in one launch (``geo.fused``): MODE ``WRITE`` or
+    ``_APPLY_LOCAL``."""
+    geo, args = prep.geo, prep.args
+    p = args[1]
+    lr_ptr, lr_val = _scalar(lr, "lr", p.device)
+    wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", p.device)
+    ints = prep.ints[:3] + prep.ints[4:]  # without nlb (1)
+    _fused[(geo.programs,)](
+        *args[:9], prep.part, *args[9:], prep.ok, out, prep.flag if lr_ptr is None else lr_ptr, lr_val,
+        prep.flag if wd_ptr is None else wd_ptr, wd_val, *ints,
+        FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, NCH=prep.nch, LR_T=lr_ptr is not None,
+        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
 
 
 def _launch_reduce(part: torch.Tensor, out: torch.Tensor, G: int, nlb: int, L: int, flag: torch.Tensor,
@@ -931,7 +1028,8 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
         parameter's shape, ``(1,)`` for a 0-D one), before Newton-Schulz and
         before the output RMS normalisation; ``ok`` a 0-d float32 tensor on the
         device, 1.0 when the tensor stepped, else 0.0. 7 launches for a tensor of
-        two or more dims, 5 for a vector (plus a copy for a non-contiguous operand).
+        two or more dims, 5 for a vector; 5 and 3 when its groups fit one tile (see the
+        module docstring); plus a copy for a non-contiguous operand.
 
     Raises:
         RuntimeError: Triton is missing, or a CPU tensor outside the interpreter.
@@ -944,7 +1042,10 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
     geo = _geometry(_work_shape(param.shape))
     prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
     out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
-    _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
+    if geo.fused:
+        _fused_pass(prep, WRITE, out)
+    else:
+        _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
     return out, prep.ok
 
 
@@ -973,7 +1074,8 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
         skip_nonfinite: as in :func:`direction` (a skipped step applies no weight decay either).
 
     Returns:
-        ``ok`` as in :func:`direction`. 9 launches for a tensor of two or more dims, 7 for a vector.
+        ``ok`` as in :func:`direction`. 9 launches for a tensor of two or more dims, 7 for a vector;
+        5 and 3 when its groups fit one tile.
 
     Raises:
         As :func:`direction`; ValueError also for an ``lr`` or ``weight_decay`` tensor that is not
@@ -985,6 +1087,11 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
     _scalar(lr, "lr", param.device)
     _scalar(weight_decay, "weight_decay", param.device)
     prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
+    if geo.fused:
+        _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
+        if copied:
+            param.detach().copy_(flat.view(param.shape))
+        return prep.ok
     sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
     scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
     _direction_pass(prep, SQUARES, sq, sq, sq)
