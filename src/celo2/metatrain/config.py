@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from celo2.rule import spec
+
 AUGMENTATIONS = ("none", "global", "tensor", "parameter")
 INNER_OPTIMIZERS = ("celo2", "celo2-base", "adam")
 METRICS_FORMATS = ("jsonl", "csv")
@@ -42,7 +44,7 @@ class MetaTrainConfig:
     biases; ``celo2-base``: the rule without Newton-Schulz on every tensor;
     ``adam``: ignores theta (checks the machinery; its PES gradient is zero)."""
     inner_lr: float = 1e-3
-    adam_lr_mult: float = 20.0
+    adam_lr_mult: float = spec.ADAM_LR_MULT
     inner_weight_decay: float = 0.0
     min_unroll_length: int = 100
     max_unroll_length: int = 2000

@@ -56,6 +56,7 @@ from celo2._runlock import LOCK_NAME, RunFolderError, RunLock
 from celo2._provenance import git_commit
 from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.tasks import TaskData, load_task_data
+from celo2.rule import spec
 from celo2.rule.theta import Theta, load_theta, save_theta
 
 CHECKPOINT_FORMAT = "celo2-metatrain-v1"
@@ -485,7 +486,7 @@ def _state_shardings(pes, mesh):
 
     from celo2.metatrain.pes import PARTICLE_AXIS
 
-    template = jax.eval_shape(lambda: pes.init(np.zeros(347, np.float32), 0))
+    template = jax.eval_shape(lambda: pes.init(np.zeros(spec.NUM_THETA_PARAMS, np.float32), 0))
     part = NamedSharding(mesh, PartitionSpec(PARTICLE_AXIS))
     rep = NamedSharding(mesh, PartitionSpec())
     shardings = jax.tree_util.tree_map(lambda _: rep, template)
