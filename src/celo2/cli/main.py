@@ -36,7 +36,7 @@ _USER_ERRORS = {
     "celo2._runlock": ("RunFolderError",),
     "celo2.metatrain.config": ("ConfigError",),
     "celo2.metatrain.tasks": ("TaskError",),
-    "celo2.metatrain.trainer": ("CheckpointError",),
+    "celo2.metatrain.checkpoint": ("CheckpointError",),
     "celo2.eval.bench": ("BenchError",),
     "celo2.eval.tasks": ("TaskDataError",),
 }
