@@ -171,12 +171,10 @@ class MetaTrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The published recipe: 4 x 8 x 2 x 50 = 3,200 inner steps per iteration.
     "paper": {},
-    # Sized for 2 CPU cores: 4 x 4 x 2 x 50 = 1,600 inner steps per iteration. Measured
-    # on 2 shared cores (two host devices): 4,800-6,700 inner steps/s, i.e. 0.24-0.33 s
-    # per iteration, 40-56 minutes for 10,000 iterations (plus ~20 s of compiling and
-    # data loading), leaving room for a busier machine within 90 minutes. Half the
-    # paper's pairs and the predecessor's outer learning rate buy more, noisier
-    # outer steps in the time.
+    # Sized for 2 CPU cores: 4 x 4 x 2 x 50 = 1,600 inner steps per iteration, about 0.3 s
+    # there (two host devices), so 10,000 iterations fit in an hour with room for a busier
+    # machine. Half the paper's pairs and the predecessor's outer learning rate buy more,
+    # noisier outer steps in the time.
     "cpu": {
         "tasks": ("mnist", "fashion-mnist", "digits", "synthetic"),
         "pairs_per_task": 4,
