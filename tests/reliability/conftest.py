@@ -113,3 +113,15 @@ def celo2_child():
 def env_with():
     """:func:`child_env`."""
     return child_env
+
+
+@pytest.fixture
+def zero_gradient_thetas(request) -> dict:
+    """The thetas the zero-gradient behaviour is measured with: the shipped one
+    (``None``) always, the published one where the shared folder is present."""
+    thetas = {"shipped": None}
+    try:
+        thetas["published"] = request.getfixturevalue("published_theta")
+    except pytest.skip.Exception:
+        pass
+    return thetas

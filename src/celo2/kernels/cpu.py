@@ -432,15 +432,17 @@ if AVAILABLE:
     @_kernel
     def nonfinite_blocks(lo, hi, bits, per, out):  # noqa: ANN001
         """Blocks ``lo:hi`` (``per`` elements each) of a float32 array seen as
-        ``uint32`` ``bits``: ``out[blk]`` = how many of its elements are NaN or
-        +-inf (exponent bits all set). Integer arithmetic, so fast-math cannot
-        assume the check away."""
+        ``uint32`` ``bits``: ``out[blk]`` is 1 when one of its elements is NaN or
+        +-inf (exponent bits all set), else 0. Integer arithmetic, so fast-math
+        cannot assume the check away; a running maximum of the exponent bits
+        vectorises (a count did not)."""
         n = bits.shape[0]
+        mask = np.uint32(0x7F800000)
         for blk in range(lo, hi):
-            c = 0
+            e = np.uint32(0)
             for j in range(blk * per, min(n, (blk + 1) * per)):
-                c += (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-            out[blk] = c
+                e = max(e, bits[j] & mask)
+            out[blk] = 1 if e == mask else 0
 
     @_kernel
     def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001

@@ -7,12 +7,16 @@ the rest), ``celo2_base`` (the learned rule on every tensor) and
 
 from celo2.optax.rule import TensorState, init_tensor_state, newton_schulz, tensor_step, theta_from_jax, theta_to_jax
 from celo2.optax.transform import (
+    PerTensorSkipState,
     ScaleByCelo2State,
     celo2,
     celo2_base,
     default_param_labels,
+    nonfinite_steps,
     routing_table,
     scale_by_celo2,
+    skip_nonfinite_per_tensor,
+    zero_skipped_updates,
 )
 
 __all__ = [
@@ -20,6 +24,10 @@ __all__ = [
     "celo2_base",
     "scale_by_celo2",
     "ScaleByCelo2State",
+    "PerTensorSkipState",
+    "nonfinite_steps",
+    "skip_nonfinite_per_tensor",
+    "zero_skipped_updates",
     "TensorState",
     "default_param_labels",
     "init_tensor_state",

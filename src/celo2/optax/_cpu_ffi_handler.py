@@ -51,6 +51,7 @@ OVER_GRAD = kernels.OVER_GRAD
 grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
 grouped, vector_accumulate, group_grad_stats = kernels.grouped, kernels.vector_accumulate, kernels.group_grad_stats
 normalised_first_layer = kernels.normalised_first_layer
+nonfinite_blocks = kernels.nonfinite_blocks
 VECTOR_CHANNELS = spec.NUM_VECTOR_FEATURES  # 15: vectors lack the three fac_m channels (last in the fast-path order)
 blocks = numba.njit(cache=True)(kernels.blocks)
 
@@ -109,12 +110,29 @@ def window_dims(buffer_address):  # noqa: ANN001, ANN201
     return shape[0], shape[1], shape[2] * shape[3]
 
 
+@numba.njit(cache=True)
+def skipped(g, skip):  # noqa: ANN001, ANN201
+    """Policy ``"skip"`` (``skip`` nonzero) and a NaN or +-inf in ``g``: zero
+    ``g`` (the direction's buffer) and say so; the caller then writes nothing else."""
+    if skip == 0:
+        return False
+    flat = g.reshape(-1)
+    count = np.zeros(1, np.int64)
+    nonfinite_blocks(0, 1, flat.view(np.uint32), flat.size, count)
+    if count[0] == 0:
+        return False
+    flat[:] = np.float32(0.0)
+    return True
+
+
 def _matrix(frame_address):  # noqa: ANN001, ANN202
-    """Operands: grad, param, m, v, fac_r, fac_c, [d0] (int32), the packed net;
+    """Operands: grad, param, m, v, fac_r, fac_c, [d0, skip] (int32), the packed net;
     results: raw direction, m, v, fac_r, fac_c (aliasing grad and the state
     operands), sum of squares of the direction (1,). The same passes as the
     PyTorch front end's ``_run_matrix_cpu``, in the same block order; the
-    direction is written over the gradient, row by row."""
+    direction is written over the gradient, row by row. With ``skip`` set and
+    a non-finite gradient: a zero direction, the state untouched and a sum of
+    squares of -1 (the caller's flag)."""
     args, rets = call_buffers(frame_address, 8, 6)
     if args.size == 0:
         return as_pointer(0)
@@ -123,7 +141,8 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
     C = shape[1]
     g = carray(buffer_data(rets[0]), (R, C), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (R, C), np.float32)
-    d0 = carray(buffer_data(args[6]), (1,), np.int32)[0]
+    flags = carray(buffer_data(args[6]), (2,), np.int32)
+    d0 = flags[0]
     net = carray(buffer_data(args[7]), (NET_SIZE,), np.float32)
     m = carray(buffer_data(rets[1]), (3, R, C), np.float32)
     v = carray(buffer_data(rets[2]), (R, C), np.float32)
@@ -133,6 +152,9 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
     fac_r = carray(buffer_data(rets[3]), (3, LR), np.float32)
     fac_c = carray(buffer_data(rets[4]), (3, LC), np.float32)
     sq_out = carray(buffer_data(rets[5]), (1,), np.float32)
+    if skipped(g, flags[1]):
+        sq_out[0] = np.float32(-1.0)
+        return as_pointer(0)
     w_el = net[0:144].reshape(18, 8)
     w_row = net[144:192].reshape(6, 8)
     w_col = net[192:240].reshape(6, 8)
@@ -169,12 +191,13 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
 
 def _conv(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param (O, I, kh, kw), m (3, O, I, kh, kw), v, rf (3, O,
-    G), cf (3, I, G), term_r (8, O, G), term_c (8, I, G), the packed net
+    G), cf (3, I, G), term_r (8, O, G), term_c (8, I, G), [ok] (int32), the packed net
     (``G`` = kh kw); results: raw direction (O, I, kh, kw), m, v (aliasing
     grad and the state operands). The kernel views the row-major tensors as
     (O, I, G). The PyTorch front end's ``grouped`` pass, in the same block
-    order, with the direction written over the gradient."""
-    args, rets = call_buffers(frame_address, 9, 3)
+    order, with the direction written over the gradient; with ``ok`` zero (a
+    skipped tensor), a zero direction and the state untouched."""
+    args, rets = call_buffers(frame_address, 10, 3)
     if args.size == 0:
         return as_pointer(0)
     O, I, G = window_dims(args[0])  # noqa: E741
@@ -184,9 +207,12 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     cf = carray(buffer_data(args[5]), (3, I, G), np.float32)
     term_r = carray(buffer_data(args[6]), (8, O, G), np.float32)
     term_c = carray(buffer_data(args[7]), (8, I, G), np.float32)
-    net = carray(buffer_data(args[8]), (NET_SIZE,), np.float32)
+    net = carray(buffer_data(args[9]), (NET_SIZE,), np.float32)
     m = carray(buffer_data(rets[1]), (3, O, I, G), np.float32)
     v = carray(buffer_data(rets[2]), (O, I, G), np.float32)
+    if carray(buffer_data(args[8]), (1,), np.int32)[0] == 0:
+        g.reshape(-1)[:] = np.float32(0.0)
+        return as_pointer(0)
     W = net[0:144].reshape(18, 8).copy()
     W1 = net[248:312].reshape(8, 8)
     per, nblk = blocks(O)
@@ -215,23 +241,26 @@ def _conv_stats(frame_address):  # noqa: ANN001, ANN202
 
 
 def _vector(frame_address):  # noqa: ANN001, ANN202
-    """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), the packed
-    net; results: raw direction (n,), m, v, fac (aliasing grad and the state
-    operands), sum of squares of the direction (1,). The PyTorch front end's
-    ``_run_vector_cpu``: the accumulator pass, then the direction pass on the
-    vector as one row (unit row factors, zero weights for the channels
-    vectors lack)."""
-    args, rets = call_buffers(frame_address, 6, 5)
+    """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), [skip]
+    (int32), the packed net; results: raw direction (n,), m, v, fac (aliasing
+    grad and the state operands), sum of squares of the direction (1,). The
+    PyTorch front end's ``_run_vector_cpu``: the accumulator pass, then the
+    direction pass on the vector as one row (unit row factors, zero weights
+    for the channels vectors lack). ``skip`` as in :func:`_matrix`."""
+    args, rets = call_buffers(frame_address, 7, 5)
     if args.size == 0:
         return as_pointer(0)
     n = dims(args[0], 1)[0]
     g = carray(buffer_data(rets[0]), (n,), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (n,), np.float32)
-    net = carray(buffer_data(args[5]), (NET_SIZE,), np.float32)
+    net = carray(buffer_data(args[6]), (NET_SIZE,), np.float32)
     m = carray(buffer_data(rets[1]), (3, n), np.float32)
     v = carray(buffer_data(rets[2]), (n,), np.float32)
     fac = carray(buffer_data(rets[3]), (3, n), np.float32)
     sq_out = carray(buffer_data(rets[4]), (1,), np.float32)
+    if skipped(g, carray(buffer_data(args[5]), (1,), np.int32)[0]):
+        sq_out[0] = np.float32(-1.0)
+        return as_pointer(0)
     factor = np.empty((3, n), np.float32)
     sums = np.empty(VECTOR_CHANNELS, np.float64)
     vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)

@@ -86,11 +86,14 @@ def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002
     return kernels.kernel_kind(shape)
 
 
-def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # noqa: ANN001, ANN201
+def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array, skip: bool = False):  # noqa: ANN001, ANN201
     """One float32 matrix through the kernels: ``(raw direction, sum of its
     squares, new state)``. ``grad`` is unclipped (the kernels clip it);
     ``state`` is a :class:`celo2.optax.rule.TensorState` and is updated in
-    place when XLA may reuse its buffers."""
+    place when XLA may reuse its buffers. ``skip``: policy ``"skip"``, checked
+    inside the call (a check in XLA would read the gradient beside the call
+    that writes over it, and XLA would copy it): on a NaN or +-inf gradient
+    the direction is zero, the state unchanged and the sum of squares -1."""
     from celo2.optax.rule import TensorState
 
     ensure_registered()
@@ -102,13 +105,13 @@ def matrix_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
     shapes.append(jax.ShapeDtypeStruct((1,), f32))
     call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2, 4: 3, 5: 4},
                             vmap_method="sequential")
-    d, m, v, fac_r, fac_c, sq = call(grad, param, *state, jnp.asarray([d0], jnp.int32), net)
+    d, m, v, fac_r, fac_c, sq = call(grad, param, *state, jnp.asarray([d0, int(skip)], jnp.int32), net)
     return d, sq[0], TensorState(m, v, fac_r, fac_c)
 
 
-def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # noqa: ANN001, ANN201
+def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array, skip: bool = False):  # noqa: ANN001, ANN201
     """A float32 vector ``(n,)`` through the kernels: ``(raw direction, sum of
-    its squares, new state)``, like :func:`matrix_step`."""
+    its squares, new state)``, like :func:`matrix_step` (``skip`` too)."""
     from celo2.optax.rule import TensorState
 
     ensure_registered()
@@ -119,12 +122,12 @@ def vector_step(net: jax.Array, state, grad: jax.Array, param: jax.Array):  # no
               jax.ShapeDtypeStruct((3, n), f32), jax.ShapeDtypeStruct((1,), f32)]
     call = jax.ffi.ffi_call(VECTOR_TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2, 4: 3},
                             vmap_method="sequential")
-    d, m, v, fac, sq = call(grad, param, state.m, state.v, state.fac_r, net)
+    d, m, v, fac, sq = call(grad, param, state.m, state.v, state.fac_r, jnp.asarray([int(skip)], jnp.int32), net)
     return d, sq[0], TensorState(m, v, fac, state.fac_c)
 
 
 def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param: jax.Array, rf: jax.Array,
-              cf: jax.Array, term_r: jax.Array, term_c: jax.Array):  # noqa: ANN201
+              cf: jax.Array, term_r: jax.Array, term_c: jax.Array, ok: jax.Array | None = None):  # noqa: ANN201
     """The per-element work of a conv kernel ``(O, I, kh, kw)``, seen by the
     kernel as ``(O, I, G)`` (``G`` = kh kw, the same memory): fold ``grad``
     into ``m`` (3, O, I, kh, kw) and ``v`` (in place when XLA may reuse them)
@@ -133,14 +136,17 @@ def conv_step(net: jax.Array, m: jax.Array, v: jax.Array, grad: jax.Array, param
     Adafactor factors; ``term_r`` (8, O, G, with ``b0``) / ``term_c`` (8, I,
     G): the rank-1 channels' share of the first layer. The tensors keep their
     own 4-D shapes here: a reshaped operand that aliases a result made XLA
-    copy the state in and out of every call."""
+    copy the state in and out of every call. ``ok`` (a bool scalar, default
+    true): false for a tensor skipped under policy ``"skip"``, which gets a
+    zero direction and keeps ``m`` and ``v``."""
     ensure_registered()
     _check("conv", grad, {"param": param, "m": m, "v": v, "rf": rf, "cf": cf, "term_r": term_r, "term_c": term_c})
     f32 = jnp.float32
     shapes = [jax.ShapeDtypeStruct(grad.shape, f32), jax.ShapeDtypeStruct(m.shape, f32),
               jax.ShapeDtypeStruct(v.shape, f32)]
     call = jax.ffi.ffi_call(CONV_TARGET, shapes, input_output_aliases={0: 0, 2: 1, 3: 2}, vmap_method="sequential")
-    return call(grad, param, m, v, rf, cf, term_r, term_c, net)
+    flag = jnp.ones((1,), jnp.int32) if ok is None else jnp.asarray(ok, jnp.int32).reshape(1)
+    return call(grad, param, m, v, rf, cf, term_r, term_c, flag, net)
 
 
 def conv_stats(grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

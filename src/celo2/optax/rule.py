@@ -277,43 +277,113 @@ def tensor_step(
     matrix or conv kernel is one custom call into the fused Numba kernels
     (:mod:`celo2.optax.cpu_ffi`, about 3x faster than XLA's loop there; not
     differentiable); other tensors, and other platforms, take the XLA
-    formulation.
+    formulation. A zero-size tensor gets a zero-size direction and its
+    (zero-size) state back.
     """
-    if cpu_kernels:
-        from celo2.optax import cpu_ffi
+    if 0 in tuple(param.shape):
+        return jnp.zeros(param.shape, param.dtype), state
+    kind = _kernel_kind(param, grad, cpu_kernels)
+    if kind is not None:
+        def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
+            return _cpu_step(theta, state, grad, param, orthogonalize, kind, False)[:2]
 
-        kind = cpu_ffi.kind(tuple(param.shape), grad.dtype, param.dtype)
-        if kind is not None:
-            def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
-                net = cpu_ffi.pack_theta(theta)
-                if kind == "vector":
-                    work = _work_shape(tuple(param.shape))
-                    d, sq, new_state = cpu_ffi.vector_step(net, state, grad.reshape(work), param.reshape(work))
-                    d = d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS)
-                    return d.reshape(param.shape), new_state
-                if kind == "matrix":
-                    d, sq, new_state = cpu_ffi.matrix_step(net, state, grad, param)
-                    if not orthogonalize:
-                        return d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS), new_state
-                else:
-                    d, new_state = _conv_step_cpu(theta, net, state, grad, param)
-                if orthogonalize:
-                    d = newton_schulz(d)
-                return _rms_normalise(d, spec.OUTPUT_NORM_EPS, (d.ndim - 2, d.ndim - 1)), new_state
+        def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
+            return _xla_tensor_step(theta, state, grad, param, orthogonalize)
 
-            def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
-                return _xla_tensor_step(theta, state, grad, param, orthogonalize)
-
-            return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
+        return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
     return _xla_tensor_step(theta, state, grad, param, orthogonalize)
 
 
+def guarded_tensor_step(
+    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
+    cpu_kernels: bool = False,
+) -> tuple[jax.Array, TensorState, jax.Array]:
+    """:func:`tensor_step` under the non-finite policy ``"skip"``
+    (:data:`celo2.rule.spec.NONFINITE_POLICIES`): ``(direction, new_state, ok)``.
+
+    ``ok`` (a bool scalar) is false when ``grad`` holds a NaN or +-inf; the
+    direction is then zero and the state comes back bitwise as it was. With
+    ``ok`` true the results are :func:`tensor_step`'s, bitwise. The XLA
+    formulation selects with ``jnp.where``; the CPU kernels check inside the
+    custom call (matrices, vectors) or take the flag as an operand (conv
+    kernels), so that a donated state is still updated in place and the
+    direction still takes the gradient's buffer.
+
+    Args:
+        theta: The rule's weights (:func:`theta_to_jax`).
+        state: The tensor's accumulators.
+        grad: Its gradient.
+        param: The parameter.
+        orthogonalize: Newton-Schulz on matrix directions.
+        cpu_kernels: As in :func:`tensor_step`.
+
+    Returns:
+        The direction (parameter's shape and dtype), the new state and ``ok``.
+    """
+    if 0 in tuple(param.shape):
+        return jnp.zeros(param.shape, param.dtype), state, jnp.asarray(True)
+
+    def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
+        ok = jnp.all(jnp.isfinite(grad))
+        d, new = _xla_tensor_step(theta, state, grad, param, orthogonalize)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+        return jnp.where(ok, d, jnp.zeros_like(d)), new, ok
+
+    kind = _kernel_kind(param, grad, cpu_kernels)
+    if kind is not None:
+        def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
+            return _cpu_step(theta, state, grad, param, orthogonalize, kind, True)
+
+        return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
+    return elsewhere(theta, state, grad, param)
+
+
+def _kernel_kind(param: jax.Array, grad: jax.Array, cpu_kernels: bool) -> "str | None":
+    """The CPU kernels' kind for this tensor when they are asked for, else ``None``."""
+    if not cpu_kernels:
+        return None
+    from celo2.optax import cpu_ffi
+
+    return cpu_ffi.kind(tuple(param.shape), grad.dtype, param.dtype)
+
+
+def _cpu_step(theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
+              kind: str, skip: bool) -> tuple[jax.Array, TensorState, "jax.Array | None"]:
+    """A tensor's step through the CPU kernels: ``(direction, new state, ok)``;
+    ``ok`` is ``None`` unless ``skip`` (see :func:`guarded_tensor_step`)."""
+    from celo2.optax import cpu_ffi
+
+    net = cpu_ffi.pack_theta(theta)
+    ok = None
+    if kind == "vector":
+        work = _work_shape(tuple(param.shape))
+        d, sq, new_state = cpu_ffi.vector_step(net, state, grad.reshape(work), param.reshape(work), skip)
+        if skip:  # a skipped tensor: zero direction, sum of squares -1
+            ok, sq = sq >= 0, jnp.maximum(sq, 0.0)
+        d = d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS)
+        return d.reshape(param.shape), new_state, ok
+    if kind == "matrix":
+        d, sq, new_state = cpu_ffi.matrix_step(net, state, grad, param, skip)
+        if skip:
+            ok, sq = sq >= 0, jnp.maximum(sq, 0.0)
+        if not orthogonalize:
+            return d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS), new_state, ok
+    else:
+        if skip:
+            ok = jnp.all(jnp.isfinite(grad))
+        d, new_state = _conv_step_cpu(theta, net, state, grad, param, ok)
+    if orthogonalize:
+        d = newton_schulz(d)
+    return _rms_normalise(d, spec.OUTPUT_NORM_EPS, (d.ndim - 2, d.ndim - 1)), new_state, ok
+
+
 def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: jax.Array,
-                   param: jax.Array) -> tuple[jax.Array, TensorState]:
+                   param: jax.Array, ok: "jax.Array | None" = None) -> tuple[jax.Array, TensorState]:
     """A conv kernel ``(O, I, kh, kw)`` factored over ``O`` and ``I``: the
     factored statistics, Adafactor factors and rank-1 terms here (small
     tensors), the per-element work in one custom call; returns the raw
-    direction and the new state."""
+    direction and the new state. ``ok`` false (a skipped tensor): a zero
+    direction and the state as it was."""
     from celo2.optax import cpu_ffi
 
     shape = tuple(param.shape)
@@ -326,6 +396,8 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
     bf = _decays(spec.FACTORED_DECAYS, grad.ndim - 1)
     fac_r = bf * state.fac_r + (1.0 - bf) * mean[d0][None]
     fac_c = bf * state.fac_c + (1.0 - bf) * mean[d1][None]
+    if ok is not None:
+        fac_r, fac_c = jnp.where(ok, fac_r, state.fac_r), jnp.where(ok, fac_c, state.fac_c)
     state = state._replace(fac_r=fac_r, fac_c=fac_c)
     row_factor, col_factor = _adafactor_factors(fac_r, fac_c, dims)
     term_r, term_c = _rank1_terms(theta, state, dims, (2, 3))
@@ -336,7 +408,7 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
         pairs = [(b, a) for a, b in pairs]
     (rf, cf), (tr, tc) = pairs
     d, m, v = cpu_ffi.conv_step(net, state.m, state.v, grad, param, rf.reshape(3, O, G), cf.reshape(3, I, G),
-                                tr.reshape(8, O, G), tc.reshape(8, I, G))
+                                tr.reshape(8, O, G), tc.reshape(8, I, G), ok)
     return d, state._replace(m=m, v=v)
 
 

@@ -10,17 +10,149 @@ import optax
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
-from celo2.optax.rule import TensorState, init_tensor_state, tensor_step, theta_to_jax
+from celo2.optax.rule import TensorState, guarded_tensor_step, init_tensor_state, tensor_step, theta_to_jax
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 ThetaLike = Union[Theta, Mapping[str, Any], str, None]
 
 
 class ScaleByCelo2State(NamedTuple):
-    """Per-parameter accumulators (a pytree shaped like the params) and a step count."""
+    """Per-parameter accumulators (a pytree shaped like the params), a step
+    count, and per-parameter int32 counts of steps skipped for a non-finite
+    gradient (see :func:`nonfinite_steps`)."""
 
     count: jax.Array
     tensors: Any
+    nonfinite_steps: Any = None
+
+
+class PerTensorSkipState(NamedTuple):
+    """State of :func:`skip_nonfinite_per_tensor`: the inner transformation's
+    state per tensor (a pytree shaped like the params, one inner state at each
+    leaf) and the per-tensor int32 counts of skipped steps."""
+
+    inner: Any
+    nonfinite_steps: Any
+
+
+def _finite(g: jax.Array) -> jax.Array:
+    """The policy's flag: the tensor holds no NaN or +-inf (a traced bool scalar)."""
+    return jnp.all(jnp.isfinite(g))
+
+
+def _counters(params: Any) -> Any:
+    return jax.tree_util.tree_map(lambda _: jnp.zeros([], jnp.int32), params)
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok``, else ``old``, leaf by leaf (bitwise either way)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def zero_skipped_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, with the whole update of every tensor that ``inner`` skipped
+    for a non-finite gradient set to zero (weight decay and learning rate
+    included), so that ``optax.apply_updates`` leaves that parameter as it was.
+
+    A tensor counts as skipped when its counter in the first
+    :class:`ScaleByCelo2State` or :class:`PerTensorSkipState` of ``inner``'s
+    state went up in this update (so the gradient is not read again: on the
+    CPU kernels a second reader would make XLA copy it).
+
+    Args:
+        inner: A transformation whose state holds such counters (a chain
+            starting with ``scale_by_celo2(nonfinite="skip")`` or
+            :func:`skip_nonfinite_per_tensor`, say).
+
+    Returns:
+        A transformation with ``inner``'s state.
+
+    Raises:
+        ValueError: At the first update, if ``inner``'s state holds no counters.
+    """
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        out, new_state = inner.update(updates, state, params)
+        before, after = _first_counters(state), _first_counters(new_state)
+        if after is None:
+            raise ValueError("zero_skipped_updates: the inner transformation keeps no non-finite counters")
+        if before is None:  # a state made before the counters existed
+            before = jax.tree_util.tree_map(jnp.zeros_like, after)
+        out = jax.tree_util.tree_map(lambda u, a, b: jnp.where(a == b, u, jnp.zeros_like(u)), out, after, before)
+        return out, new_state
+
+    return optax.GradientTransformation(inner.init, update_fn)
+
+
+def _counting_nodes(state: Any) -> list:
+    """The :class:`ScaleByCelo2State` / :class:`PerTensorSkipState` nodes of a state, in tree order."""
+    counting = (ScaleByCelo2State, PerTensorSkipState)
+    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, counting))
+    return [n for n in nodes if isinstance(n, counting) and n.nonfinite_steps is not None]
+
+
+def _first_counters(state: Any) -> Any:
+    nodes = _counting_nodes(state)
+    return nodes[0].nonfinite_steps if nodes else None
+
+
+def skip_nonfinite_per_tensor(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` run on each tensor alone, with its own state, skipped on
+    tensors whose gradient holds a NaN or +-inf (policy ``"skip"``,
+    :data:`celo2.rule.spec.NONFINITE_POLICIES`): their update is zero and
+    their whole inner state (step count included) stays bitwise as it was.
+
+    Args:
+        inner: An elementwise transformation such as ``optax.scale_by_adam``
+            (each tensor gets its own state, so its step count advances only
+            on the steps it takes, as in PyTorch's AdamW).
+
+    Returns:
+        A transformation with :class:`PerTensorSkipState`.
+    """
+
+    def init_fn(params: Any) -> PerTensorSkipState:
+        return PerTensorSkipState(jax.tree_util.tree_map(inner.init, params), _counters(params))
+
+    def update_fn(updates: Any, state: PerTensorSkipState, params: Any = None) -> tuple[Any, PerTensorSkipState]:
+        flat_g, treedef = jax.tree_util.tree_flatten(updates)
+        flat_s = treedef.flatten_up_to(state.inner)
+        flat_n = treedef.flatten_up_to(state.nonfinite_steps)
+        flat_p = treedef.flatten_up_to(params) if params is not None else [None] * len(flat_g)
+        outs, states, counts = [], [], []
+        for g, s, n, p in zip(flat_g, flat_s, flat_n, flat_p):
+            ok = _finite(g)
+            u, new = inner.update(g, s, p)
+            outs.append(jnp.where(ok, u, jnp.zeros_like(u)))
+            states.append(_keep_if(ok, new, s))
+            counts.append(n + jnp.logical_not(ok).astype(jnp.int32))
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(outs), PerTensorSkipState(unflat(states), unflat(counts))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def nonfinite_steps(state: Any) -> dict[str, int]:
+    """Steps skipped for a non-finite gradient, per tensor, read from any
+    optimizer state built here (:func:`celo2`, :func:`celo2_base`,
+    :func:`scale_by_celo2`, nested in chains or partitions).
+
+    Reads the counters to the host (it synchronises): call it for logging.
+
+    Args:
+        state: The optimizer state (``opt.init(params)``, then updated).
+
+    Returns:
+        Tensor path (``jax.tree_util.keystr`` of its place in the params) ->
+        count, summed over the transformations that count it; always 0 under
+        ``nonfinite="propagate"``.
+    """
+    counts: dict[str, int] = {}
+    for node in _counting_nodes(state):
+        for path, n in jax.tree_util.tree_leaves_with_path(node.nonfinite_steps):
+            key = _path_name(path)
+            counts[key] = counts.get(key, 0) + int(n)
+    return counts
 
 
 def _is_tensor_state(x: Any) -> bool:
@@ -28,7 +160,8 @@ def _is_tensor_state(x: Any) -> bool:
 
 
 def scale_by_celo2(
-    theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None
+    theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None,
+    nonfinite: str = spec.NONFINITE_DEFAULT,
 ) -> optax.GradientTransformation:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
@@ -45,7 +178,24 @@ def scale_by_celo2(
     is not traced; ``False``: XLA everywhere (needed to differentiate through
     the update); ``True``: on, and an error if Numba is missing. Other
     platforms always compile the XLA formulation.
+
+    ``nonfinite``: ``"skip"`` (default) gives a tensor whose gradient holds a
+    NaN or +-inf a zero direction and keeps its accumulators bitwise, and
+    counts it in ``state.nonfinite_steps`` (int32 per tensor; read with
+    :func:`nonfinite_steps`); decided inside the jitted update with
+    ``jnp.where``, no host synchronisation. Composed by hand, the later
+    transformations (weight decay) still act on a skipped tensor unless the
+    chain is wrapped in :func:`zero_skipped_updates`, as :func:`celo2` and
+    :func:`celo2_base` do. ``"propagate"``: no check, a NaN flows through
+    (and the rule's normalisations spread it over the tensor).
+
+    Zero gradients still give unit-RMS directions (published theta too), so
+    a parameter with exactly zero gradients moves by about the learning rate
+    per step. Zero-size tensors get zero-size updates. Accumulators are
+    float32; the direction is returned in the parameter's dtype, so a float64
+    parameter (``jax_enable_x64``) is updated in float64.
     """
+    skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     traced = _is_traced_mapping(theta)
     theta_tree = theta_to_jax(theta) if not traced else dict(theta)
     use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
@@ -54,6 +204,7 @@ def scale_by_celo2(
         return ScaleByCelo2State(
             count=jnp.zeros([], jnp.int32),
             tensors=jax.tree_util.tree_map(init_tensor_state, params),
+            nonfinite_steps=_counters(params),
         )
 
     def update_fn(updates: Any, state: ScaleByCelo2State, params: Any = None) -> tuple[Any, ScaleByCelo2State]:
@@ -62,20 +213,29 @@ def scale_by_celo2(
         flat_g, treedef = jax.tree_util.tree_flatten(updates)
         flat_p = treedef.flatten_up_to(params)
         flat_s = treedef.flatten_up_to(state.tensors)
-        outs, new_states = [], []
-        for g, p, s in zip(flat_g, flat_p, flat_s):
+        counters = state.nonfinite_steps if state.nonfinite_steps is not None else _counters(updates)
+        flat_n = treedef.flatten_up_to(counters)
+        outs, new_states, counts = [], [], []
+        for g, p, s, n in zip(flat_g, flat_p, flat_s, flat_n):
             if g is None:
                 outs.append(None)
                 new_states.append(s)
+                counts.append(n)
                 continue
-            direction, s = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
+            if skip:
+                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
+                n = n + jnp.logical_not(ok).astype(jnp.int32)
+            else:
+                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
             outs.append(direction)
-            new_states.append(s)
+            new_states.append(new)
+            counts.append(n)
         return (
             jax.tree_util.tree_unflatten(treedef, outs),
             ScaleByCelo2State(
                 count=optax.safe_increment(state.count),
                 tensors=jax.tree_util.tree_unflatten(treedef, new_states),
+                nonfinite_steps=jax.tree_util.tree_unflatten(treedef, counts),
             ),
         )
 
@@ -133,34 +293,73 @@ def celo2(
     param_labels: Any = None,
     adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
     cpu_kernels: bool | None = None,
+    nonfinite: str = spec.NONFINITE_DEFAULT,
 ) -> optax.GradientTransformation:
     """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
 
     Matrices get ``p <- p - lr * (direction + weight_decay * p)``; vectors,
     scalars, and (by name) embeddings and output heads get
     ``optax.adamw(adam_lr_mult * lr, adam_b1, adam_b2, adam_eps, weight_decay)``.
-    ``param_labels`` (a pytree or function of params giving ``"celo2"`` or
-    ``"adam"`` per leaf) overrides the default routing. ``cpu_kernels``: see
-    :func:`scale_by_celo2`.
+
+    Args:
+        learning_rate: The rule's learning rate or schedule; AdamW gets ``adam_lr_mult`` times it.
+        weight_decay: Decoupled weight decay of both branches (default 0).
+        adam_lr_mult: Learning-rate multiplier of the AdamW branch (default 20).
+        adam_b1: AdamW's beta1 (default 0.9).
+        adam_b2: AdamW's beta2 (default 0.95).
+        adam_eps: AdamW's epsilon (default 1e-8).
+        theta: The rule's weights (see :func:`scale_by_celo2`; ``None``: shipped theta).
+        orthogonalize: Newton-Schulz on the rule's matrix directions (default ``True``).
+        param_labels: A pytree or function of params giving ``"celo2"`` or
+            ``"adam"`` per leaf; overrides the default routing (default ``None``).
+        adam_name_pattern: Regex of paths routed to AdamW by the default routing.
+        cpu_kernels: See :func:`scale_by_celo2` (default ``None``: on where available).
+        nonfinite: ``"skip"`` (default) or ``"propagate"``
+            (:data:`celo2.rule.spec.NONFINITE_POLICIES`). Under ``"skip"`` a
+            tensor whose gradient holds a NaN or +-inf gets a zero update (no
+            weight decay either) and keeps all of its state bitwise, AdamW's
+            moments and its own step count included (the AdamW branch keeps
+            one optax ``scale_by_adam`` state per tensor for that); other
+            tensors step as under ``"propagate"``; the skips are counted per
+            tensor (int32, read them with :func:`nonfinite_steps`). Decided
+            inside the jitted update, no host synchronisation. Learning-rate
+            schedules count steps for all tensors alike.
+
+    Returns:
+        An ``optax.GradientTransformation`` (``update`` needs ``params``).
+
+    Zero gradients still give unit-RMS directions (published theta too), so
+    a rule-routed parameter with exactly zero gradients moves by about the
+    learning rate per step. Zero-size tensors get zero-size updates; a float64
+    parameter (``jax_enable_x64``) is updated in float64.
     """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
+    adam_lr = _scaled(learning_rate, adam_lr_mult)
+    if spec.check_nonfinite_policy(nonfinite) == "skip":
+        adam = zero_skipped_updates(optax.chain(
+            skip_nonfinite_per_tensor(optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(adam_lr),
+        ))
+    else:
+        adam = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
     return optax.partition(
         {
-            routing.LEARNED: optax.chain(
-                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels),
-                optax.add_decayed_weights(weight_decay),
-                optax.scale_by_learning_rate(learning_rate),
-            ),
-            routing.ADAM: optax.adamw(
-                _scaled(learning_rate, adam_lr_mult),
-                b1=adam_b1,
-                b2=adam_b2,
-                eps=adam_eps,
-                weight_decay=weight_decay,
-            ),
+            routing.LEARNED: _learned(
+                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite),
+                weight_decay, learning_rate, nonfinite),
+            routing.ADAM: adam,
         },
         labels,
     )
+
+
+def _learned(rule: optax.GradientTransformation, weight_decay: float, learning_rate: ScalarOrSchedule,
+             nonfinite: str) -> optax.GradientTransformation:
+    """The rule, then decoupled weight decay and the learning rate; under
+    ``"skip"`` a skipped tensor's whole update is zero."""
+    chain = optax.chain(rule, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
+    return zero_skipped_updates(chain) if nonfinite == "skip" else chain
 
 
 def celo2_base(
@@ -168,14 +367,30 @@ def celo2_base(
     weight_decay: float = 0.0,
     theta: ThetaLike = None,
     cpu_kernels: bool | None = None,
+    nonfinite: str = spec.NONFINITE_DEFAULT,
 ) -> optax.GradientTransformation:
-    """Celo2-base: the learned rule without orthogonalisation on every tensor
-    (``cpu_kernels``: see :func:`scale_by_celo2`)."""
-    return optax.chain(
-        scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    """Celo2-base: the learned rule without orthogonalisation on every tensor,
+    ``p <- p - lr * (direction + weight_decay * p)``.
+
+    Args:
+        learning_rate: Learning rate or schedule.
+        weight_decay: Decoupled weight decay (default 0).
+        theta: The rule's weights (see :func:`scale_by_celo2`; ``None``: shipped theta).
+        cpu_kernels: See :func:`scale_by_celo2` (default ``None``: on where available).
+        nonfinite: ``"skip"`` (default) or ``"propagate"``, as in :func:`celo2`:
+            a tensor with a NaN or +-inf gradient gets a zero update and keeps
+            its state bitwise, counted per tensor (:func:`nonfinite_steps`).
+
+    Returns:
+        An ``optax.GradientTransformation`` (``update`` needs ``params``).
+
+    Zero gradients still give unit-RMS directions (published theta too), so a
+    parameter with exactly zero gradients moves by about the learning rate per
+    step. Zero-size tensors get zero-size updates; a float64 parameter
+    (``jax_enable_x64``) is updated in float64.
+    """
+    rule = scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels, nonfinite=nonfinite)
+    return _learned(rule, weight_decay, learning_rate, nonfinite)
 
 
 def routing_table(params: Any, param_labels: Any = None, adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> str:
