@@ -1,6 +1,6 @@
 """Celo2 in Hugging Face Transformers' ``Trainer``: ``optimizers=(Celo2(...), scheduler)``.
 
-    pip install transformers
+    pip install transformers accelerate
     python examples/hf_trainer.py            # a tiny GPT-2 from scratch on generated tokens, 200 steps
     python examples/hf_trainer.py --tiny     # a few steps (what the test suite runs)
 

@@ -17,7 +17,7 @@ EXAMPLES = REPO_ROOT / "examples"
 CASES = {
     "torch_loop.py": (("torch",), []),
     "flax_optax.py": (("jax", "optax", "flax"), []),
-    "hf_trainer.py": (("torch", "transformers"), []),
+    "hf_trainer.py": (("torch", "transformers", "accelerate"), []),  # Trainer needs accelerate
     "lightning_module.py": (("torch", "lightning"), []),
     "metatrain_custom_task.py": (("jax", "optax", "torch"), ["--out", "{tmp}/run"]),
 }
