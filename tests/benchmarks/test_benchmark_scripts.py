@@ -30,7 +30,7 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     tiny = data["sizes"]["tiny"]
-    assert set(tiny["torch"]) == {"adamw_foreach", "adamw_fused", "muon", "celo2_base", "celo2"}
+    assert set(tiny["torch"]) == set(step_time_kinds())
     assert set(tiny["jax"]) == {"adamw", "muon", "celo2_base", "celo2", "celo2_base_xla", "celo2_xla"}
     for fw in ("torch", "jax"):
         for kind, row in tiny[fw].items():
@@ -50,7 +50,48 @@ def test_step_time_measures_every_optimizer_of_both_frameworks(tmp_path):
     assert tiny["jax"]["adamw"]["train_temp_over_sgd_bytes_memory_ordered"] <= tiny["jax"]["celo2_base_xla"][
         "train_temp_over_sgd_bytes_memory_ordered"]
     assert "mem-ord." in res.stdout and "train+" in res.stdout
-    assert "celo2_base" in res.stdout and "x adamw" in res.stdout and "x muon" in res.stdout
+    assert "celo2_base" in res.stdout and "x adamw" in res.stdout and "x muon_fp32" in res.stdout
+    for kind in ("muon", "celo2_base", "celo2_fp32"):  # the memory bound is checkable from the figures
+        row = tiny["torch"][kind]
+        assert row["ns_workspace_bytes"] >= 0 and (row["ns_workspace_bytes"] > 0) == (kind != "celo2_base"), kind
+
+
+def step_time_kinds() -> list[str]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(BENCH))
+    return list(step_time.TORCH_OPTS)
+
+
+def test_step_time_gpt_shapes_and_training_step_share(tmp_path):
+    """The GPT parameter sets are the tied GPT's own parameters (GPT-2 small: 124M), and the
+    training-step share is measured for every PyTorch optimizer (tiny GPT, CPU)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(BENCH))
+    n = sum(step_time._numel(s) for _, s in step_time.model_shapes("gpt2-124m"))
+    assert 124_000_000 < n < 124_600_000, n  # GPT-2 small with tied head (+ the head's bias)
+    assert ("blocks.0.qkv.weight", (2304, 768)) in step_time.model_shapes("gpt2-124m")
+    xl = sum(step_time._numel(s) for _, s in step_time.model_shapes("gpt3-xl"))
+    assert 1.30e9 < xl < 1.33e9, xl
+    out = tmp_path / "gpt.json"
+    res = _run([str(BENCH / "step_time.py"), "--sizes", "gpt-tiny", "--frameworks", "torch", "--no-memory",
+                "--train-share", "gpt-tiny", "--train-batch", "2", "--repeats", "2", "--warmup", "1",
+                "--threads", "1", "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    kinds = set(step_time.TORCH_OPTS)
+    assert set(data["sizes"]["gpt-tiny"]["torch"]) == kinds
+    share = data["train_share"]
+    assert set(share["rows"]) == kinds and share["tokens_per_step"] == 2 * 16
+    for kind, row in share["rows"].items():
+        assert row["forward_backward_s"] > 0 and row["step_s"] > 0 and 0 < row["share"] < 1, kind
+    assert data["torch_ns_dtype_auto"] in ("float32", "bfloat16")
+    assert "training step of gpt-tiny" in res.stdout
 
 
 def test_metatrain_throughput_reports_inner_steps_per_second(tmp_path):

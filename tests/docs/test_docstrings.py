@@ -100,9 +100,7 @@ MODULES = [
     "celo2",
     "celo2.rule",
     "celo2.optax",
-    pytest.param("celo2.torch", marks=pytest.mark.xfail(
-        strict=True, reason="REMAINING GAP (issue 18): celo2.torch's docstrings wait for the front end's "
-        "restructuring; this check passes once every public name documents its parameters")),
+    "celo2.torch",
 ]
 
 

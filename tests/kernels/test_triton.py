@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from celo2.rule import layout, spec
-from celo2.torch import rule
+from celo2.torch import _chunked, functional, rule
 
 # 0-D; vectors, one longer than a block; a row and a column; matrices of both
 # orientations, one whose groups span several blocks and one whose long
@@ -29,7 +29,7 @@ def _ids(shape):
 
 def _finish(d: torch.Tensor, orthogonalize: bool) -> torch.Tensor:
     """The front end's finish of a raw direction: Newton-Schulz (float32) and the output RMS."""
-    return rule._finish_group_normalised(d.clone(), orthogonalize)
+    return _chunked._finish_group_normalised(d.clone(), orthogonalize)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_direction_matches_numba_and_torch(tk, theta, net, shape, monkeypatch):
         d, ok = tk.direction(net, ours, grad, param)
         got = _finish(d, False).reshape(shape)
         for use_cpu, state in others.items():
-            monkeypatch.setattr(rule, "USE_CPU_KERNELS", use_cpu)
+            monkeypatch.setattr(functional, "USE_CPU_KERNELS", use_cpu)
             expected = rule.tensor_step(th, state, grad, param, False)
             torch.testing.assert_close(got, expected, rtol=0, atol=5e-5, msg=lambda m: f"step {t} cpu={use_cpu}: {m}")
             for key in ours:

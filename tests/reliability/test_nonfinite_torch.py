@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from celo2.torch import Celo2, Celo2Base, rule
+from celo2.torch import Celo2, Celo2Base, functional, rule
 
 SHAPES = {"matrix": (12, 8), "vector": (8,), "conv": (6, 4, 3, 3), "nd": (3, 5, 4)}
 CLASSES = {"Celo2": Celo2, "Celo2Base": Celo2Base}
@@ -47,9 +47,9 @@ def _snapshot(params, opt, name):
 
 @pytest.fixture(params=["kernels", "torch-path"])
 def path(request, monkeypatch):
-    if request.param == "kernels" and not rule.USE_CPU_KERNELS:
+    if request.param == "kernels" and not functional.USE_CPU_KERNELS:
         pytest.skip("the CPU kernels are off here (numba missing or CELO2_CPU_KERNELS=0)")
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", request.param == "kernels")
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", request.param == "kernels")
     return request.param
 
 
@@ -148,7 +148,7 @@ def test_the_device_side_gate_never_reads_a_value_on_the_host(cls_name, monkeypa
     """The gate's decisions stay on the device. The one read allowed is
     PyTorch's own of AdamW's step count, a CPU tensor by design off
     accelerators (on them the gate keeps it on the device: capturable)."""
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", False)
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", False)
     params, opt = _setup(CLASSES[cls_name])
     base = _no_host_sync_mode()
 

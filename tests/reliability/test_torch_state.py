@@ -212,9 +212,9 @@ def case_kernels_refuse_wrong_operands():
 
     from celo2.kernels import cpu as cpu_kernels
     from celo2.rule.theta import load_theta
-    from celo2.torch import rule
+    from celo2.torch import functional, rule
 
-    if not rule.USE_CPU_KERNELS:
+    if not functional.USE_CPU_KERNELS:
         return
     theta = rule.TorchTheta.from_theta(load_theta(None))
     for small, big in (((16, 10), (32, 10)), ((10, 16), (10, 32)), ((12,), (20,)), ((8, 6, 3, 3), (16, 6, 3, 3))):
@@ -281,9 +281,9 @@ def test_zero_size_parameters_step(cls_name, kernels, monkeypatch):
     import torch
 
     import celo2.torch as ct
-    from celo2.torch import rule
+    from celo2.torch import functional, rule
 
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", kernels and rule.USE_CPU_KERNELS)
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", kernels and functional.USE_CPU_KERNELS)
     shapes = [(0,), (0, 5), (5, 0), (0, 3, 3, 3), (4, 3)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = getattr(ct, cls_name)(params, lr=1e-2)

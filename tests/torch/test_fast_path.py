@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from celo2.torch import Celo2, Celo2Base
 from celo2.kernels import cpu as cpu_kernels
-from celo2.torch import rule
+from celo2.torch import _chunked, _numba, _reference, functional, ns, rule
 
 # 0-D, 1-D, both matrix orientations and a square one, a column and a row
 # (size-1 axes), 3-D with factored axes inside a slice, at the front, and 4-D
@@ -32,7 +32,7 @@ def matrix_path(request, monkeypatch):
     once through the PyTorch path (what accelerators and other dtypes take)."""
     if request.param == "cpu-kernels" and not cpu_kernels.AVAILABLE:
         pytest.skip("numba is not installed: the fused CPU kernels are unavailable")
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", request.param == "cpu-kernels")
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", request.param == "cpu-kernels")
     return request.param
 
 
@@ -108,7 +108,7 @@ def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta, m
     chunked, N-D, Newton-Schulz, weight decay, tensor lr) under a mode that
     rejects tensor -> Python conversions. This is the PyTorch path, the one
     accelerators take (the CPU kernels read host memory by design)."""
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", False)
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", False)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(s)) for s in [(), (9,), (40, 30), (30, 40), (4, 3, 3, 3), (2, 12, 10)]]
     for p in params:
@@ -116,15 +116,15 @@ def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta, m
     base = Celo2Base(params, lr=1e-2, weight_decay=0.1, theta=random_theta)
     orth = Celo2([{"params": params, "branch": "celo2"}], lr=torch.tensor(1e-2), weight_decay=0.1,
                  theta=random_theta)
-    old = rule.CHUNK_ELEMENTS
-    rule.CHUNK_ELEMENTS = 64  # several chunks per tensor, slices recursed into
+    old = _chunked.CHUNK_ELEMENTS
+    _chunked.CHUNK_ELEMENTS = 64  # several chunks per tensor, slices recursed into
     try:
         for _ in range(2):
             with _NoHostSync():
                 base.step()
                 orth.step()
     finally:
-        rule.CHUNK_ELEMENTS = old
+        _chunked.CHUNK_ELEMENTS = old
     for p in params:
         assert torch.isfinite(p).all()
 
@@ -134,16 +134,17 @@ def test_the_learned_step_never_reads_a_tensor_value_on_the_host(random_theta, m
 def test_cpu_kernels_take_matrices_vectors_and_conv_kernels(random_theta, monkeypatch):
     """Which float32 CPU tensors the kernels take (the rest, e.g. a 3-D tensor,
     stays on the PyTorch path)."""
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", True)
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", True)
     taken = []
-    for name in ("_run_matrix_cpu", "_run_vector_cpu", "_run_conv_cpu"):
-        real = getattr(rule, name)
-        monkeypatch.setattr(rule, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
+    for module, name in ((cpu_kernels, "matrix_step"), (cpu_kernels, "vector_step"), (_numba, "_conv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
+    monkeypatch.setattr(cpu_kernels, "ensure_compiled", lambda kernel, args: None)  # the wrappers are Python
     theta = rule.TorchTheta.from_theta(random_theta)
     for shape in [(20, 30), (7,), (), (8, 6, 3, 3), (3, 10, 9)]:
         p = torch.randn(shape)
         rule.tensor_step(theta, rule.init_tensor_state(p), torch.randn(shape), p, True)
-    assert taken == ["_run_matrix_cpu", "_run_vector_cpu", "_run_vector_cpu", "_run_conv_cpu"]
+    assert taken == ["matrix_step", "vector_step", "vector_step", "_conv"]
 
 
 def test_cpu_kernels_are_compiled_with_non_aliasing_arrays():
@@ -250,8 +251,8 @@ def test_newton_schulz_in_place_by_column_blocks_equals_the_reference(shape):
     the columns at a time (Celo2's step then holds one matrix, not three)."""
     torch.manual_seed(0)
     x = torch.randn(shape)
-    assert x.numel() > rule.NS_INPLACE_MIN
-    expected = rule._reference_newton_schulz(x)
+    assert x.numel() > ns.NS_INPLACE_MIN
+    expected = _reference._reference_newton_schulz(x)
     work = x.clone()
     out = rule.newton_schulz(work, inplace=True)
     assert out.data_ptr() == work.data_ptr()
@@ -294,20 +295,20 @@ def test_torch_compile_of_the_step_matches_eager(random_theta):
 def test_optimizer_workspace_is_small_and_reused(random_theta, monkeypatch):
     """The chunk scratch of the PyTorch path is bounded by the chunk size, not
     the tensor size."""
-    monkeypatch.setattr(rule, "USE_CPU_KERNELS", False)
+    monkeypatch.setattr(functional, "USE_CPU_KERNELS", False)
     p = nn.Parameter(torch.randn(300, 200))
     p.grad = torch.randn_like(p)
     opt = Celo2Base([p], theta=random_theta)
-    old = rule.CHUNK_ELEMENTS
-    rule.CHUNK_ELEMENTS = 1000
+    old = _chunked.CHUNK_ELEMENTS
+    _chunked.CHUNK_ELEMENTS = 1000
     try:
         opt.step()
         ws = opt._workspace_by_device[p.device].buf
         first = ws.data_ptr()
         opt.step()
         assert opt._workspace_by_device[p.device].buf.data_ptr() == first
-        assert ws.numel() <= rule._WS_SIZE * 1000
+        assert ws.numel() <= _chunked._WS_SIZE * 1000
     finally:
-        rule.CHUNK_ELEMENTS = old
+        _chunked.CHUNK_ELEMENTS = old
     state_copy = copy.deepcopy(opt.state_dict())
     assert "_workspace" not in str(state_copy.keys())

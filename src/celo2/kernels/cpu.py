@@ -4,7 +4,7 @@ Shared by both front ends: the PyTorch optimizer calls them on its tensors'
 NumPy views (with the thread helpers below), the JAX front end from inside a
 compiled step through an XLA custom call (:mod:`celo2.optax.cpu_ffi`).
 
-The chunked PyTorch path in :mod:`celo2.torch.rule` spends most of a CPU step
+The chunked PyTorch path in :mod:`celo2.torch._chunked` spends most of a CPU step
 in ~40 elementwise passes and in 8x18 matrix products too small for BLAS.
 Here each pass over a tensor is one compiled loop: every element's channels,
 both hidden layers and the direction are computed in registers, and the loop
@@ -35,8 +35,12 @@ Celo2-base and vectors), else row blocks of one kernel call are split
 (:func:`run_blocks`). Partial sums are per block, so results do not depend on
 the thread count. The kernels ask LLVM for 512-bit vectors
 (:func:`_wide_pipeline`), which AVX-512 CPUs run about 1.6x faster. Every constant comes from :mod:`celo2.rule.spec`
-(Numba freezes module globals at compile time); the channel order is the fast
-path's (``_ELEMENT_ROWS`` in :mod:`celo2.torch.rule`). Compiled code is cached
+(Numba freezes module globals at compile time); the channel order and the
+packed weights are :mod:`celo2.rule.layout`'s. The pass sequence of a matrix
+and of a vector (:data:`celo2.rule.layout.PASSES`) is written once, as
+:func:`matrix_step` and :func:`vector_step`, which both front ends call: the
+PyTorch host wrapper on whole tensors from its threads, the JAX front end's
+FFI handler from inside XLA. Compiled code is cached
 on disk, so only the first use after an install pays the compile (~30 s).
 """
 
@@ -50,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from celo2.rule import spec
+from celo2.rule import layout, spec
 
 try:  # Numba is optional: without it the PyTorch path runs everywhere.
     import numba
@@ -75,10 +79,23 @@ _OUTPUT_NORM_EPS = _F(spec.OUTPUT_NORM_EPS)
 _ZERO = _F(0.0)
 _ONE = _F(1.0)
 
-WRITE, SQUARES, APPLY, OVER_GRAD = 0, 1, 2, 3
-"""Modes of the direction kernels: write it out, only sum its squares, apply
-it, or write it over the gradient (each row once that row is read: the JAX
-front end's custom calls return the direction in the gradient's buffer)."""
+WRITE, SQUARES, APPLY, OVER_GRAD = (int(m) for m in (layout.DirectionMode.WRITE, layout.DirectionMode.SQUARES,
+                                                    layout.DirectionMode.APPLY, layout.DirectionMode.OVER_GRAD))
+"""Modes of the direction kernels (:class:`celo2.rule.layout.DirectionMode`):
+write it out, only sum its squares, apply it, or write it over the gradient
+(each row once that row is read: the JAX front end's custom calls return the
+direction in the gradient's buffer)."""
+
+# Where each array lies in the packed weights (celo2.rule.layout.pack_theta);
+# Numba freezes these into the compiled step sequences.
+_NET = {name: (seg.offset, seg.stop) for name, seg in layout.SEGMENT.items()}
+_W_EL, _W_ROW, _W_COL, _B0, _W1, _B1, _W2, _B2 = (_NET[k] for k in ("w_el", "w_row", "w_col", "b0", "w1", "b1", "w2",
+                                                                    "b2"))
+_CH, _H = layout.MATRIX_CHANNELS, spec.HIDDEN_SIZE
+_VECTOR_CH = layout.VECTOR_CHANNELS
+MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
+FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
+"""``1 - decay`` of the momenta and of the factored statistics, as the kernels take them."""
 
 PARALLEL_MIN_ELEMENTS = 1 << 16
 """Smaller tensors run on the calling thread (a pool hand-off costs tens of us)."""
@@ -889,3 +906,94 @@ if AVAILABLE:
                         s = step / np.sqrt(dsq / G + _OUTPUT_NORM_EPS)
                         for e in range(G):
                             p[o, i, e] = decay * p[o, i, e] + s * D[i * G + e]
+
+
+if AVAILABLE:
+    # The serial pass sequences of a matrix and of a vector, called whole by both front ends.
+    blocks_jit = numba.njit(cache=True, nogil=True)(blocks)
+
+    @numba.njit(cache=True, nogil=True)
+    def finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """The direction pass (one, or for ``APPLY`` the squares first, then the
+        scaled application); returns the sum of the direction's squares."""
+        R = g.shape[0]
+        per, nblk = blocks_jit(R)
+        # Contiguous copies (a slice types as any-layout, which the kernels' loops index more slowly).
+        W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
+        b1 = net[_B1[0]:_B1[1]].copy()
+        w2 = net[_W2[0]:_W2[1]].copy()
+        b2 = net[_B2[0]]
+        sq_part = np.empty(nblk, np.float64)
+        if mode != APPLY:
+            direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, _ONE, _ZERO, per, out, sq_part)
+            return sq_part.sum()
+        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, SQUARES, _ONE, _ZERO, per, out, sq_part)
+        sq = sq_part.sum()
+        scale = 1.0 / np.sqrt(sq / g.size + spec.OUTPUT_NORM_EPS)
+        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, APPLY, np.float32(decay),
+                  np.float32(-lr * scale), per, out, sq_part)
+        return sq
+
+    @numba.njit(cache=True, nogil=True)
+    def matrix_step(g, p, m, v, fac_r, fac_c, d0, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """One float32 matrix's step, serially: the passes of
+        :data:`celo2.rule.layout.PASSES` (gradient statistics, factors,
+        accumulate, direction) over the blocks of :func:`blocks`, so the
+        numbers are those of any split over threads.
+
+        Args: ``g``, ``p`` (R, C); ``m`` (3, R, C) and ``v`` (R, C), updated in
+        place; ``fac_r``, ``fac_c`` (3, L), the factored statistics, updated in
+        place; ``d0``, the axis the row statistic averages over
+        (:func:`celo2.rule.spec.factored_dims`); ``net``, the packed weights
+        (:func:`celo2.rule.layout.pack_theta`); ``mode`` of the direction pass:
+        ``WRITE`` into ``out`` (R, C), ``OVER_GRAD`` into ``g``, or ``APPLY``
+        (its squares first, then ``p <- decay p - lr d / rms(d)``); ``decay``
+        and ``lr`` (float64), read by ``APPLY`` only.
+
+        Returns: the sum of the direction's squares (float64)."""
+        R, C = g.shape
+        per, nblk = blocks_jit(R)
+        row_sum = np.empty(R, np.float32)
+        col_part = np.empty((nblk, C), np.float32)
+        grad_stats(0, nblk, g, per, row_sum, col_part)
+        col_sum = col_part.sum(0)
+        rf = np.empty_like(fac_r)
+        cf = np.empty_like(fac_c)
+        term_r = np.empty((_H, fac_r.shape[1]), np.float32)
+        term_c = np.empty((_H, fac_c.shape[1]), np.float32)
+        w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(6, _H)
+        w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(6, _H)
+        b0 = net[_B0[0]:_B0[1]].copy()
+        wf, wm = FACTORED_W, MOMENTUM_W
+        # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
+        if d0 == 1:
+            factors(fac_r, fac_c, row_sum, col_sum, C, R, wf, w_row, w_col, b0, rf, cf, term_r, term_c)
+            A, B, TR, TC = rf, cf, term_r, term_c
+        else:
+            factors(fac_r, fac_c, col_sum, row_sum, R, C, wf, w_row, w_col, b0, rf, cf, term_r, term_c)
+            A, B, TR, TC = cf, rf, term_c, term_r
+        sums_part = np.empty((nblk, _CH), np.float64)
+        accumulate(0, nblk, g, p, m, v, wm, A * A, B * B, per, sums_part)
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums_part.sum(0), R * C)
+        return finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out)
+
+    @numba.njit(cache=True, nogil=True)
+    def vector_step(g, p, m, v, fac, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """One float32 vector's step, serially: the accumulator pass (its
+        full-size statistic folded, its factor derived), then the matrix
+        direction pass on it as one row. Arguments as :func:`matrix_step`, with
+        ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n).
+
+        Returns: the sum of the direction's squares (float64)."""
+        n = g.shape[0]
+        wf, wm = FACTORED_W, MOMENTUM_W
+        factor = np.empty((3, n), np.float32)
+        sums = np.empty(_VECTOR_CH, np.float64)
+        vector_accumulate(g, p, m, v, fac, wm, wf, factor, sums)
+        # Rows of fac_m stay zero in W: vectors lack those channels.
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, n)
+        A = np.ones((3, 1), np.float32)
+        TR = net[_B0[0]:_B0[1]].copy().reshape(_H, 1)
+        TC = np.zeros((_H, n), np.float32)
+        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
+                      net, mode, decay, lr, out)

@@ -20,8 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from celo2.kernels import cpu as kernels
-from celo2.optax.cpu_ffi import NET_SIZE
-from celo2.rule import spec
+from celo2.rule import layout
 
 
 @intrinsic
@@ -44,16 +43,18 @@ STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
 API_VERSION_STRUCT_SIZE = 32  # XLA_FFI_Api_Version: 2 words, 2 ints
 API_MINOR = 1  # everything read here exists since FFI API 0.1
 
-MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
-FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
+MOMENTUM_W = kernels.MOMENTUM_W
 OVER_GRAD = kernels.OVER_GRAD
+NET_SIZE = layout.NET_SIZE
+# Where each array lies in the packed weights (frozen into the handlers by Numba).
+W_EL, W1, B1, W2, B2 = ((layout.SEGMENT[k].offset, layout.SEGMENT[k].stop) for k in ("w_el", "w1", "b1", "w2", "b2"))
+H = layout.SEGMENT["b0"].size
+W_EL_SHAPE = layout.SEGMENT["w_el"].shape
 
-grad_stats, factors, accumulate, direction = kernels.grad_stats, kernels.factors, kernels.accumulate, kernels.direction
-grouped, vector_accumulate, group_grad_stats = kernels.grouped, kernels.vector_accumulate, kernels.group_grad_stats
-normalised_first_layer = kernels.normalised_first_layer
+matrix_step, vector_step, grouped, group_grad_stats = (kernels.matrix_step, kernels.vector_step, kernels.grouped,
+                                                       kernels.group_grad_stats)
+blocks = kernels.blocks_jit
 nonfinite_blocks = kernels.nonfinite_blocks
-VECTOR_CHANNELS = spec.NUM_VECTOR_FEATURES  # 15: vectors lack the three fac_m channels (last in the fast-path order)
-blocks = numba.njit(cache=True)(kernels.blocks)
 
 
 @numba.njit(cache=True)
@@ -128,8 +129,8 @@ def skipped(g, skip):  # noqa: ANN001, ANN201
 def _matrix(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param, m, v, fac_r, fac_c, [d0, skip] (int32), the packed net;
     results: raw direction, m, v, fac_r, fac_c (aliasing grad and the state
-    operands), sum of squares of the direction (1,). The same passes as the
-    PyTorch front end's ``_run_matrix_cpu``, in the same block order; the
+    operands), sum of squares of the direction (1,). The pass sequence is
+    :func:`celo2.kernels.cpu.matrix_step`, the PyTorch front end's too; the
     direction is written over the gradient, row by row. With ``skip`` set and
     a non-finite gradient: a zero direction, the state untouched and a sum of
     squares of -1 (the caller's flag)."""
@@ -155,37 +156,9 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
     if skipped(g, flags[1]):
         sq_out[0] = np.float32(-1.0)
         return as_pointer(0)
-    w_el = net[0:144].reshape(18, 8)
-    w_row = net[144:192].reshape(6, 8)
-    w_col = net[192:240].reshape(6, 8)
-    b0 = net[240:248]
-    W1 = net[248:312].reshape(8, 8)
-    b1 = net[312:320]
-    w2 = net[320:328]
-    b2 = net[328]
-
-    per, nblk = blocks(R)
-    row_sum = np.empty(R, np.float32)
-    col_part = np.empty((nblk, C), np.float32)
-    grad_stats(0, nblk, g, per, row_sum, col_part)
-    col_sum = col_part.sum(0)
-    rf = np.empty_like(fac_r)
-    cf = np.empty_like(fac_c)
-    term_r = np.empty((8, LR), np.float32)
-    term_c = np.empty((8, LC), np.float32)
-    if d0 == 1:
-        factors(fac_r, fac_c, row_sum, col_sum, C, R, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
-        A, B, TR, TC = rf, cf, term_r, term_c
-    else:
-        factors(fac_r, fac_c, col_sum, row_sum, R, C, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
-        A, B, TR, TC = cf, rf, term_c, term_r
-    sums_part = np.empty((nblk, 18), np.float64)
-    accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
-    W = normalised_first_layer(w_el, sums_part.sum(0), R * C)
-    sq_part = np.empty(nblk, np.float64)
-    direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, OVER_GRAD, np.float32(1.0), np.float32(0.0), per,
-              np.empty((1, 1), np.float32), sq_part)  # ``out`` is unused in mode OVER_GRAD
-    sq_out[0] = np.float32(sq_part.sum())
+    sq = matrix_step(g, p, m, v, fac_r, fac_c, d0, net, OVER_GRAD, 1.0, 0.0,
+                     np.empty((1, 1), np.float32))  # ``out`` is unused in mode OVER_GRAD
+    sq_out[0] = np.float32(sq)
     return as_pointer(0)
 
 
@@ -213,11 +186,12 @@ def _conv(frame_address):  # noqa: ANN001, ANN202
     if carray(buffer_data(args[8]), (1,), np.int32)[0] == 0:
         g.reshape(-1)[:] = np.float32(0.0)
         return as_pointer(0)
-    W = net[0:144].reshape(18, 8).copy()
-    W1 = net[248:312].reshape(8, 8)
+    W = net[W_EL[0]:W_EL[1]].reshape(W_EL_SHAPE).copy()
     per, nblk = blocks(O)
-    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, W1, net[312:320], net[320:328], net[328],
-            OVER_GRAD, np.float32(1.0), np.float32(0.0), per, np.empty((1, 1, 1), np.float32))
+    # Contiguous copies: a slice types as any-layout, which the kernel's loops index more slowly.
+    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, net[W1[0]:W1[1]].copy().reshape(H, H),
+            net[B1[0]:B1[1]].copy(), net[W2[0]:W2[1]].copy(), net[B2[0]], OVER_GRAD, np.float32(1.0),
+            np.float32(0.0), per, np.empty((1, 1, 1), np.float32))
     return as_pointer(0)
 
 
@@ -244,9 +218,8 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), [skip]
     (int32), the packed net; results: raw direction (n,), m, v, fac (aliasing
     grad and the state operands), sum of squares of the direction (1,). The
-    PyTorch front end's ``_run_vector_cpu``: the accumulator pass, then the
-    direction pass on the vector as one row (unit row factors, zero weights
-    for the channels vectors lack). ``skip`` as in :func:`_matrix`."""
+    pass sequence is :func:`celo2.kernels.cpu.vector_step`, the PyTorch front
+    end's too. ``skip`` as in :func:`_matrix`."""
     args, rets = call_buffers(frame_address, 7, 5)
     if args.size == 0:
         return as_pointer(0)
@@ -261,19 +234,8 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     if skipped(g, carray(buffer_data(args[5]), (1,), np.int32)[0]):
         sq_out[0] = np.float32(-1.0)
         return as_pointer(0)
-    factor = np.empty((3, n), np.float32)
-    sums = np.empty(VECTOR_CHANNELS, np.float64)
-    vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)
-    W = normalised_first_layer(net[0:144].reshape(18, 8), sums, n)
-    A = np.ones((3, 1), np.float32)
-    TR = net[240:248].copy().reshape(8, 1)
-    TC = np.zeros((8, n), np.float32)
-    per, nblk = blocks(1)
-    sq_part = np.empty(nblk, np.float64)
-    direction(0, nblk, g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
-              net[248:312].reshape(8, 8), net[312:320], net[320:328], net[328], OVER_GRAD, np.float32(1.0),
-              np.float32(0.0), per, np.empty((1, 1), np.float32), sq_part)
-    sq_out[0] = np.float32(sq_part.sum())
+    sq = vector_step(g, p, m, v, fac, net, OVER_GRAD, 1.0, 0.0, np.empty((1, 1), np.float32))
+    sq_out[0] = np.float32(sq)
     return as_pointer(0)
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from celo2.kernels import cpu as kernels
-from celo2.rule import spec
+from celo2.rule import layout, spec
 
 TARGET = "celo2_matrix_step"
 CONV_TARGET = "celo2_conv_step"
@@ -45,34 +45,37 @@ AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi") and sys.maxsize > 2**32 an
 """Whether this fast path can run: Numba installed, a JAX with ``jax.ffi``, and
 a 64-bit little-endian process (the handlers read XLA's structs by word)."""
 
-NET_SIZE = 18 * 8 + 6 * 8 + 6 * 8 + 8 + 8 * 8 + 8 + 8 + 1
-"""Length of the packed network operand, in :func:`pack_theta`'s order (the
-handlers read it at offsets 0, 144, 192, 240, 248, 312, 320, 328)."""
+NET_SIZE = layout.NET_SIZE
+"""Length of the packed network operand (:data:`celo2.rule.layout.PACKED`)."""
 
 _LOCK = threading.Lock()
 _REGISTERED = False
 
 
 def pack_theta(theta) -> jax.Array:  # noqa: ANN001
-    """The weights the kernels read, as one float32 vector: first-layer rows of
-    the 18 per-element channels, of the 6 row- and 6 column-statistic channels
-    (fast-path order, from :mod:`celo2.optax.rule`), ``b0``, ``w1`` (in, out),
-    ``b1``, and output 0 of ``w2`` and ``b2``."""
+    """The weights the kernels read, as one float32 vector in :data:`celo2.rule.layout.PACKED`
+    order: :func:`celo2.rule.layout.pack_theta` for a theta that may be traced (PES
+    perturbs it inside ``jit``), so in ``jnp``.
+
+    Args:
+        theta: Theta key -> array (``w0__0`` ... ``b2``), concrete or traced.
+
+    Returns:
+        A ``(NET_SIZE,)`` float32 array.
+    """
     from celo2.optax import rule
 
-    parts = [
-        rule._weights(theta, rule._EL_ROWS),
-        rule._weights(theta, rule._ROW_ROWS),
-        rule._weights(theta, rule._COL_ROWS),
-        theta["b0"],
-        theta["w1"],
-        theta["b1"],
-        theta["w2"][:, spec.DIRECTION_OUTPUT],
-        theta["b2"][spec.DIRECTION_OUTPUT][None],
-    ]
-    net = jnp.concatenate([jnp.ravel(jnp.asarray(x, jnp.float32)) for x in parts])
-    assert net.shape == (NET_SIZE,), net.shape
-    return net
+    parts = {
+        "w_el": rule._weights(theta, rule._EL_ROWS),
+        "w_row": rule._weights(theta, rule._ROW_ROWS),
+        "w_col": rule._weights(theta, rule._COL_ROWS),
+        "b0": theta["b0"],
+        "w1": theta["w1"],
+        "b1": theta["b1"],
+        "w2": theta["w2"][:, spec.DIRECTION_OUTPUT],
+        "b2": theta["b2"][spec.DIRECTION_OUTPUT][None],
+    }
+    return jnp.concatenate([jnp.ravel(jnp.asarray(parts[seg.name], jnp.float32)) for seg in layout.PACKED])
 
 
 def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002

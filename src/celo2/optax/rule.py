@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celo2.rule import spec
+from celo2.rule import layout, spec
 from celo2.rule.theta import Theta, load_theta
 
 ThetaTree = Mapping[str, jax.Array]
@@ -109,21 +109,31 @@ def _rms_normalise(x: jax.Array, eps: float, axes: tuple[int, ...]) -> jax.Array
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
-def newton_schulz(x: jax.Array) -> jax.Array:
-    """Approximately orthogonalise the last two axes (batched over leading axes)."""
+def newton_schulz(x: jax.Array, dtype: "jnp.dtype | None" = None) -> jax.Array:
+    """Approximately orthogonalise the last two axes (batched over leading axes).
+
+    Args:
+        x: A ``(..., R, C)`` array; tall matrices are iterated transposed.
+        dtype: The dtype of the matrix products (default ``x.dtype``); the
+            Frobenius pre-scaling is computed in ``x``'s dtype first.
+
+    Returns:
+        The result in ``x``'s dtype.
+    """
     a, b, c = spec.NS_COEFFS
+    out_dtype = x.dtype
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:
         x = jnp.swapaxes(x, -1, -2)
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    x = x / (norm + spec.NS_EPS)
+    x = (x / (norm + spec.NS_EPS)).astype(dtype or out_dtype)
     for _ in range(spec.NS_STEPS):
         gram = x @ jnp.swapaxes(x, -1, -2)
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x
     if transpose:
         x = jnp.swapaxes(x, -1, -2)
-    return x
+    return x.astype(out_dtype)
 
 
 def update_accumulators(state: TensorState, g: jax.Array) -> tuple[TensorState, jax.Array]:
@@ -220,21 +230,16 @@ def reference_tensor_step(
 # =============================================================================
 # The fast formulation
 # =============================================================================
-def _element_rows() -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
-    """(theta key, row) of the first-layer weights read by each channel: the
-    per-element channels (vector groups then fac_m), the row and the column
-    statistic channels."""
-    def rows(index: int) -> list[tuple[str, int]]:
-        return [(f"w0__{index}", r) for r in range(spec.FEATURE_GROUPS[index].width)]
-
-    names = {g.name: g.index for g in spec.FEATURE_GROUPS}
-    element = [kr for g in spec.FEATURE_GROUPS[: spec.VECTOR_GROUPS] for kr in rows(g.index)] + rows(names["fac_m"])
-    row = rows(names["row"]) + rows(names["rsqrt_row"])
-    col = rows(names["col"]) + rows(names["rsqrt_col"])
-    return element, row, col
+def _theta_rows(rows: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(theta key, row) of rows of the concatenated ``(30, 8)`` first layer."""
+    where = {r: (f"w0__{g.index}", i) for g in spec.FEATURE_GROUPS for i, r in enumerate(layout.GROUP_ROWS[g.name])}
+    return [where[r] for r in rows]
 
 
-_EL_ROWS, _ROW_ROWS, _COL_ROWS = _element_rows()
+# The channel order of the fused formulation and of the kernels (celo2.rule.layout):
+# per-element channels, then the row- and column-statistic channels.
+_EL_ROWS, _ROW_ROWS, _COL_ROWS = (_theta_rows(r) for r in (layout.ELEMENT_ROWS, layout.ROW_STAT_ROWS,
+                                                             layout.COL_STAT_ROWS))
 
 
 def _weights(theta: ThetaTree, rows: list[tuple[str, int]]) -> jax.Array:
@@ -265,7 +270,7 @@ def _sums_of_squares(xs: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Arr
 
 def tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
-    cpu_kernels: bool = False,
+    cpu_kernels: bool = False, ns_dtype: "jnp.dtype" = jnp.float32,
 ) -> tuple[jax.Array, TensorState]:
     """One step of the rule on one tensor: ``(direction, new_state)``.
 
@@ -278,25 +283,26 @@ def tensor_step(
     (:mod:`celo2.optax.cpu_ffi`, about 3x faster than XLA's loop there; not
     differentiable); other tensors, and other platforms, take the XLA
     formulation. A zero-size tensor gets a zero-size direction and its
-    (zero-size) state back.
+    (zero-size) state back. ``ns_dtype``: the dtype of Newton-Schulz's matrix
+    products (default float32; see :func:`celo2.optax.scale_by_celo2`).
     """
     if 0 in tuple(param.shape):
         return jnp.zeros(param.shape, param.dtype), state
     kind = _kernel_kind(param, grad, cpu_kernels)
     if kind is not None:
         def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
-            return _cpu_step(theta, state, grad, param, orthogonalize, kind, False)[:2]
+            return _cpu_step(theta, state, grad, param, orthogonalize, kind, False, ns_dtype)[:2]
 
         def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
-            return _xla_tensor_step(theta, state, grad, param, orthogonalize)
+            return _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
 
         return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
-    return _xla_tensor_step(theta, state, grad, param, orthogonalize)
+    return _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
 
 
 def guarded_tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
-    cpu_kernels: bool = False,
+    cpu_kernels: bool = False, ns_dtype: "jnp.dtype" = jnp.float32,
 ) -> tuple[jax.Array, TensorState, jax.Array]:
     """:func:`tensor_step` under the non-finite policy ``"skip"``
     (:data:`celo2.rule.spec.NONFINITE_POLICIES`): ``(direction, new_state, ok)``.
@@ -316,6 +322,7 @@ def guarded_tensor_step(
         param: The parameter.
         orthogonalize: Newton-Schulz on matrix directions.
         cpu_kernels: As in :func:`tensor_step`.
+        ns_dtype: As in :func:`tensor_step`.
 
     Returns:
         The direction (parameter's shape and dtype), the new state and ``ok``.
@@ -325,14 +332,14 @@ def guarded_tensor_step(
 
     def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
         ok = jnp.all(jnp.isfinite(grad))
-        d, new = _xla_tensor_step(theta, state, grad, param, orthogonalize)
+        d, new = _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
         return jnp.where(ok, d, jnp.zeros_like(d)), new, ok
 
     kind = _kernel_kind(param, grad, cpu_kernels)
     if kind is not None:
         def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
-            return _cpu_step(theta, state, grad, param, orthogonalize, kind, True)
+            return _cpu_step(theta, state, grad, param, orthogonalize, kind, True, ns_dtype)
 
         return jax.lax.platform_dependent(theta, state, grad, param, cpu=on_cpu, default=elsewhere)
     return elsewhere(theta, state, grad, param)
@@ -348,7 +355,8 @@ def _kernel_kind(param: jax.Array, grad: jax.Array, cpu_kernels: bool) -> "str |
 
 
 def _cpu_step(theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
-              kind: str, skip: bool) -> tuple[jax.Array, TensorState, "jax.Array | None"]:
+              kind: str, skip: bool, ns_dtype: "jnp.dtype" = jnp.float32,
+              ) -> tuple[jax.Array, TensorState, "jax.Array | None"]:
     """A tensor's step through the CPU kernels: ``(direction, new state, ok)``;
     ``ok`` is ``None`` unless ``skip`` (see :func:`guarded_tensor_step`)."""
     from celo2.optax import cpu_ffi
@@ -373,7 +381,7 @@ def _cpu_step(theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.
             ok = jnp.all(jnp.isfinite(grad))
         d, new_state = _conv_step_cpu(theta, net, state, grad, param, ok)
     if orthogonalize:
-        d = newton_schulz(d)
+        d = newton_schulz(d, ns_dtype)
     return _rms_normalise(d, spec.OUTPUT_NORM_EPS, (d.ndim - 2, d.ndim - 1)), new_state, ok
 
 
@@ -413,7 +421,8 @@ def _conv_step_cpu(theta: ThetaTree, net: jax.Array, state: TensorState, grad: j
 
 
 def _xla_tensor_step(
-    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool
+    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
+    ns_dtype: "jnp.dtype" = jnp.float32,
 ) -> tuple[jax.Array, TensorState]:
     """:func:`tensor_step` as XLA code: the 12 rank-1 channels on the
     statistics, the rest one fused elementwise loop."""
@@ -453,6 +462,6 @@ def _xla_tensor_step(
         direction = direction + w2[k] * jax.nn.relu(z)
     direction = jnp.broadcast_to(direction, work)
     if orthogonalize and nd >= 2:
-        direction = newton_schulz(direction)
+        direction = newton_schulz(direction, ns_dtype)
     direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, axes)
     return direction.reshape(shape).astype(param.dtype), state

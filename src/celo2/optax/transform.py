@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from celo2.hardware import ns_dtype_name, resolve_ns_dtype_name
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 from celo2.optax.rule import TensorState, guarded_tensor_step, init_tensor_state, tensor_step, theta_to_jax
@@ -170,7 +171,7 @@ def _is_tensor_state(x: Any) -> bool:
 
 def scale_by_celo2(
     theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None,
-    nonfinite: str = spec.NONFINITE_DEFAULT,
+    nonfinite: str = spec.NONFINITE_DEFAULT, ns_dtype: Any = "auto",
 ) -> optax.GradientTransformation:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
@@ -197,13 +198,18 @@ def scale_by_celo2(
             :func:`zero_skipped_updates`, as :func:`celo2` and :func:`celo2_base` do.
             ``"propagate"``: no check, a NaN flows through (and the rule's normalisations spread it
             over the tensor).
+        ns_dtype: The dtype of Newton-Schulz's matrix products. ``"auto"`` (default): bfloat16
+            where the default backend multiplies it natively (GPU, CPUs with AMX or AVX512-BF16, see
+            :func:`celo2.hardware.resolve_ns_dtype_name`), float32 elsewhere and whenever theta is
+            traced (a meta-gradient through the update keeps float32); ``"float32"`` / ``"bfloat16"``
+            (or ``jnp.float32`` / ``jnp.bfloat16``) force it.
 
     Returns:
         An ``optax.GradientTransformation`` with :class:`ScaleByCelo2State`.
 
     Raises:
-        ValueError: An unknown ``nonfinite``, ``cpu_kernels=True`` without Numba, or (at
-            ``update``) no ``params``.
+        ValueError: An unknown ``nonfinite`` or ``ns_dtype``, ``cpu_kernels=True`` without Numba,
+            or (at ``update``) no ``params``.
         celo2.ThetaError: ``theta`` is malformed.
 
     Example:
@@ -221,11 +227,16 @@ def scale_by_celo2(
     per step. Zero-size tensors get zero-size updates. Accumulators are
     float32; the direction is returned in the parameter's dtype, so a float64
     parameter (``jax_enable_x64``) is updated in float64.
+
     """
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     traced = _is_traced_mapping(theta)
     theta_tree = theta_to_jax(theta) if not traced else dict(theta)
     use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
+    ns_name = ns_dtype_name(ns_dtype)
+    if ns_name == "auto":
+        ns_name = "float32" if traced else resolve_ns_dtype_name("auto", jax.default_backend())
+    ns = jnp.dtype(ns_name)
 
     def init_fn(params: Any) -> ScaleByCelo2State:
         return ScaleByCelo2State(
@@ -250,10 +261,10 @@ def scale_by_celo2(
                 counts.append(n)
                 continue
             if skip:
-                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
+                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns)
                 n = n + jnp.logical_not(ok).astype(jnp.int32)
             else:
-                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels)
+                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns)
             outs.append(direction)
             new_states.append(new)
             counts.append(n)
@@ -336,6 +347,7 @@ def celo2(
     adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
     cpu_kernels: bool | None = None,
     nonfinite: str = spec.NONFINITE_DEFAULT,
+    ns_dtype: Any = "auto",
 ) -> optax.GradientTransformation:
     """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
 
@@ -366,6 +378,8 @@ def celo2(
             tensor (int32, read them with :func:`nonfinite_steps`). Decided
             inside the jitted update, no host synchronisation. Learning-rate
             schedules count steps for all tensors alike.
+        ns_dtype: Newton-Schulz's dtype, see :func:`scale_by_celo2` (default
+            ``"auto"``: bfloat16 where the hardware multiplies it natively).
 
     Returns:
         An ``optax.GradientTransformation`` (``update`` needs ``params``).
@@ -388,7 +402,8 @@ def celo2(
     return optax.partition(
         {
             routing.LEARNED: _learned(
-                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite),
+                scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
+                               ns_dtype=ns_dtype),
                 weight_decay, learning_rate, nonfinite),
             routing.ADAM: adam,
         },

@@ -1,8 +1,14 @@
-"""Celo2 and Celo2-base as ``torch.optim.Optimizer`` subclasses."""
+"""Celo2 and Celo2-base as ``torch.optim.Optimizer`` subclasses.
+
+The classes validate their options, keep the state and route each tensor to
+a branch (the learned rule or AdamW); the rule's arithmetic is
+:func:`celo2.torch.functional.celo2`, which hands each tensor to a backend
+(Triton, the Numba kernels, the chunked PyTorch path or the reference
+formula) and batches Newton-Schulz across tensors.
+"""
 
 from __future__ import annotations
 
-from functools import partial
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -11,10 +17,10 @@ from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
-from celo2.kernels import cpu as cpu_kernels
-from celo2.torch import rule as _rule
-from celo2.torch.rule import (TorchTheta, _Workspace, apply_step, init_tensor_state, runs_on_one_thread,
-                              state_shapes)
+from celo2.torch import functional as F
+from celo2.torch._chunked import Workspace
+from celo2.torch._state import TorchTheta, init_tensor_state, state_shapes
+from celo2.torch.ns import resolve_ns_dtype
 
 _BRANCHES = ("auto", routing.LEARNED, routing.ADAM)
 _STATE_KEYS_FP32 = ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq")
@@ -23,26 +29,12 @@ _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 _COUNTER = "nonfinite_steps"
 _ALGORITHM_KEYS = ("branch", "orthogonalize", "nonfinite")
 """Param-group settings that select the algorithm: a saved state must agree on them."""
+_MACHINE_KEYS = ("backend", "ns_dtype")
+"""Param-group settings that depend on the machine: kept from this optimizer when a state loads."""
 
 
 def _adam_shapes(p: torch.Tensor) -> dict[str, tuple[int, ...]]:
     return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape), "step": ()}
-
-
-def _checked_on_host(p: torch.Tensor) -> bool:
-    """Whether the non-finite check of ``p``'s gradient is read on the host:
-    CPU tensors while the CPU kernels are on (they read host memory anyway;
-    nothing to synchronise), outside ``torch.compile``. Everywhere else, the
-    CPU with ``CELO2_CPU_KERNELS=0`` included, a device-side flag gates the
-    writes, as on accelerators."""
-    return _rule.USE_CPU_KERNELS and p.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _grad_finite(g: torch.Tensor) -> bool:
-    """Host check of a CPU gradient: no NaN or +-inf element."""
-    if cpu_kernels.AVAILABLE and g.dtype == torch.float32 and g.is_contiguous():
-        return cpu_kernels.all_finite(g.detach().numpy())
-    return bool(torch.isfinite(g).all())
 
 
 class _LearnedOptimizer(torch.optim.Optimizer):
@@ -63,7 +55,11 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         adam_name_pattern: str | None,
         foreach: bool | None,
         nonfinite: str,
+        backend: str,
+        ns_dtype: str | torch.dtype,
     ) -> None:
+        F.check_backend(backend)
+        resolve_ns_dtype(ns_dtype, "cpu")  # validates the name
         if not 0.0 <= float(lr):
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if not 0.0 <= weight_decay:
@@ -84,6 +80,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             adam_eps=adam_eps,
             foreach=foreach,
             nonfinite=spec.check_nonfinite_policy(nonfinite),
+            backend=backend,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -92,6 +90,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                     f"param group option branch={group['branch']!r}: expected one of {_BRANCHES}"
                 )
             spec.check_nonfinite_policy(group["nonfinite"])
+            F.check_backend(group["backend"])
+            resolve_ns_dtype(group["ns_dtype"], "cpu")
             for p in group["params"]:
                 if torch.is_complex(p):
                     name = self._name_of(group, p)
@@ -101,7 +101,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         self._theta_by_device: dict[torch.device, TorchTheta] = {}
         # Chunk scratch of the fast path, one per device, reused across tensors
         # and steps (a few MB; not part of state_dict).
-        self._workspace_by_device: dict[torch.device, _Workspace] = {}
+        self._workspace_by_device: dict[torch.device, Workspace] = {}
 
     # -- routing -------------------------------------------------------------------
     @staticmethod
@@ -184,14 +184,16 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         """
         self._check_state_dict(state_dict)
         kept = [{k: g[k] for k in _ALGORITHM_KEYS} for g in self.param_groups]
+        machine = [{k: g[k] for k in _MACHINE_KEYS} for g in self.param_groups]
         saved = state_dict["state"]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_to_param = dict(zip(saved_ids, params))
         super().load_state_dict(state_dict)
-        for group, settings in zip(self.param_groups, kept):
+        for group, settings, here in zip(self.param_groups, kept, machine):
             for key, value in settings.items():
                 group.setdefault(key, value)
+            group.update(here)
         for pid, pstate in saved.items():
             p = id_to_param.get(pid)
             if p is not None and _COUNTER in pstate:  # cast to the parameter's dtype by PyTorch's loader
@@ -283,17 +285,10 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()
         for group, entries in plan:
-            adam_params: list[torch.Tensor] = []
-            threaded: list[tuple[int, Callable[[], None]]] = []
-            for p, branch in entries:
-                if branch == routing.ADAM:
-                    adam_params.append(p)
-                else:
-                    task = self._learned_step(group, p)
-                    if task is not None:
-                        threaded.append((p.numel(), task))
-            if threaded:  # tensors that are fused CPU kernels only go to threads whole
-                cpu_kernels.run_tensors(threaded)
+            learned = [p for p, branch in entries if branch != routing.ADAM]
+            adam_params = [p for p, branch in entries if branch == routing.ADAM]
+            if learned:
+                self._learned_step(group, learned)
             if adam_params:
                 self._adam_step(group, adam_params)
         return loss
@@ -332,34 +327,22 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             state[_COUNTER] = torch.zeros((), dtype=torch.int32, device=p.device)
         return state[_COUNTER]
 
-    def _learned_step(self, group: dict[str, Any], p: torch.Tensor) -> Callable[[], None] | None:
-        """Step ``p`` now, or return its step as a task when it is fused CPU
-        kernels only (the caller spreads those over threads)."""
-        state = self.state[p]
-        if not state:
-            state.update(init_tensor_state(p))
-        counter = self._counter(state, p)
-        theta = self._torch_theta(p.device)
-        # p <- p (1 - lr wd) - lr * direction, in place, chunk by chunk where possible.
-        args = (theta, state, p.grad, p, group["orthogonalize"], group["lr"], group["weight_decay"])
-        gate = None
-        if group["nonfinite"] == "skip":
-            if _checked_on_host(p):
-                if not _grad_finite(p.grad):
-                    counter.add_(1)
-                    return None
-            else:
-                gate = _Gate(p, [state[k] for k in _LEARNED_KEYS], counter)
-        if gate is None and runs_on_one_thread(state, p.grad, p, group["orthogonalize"]):
-            theta.layout().numpy()  # built here, not raced for by the threads
-            return partial(apply_step, *args)
+    def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(init_tensor_state(p))
+            self._counter(state, p)
+            states.append(state)
         workspace = None
-        if not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
-            workspace = self._workspace_by_device.setdefault(p.device, _Workspace())
-        apply_step(*args, workspace=workspace)
-        if gate is not None:
-            gate.close()
-        return None
+        if params and not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
+            workspace = self._workspace_by_device.setdefault(params[0].device, Workspace())
+        F.celo2(params, [p.grad for p in params], states, theta=self._torch_theta, lr=group["lr"],
+                weight_decay=group["weight_decay"], orthogonalize=group["orthogonalize"], backend=group["backend"],
+                ns_dtype=group["ns_dtype"], nonfinite=group["nonfinite"], counters=[s[_COUNTER] for s in states],
+                workspace=workspace)
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,
@@ -374,8 +357,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             counter = self._counter(state, p)
             if group["nonfinite"] != "skip":
                 host.append(p)
-            elif _checked_on_host(p):
-                if _grad_finite(p.grad):
+            elif F.checked_on_host(group["backend"], p):
+                if F.grad_finite(p.grad):
                     host.append(p)
                 else:
                     counter.add_(1)
@@ -385,7 +368,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                     # capturable arithmetic), so no write needs the flag on the host.
                     state["step"] = state["step"].to(p.device)
                 gated.append(p)
-                gates.append(_Gate(p, [state[k] for k in _ADAM_KEYS], counter))
+                gates.append(F.Gate(p, [state[k] for k in _ADAM_KEYS], counter))
         self._adam_run(group, host, capturable=False)
         self._adam_run(group, [p for p in gated if p.device.type == "cpu"], capturable=False)
         self._adam_run(group, [p for p in gated if p.device.type != "cpu"], capturable=True)
@@ -443,26 +426,6 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 p.copy_(p32)
 
 
-class _Gate:
-    """The device-side non-finite guard of one tensor: ``ok`` (no NaN or
-    +-inf in its gradient) is computed where the gradient lives, the tensor
-    and its state are copied, and :meth:`close` puts the copies back where
-    ``ok`` is false (``torch.where``: bitwise either way, no host
-    synchronisation) and counts the skipped step."""
-
-    def __init__(self, p: torch.Tensor, state: list[torch.Tensor], counter: torch.Tensor) -> None:
-        self.ok = torch.isfinite(p.grad).all()
-        self.tensors = [p.detach(), *state]
-        self.saved = [t.clone() for t in self.tensors]
-        self.counter = counter
-
-    def close(self) -> None:
-        for t, old in zip(self.tensors, self.saved):
-            t.copy_(torch.where(self.ok, t, old))
-        self.counter.add_(self.ok.logical_not().to(self.counter.dtype))
-        self.saved = []
-
-
 _POLICY_DOC = """
     Non-finite gradients (``nonfinite``, see :data:`celo2.rule.spec.NONFINITE_POLICIES`):
     under ``"skip"`` (default) a tensor whose gradient holds any NaN or +-inf
@@ -472,7 +435,7 @@ _POLICY_DOC = """
     tensor on the parameter's device) counts the skipped steps;
     :meth:`nonfinite_steps` reads them all by name. On the CPU (with the CPU
     kernels on) the check is read on the host and a skipped tensor is not
-    touched; elsewhere (accelerators, ``CELO2_CPU_KERNELS=0``) it is a
+    touched; elsewhere (accelerators, ``backend="torch"``) it is a
     device-side flag that gates the writes with ``torch.where`` (no
     synchronisation; the tensor and its state are copied for the step, and
     on accelerators the AdamW branch keeps its step count on the device). ``"propagate"`` runs no check: a NaN flows through as in AdamW
@@ -521,11 +484,21 @@ class Celo2(_LearnedOptimizer):
             :data:`celo2.rule.routing.ADAM_NAME_PATTERN`; ``None``: shapes only).
         foreach: Passed to AdamW's functional step (default ``None``: PyTorch's choice).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
+        backend: Which implementation steps the rule's tensors: ``"auto"``
+            (default: Triton on CUDA, the Numba kernels on the CPU, the chunked
+            PyTorch path otherwise), ``"triton"``, ``"numba"``, ``"torch"`` or
+            ``"reference"`` (see :mod:`celo2.torch.functional`).
+        ns_dtype: The dtype of Newton-Schulz's matrix products: ``"auto"``
+            (default: bfloat16 where the hardware multiplies it natively, CUDA
+            and CPUs with AMX or AVX512-BF16; float32 elsewhere),
+            ``torch.float32`` or ``torch.bfloat16``. The matrices sharing a
+            shape are orthogonalised together, one batched chain per group.
 
     Raises:
         ValueError: For a negative ``lr``, ``weight_decay``, ``adam_lr_mult`` or
-            ``adam_eps``, betas outside [0, 1), an unknown ``branch`` or
-            ``nonfinite``, or complex parameters.
+            ``adam_eps``, betas outside [0, 1), an unknown ``branch``,
+            ``nonfinite``, ``backend`` or ``ns_dtype``, a backend this
+            installation lacks (Triton, Numba), or complex parameters.
     """
 
     def __init__(
@@ -542,6 +515,8 @@ class Celo2(_LearnedOptimizer):
         adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN,
         foreach: bool | None = None,
         nonfinite: str = spec.NONFINITE_DEFAULT,
+        backend: str = "auto",
+        ns_dtype: str | torch.dtype = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -556,6 +531,8 @@ class Celo2(_LearnedOptimizer):
             adam_name_pattern=adam_name_pattern,
             foreach=foreach,
             nonfinite=nonfinite,
+            backend=backend,
+            ns_dtype=ns_dtype,
         )
 
 
@@ -570,10 +547,12 @@ class Celo2Base(_LearnedOptimizer):
             or ``None`` for the shipped theta.
         foreach: Unused by the rule (kept for the shared machinery; default ``None``).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
+        backend: As :class:`Celo2`'s (default ``"auto"``).
 
     Raises:
         ValueError: For a negative ``lr`` or ``weight_decay``, an unknown
-            ``nonfinite``, or complex parameters.
+            ``nonfinite`` or ``backend``, a backend this installation lacks, or
+            complex parameters.
     """
 
     def __init__(
@@ -585,6 +564,7 @@ class Celo2Base(_LearnedOptimizer):
         *,
         foreach: bool | None = None,
         nonfinite: str = spec.NONFINITE_DEFAULT,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -599,6 +579,8 @@ class Celo2Base(_LearnedOptimizer):
             adam_name_pattern=None,
             foreach=foreach,
             nonfinite=nonfinite,
+            backend=backend,
+            ns_dtype="auto",
         )
 
 

@@ -1,0 +1,147 @@
+"""The rule exactly as the spec states it, in PyTorch (``backend="reference"``).
+
+All 30 channels are built at full size, normalised, then fed to the MLP. It
+is short, obviously right, and costs about 30x the tensor in memory; every
+fused backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from celo2.rule import spec
+from celo2.torch._state import TorchTheta, work_shape
+
+
+def _decays(values: tuple[float, ...], ndim: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device).reshape((-1,) + (1,) * ndim)
+
+
+def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    return torch.rsqrt(torch.clamp_min(x, spec.SAFE_RSQRT_FLOOR))
+
+
+def _rms_normalise(x: torch.Tensor, eps: float, dims: tuple[int, ...]) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
+
+
+def _adafactor_factors(
+    fac_r: torch.Tensor, fac_c: torch.Tensor, dims: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors broadcastable against ``(3, *S)``."""
+    d1, d0 = dims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_mean = fac_r.mean(dim=1 + reduced_d1, keepdim=True)
+    row_factor = _safe_rsqrt(fac_r / (row_mean + spec.ROW_MEAN_EPS))
+    col_factor = _safe_rsqrt(fac_c)
+    return row_factor.unsqueeze(1 + d0), col_factor.unsqueeze(1 + d1)
+
+
+def update_accumulators(state: dict[str, torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """Reference: fold ``g`` into the accumulators in place; return the
+    Adafactor-normalised ``g`` at full size."""
+    nd = g.ndim
+    state["m"].lerp_(g.unsqueeze(0).expand_as(state["m"]), 1.0 - _decays(spec.MOMENTUM_DECAYS, nd, g))
+    g2 = g.square()
+    state["v"].mul_(spec.RMS_DECAY).add_(g2, alpha=1.0 - spec.RMS_DECAY)
+    gsq = g2 + spec.FACTORED_EPS
+    dims = spec.factored_dims(g.shape)
+    if dims is None:
+        w = 1.0 - _decays(spec.FACTORED_DECAYS, nd, g)
+        state["fac_r"].lerp_(gsq.unsqueeze(0).expand_as(state["fac_r"]), w)
+        return g.unsqueeze(0) * _safe_rsqrt(state["fac_r"] + spec.VECTOR_FACTOR_EPS)
+    d1, d0 = dims
+    w = 1.0 - _decays(spec.FACTORED_DECAYS, nd - 1, g)
+    state["fac_r"].lerp_(gsq.mean(dim=d0).unsqueeze(0).expand_as(state["fac_r"]), w)
+    state["fac_c"].lerp_(gsq.mean(dim=d1).unsqueeze(0).expand_as(state["fac_c"]), w)
+    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], dims)
+    return g.unsqueeze(0) * row_factor * col_factor
+
+
+def features(state: dict[str, torch.Tensor], g: torch.Tensor, p: torch.Tensor, fac_g: torch.Tensor) -> list[torch.Tensor]:
+    """Reference: the input channels, one full-size ``(width, *S)`` tensor per
+    feature group, in spec order."""
+    m, v = state["m"], state["v"]
+    rsqrt_v = torch.rsqrt(v + spec.RSQRT_EPS)
+    groups = [
+        g.unsqueeze(0),
+        g.clamp(-spec.FEATURE_CLIP, spec.FEATURE_CLIP).unsqueeze(0),
+        p.unsqueeze(0),
+        m,
+        v.unsqueeze(0),
+        m * rsqrt_v,
+        rsqrt_v.unsqueeze(0),
+        fac_g,
+        (g * rsqrt_v).unsqueeze(0),
+    ]
+    dims = spec.factored_dims(g.shape)
+    if dims is None:
+        return groups
+    d1, d0 = dims
+    full = (m.shape[0], *g.shape)
+    row = state["fac_r"].unsqueeze(1 + d0).expand(full)
+    col = state["fac_c"].unsqueeze(1 + d1).expand(full)
+    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], dims)
+    groups += [
+        row,
+        col,
+        torch.rsqrt(row + spec.RSQRT_EPS),
+        torch.rsqrt(col + spec.RSQRT_EPS),
+        m * row_factor * col_factor,
+    ]
+    return groups
+
+
+def reference_tensor_step(
+    theta: TorchTheta,
+    state: dict[str, torch.Tensor],
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    orthogonalize: bool,
+) -> torch.Tensor:
+    """The rule exactly as the spec states it (full-size channels): update
+    ``state`` in place and return the direction (unit RMS over the last two
+    axes, float32, the parameter's shape); the fused backends are tested
+    against this.
+
+    Args:
+        theta: The weights on the parameter's device.
+        state: The tensor's accumulators (:func:`celo2.torch.rule.init_tensor_state`).
+        grad: The gradient (any float dtype, the parameter's shape).
+        param: The parameter.
+        orthogonalize: Newton-Schulz on tensors of two or more dims.
+
+    Returns:
+        The direction.
+    """
+    shape = param.shape
+    work = work_shape(shape)
+    g = grad.detach().to(torch.float32).reshape(work).clamp(-spec.GRAD_CLIP, spec.GRAD_CLIP)
+    p = param.detach().to(torch.float32).reshape(work)
+    fac_g = update_accumulators(state, g)
+    groups = features(state, g, p, fac_g)
+    dims = tuple(range(max(1, g.ndim - 1), g.ndim + 1))  # last two axes of (width, *S)
+    channels = torch.cat([_rms_normalise(x, spec.INPUT_NORM_EPS, dims) for x in groups], dim=0)
+    w0 = theta.w0[: channels.shape[0]]
+    hidden = torch.relu(torch.tensordot(channels, w0, dims=([0], [0])) + theta.b0)
+    hidden = torch.relu(hidden @ theta.w1 + theta.b1)
+    direction = hidden @ theta.w2 + theta.b2
+    if orthogonalize and g.ndim >= 2:
+        direction = _reference_newton_schulz(direction)
+    out_dims = tuple(range(max(0, g.ndim - 2), g.ndim))
+    direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, out_dims)
+    return direction.reshape(shape)
+
+
+def _reference_newton_schulz(x: torch.Tensor) -> torch.Tensor:
+    a, b, c = spec.NS_COEFFS
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = x.mT
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + spec.NS_EPS)
+    for _ in range(spec.NS_STEPS):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    return x.mT if transpose else x
+
