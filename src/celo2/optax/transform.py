@@ -284,10 +284,11 @@ def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool) -> bool:
     from celo2.optax import cpu_ffi
 
     if cpu_kernels is None:
+        if not traced_theta:
+            cpu_ffi.warn_unsupported_once()
         return cpu_ffi.AVAILABLE and not traced_theta
     if cpu_kernels and not cpu_ffi.AVAILABLE:
-        raise ValueError("cpu_kernels=True needs Numba (pip install numba, or celo2[jax]) and a JAX with jax.ffi; "
-                         "pass cpu_kernels=None to fall back to XLA")
+        raise ValueError(f"cpu_kernels=True {cpu_ffi.unavailable_reason()}; pass cpu_kernels=None to fall back to XLA")
     return bool(cpu_kernels)
 
 
