@@ -6,7 +6,7 @@ import pytest
 
 import celo2
 from celo2.eval import bench as B
-from celo2.rule import theta as theta_module
+from celo2.eval import theta_specs as theta_module  # where the bench resolves its --theta specs
 
 
 def test_parse_grid_forms():

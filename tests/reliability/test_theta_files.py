@@ -535,7 +535,7 @@ def test_show_on_bad_files_is_one_error_line(capsys, tmp_path):
 
 
 def test_bench_theta_specs_raise_only_spec_errors_for_bad_files(tmp_path):
-    from celo2.rule.theta import ThetaSpecError, load_labelled_thetas
+    from celo2.eval.theta_specs import ThetaSpecError, load_labelled_thetas
 
     bomb = tmp_path / "bomb.state"
     bomb.write_bytes(nested_ext_bomb(40))

@@ -41,7 +41,6 @@ ADAMW_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 QUICK_CELO2_LRS = (3e-3,)
 QUICK_ADAMW_LRS = (1e-2,)
 VAL_FRACTION = 0.15
-WARMUP_FRACTION = 0.05
 
 
 @dataclass
@@ -114,19 +113,6 @@ def _load_theta(path: str | None):
         return None, f"the theta file is not usable: {exc}"
 
 
-def schedule(steps: int, warmup_fraction: float = WARMUP_FRACTION):
-    """LR multiplier: linear warmup over the first 5% of steps, then cosine decay to 0."""
-    warmup = max(1, int(round(warmup_fraction * steps)))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -156,6 +142,7 @@ def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden
     """Train every (optimizer, lr) of the grid, print the table and write the outputs into ``args.out``."""
     from tqdm.auto import tqdm
 
+    from celo2.eval import optimizers as bench_optimizers
     from celo2.torch import Celo2
 
     x_all, y_all = train_split
@@ -193,7 +180,7 @@ def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden
         print(
             f"celo2 demo: {args.dataset} ({n_train} train / {n_val} val / {len(x_test)} test, "
             f"{n_in} inputs), MLP {n_in}-{hidden}-{hidden}-{n_classes}, {steps} steps, batch "
-            f"{args.batch_size}, warmup {WARMUP_FRACTION:.0%} + cosine, seed {args.seed}"
+            f"{args.batch_size}, warmup {bench_optimizers.WARMUP_FRACTION:.0%} + cosine, seed {args.seed}"
         )
         print(f"theta: {theta.metadata.get('source', 'given')} ({theta!r})")
         probe = Celo2(make_model().named_parameters(), lr=1e-3, theta=theta)
@@ -236,20 +223,10 @@ def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden
 
 
 def _mlp(torch, n_in: int, hidden: int, n_classes: int):
-    """Two ReLU hidden layers; the output layer is named ``head`` so Celo2 routes it to AdamW."""
+    """The bench's MLP with two ReLU hidden layers; its output layer is named ``head``, so Celo2 routes it to AdamW."""
+    from celo2.eval.tasks import MLP
 
-    class MLP(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = torch.nn.Sequential(
-                torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU()
-            )
-            self.head = torch.nn.Linear(hidden, n_classes)
-
-        def forward(self, x):
-            return self.head(self.body(x))
-
-    return MLP()
+    return MLP([n_in, hidden, hidden, n_classes])
 
 
 def _evaluate(torch, model, x, y) -> tuple[float, float]:
@@ -262,7 +239,9 @@ def _evaluate(torch, model, x, y) -> tuple[float, float]:
 
 def _train(torch, model, opt, steps, batches, data, bar, result: RunResult) -> RunResult:
     """Trains in place and fills ``result``; a run whose loss turns non-finite stops there."""
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
+    from celo2.eval.optimizers import warmup_cosine  # the bench's schedule
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     x_train, y_train = data["train"]
     eval_every = max(1, steps // 20)
     result.initial_train_loss = _evaluate(torch, model, x_train, y_train)[0]

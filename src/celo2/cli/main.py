@@ -30,12 +30,13 @@ SUBCOMMANDS = {
 
 #: Modules defining exception types that mean bad input, and the names of those types.
 _USER_ERRORS = {
-    "celo2.rule.theta": ("ThetaError", "ThetaNotFoundError", "ThetaSpecError"),
+    "celo2.rule.theta": ("ThetaError", "ThetaNotFoundError"),
+    "celo2.eval.theta_specs": ("ThetaSpecError",),
     "celo2.data.errors": ("DatasetNotFoundError", "DatasetFormatError", "DownloadError"),
     "celo2._runlock": ("RunFolderError",),
     "celo2.metatrain.config": ("ConfigError",),
     "celo2.metatrain.tasks": ("TaskError",),
-    "celo2.metatrain.trainer": ("CheckpointError",),
+    "celo2.metatrain.checkpoint": ("CheckpointError",),
     "celo2.eval.bench": ("BenchError",),
     "celo2.eval.tasks": ("TaskDataError",),
 }

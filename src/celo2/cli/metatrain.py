@@ -176,7 +176,7 @@ def _resume_command(args, out: Path) -> str:
 
 def _score(args) -> int:
     """``celo2 meta-train score THETA...``: the thetas on the preset's meta-loss, side by side."""
-    from celo2.rule.theta import load_labelled_thetas
+    from celo2.eval.theta_specs import load_labelled_thetas
 
     specs = args.action[1:]
     if not specs:

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from celo2.data.errors import DatasetFormatError, DownloadError
 from celo2.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, parse_idx, read_bytes_maybe_gzip
+from celo2.data.names import BUILTIN_DATASETS, canonical_name
 
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
@@ -215,7 +216,6 @@ def download_dataset(
     CIFAR-10's archive is unpacked to ``root/cifar10/cifar-10-batches-py/``
     and then deleted. Returns ``root/<name>``.
     """
-    from celo2.data.images import BUILTIN_DATASETS, canonical_name
 
     key = canonical_name(name)
     if key in BUILTIN_DATASETS:

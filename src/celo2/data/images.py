@@ -24,26 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from celo2.data import builtin, cifar, svhn
-from celo2.data.download import download_dataset
 from celo2.data.errors import DatasetFormatError, DatasetNotFoundError
 from celo2.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
+from celo2.data.names import BUILTIN_DATASETS, DATASETS, FILE_DATASETS, canonical_name
 from celo2.data.transforms import resize_bilinear, to_grey
 
 DATA_ENV_VAR = "CELO2_DATA_DIR"
 SPLITS = ("train", "test")
-#: Datasets read from files under a data root.
-FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn")
-#: Datasets that need nothing but the installed packages.
-BUILTIN_DATASETS = ("digits", "synthetic")
-DATASETS = FILE_DATASETS + BUILTIN_DATASETS
-
-_ALIASES = {
-    "fashion_mnist": "fashion-mnist",
-    "fashionmnist": "fashion-mnist",
-    "fmnist": "fashion-mnist",
-    "cifar-10": "cifar10",
-    "cifar_10": "cifar10",
-}
 #: Folders (relative to the data root) searched for each IDX dataset, in order.
 _IDX_FOLDERS = {
     "mnist": ("mnist", "MNIST", "mnist/raw", "MNIST/raw"),
@@ -63,15 +50,6 @@ _CIFAR_FOLDERS = (
     "CIFAR10/cifar-10-batches-py",
 )
 _SVHN_FOLDERS = ("svhn", "SVHN", ".")
-
-
-def canonical_name(name: str) -> str:
-    """The dataset's canonical name (case-insensitive, a few aliases); raises on unknown names."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return key
 
 
 def _check_split(split: str) -> str:
@@ -256,7 +234,6 @@ __all__ = [
     "SPLITS",
     "canonical_name",
     "clear_cache",
-    "download_dataset",
     "load_images",
     "load_task_images",
     "resize_bilinear",

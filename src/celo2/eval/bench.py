@@ -19,7 +19,7 @@ from typing import Any
 from celo2.eval import optimizers as opt_registry
 from celo2.eval import tasks as task_registry
 from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
-from celo2.rule.theta import SHIPPED_LABEL as SHIPPED
+from celo2.eval.theta_specs import SHIPPED_LABEL as SHIPPED
 
 SUITES = ("smoke", "quick", "full")
 
@@ -139,7 +139,7 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 def resolve_thetas(entries: list[str] | None) -> tuple[dict[str, Any], list[ThetaRef], bool]:
     """``(label -> Theta, refs, labelled)``; ``labelled`` is False only for the default shipped theta."""
-    from celo2.rule.theta import ThetaSpecError, load_labelled_thetas
+    from celo2.eval.theta_specs import ThetaSpecError, load_labelled_thetas
 
     labelled = entries is not None
     try:

@@ -29,11 +29,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from celo2.rule import spec
 from celo2.rule.routing import LEARNED, route
 
 #: Betas of every AdamW/Adam in the bench, equal to the Celo2 harness's AdamW branch.
-ADAM_BETAS = (0.9, 0.95)
-ADAM_EPS = 1e-8
+ADAM_BETAS = spec.ADAM_BETAS
+ADAM_EPS = spec.ADAM_EPS
 SGD_MOMENTUM = 0.9
 WARMUP_FRACTION = 0.05
 
@@ -208,13 +209,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
     info.name: info
     for info in [
         OptimizerInfo("celo2", make_celo2, (1e-4, 1e-1), 0.1, True,
-                      "Celo2: learned rule + Newton-Schulz on matrices, AdamW (20x LR) on vectors/embeddings/heads"),
+                      f"Celo2: learned rule + Newton-Schulz on matrices, AdamW ({spec.ADAM_LR_MULT:g}x LR) on vectors/embeddings/heads"),
         OptimizerInfo("celo2-base", make_celo2_base, (1e-4, 1e-1), 0.1, True,
                       "Celo2-base: learned rule on every tensor, no orthogonalisation, no AdamW"),
         OptimizerInfo("adamw", make_adamw, (1e-4, 1e-1), 0.1, False,
-                      "torch.optim.AdamW, betas (0.9, 0.95), decoupled weight decay"),
+                      f"torch.optim.AdamW, betas {ADAM_BETAS}, decoupled weight decay"),
         OptimizerInfo("adam", make_adam, (1e-4, 1e-1), 0.0, False,
-                      "torch.optim.Adam, betas (0.9, 0.95), no weight decay"),
+                      f"torch.optim.Adam, betas {ADAM_BETAS}, no weight decay"),
         OptimizerInfo("sgd", make_sgd, (1e-3, 1.0), 0.0, False,
                       "torch.optim.SGD, momentum 0.9, no weight decay"),
         OptimizerInfo("muon", make_muon, (10**-3.5, 10**-0.5), 0.1, False,

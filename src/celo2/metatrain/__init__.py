@@ -9,7 +9,9 @@ Python API::
 Pieces: :mod:`~celo2.metatrain.config` (settings, presets),
 :mod:`~celo2.metatrain.tasks` (task families and the image-MLP task),
 :mod:`~celo2.metatrain.pes` (the vectorised PES engine),
-:mod:`~celo2.metatrain.trainer` (run folder, checkpoints, resume),
+:mod:`~celo2.metatrain.trainer` (the loop; with :mod:`~celo2.metatrain.run_folder`,
+:mod:`~celo2.metatrain.checkpoint`, :mod:`~celo2.metatrain.metrics` and
+:mod:`~celo2.metatrain.compile_cache`),
 :mod:`~celo2.metatrain.plot` (meta-loss curve),
 :mod:`~celo2.metatrain.score` (thetas compared on the meta-loss). JAX is imported on first use.
 """

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from celo2.rule import spec
+
 AUGMENTATIONS = ("none", "global", "tensor", "parameter")
 INNER_OPTIMIZERS = ("celo2", "celo2-base", "adam")
 METRICS_FORMATS = ("jsonl", "csv")
@@ -42,7 +44,7 @@ class MetaTrainConfig:
     biases; ``celo2-base``: the rule without Newton-Schulz on every tensor;
     ``adam``: ignores theta (checks the machinery; its PES gradient is zero)."""
     inner_lr: float = 1e-3
-    adam_lr_mult: float = 20.0
+    adam_lr_mult: float = spec.ADAM_LR_MULT
     inner_weight_decay: float = 0.0
     min_unroll_length: int = 100
     max_unroll_length: int = 2000
@@ -169,12 +171,10 @@ class MetaTrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The published recipe: 4 x 8 x 2 x 50 = 3,200 inner steps per iteration.
     "paper": {},
-    # Sized for 2 CPU cores: 4 x 4 x 2 x 50 = 1,600 inner steps per iteration. Measured
-    # on 2 shared cores (two host devices): 4,800-6,700 inner steps/s, i.e. 0.24-0.33 s
-    # per iteration, 40-56 minutes for 10,000 iterations (plus ~20 s of compiling and
-    # data loading), leaving room for a busier machine within 90 minutes. Half the
-    # paper's pairs and the predecessor's outer learning rate buy more, noisier
-    # outer steps in the time.
+    # Sized for 2 CPU cores: 4 x 4 x 2 x 50 = 1,600 inner steps per iteration, about 0.3 s
+    # there (two host devices), so 10,000 iterations fit in an hour with room for a busier
+    # machine. Half the paper's pairs and the predecessor's outer learning rate buy more,
+    # noisier outer steps in the time.
     "cpu": {
         "tasks": ("mnist", "fashion-mnist", "digits", "synthetic"),
         "pairs_per_task": 4,

@@ -142,7 +142,8 @@ def default_inner_optimizer(config: MetaTrainConfig) -> InnerOptimizerFactory:
     lr, wd, mult = config.inner_lr, config.inner_weight_decay, config.adam_lr_mult
     if name == "adam":
         # Ignores theta: a baseline to check the pipeline (its PES gradient is zero).
-        return lambda theta: optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd)
+        return lambda theta: optax.adamw(lr, b1=spec.ADAM_BETAS[0], b2=spec.ADAM_BETAS[1], eps=spec.ADAM_EPS,
+                                             weight_decay=wd)
     import celo2.optax as co
 
     if name == "celo2-base":

@@ -2,10 +2,12 @@
 
 ``celo2`` (the harness: learned rule + Newton-Schulz for matrices, AdamW for
 the rest), ``celo2_base`` (the learned rule on every tensor) and
-``scale_by_celo2`` (the raw rule, to compose yourself).
+``scale_by_celo2`` (the raw rule, to compose yourself), with the non-finite
+gradient policy's pieces and the routing helpers. The rule's per-tensor
+functions (``tensor_step``, ``newton_schulz``, ``theta_to_jax``, ...) are in
+:mod:`celo2.optax.rule`.
 """
 
-from celo2.optax.rule import TensorState, init_tensor_state, newton_schulz, tensor_step, theta_from_jax, theta_to_jax
 from celo2.optax.transform import (
     PerTensorSkipState,
     ScaleByCelo2State,
@@ -28,12 +30,6 @@ __all__ = [
     "nonfinite_steps",
     "skip_nonfinite_per_tensor",
     "zero_skipped_updates",
-    "TensorState",
     "default_param_labels",
-    "init_tensor_state",
-    "newton_schulz",
     "routing_table",
-    "tensor_step",
-    "theta_from_jax",
-    "theta_to_jax",
 ]

@@ -26,8 +26,10 @@ and ``cpu_kernels=False`` turns it off.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +43,78 @@ VECTOR_TARGET = "celo2_vector_step"
 CONV_STATS_TARGET = "celo2_conv_stats"
 """The custom-call target names registered with XLA for the CPU platform."""
 
-AVAILABLE = kernels.AVAILABLE and hasattr(jax, "ffi") and sys.maxsize > 2**32 and sys.byteorder == "little"
-"""Whether this fast path can run: Numba installed, a JAX with ``jax.ffi``, and
-a 64-bit little-endian process (the handlers read XLA's structs by word)."""
+#: The jax and jaxlib versions, ``[low, high)``, whose XLA FFI call frames the handlers
+#: (:mod:`celo2.optax._cpu_ffi_handler`) read by word offset: the versions the test suite runs on.
+#: Outside this range the handlers are not used and XLA's formulation runs instead, with a warning.
+SUPPORTED_JAX = ((0, 10, 2), (0, 11, 0))
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.10.2"`` / ``"0.10.2.dev20260101"`` / ``"0.11.0rc1"`` -> its numeric release ``(0, 10, 2)``."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def supported_versions(jax_version: str, jaxlib_version: str) -> bool:
+    """Whether both versions lie in :data:`SUPPORTED_JAX`.
+
+    Args:
+        jax_version: ``jax.__version__``.
+        jaxlib_version: ``jaxlib.__version__``.
+
+    Returns:
+        ``True`` when the handlers' reading of XLA's call frames is tested for this pair.
+    """
+    low, high = SUPPORTED_JAX
+    return all(low <= _release(v) < high for v in (jax_version, jaxlib_version))
+
+
+def _jaxlib_version() -> str:
+    try:
+        import jaxlib
+
+        return str(jaxlib.__version__)
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
+VERSIONS_SUPPORTED = supported_versions(jax.__version__, _jaxlib_version())
+"""Whether the installed jax and jaxlib are in :data:`SUPPORTED_JAX`."""
+
+AVAILABLE = (kernels.AVAILABLE and hasattr(jax, "ffi") and sys.maxsize > 2**32 and sys.byteorder == "little"
+             and VERSIONS_SUPPORTED)
+"""Whether this fast path can run: Numba installed, a JAX with ``jax.ffi`` in
+:data:`SUPPORTED_JAX`, and a 64-bit little-endian process (the handlers read
+XLA's structs by word)."""
+
+_WARNED = False
+
+
+def unavailable_reason() -> str:
+    """Why :data:`AVAILABLE` is false, for messages (``""`` when it is true)."""
+    if AVAILABLE:
+        return ""
+    if not VERSIONS_SUPPORTED:
+        low, high = (".".join(map(str, v)) for v in SUPPORTED_JAX)
+        return (f"cannot run: jax {jax.__version__} / jaxlib {_jaxlib_version()} is outside the range the CPU "
+                f"kernels' XLA FFI handler supports (>={low}, <{high})")
+    return "needs Numba (pip install numba, or celo2[jax]) and a 64-bit JAX with jax.ffi"
+
+
+def warn_unsupported_once() -> None:
+    """Warn, once per process, that an unsupported jax/jaxlib makes the CPU step fall back to XLA."""
+    global _WARNED
+    if _WARNED or VERSIONS_SUPPORTED or not kernels.AVAILABLE:
+        return
+    _WARNED = True
+    warnings.warn(f"celo2: the CPU kernels {unavailable_reason()}; the optax CPU step uses XLA's formulation instead "
+                  "(same numbers, slower). Pass cpu_kernels=False to silence this.", RuntimeWarning, stacklevel=3)
+
 
 NET_SIZE = layout.NET_SIZE
 """Length of the packed network operand (:data:`celo2.rule.layout.PACKED`)."""
@@ -182,7 +253,7 @@ def ensure_registered() -> None:
     if _REGISTERED:
         return
     if not AVAILABLE:
-        raise RuntimeError("the CPU kernels need Numba (pip install numba) and a JAX with jax.ffi")
+        raise RuntimeError(f"the CPU kernels {unavailable_reason()}")
     with _LOCK:
         if not _REGISTERED:
             from celo2.optax import _cpu_ffi_handler  # compiles, or loads from Numba's cache

@@ -18,9 +18,14 @@ ThetaLike = Union[Theta, Mapping[str, Any], str, None]
 
 
 class ScaleByCelo2State(NamedTuple):
-    """Per-parameter accumulators (a pytree shaped like the params), a step
-    count, and per-parameter int32 counts of steps skipped for a non-finite
-    gradient (see :func:`nonfinite_steps`)."""
+    """State of :func:`scale_by_celo2`.
+
+    Attributes:
+        count: Updates done (int32 scalar).
+        tensors: Per-parameter accumulators (a pytree shaped like the params).
+        nonfinite_steps: Per-parameter int32 counts of steps skipped for a non-finite
+            gradient (see :func:`nonfinite_steps`); ``None`` in a state made without them.
+    """
 
     count: jax.Array
     tensors: Any
@@ -28,9 +33,13 @@ class ScaleByCelo2State(NamedTuple):
 
 
 class PerTensorSkipState(NamedTuple):
-    """State of :func:`skip_nonfinite_per_tensor`: the inner transformation's
-    state per tensor (a pytree shaped like the params, one inner state at each
-    leaf) and the per-tensor int32 counts of skipped steps."""
+    """State of :func:`skip_nonfinite_per_tensor`.
+
+    Attributes:
+        inner: The inner transformation's state per tensor (a pytree shaped like the params,
+            one inner state at each leaf).
+        nonfinite_steps: Per-tensor int32 counts of skipped steps.
+    """
 
     inner: Any
     nonfinite_steps: Any
@@ -166,29 +175,52 @@ def scale_by_celo2(
 ) -> optax.GradientTransformation:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
-    ``theta`` is a :class:`~celo2.Theta`, a path (see :func:`celo2.load_theta`),
-    a dict of arrays keyed like :data:`celo2.rule.spec.THETA_KEYS` (may be
-    traced, e.g. inside a meta-gradient), or ``None`` for the shipped theta.
     ``update`` needs ``params``. Like ``optax.scale_by_adam``, the output is a
     descent direction to be scaled by ``-learning_rate``.
 
-    ``cpu_kernels``: on CPU, run float32 vectors, matrices and conv kernels
-    through the fused Numba kernels (an XLA custom call,
-    :mod:`celo2.optax.cpu_ffi`) instead of XLA's own loop; same numbers to
-    float32 rounding, about 3x faster, but not differentiable. ``None`` (default): on when Numba is installed and theta
-    is not traced; ``False``: XLA everywhere (needed to differentiate through
-    the update); ``True``: on, and an error if Numba is missing. Other
-    platforms always compile the XLA formulation.
+    Args:
+        theta: The rule's weights: a :class:`~celo2.Theta`, a path or ``hf://`` source (see
+            :func:`celo2.load_theta`), a dict of arrays keyed like :data:`celo2.rule.spec.THETA_KEYS`
+            (may be traced, e.g. inside a meta-gradient), or ``None`` (default) for the shipped theta.
+        orthogonalize: Newton-Schulz on the directions of matrices (default ``True``: Celo2;
+            ``False``: Celo2-base).
+        cpu_kernels: On CPU, run float32 vectors, matrices and conv kernels through the fused
+            Numba kernels (an XLA custom call, :mod:`celo2.optax.cpu_ffi`) instead of XLA's own
+            loop; same numbers to float32 rounding, about 3x faster, but not differentiable.
+            ``None`` (default): on when Numba is installed and theta is not traced; ``False``: XLA
+            everywhere (needed to differentiate through the update); ``True``: on, and an error if
+            Numba is missing. Other platforms always compile the XLA formulation.
+        nonfinite: ``"skip"`` (default) gives a tensor whose gradient holds a NaN or +-inf a zero
+            direction, keeps its accumulators bitwise, and counts it in ``state.nonfinite_steps``
+            (int32 per tensor; read with :func:`nonfinite_steps`); decided inside the jitted update
+            with ``jnp.where``, no host synchronisation. Composed by hand, the later transformations
+            (weight decay) still act on a skipped tensor unless the chain is wrapped in
+            :func:`zero_skipped_updates`, as :func:`celo2` and :func:`celo2_base` do.
+            ``"propagate"``: no check, a NaN flows through (and the rule's normalisations spread it
+            over the tensor).
+        ns_dtype: The dtype of Newton-Schulz's matrix products. ``"auto"`` (default): bfloat16
+            where the default backend multiplies it natively (GPU, CPUs with AMX or AVX512-BF16, see
+            :func:`celo2.hardware.resolve_ns_dtype_name`), float32 elsewhere and whenever theta is
+            traced (a meta-gradient through the update keeps float32); ``"float32"`` / ``"bfloat16"``
+            (or ``jnp.float32`` / ``jnp.bfloat16``) force it.
 
-    ``nonfinite``: ``"skip"`` (default) gives a tensor whose gradient holds a
-    NaN or +-inf a zero direction and keeps its accumulators bitwise, and
-    counts it in ``state.nonfinite_steps`` (int32 per tensor; read with
-    :func:`nonfinite_steps`); decided inside the jitted update with
-    ``jnp.where``, no host synchronisation. Composed by hand, the later
-    transformations (weight decay) still act on a skipped tensor unless the
-    chain is wrapped in :func:`zero_skipped_updates`, as :func:`celo2` and
-    :func:`celo2_base` do. ``"propagate"``: no check, a NaN flows through
-    (and the rule's normalisations spread it over the tensor).
+    Returns:
+        An ``optax.GradientTransformation`` with :class:`ScaleByCelo2State`.
+
+    Raises:
+        ValueError: An unknown ``nonfinite`` or ``ns_dtype``, ``cpu_kernels=True`` without Numba,
+            or (at ``update``) no ``params``.
+        celo2.ThetaError: ``theta`` is malformed.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from celo2.optax import scale_by_celo2
+        >>> opt = optax.chain(scale_by_celo2(), optax.scale_by_learning_rate(1e-3))
+        >>> params = {"w": jnp.ones((4, 3))}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update({"w": jnp.full((4, 3), 0.5)}, state, params)
+        >>> updates["w"].shape
+        (4, 3)
 
     Zero gradients still give unit-RMS directions (published theta too), so
     a parameter with exactly zero gradients moves by about the learning rate
@@ -196,13 +228,6 @@ def scale_by_celo2(
     float32; the direction is returned in the parameter's dtype, so a float64
     parameter (``jax_enable_x64``) is updated in float64.
 
-    ``ns_dtype``: the dtype of Newton-Schulz's matrix products. ``"auto"``
-    (default): bfloat16 where the default backend multiplies it natively (GPU,
-    CPUs with AMX or AVX512-BF16, see :func:`celo2.hardware.resolve_ns_dtype_name`),
-    float32 elsewhere and whenever theta is traced (a meta-gradient through
-    the update keeps float32); ``"float32"`` / ``"bfloat16"`` (or
-    ``jnp.float32`` / ``jnp.bfloat16``) force it. An unknown value raises
-    ``ValueError``.
     """
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     traced = _is_traced_mapping(theta)
@@ -259,10 +284,11 @@ def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool) -> bool:
     from celo2.optax import cpu_ffi
 
     if cpu_kernels is None:
+        if not traced_theta:
+            cpu_ffi.warn_unsupported_once()
         return cpu_ffi.AVAILABLE and not traced_theta
     if cpu_kernels and not cpu_ffi.AVAILABLE:
-        raise ValueError("cpu_kernels=True needs Numba (pip install numba, or celo2[jax]) and a JAX with jax.ffi; "
-                         "pass cpu_kernels=None to fall back to XLA")
+        raise ValueError(f"cpu_kernels=True {cpu_ffi.unavailable_reason()}; pass cpu_kernels=None to fall back to XLA")
     return bool(cpu_kernels)
 
 
@@ -277,8 +303,23 @@ def _path_name(path: tuple[Any, ...]) -> str:
 
 
 def default_param_labels(adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> Callable[[Any], Any]:
-    """Label function for :func:`optax.partition`: ``"adam"`` for vectors and
-    for matrices whose path matches ``adam_name_pattern``, else ``"celo2"``."""
+    """The default routing of :func:`celo2`, as a label function for ``optax.partition``.
+
+    Args:
+        adam_name_pattern: Regular expression searched in each leaf's path
+            (``jax.tree_util.keystr``); a match sends a matrix to AdamW (default
+            :data:`celo2.rule.routing.ADAM_NAME_PATTERN`; ``None``: shapes only).
+
+    Returns:
+        A function of ``params`` returning a pytree like it of ``"adam"`` (0-D and 1-D
+        leaves, and matrices whose path matches) and ``"celo2"`` (the rest).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from celo2.optax import default_param_labels
+        >>> default_param_labels()({"embed": jnp.ones((10, 4)), "w": jnp.ones((4, 4)), "b": jnp.ones(4)})
+        {'b': 'adam', 'embed': 'adam', 'w': 'celo2'}
+    """
 
     def labels(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
@@ -411,7 +452,30 @@ def celo2_base(
 
 
 def routing_table(params: Any, param_labels: Any = None, adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> str:
-    """The routing of ``params`` under :func:`celo2` as a printable table."""
+    """The routing of ``params`` under :func:`celo2` as a printable table.
+
+    Args:
+        params: The parameter pytree (arrays, or anything with a shape).
+        param_labels: The labels given to :func:`celo2`, a pytree or a function of ``params``
+            (default ``None``: :func:`default_param_labels`).
+        adam_name_pattern: The pattern given to :func:`celo2` (default
+            :data:`celo2.rule.routing.ADAM_NAME_PATTERN`); unused with ``param_labels``.
+
+    Returns:
+        One line per leaf (branch, path, shape, elements), then the totals per branch.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from celo2.optax import routing_table
+        >>> print(routing_table({"w": jnp.ones((4, 3)), "b": jnp.ones(3)}))
+        branch  parameter  shape  elements
+        ------  ---------  -----  --------
+        adam    ['b']      3             3
+        celo2   ['w']      4x3          12
+        ------  ---------  -----  --------
+        adam: 1 tensors, 3 elements
+        celo2: 1 tensors, 12 elements
+    """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
     if callable(labels):
         labels = labels(params)

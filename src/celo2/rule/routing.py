@@ -26,7 +26,27 @@ ADAM = "adam"
 
 
 def route(name: str | None, shape: Sequence[int], pattern: str | None = ADAM_NAME_PATTERN) -> str:
-    """``"celo2"`` or ``"adam"`` for a tensor of this name and shape."""
+    """The branch of the harness that steps a tensor.
+
+    Args:
+        name: The parameter's name (``named_parameters()`` / the pytree path), or ``None`` when
+            names are unknown (then only the shape decides).
+        shape: The tensor's shape.
+        pattern: Regular expression searched in ``name``; a match sends a matrix to AdamW (default
+            :data:`ADAM_NAME_PATTERN`; ``None`` or ``""``: shapes only).
+
+    Returns:
+        ``"celo2"`` (:data:`LEARNED`) for tensors of two or more dimensions whose name does not
+        match, else ``"adam"`` (:data:`ADAM`).
+
+    Example:
+        >>> route("layers.0.attn.weight", (64, 64))
+        'celo2'
+        >>> route("lm_head.weight", (1000, 64)), route("layers.0.norm.weight", (64,))
+        ('adam', 'adam')
+        >>> route("lm_head.weight", (1000, 64), pattern=None)
+        'celo2'
+    """
     if len(shape) < 2:
         return ADAM
     if name is not None and pattern and re.search(pattern, name):
@@ -35,7 +55,24 @@ def route(name: str | None, shape: Sequence[int], pattern: str | None = ADAM_NAM
 
 
 def format_routing_table(rows: Sequence[tuple[str, str, Sequence[int]]]) -> str:
-    """A plain-text table of ``(branch, name, shape)`` rows with totals per branch."""
+    """A plain-text table of the routing, with totals per branch.
+
+    Args:
+        rows: ``(branch, name, shape)`` per tensor, in the order to print.
+
+    Returns:
+        The table: one line per tensor, then one line of totals per branch.
+
+    Example:
+        >>> print(format_routing_table([("celo2", "w", (4, 3)), ("adam", "b", (3,))]))
+        branch  parameter  shape  elements
+        ------  ---------  -----  --------
+        celo2   w          4x3          12
+        adam    b          3             3
+        ------  ---------  -----  --------
+        adam: 1 tensors, 3 elements
+        celo2: 1 tensors, 12 elements
+    """
     header = ("branch", "parameter", "shape", "elements")
     body = [
         (branch, name, "x".join(map(str, shape)) or "scalar", f"{_numel(shape):,}")

@@ -84,7 +84,34 @@ def _pylo_key(key: str) -> str:
 
 @dataclass
 class Theta:
-    """The Celo2 MLP weights (``(in, out)`` layout) plus free-form metadata."""
+    """The Celo2 MLP weights (``(in, out)`` layout) plus free-form metadata.
+
+    One framework-neutral object for both front ends: :class:`celo2.torch.Celo2`
+    and :func:`celo2.optax.celo2` take it as ``theta=``. Build one with
+    :func:`load_theta` (files, ``hf://``, the shipped theta), :meth:`init` or
+    :meth:`from_flat`; the arrays are validated (keys, shapes, finite float32)
+    on construction.
+
+    Args:
+        arrays: Every key of :data:`celo2.rule.spec.THETA_KEYS` mapped to an array of
+            the shape :func:`celo2.rule.spec.theta_shapes` gives; copied to float32.
+        metadata: Free-form JSON-able information (source, config, checksum); default empty.
+
+    Attributes:
+        arrays: The validated float32 arrays, keyed like :data:`celo2.rule.spec.THETA_KEYS`.
+        metadata: As given; loaders add ``"source"``.
+
+    Raises:
+        ThetaError: A key is missing or unknown, a shape is wrong, or a value is not finite.
+
+    Example:
+        >>> from celo2 import Theta
+        >>> theta = Theta.init(seed=0)
+        >>> theta.num_params
+        347
+        >>> Theta.from_flat(theta.to_flat()).allclose(theta)
+        True
+    """
 
     arrays: dict[str, np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +127,12 @@ class Theta:
         Truncated normals (cut at two standard deviations) with std
         ``1/sqrt(fan_in)``: ``1/sqrt(30)`` for the first layer, ``1/sqrt(8)``
         after it; zero biases.
+
+        Args:
+            seed: Seed of NumPy's generator (default 0); recorded as ``metadata["init_seed"]``.
+
+        Returns:
+            The new theta.
         """
         rng = np.random.default_rng(seed)
 
@@ -123,7 +156,18 @@ class Theta:
 
     @classmethod
     def from_flat(cls, flat: np.ndarray, metadata: Mapping[str, Any] | None = None) -> "Theta":
-        """Inverse of :meth:`to_flat`."""
+        """Inverse of :meth:`to_flat`.
+
+        Args:
+            flat: The 347 values in :data:`celo2.rule.spec.THETA_KEYS` order (any shape).
+            metadata: Metadata of the new theta (default none).
+
+        Returns:
+            The theta.
+
+        Raises:
+            ThetaError: ``flat`` does not hold 347 values, or one is not finite.
+        """
         flat = np.asarray(flat, np.float32).reshape(-1)
         if flat.size != spec.NUM_THETA_PARAMS:
             raise ThetaError(
@@ -141,24 +185,44 @@ class Theta:
         return self.arrays[key]
 
     def to_flat(self) -> np.ndarray:
-        """All 347 values in :data:`spec.THETA_KEYS` order, float32."""
+        """The values as one vector.
+
+        Returns:
+            All 347 values in :data:`celo2.rule.spec.THETA_KEYS` order, float32.
+        """
         return np.concatenate([self.arrays[k].reshape(-1) for k in spec.THETA_KEYS])
 
     def first_layer(self, vector: bool = False) -> np.ndarray:
-        """The first layer as one ``(30, 8)`` matrix (``(15, 8)`` with ``vector``)."""
+        """The first layer as one matrix.
+
+        Args:
+            vector: Only the feature groups vectors use (default ``False``).
+
+        Returns:
+            ``(30, 8)``, or ``(15, 8)`` with ``vector``.
+        """
         groups = spec.FEATURE_GROUPS[: spec.VECTOR_GROUPS] if vector else spec.FEATURE_GROUPS
         return np.concatenate([self.arrays[f"w0__{g.index}"] for g in groups], axis=0)
 
     @property
     def num_params(self) -> int:
+        """The number of values (347)."""
         return int(sum(a.size for a in self.arrays.values()))
 
     def checksum(self) -> str:
-        """SHA-256 (first 16 hex digits) of the float32 values in key order."""
+        """A short fingerprint of the values (not of the metadata).
+
+        Returns:
+            The first 16 hex digits of the SHA-256 of the float32 values in key order.
+        """
         return hashlib.sha256(self.to_flat().astype("<f4").tobytes()).hexdigest()[:16]
 
     def to_pylo_state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays under PyLO's names and ``(out, in)`` layout."""
+        """The arrays as PyLO names and lays them out.
+
+        Returns:
+            PyLO's key -> a copy of the array, matrices transposed to ``(out, in)``.
+        """
         return {
             _pylo_key(k): (v.T.copy() if v.ndim == 2 else v.copy())
             for k, v in self.arrays.items()
@@ -168,6 +232,15 @@ class Theta:
         return f"Theta({self.num_params} params, sha256:{self.checksum()})"
 
     def allclose(self, other: "Theta", atol: float = 0.0) -> bool:
+        """Whether every array of ``other`` is within ``atol`` of this theta's.
+
+        Args:
+            other: The theta to compare with.
+            atol: Absolute tolerance (default 0: equal values).
+
+        Returns:
+            ``True`` when all 347 values agree.
+        """
         return all(np.allclose(self[k], other[k], rtol=0, atol=atol) for k in spec.THETA_KEYS)
 
 
@@ -548,7 +621,11 @@ def _load_file(path: Path) -> Theta:
 
 
 def default_theta_path() -> Path:
-    """Where the project's own meta-trained theta is shipped inside the package."""
+    """Where the project's own meta-trained theta is shipped inside the package.
+
+    Returns:
+        The path of ``celo2/assets/celo2_theta.state`` (it may be absent from a stripped install).
+    """
     return Path(__file__).resolve().parent.parent / "assets" / _DEFAULT_ASSET
 
 
@@ -612,6 +689,16 @@ def load_theta(source: "str | os.PathLike[str] | Theta | Mapping[str, Any] | Non
         ThetaNotFoundError: The file, the folder's theta or the shipped theta does not exist.
         ThetaError: The source is malformed, truncated, corrupted, too large, of an unknown
             format, or (``hf://``) cannot be fetched; the message names the file and the problem.
+    
+    Example:
+        >>> import celo2
+        >>> theta = celo2.load_theta()            # the shipped theta
+        >>> theta.metadata["source"]
+        'celo2 (shipped)'
+        >>> celo2.load_theta("no/such/theta.state")
+        Traceback (most recent call last):
+        ...
+        celo2.rule.theta.ThetaNotFoundError: theta file not found: no/such/theta.state
     """
     if source is None:
         return _load_shipped()
@@ -635,58 +722,6 @@ def load_theta(source: "str | os.PathLike[str] | Theta | Mapping[str, Any] | Non
                 return load_theta(candidate)
         raise ThetaNotFoundError(f"{path}: a folder without a {_HF_DEFAULT_FILENAME} file")
     return _load_file(path)
-
-
-SHIPPED_LABEL = "shipped"
-"""The theta spec that names the project's shipped theta (``load_theta()``)."""
-
-
-class ThetaSpecError(ValueError):
-    """A command-line theta spec that names no loadable theta; the message names the spec."""
-
-
-@dataclass(frozen=True)
-class LabelledTheta:
-    """A theta named on a command line: its label, the theta, and where it came from."""
-
-    label: str
-    theta: Theta
-    source: str
-
-
-def load_labelled_thetas(entries: "list[str]", flag: str = "--theta") -> "list[LabelledTheta]":
-    """Load the thetas of command-line specs: ``shipped``, ``LABEL=PATH`` or
-    ``PATH`` (labelled by the file's stem). Labels must be distinct and made of
-    letters, digits, ``-``, ``_`` and ``.``, since they become column names
-    and file names. Shared by ``celo2 bench`` and ``celo2 meta-train score``."""
-    out: list[LabelledTheta] = []
-    for entry in entries:
-        if entry == SHIPPED_LABEL:
-            label, path = SHIPPED_LABEL, None
-        elif "=" in entry:
-            label, path = (x.strip() for x in entry.split("=", 1))
-            if not label or not path:
-                raise ThetaSpecError(f"{flag} {entry!r}: expected LABEL=PATH")
-        else:
-            label, path = Path(entry).stem, entry
-        if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ThetaSpecError(f"{flag} {entry!r}: label {label!r} must be letters, digits, '-', '_' or '.'")
-        if any(t.label == label for t in out):
-            raise ThetaSpecError(f"{flag}: label {label!r} given twice")
-        try:
-            theta = load_theta(path)
-        except ThetaNotFoundError as exc:
-            if path is None:
-                raise ThetaSpecError(
-                    f"{flag} shipped: the project has no shipped theta yet "
-                    f"({exc}); pass {flag} LABEL=PATH (e.g. {flag} published=theta.state)"
-                ) from None
-            raise ThetaSpecError(f"{flag} {entry!r}: {exc}") from None
-        except (ThetaError, OSError) as exc:
-            raise ThetaSpecError(f"{flag} {entry!r}: cannot load {path}: {exc}") from None
-        source = "celo2.load_theta() (shipped)" if path is None else str(Path(path).resolve())
-        out.append(LabelledTheta(label, theta, source))
-    return out
 
 
 def _download_from_hub(url: str) -> str:
@@ -773,6 +808,13 @@ def save_theta(theta: "Theta | Mapping[str, Any]", path: "str | os.PathLike[str]
         ThetaError: ``theta`` is malformed, ``path`` is an existing folder or lies under a
             file, or the format cannot be told from ``format`` or the extension.
         OSError: The file cannot be written (e.g. a parent is a file, or no permission).
+
+    Example:
+        >>> import tempfile, celo2
+        >>> folder = tempfile.mkdtemp()
+        >>> path = celo2.save_theta(celo2.Theta.init(seed=1), f"{folder}/mine.npz")
+        >>> celo2.load_theta(path).allclose(celo2.Theta.init(seed=1))
+        True
     """
     theta = load_theta(theta) if not isinstance(theta, Theta) else theta
     path = Path(path).expanduser()

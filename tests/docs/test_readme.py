@@ -1,0 +1,64 @@
+"""The README's quick starts run unchanged, and its set-up commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.S | re.M)
+    assert match, f"README has no section '## {title}'"
+    return match.group(1)
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+QUICK_STARTS = {
+    "Quick start: PyTorch": "torch",
+    "Quick start: JAX / optax": "optax",
+}
+
+
+@pytest.mark.parametrize("title", sorted(QUICK_STARTS))
+def test_quick_start_runs_as_pasted(title: str, tmp_path: Path) -> None:
+    pytest.importorskip(QUICK_STARTS[title], reason=f"the {title!r} quick start needs {QUICK_STARTS[title]}")
+    blocks = _python_blocks(_section(title))
+    assert len(blocks) == 1, f"{title}: expected one python block, found {len(blocks)}"
+    script = tmp_path / "quick_start.py"
+    script.write_text(blocks[0], encoding="utf-8")
+    src = str(REPO_ROOT / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{title} failed:\n{proc.stdout}\n{proc.stderr}"
+    loss = float(re.search(r"final training loss (\S+)", proc.stdout).group(1))
+    assert loss == loss and loss < 1.386, f"{title}: the loss did not go below chance level (ln 4): {loss}"
+
+
+def test_setup_commands_are_the_ones_ci_runs() -> None:
+    first_block = re.search(r"^```bash\n(.*?)^```", README, re.S | re.M).group(1).splitlines()
+    install = first_block[0].split("#")[0].strip()
+    test = first_block[1].split("#")[0].strip()
+    assert install == 'pip install torch==2.13.0 && pip install -e ".[all,test]" && celo2 demo'
+    assert test == "python -m pytest -q"
+    ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+    assert ci[-1] == test, "CI's last step must be exactly the README's test command"
+    assert "python -m pip install --quiet torch==2.13.0" in ci
+
+
+def test_readme_is_short_and_its_links_resolve() -> None:
+    assert len(README.splitlines()) <= 200
+    for target in re.findall(r"\]\(((?!https?://)[^)#]+)", README):
+        assert (REPO_ROOT / target).exists(), f"README links to {target}, which does not exist"
