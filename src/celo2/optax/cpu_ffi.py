@@ -134,19 +134,7 @@ def pack_theta(theta) -> jax.Array:  # noqa: ANN001
     Returns:
         A ``(NET_SIZE,)`` float32 array.
     """
-    from celo2.optax import rule
-
-    parts = {
-        "w_el": rule._weights(theta, rule._EL_ROWS),
-        "w_row": rule._weights(theta, rule._ROW_ROWS),
-        "w_col": rule._weights(theta, rule._COL_ROWS),
-        "b0": theta["b0"],
-        "w1": theta["w1"],
-        "b1": theta["b1"],
-        "w2": theta["w2"][:, spec.DIRECTION_OUTPUT],
-        "b2": theta["b2"][spec.DIRECTION_OUTPUT][None],
-    }
-    return jnp.concatenate([jnp.ravel(jnp.asarray(parts[seg.name], jnp.float32)) for seg in layout.PACKED])
+    return layout.pack_theta(theta, xp=jnp)
 
 
 def kind(shape: tuple[int, ...], *dtypes) -> str | None:  # noqa: ANN002

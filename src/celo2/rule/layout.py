@@ -134,35 +134,35 @@ NET_SIZE: int = PACKED[-1].stop  # 329
 """Length of the packed weight vector."""
 
 
-def pack_theta(theta: Mapping[str, Any]) -> np.ndarray:
+def pack_theta(theta: Mapping[str, Any], xp: Any = np) -> Any:
     """The weights the fused kernels read, as one float32 vector in :data:`PACKED` order.
 
     Args:
         theta: a :class:`celo2.rule.theta.Theta` or any mapping with the
-            published keys (``w0__0`` ... ``b2``, weights ``(in, out)``); values
-            may be NumPy arrays or anything ``np.asarray`` accepts.
+            published keys (``w0__0`` ... ``b2``, weights ``(in, out)``).
+        xp: the array namespace to build it with: ``numpy`` (the default) or
+            ``jax.numpy``, for a theta that may be traced (PES perturbs it
+            inside ``jit``).
 
     Returns:
-        A ``(NET_SIZE,)`` float32 array.
+        A ``(NET_SIZE,)`` float32 array of ``xp``.
 
     Raises:
         KeyError: a published key is missing from ``theta``.
     """
-    first = np.concatenate([np.asarray(theta[f"w0__{g.index}"], np.float32) for g in spec.FEATURE_GROUPS])
+    f32 = xp.float32
+    first = xp.concatenate([xp.asarray(theta[f"w0__{g.index}"], f32) for g in spec.FEATURE_GROUPS])
     parts = {
-        "w_el": first[list(ELEMENT_ROWS)],
-        "w_row": first[list(ROW_STAT_ROWS)],
-        "w_col": first[list(COL_STAT_ROWS)],
-        "b0": np.asarray(theta["b0"], np.float32),
-        "w1": np.asarray(theta["w1"], np.float32),
-        "b1": np.asarray(theta["b1"], np.float32),
-        "w2": np.asarray(theta["w2"], np.float32)[:, spec.DIRECTION_OUTPUT],
-        "b2": np.asarray(theta["b2"], np.float32)[spec.DIRECTION_OUTPUT : spec.DIRECTION_OUTPUT + 1],
+        "w_el": first[xp.asarray(ELEMENT_ROWS)],
+        "w_row": first[xp.asarray(ROW_STAT_ROWS)],
+        "w_col": first[xp.asarray(COL_STAT_ROWS)],
+        "b0": theta["b0"],
+        "w1": theta["w1"],
+        "b1": theta["b1"],
+        "w2": xp.asarray(theta["w2"], f32)[:, spec.DIRECTION_OUTPUT],
+        "b2": xp.asarray(theta["b2"], f32)[spec.DIRECTION_OUTPUT : spec.DIRECTION_OUTPUT + 1],
     }
-    net = np.empty(NET_SIZE, np.float32)
-    for seg in PACKED:
-        net[seg.offset : seg.stop] = np.asarray(parts[seg.name], np.float32).reshape(-1)
-    return net
+    return xp.concatenate([xp.ravel(xp.asarray(parts[seg.name], f32)) for seg in PACKED])
 
 
 def unpack(net: Any) -> dict[str, Any]:
