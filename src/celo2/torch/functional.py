@@ -168,13 +168,7 @@ def _run(backend: str, theta: TorchTheta, state: dict[str, torch.Tensor], grad: 
 
 def _normalised(d: torch.Tensor) -> torch.Tensor:
     """``d`` at unit RMS over its last two axes (float32, in place where it is float32)."""
-    d = d if d.dtype == torch.float32 else d.to(torch.float32)
-    axes = tuple(range(max(0, d.ndim - 2), d.ndim))
-    n = 1
-    for a in axes:
-        n *= d.shape[a]
-    ms = torch.linalg.vector_norm(d, dim=axes, keepdim=True).square_().mul_(1.0 / n)
-    return d.mul_(ms.add_(spec.OUTPUT_NORM_EPS).rsqrt_())
+    return _chunked._finish_group_normalised(d.to(torch.float32), orthogonalize=False)
 
 
 def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
