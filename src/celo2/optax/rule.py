@@ -43,6 +43,16 @@ from celo2.rule.theta import Theta, load_theta
 ThetaTree = Mapping[str, jax.Array]
 
 
+def finite(g: jax.Array) -> jax.Array:
+    """The non-finite policy's flag: ``g`` holds no NaN or +-inf (a traced bool scalar)."""
+    return jnp.all(jnp.isfinite(g))
+
+
+def keep_if(ok: jax.Array, new, old):  # noqa: ANN001, ANN201 - pytrees
+    """``new`` where ``ok``, else ``old``, leaf by leaf (bitwise either way)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 class TensorState(NamedTuple):
     """Accumulators of one tensor (shapes for a parameter of shape ``S``).
 
@@ -331,9 +341,9 @@ def guarded_tensor_step(
         return jnp.zeros(param.shape, param.dtype), state, jnp.asarray(True)
 
     def elsewhere(theta, state, grad, param):  # noqa: ANN001, ANN202
-        ok = jnp.all(jnp.isfinite(grad))
+        ok = finite(grad)
         d, new = _xla_tensor_step(theta, state, grad, param, orthogonalize, ns_dtype)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+        new = keep_if(ok, new, state)
         return jnp.where(ok, d, jnp.zeros_like(d)), new, ok
 
     kind = _kernel_kind(param, grad, cpu_kernels)
@@ -378,7 +388,7 @@ def _cpu_step(theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.
             return d * jax.lax.rsqrt(sq * (1.0 / d.size) + spec.OUTPUT_NORM_EPS), new_state, ok
     else:
         if skip:
-            ok = jnp.all(jnp.isfinite(grad))
+            ok = finite(grad)
         d, new_state = _conv_step_cpu(theta, net, state, grad, param, ok)
     if orthogonalize:
         d = newton_schulz(d, ns_dtype)

@@ -11,7 +11,8 @@ import optax
 from celo2.hardware import ns_dtype_name, resolve_ns_dtype_name
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
-from celo2.optax.rule import TensorState, guarded_tensor_step, init_tensor_state, tensor_step, theta_to_jax
+from celo2.optax.rule import (TensorState, finite, guarded_tensor_step, init_tensor_state, keep_if, tensor_step,
+                              theta_to_jax)
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 ThetaLike = Union[Theta, Mapping[str, Any], str, None]
@@ -45,18 +46,8 @@ class PerTensorSkipState(NamedTuple):
     nonfinite_steps: Any
 
 
-def _finite(g: jax.Array) -> jax.Array:
-    """The policy's flag: the tensor holds no NaN or +-inf (a traced bool scalar)."""
-    return jnp.all(jnp.isfinite(g))
-
-
 def _counters(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda _: jnp.zeros([], jnp.int32), params)
-
-
-def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``ok``, else ``old``, leaf by leaf (bitwise either way)."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def zero_skipped_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -131,10 +122,10 @@ def skip_nonfinite_per_tensor(inner: optax.GradientTransformation) -> optax.Grad
         flat_p = treedef.flatten_up_to(params) if params is not None else [None] * len(flat_g)
         outs, states, counts = [], [], []
         for g, s, n, p in zip(flat_g, flat_s, flat_n, flat_p):
-            ok = _finite(g)
+            ok = finite(g)
             u, new = inner.update(g, s, p)
             outs.append(jnp.where(ok, u, jnp.zeros_like(u)))
-            states.append(_keep_if(ok, new, s))
+            states.append(keep_if(ok, new, s))
             counts.append(n + jnp.logical_not(ok).astype(jnp.int32))
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(outs), PerTensorSkipState(unflat(states), unflat(counts))
