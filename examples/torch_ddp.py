@@ -5,8 +5,7 @@
 
 DDP averages the gradients over the ranks, then every rank takes the same optimizer step on the same
 parameters, so Celo2 needs nothing special. The script checks that the two ranks end where one process
-training on the whole batch ends. (FSDP and DTensor parameters are not supported: the rule needs whole
-matrices.) With GPUs, use the "nccl" backend and one device per rank.
+training on the whole batch ends. (For sharded parameters, see examples/fsdp2_gpt.py.) With GPUs, use the "nccl" backend and one device per rank.
 """
 
 from __future__ import annotations

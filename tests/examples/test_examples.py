@@ -21,7 +21,10 @@ CASES = {
     "lightning_module.py": (("torch", "lightning"), []),
     "metatrain_custom_task.py": (("jax", "optax", "torch"), ["--out", "{tmp}/run"]),
     "torch_ddp.py": (("torch",), []),
+    "fsdp2_gpt.py": (("torch",), ["--check"]),
 }
+# scripts started by a launcher rather than by python alone
+LAUNCHERS = {"fsdp2_gpt.py": ["-m", "torch.distributed.run", "--nproc-per-node", "2"]}
 
 
 def test_every_example_has_a_case() -> None:
@@ -38,7 +41,10 @@ def test_example_runs_tiny(script: str, tmp_path: Path) -> None:
     src = str(REPO_ROOT / "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     args = [a.format(tmp=tmp_path) for a in extra]
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--tiny", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, *LAUNCHERS.get(script, []), str(EXAMPLES / script), "--tiny", *args],
+                          cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"examples/{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if script == "fsdp2_gpt.py":
+        assert "max |FSDP2 - one process|" in proc.stdout
     assert "loss" in proc.stdout or "theta written" in proc.stdout or "DDP" in proc.stdout

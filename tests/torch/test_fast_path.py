@@ -207,8 +207,11 @@ def test_whole_tensors_on_threads_give_the_same_bits_as_one_thread(random_theta)
     """Celo2Base hands whole tensors to threads (cpu_kernels.run_tensors):
     the parameters and state after three steps are bit for bit those of a
     single thread, for a model mixing matrices, vectors, a conv kernel and a
-    3-D tensor (which stays on the calling thread)."""
+    3-D tensor (which stays on the calling thread, on the chunked PyTorch path:
+    PyTorch's own kernels may round differently with another thread count, so
+    that one is compared to float32 rounding)."""
     shapes = [(300, 200), (64, 64), (200, 300), (50,), (), (16, 8, 3, 3), (3, 10, 9), (7, 1)]
+    chunked = shapes.index((3, 10, 9))
     runs = []
     old = torch.get_num_threads()
     try:
@@ -221,12 +224,15 @@ def test_whole_tensors_on_threads_give_the_same_bits_as_one_thread(random_theta)
                 for p in params:
                     p.grad = torch.randn_like(p)
                 opt.step()
-            runs.append([t.clone() for p in params for t in (p, *opt.state[p].values())])
+            runs.append([(i, t.clone()) for i, p in enumerate(params) for t in (p, *opt.state[p].values())])
     finally:
         torch.set_num_threads(old)
     for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+        for (i, a), (_, b) in zip(runs[0], other):
+            if i == chunked:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(a, b), f"the tensor of shape {shapes[i]} differs between thread counts"
 
 
 @pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")

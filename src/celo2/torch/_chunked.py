@@ -33,7 +33,7 @@ Python branch), so it runs asynchronously on accelerators and traces under
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -91,6 +91,28 @@ def _dot_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
     torch.linalg.vecdot(x, y, dim=-1, out=out)
 
 
+class Reduction(Protocol):
+    """How a sharded tensor's whole-tensor statistics are completed across ranks.
+
+    The chunked path then runs on one rank's local block of the tensor (a
+    slice along one axis of the work shape) and, wherever a mean or a sum of
+    squares spans that axis, adds up the ranks' partial sums with
+    :meth:`sum_` (small tensors: per-channel sums, a factored statistic)
+    instead of gathering the tensor. :class:`celo2.torch._sharded.Sharding`
+    implements it.
+
+    Attributes:
+        axis: The sharded axis of the work shape.
+        global_shape: The whole tensor's work shape.
+    """
+
+    axis: int
+    global_shape: tuple[int, ...]
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks in place (every rank gets the total) and return it."""
+
+
 # Per-chunk scratch layout, in multiples of the chunk size c.
 _WS_X = 0  # channels (18c); pass-1 scratch (6c) and the second hidden layer (9c) reuse it
 _WS_H = 18  # first hidden layer (9c, last row ones)
@@ -103,10 +125,12 @@ class _Tensor:
     work shape, and the quantities shared by all chunks."""
 
     def __init__(self, lay: ChunkedWeights, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-                 dims: Optional[tuple[int, int]], chunk_elements: int) -> None:
+                 dims: Optional[tuple[int, int]], chunk_elements: int, shard: Optional[Reduction] = None) -> None:
         self.lay = lay
         shape = work_shape(param.shape)
-        self.shape = shape
+        self.shape = shape  # this rank's block (the whole tensor unless sharded)
+        self.shard = shard
+        self.global_shape = shape if shard is None else tuple(shard.global_shape)
         self.g = grad.detach().reshape(shape)
         self.p = param.detach().reshape(shape)
         self.m, self.v = state["m"], state["v"]
@@ -119,8 +143,18 @@ class _Tensor:
             inner *= s
         self.inner = inner  # elements per leading-axis slice
         self.rows = max(1, min(shape[0], chunk_elements // max(inner, 1)))
-        self.numel = shape[0] * inner
+        self.numel = math.prod(self.global_shape)  # the normalisation group's size (matrices, vectors)
         self.device = param.device
+
+    def sharded_along(self, axes) -> bool:  # noqa: ANN001
+        """Whether a statistic over ``axes`` (of the work shape) spans the sharded axis."""
+        return self.shard is not None and self.shard.axis in tuple(axes)
+
+    def mean_over(self, x: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+        """Mean of ``x`` over its ``dim`` (the tensor's ``axis``), completed across ranks when sharded there."""
+        if not self.sharded_along((axis,)):
+            return x.mean(dim=dim, keepdim=True)
+        return self.shard.sum_(x.sum(dim=dim, keepdim=True)).mul_(1.0 / self.global_shape[axis])
 
     def chunks(self):
         for a in range(0, self.shape[0], self.rows):
@@ -172,6 +206,10 @@ class _Tensor:
                     torch.sum(g2, dim=axis, keepdim=True, out=acc[a:b])
         if self.dims is None:
             return
+        if self.sharded_along((d0,)):
+            self.shard.sum_(sum_r)
+        if self.sharded_along((d1,)):
+            self.shard.sum_(sum_c)
         self.fold_factored(sum_r, sum_c)
 
     def fold_factored(self, sum_d0: torch.Tensor, sum_d1: torch.Tensor) -> None:
@@ -181,7 +219,7 @@ class _Tensor:
         d1, d0 = self.dims
         wf = self.lay.factored_w.view(3, *([1] * (self.nd - 1)))
         for fac, total, axis in ((self.fac_r, sum_d0, d0), (self.fac_c, sum_d1, d1)):
-            fac.lerp_(total.reshape(fac.shape[1:]) * (1.0 / self.shape[axis]) + spec.FACTORED_EPS, wf)
+            fac.lerp_(total.reshape(fac.shape[1:]) * (1.0 / self.global_shape[axis]) + spec.FACTORED_EPS, wf)
 
     def _chunk_sums(self, out: torch.Tensor, a: int, b: int, g2: torch.Tensor, scratch: torch.Tensor) -> None:
         """Sums of squares of g, clip(g), p, m, v, m rsqrt(v), rsqrt(v), g rsqrt(v) over rows ``a:b``."""
@@ -212,7 +250,7 @@ class _Tensor:
         lay, nd = self.lay, self.nd
         d1, d0 = self.dims
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_mean = self.fac_r.mean(dim=1 + reduced_d1, keepdim=True)
+        row_mean = self.mean_over(self.fac_r, 1 + reduced_d1, d1)
         rf = _safe_rsqrt(self.fac_r / (row_mean + spec.ROW_MEAN_EPS)).unsqueeze(1 + d0)
         cf = _safe_rsqrt(self.fac_c).unsqueeze(1 + d1)
         self.rf, self.cf = rf, cf  # (3, *S with 1 at d0 / d1)
@@ -222,7 +260,13 @@ class _Tensor:
             x = torch.cat([stat, torch.rsqrt(stat + spec.RSQRT_EPS)]).unsqueeze(1 + axis)
             # RMS over the last two axes of the broadcast equals that of the
             # un-broadcast statistic: broadcasting repeats values evenly.
-            x = x * torch.rsqrt(x.square().mean(dim=last2, keepdim=True) + spec.INPUT_NORM_EPS)
+            spans = [a for a in (nd - 2, nd - 1) if a != axis]  # tensor axes the statistic varies along
+            if self.sharded_along(spans):
+                count = math.prod(self.global_shape[a] for a in spans)
+                ms = self.shard.sum_(x.square().sum(dim=last2, keepdim=True)).mul_(1.0 / count)
+            else:
+                ms = x.square().mean(dim=last2, keepdim=True)
+            x = x * torch.rsqrt(ms + spec.INPUT_NORM_EPS)
             terms.append(torch.tensordot(w, x, dims=([0], [0])))  # (8, *S with 1 at axis)
         # Kept apart: their sum would be a full (8, *S) tensor.
         self.terms = (terms[0] + lay.b0.view(8, *([1] * nd)), terms[1])
@@ -323,7 +367,8 @@ def _numel_of(x: torch.Tensor, axes: tuple[int, ...]) -> int:
 def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
         orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
         chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
-        dims: Optional[tuple[int, int]] = None, top: bool = True) -> Optional[torch.Tensor]:
+        dims: Optional[tuple[int, int]] = None, top: bool = True,
+        shard: Optional[Reduction] = None) -> Optional[torch.Tensor]:
     """One tensor's step on the chunked path.
 
     Args:
@@ -340,8 +385,15 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
             output RMS) for the caller to finish.
         chunk_elements: Elements per chunk (default :data:`CHUNK_ELEMENTS`).
         workspace: Chunk scratch reused across tensors (default: a fresh one).
-        dims: The factored axes (internal: slices recurse with them shifted).
+        dims: The factored axes (internal: slices recurse with them shifted;
+            with ``shard``, those of the whole tensor).
         top: Whether this is the whole tensor (internal).
+        shard: ``param``, ``grad`` and ``state`` are one rank's block of a
+            tensor sharded along ``shard.axis``; the statistics spanning that
+            axis are completed with ``shard.sum_`` (see :class:`Reduction`).
+            The raw direction (``raw=True``) is then this rank's block of it.
+            Tensors of three or more dims may be sharded along any axis but
+            the last two.
 
     Returns:
         The direction (float32, the parameter's shape), the raw direction, or ``None``.
@@ -353,15 +405,21 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         chunk_elements = max(chunk_elements, COMPILE_CHUNK_ELEMENTS)
         workspace = None
     shape = work_shape(param.shape)
+    if shard is not None:
+        nd = len(shard.global_shape)
+        if nd >= 2 and shard.axis >= nd - 2 and (nd >= 3 or (orthogonalize and not raw)):
+            raise ValueError(f"the chunked path cannot finish a block sharded along axis {shard.axis} of a "
+                             f"{tuple(shard.global_shape)} tensor on one rank (its normalisation groups or "
+                             f"Newton-Schulz span that axis): take the raw direction")
     if top:
-        dims = spec.factored_dims(shape)
-    if len(shape) >= 3 and 0 not in dims and math.prod(shape[1:]) > chunk_elements:
+        dims = spec.factored_dims(shape if shard is None else shard.global_shape)
+    if shard is None and len(shape) >= 3 and 0 not in dims and math.prod(shape[1:]) > chunk_elements:
         # A leading slice alone exceeds a chunk and the factored axes lie inside
         # it: each slice is an independent (n-1)-D problem (its own groups,
         # factors and Newton-Schulz), so recurse with the axes shifted.
         return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
     lay = theta.layout()
-    t = _Tensor(lay, state, grad, param, dims, chunk_elements)
+    t = _Tensor(lay, state, grad, param, dims, chunk_elements, shard)
     size = _WS_SIZE * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
@@ -400,6 +458,8 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     sums = partial.sum(0)
     if t.dims is not None:
         t.factor_sums(ws, sums)
+    if shard is not None:
+        shard.sum_(sums)
     inv = torch.rsqrt(sums[:ch] * (1.0 / t.numel) + spec.INPUT_NORM_EPS)
     w_t = (lay.w_el[:ch] * inv.view(ch, 1)).t().contiguous()
     out = torch.empty(shape, dtype=torch.float32, device=t.device)
@@ -411,7 +471,10 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         return out
     if orthogonalize and t.nd == 2:
         out = newton_schulz(out, inplace=True)
-    ms = torch.linalg.vector_norm(out).square_().mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
+    ms = torch.linalg.vector_norm(out).square_()
+    if shard is not None:
+        shard.sum_(ms.reshape(1))
+    ms = ms.mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
     if apply is None:
         return out.mul_(ms.rsqrt_()).reshape(param.shape)
     apply_update(param, 0, shape[0], out, apply, ms.rsqrt_())

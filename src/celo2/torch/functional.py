@@ -130,13 +130,15 @@ class Gate:
     synchronisation) and counts the skipped step.
 
     Args:
-        p: The parameter (its ``grad`` is checked).
+        p: The parameter (its ``grad`` is checked unless ``ok`` is given).
         state: The tensors to restore with it.
         counter: The 0-d integer counter of skipped steps.
+        ok: The flag, when it is computed elsewhere (a sharded tensor's, reduced over its shards).
     """
 
-    def __init__(self, p: torch.Tensor, state: list[torch.Tensor], counter: torch.Tensor) -> None:
-        self.ok = torch.isfinite(p.grad).all()
+    def __init__(self, p: torch.Tensor, state: list[torch.Tensor], counter: torch.Tensor,
+                 ok: Optional[torch.Tensor] = None) -> None:
+        self.ok = torch.isfinite(p.grad).all() if ok is None else ok.to(torch.bool)
         self.tensors = [p.detach(), *state]
         self.saved = [t.clone() for t in self.tensors]
         self.counter = counter

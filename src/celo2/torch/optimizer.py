@@ -10,13 +10,15 @@ formula) and batches Newton-Schulz across tensors.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
+from celo2.torch import _sharded
 from celo2.torch import functional as F
 from celo2.torch._chunked import Workspace
 from celo2.torch._state import TorchTheta, init_tensor_state, state_shapes
@@ -98,6 +100,11 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} does not support complex parameters ({name})")
         self.theta = load_theta(theta)
         self.adam_name_pattern = adam_name_pattern
+        self._shardings: dict[torch.Tensor, _sharded.Sharding] = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if isinstance(p, DTensor):
+                    self._sharding(gi, group, i, p)
         self._theta_by_device: dict[torch.device, TorchTheta] = {}
         # Chunk scratch of the fast path, one per device, reused across tensors
         # and steps (a few MB; not part of state_dict).
@@ -126,6 +133,17 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         name = names[index] if names else None
         return routing.route(name, tuple(p.shape), self.adam_name_pattern)
+
+    def _sharding(self, gi: int, group: dict[str, Any], i: int, p: DTensor) -> _sharded.Sharding:
+        """How DTensor ``p`` is sharded (checked once: see :func:`celo2.torch._sharded.describe`)."""
+        sh = self._shardings.get(p)
+        if sh is None:
+            label = self._label(gi, group, i)
+            sh = _sharded.describe(p, label)
+            if self._branch(group, i, p) != routing.ADAM:
+                _sharded.check_learned(sh, label, p, group["orthogonalize"])
+            self._shardings[p] = sh
+        return sh
 
     def routing(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """``(branch, name, shape)`` for every parameter, in param-group order."""
@@ -203,6 +221,33 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             for key in _STATE_KEYS_FP32:
                 if key in pstate and isinstance(pstate[key], torch.Tensor):
                     self.state[p][key] = pstate[key].to(device=p.device, dtype=torch.float32, copy=True)
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p in self.state:
+                    self._lay_out_state(gi, group, i, p)
+
+    def _lay_out_state(self, gi: int, group: dict[str, Any], i: int, p: torch.Tensor) -> None:
+        """Lay a loaded state out like its parameter: a whole tensor becomes this rank's block of a DTensor,
+        a DTensor with other placements is redistributed (a collective: every rank loads together), and a
+        DTensor state of a plain parameter is gathered whole."""
+        state = self.state[p]
+        for key, t in list(state.items()):
+            if key in ("step", _COUNTER) or not isinstance(t, torch.Tensor):
+                continue
+            if not isinstance(p, DTensor):
+                if isinstance(t, DTensor):
+                    state[key] = t.full_tensor()
+                continue
+            sh = self._sharding(gi, group, i, p)
+            adam = self._branch(group, i, p) == routing.ADAM
+            want = tuple(p.placements) if adam else sh.state_placements(key)
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != want or t.device_mesh != p.device_mesh:
+                    state[key] = t.redistribute(p.device_mesh, want)
+                continue
+            block = sh.local_block("v" if adam else key, t).contiguous()  # "v": the parameter's own axis
+            state[key] = DTensor.from_local(block, p.device_mesh, want, run_check=False, shape=t.shape,
+                                            stride=_sharded._contiguous_strides(t.shape))
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a state_dict that does not fit this optimizer (see :meth:`load_state_dict`)."""
@@ -315,11 +360,40 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                                        f"parameter {tuple(p.shape)}; nothing was changed")
                 branch = self._branch(group, i, p)
                 state = self.state.get(p)
+                if isinstance(p, DTensor) or isinstance(p.grad, DTensor):
+                    self._check_dtensor(me, gi, group, i, p, branch, state)
                 if state:
                     self._check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError)
                 entries.append((p, branch))
             plan.append((group, entries))
         return plan
+
+    def _check_dtensor(self, me: str, gi: int, group: dict[str, Any], i: int, p: torch.Tensor, branch: str,
+                       state: Optional[dict[str, Any]]) -> None:
+        """A DTensor parameter's gradient and state must be laid out like it (see :meth:`step`)."""
+        label = self._label(gi, group, i)
+        if not isinstance(p, DTensor):
+            raise RuntimeError(f"{me}.step: the gradient of {label} is a DTensor "
+                               f"({tuple(p.grad.placements)}) but the parameter is a plain tensor; nothing was changed")
+        try:
+            sh = self._sharding(gi, group, i, p)
+        except ValueError as e:
+            raise RuntimeError(f"{me}.step: {e}; nothing was changed") from None
+        g = p.grad
+        if not isinstance(g, DTensor) or tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+            where = f"placements {tuple(g.placements)}" if isinstance(g, DTensor) else "a plain tensor"
+            raise RuntimeError(f"{me}.step: the gradient of {label} is {where}, the parameter a DTensor with "
+                               f"{tuple(p.placements)}: they must be laid out alike (redistribute the gradient); "
+                               f"nothing was changed")
+        for key, t in (state or {}).items():
+            if key in ("step", _COUNTER):
+                continue
+            want = sh.state_placements(key) if branch != routing.ADAM else tuple(p.placements)
+            if not isinstance(t, DTensor) or tuple(t.placements) != want:
+                have = f"placements {tuple(t.placements)}" if isinstance(t, DTensor) else "a plain tensor"
+                raise RuntimeError(f"{me}.step: state {key!r} of {label} is {have}, expected a DTensor with {want} "
+                                   f"like its parameter (load states with load_state_dict or torch.distributed."
+                                   f"checkpoint.state_dict.set_optimizer_state_dict); nothing was changed")
 
     @staticmethod
     def _counter(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
@@ -329,20 +403,32 @@ class _LearnedOptimizer(torch.optim.Optimizer):
 
     def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
-        states = []
+        states, sharded = [], []
         for p in params:
             state = self.state[p]
             if not state:
-                state.update(init_tensor_state(p))
+                sh = self._shardings.get(p) if isinstance(p, DTensor) else None
+                state.update(init_tensor_state(p) if sh is None else _sharded.init_state(p, sh))
             self._counter(state, p)
             states.append(state)
         workspace = None
         if params and not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
             workspace = self._workspace_by_device.setdefault(params[0].device, Workspace())
-        F.celo2(params, [p.grad for p in params], states, theta=self._torch_theta, lr=group["lr"],
-                weight_decay=group["weight_decay"], orthogonalize=group["orthogonalize"], backend=group["backend"],
-                ns_dtype=group["ns_dtype"], nonfinite=group["nonfinite"], counters=[s[_COUNTER] for s in states],
-                workspace=workspace)
+        # Plain tensors, and replicated DTensors as their local copies; sharded DTensors apart.
+        plain = [j for j, p in enumerate(params) if not isinstance(p, DTensor) or self._shardings[p].axis is None]
+        sharded = [j for j, p in enumerate(params) if j not in set(plain)]
+        kw = dict(theta=self._torch_theta, lr=group["lr"], weight_decay=group["weight_decay"],
+                  orthogonalize=group["orthogonalize"], ns_dtype=group["ns_dtype"])
+        if plain:
+            F.celo2([_sharded.local(params[j]) for j in plain], [_sharded.local(params[j].grad) for j in plain],
+                    [{k: _sharded.local(v) for k, v in states[j].items()} for j in plain], backend=group["backend"],
+                    nonfinite=group["nonfinite"], counters=[states[j][_COUNTER] for j in plain],
+                    workspace=workspace, **kw)
+        if sharded:
+            _sharded.celo2([params[j] for j in sharded], [params[j].grad for j in sharded],
+                           [states[j] for j in sharded], [self._shardings[params[j]] for j in sharded],
+                           skip=group["nonfinite"] == "skip", counters=[states[j][_COUNTER] for j in sharded],
+                           Gate=F.Gate, workspace=workspace, **kw)
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,
@@ -357,6 +443,13 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             counter = self._counter(state, p)
             if group["nonfinite"] != "skip":
                 host.append(p)
+            elif isinstance(p, DTensor):
+                # The flag reduced over the shards, so every rank skips alike.
+                if p.device.type != "cpu" and state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device)
+                ok = _sharded.finite_flag(p.grad, self._shardings[p])
+                gated.append(p)
+                gates.append(F.Gate(_sharded.local(p), [_sharded.local(state[k]) for k in _ADAM_KEYS], counter, ok=ok))
             elif F.checked_on_host(group["backend"], p):
                 if F.grad_finite(p.grad):
                     host.append(p)
@@ -382,13 +475,14 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         lr = group["lr"] * group["adam_lr_mult"]
         kw = dict(decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
                   eps=group["adam_eps"], maximize=False, capturable=capturable)
+        loc = _sharded.local  # DTensors step on their local blocks: the branch is elementwise
         fp32 = [p for p in params if p.dtype == torch.float32]
         if fp32:
             _adam_functional(
-                fp32,
-                [p.grad for p in fp32],
-                [self.state[p]["exp_avg"] for p in fp32],
-                [self.state[p]["exp_avg_sq"] for p in fp32],
+                [loc(p) for p in fp32],
+                [loc(p.grad) for p in fp32],
+                [loc(self.state[p]["exp_avg"]) for p in fp32],
+                [loc(self.state[p]["exp_avg_sq"]) for p in fp32],
                 [],
                 [self.state[p]["step"] for p in fp32],
                 foreach=group["foreach"],
@@ -398,7 +492,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         for p in params:
             if p.dtype == torch.float32:
                 continue
-            state = self.state[p]
+            state = {k: loc(v) for k, v in self.state[p].items()}
+            grad, p = loc(p.grad), loc(p)
             if p.dtype == torch.float64:
                 # The float32 update, taken on a zero parameter, then applied in
                 # float64: the parameter is never rounded through float32.
@@ -409,7 +504,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 p32, wd = p.to(torch.float32), group["weight_decay"]
             _adam_functional(
                 [p32],
-                [p.grad.to(torch.float32)],
+                [grad.to(torch.float32)],
                 [state["exp_avg"]],
                 [state["exp_avg_sq"]],
                 [],

@@ -1,0 +1,433 @@
+"""The rule on DTensor parameters: FSDP2's ``fully_shard``, tensor-parallel placements, replicas.
+
+A parameter sharded along one axis (``Shard(d)`` on one mesh dimension,
+``Replicate()`` on any others; shards may be uneven or empty) is stepped on
+each rank's local block, so that every rank ends with its block of the update
+one process would compute for the whole tensor:
+
+* The accumulators are elementwise: each rank updates its own block. The
+  factored statistics that reduce over the sharded axis are replicated; the
+  others are sharded with the tensor.
+* The statistics spanning a whole tensor (the channels' sums of squares for
+  the input RMS, the factored row and column means, the output RMS) are
+  completed across ranks as small partial sums
+  (:class:`celo2.torch._chunked.Reduction`); the tensor is never gathered
+  for them.
+* Newton-Schulz needs whole matrices. Each matrix gets an owner rank
+  (:func:`plan_owners`: largest first, to the least-loaded rank); one
+  ``all_to_all`` sends every block of a matrix to its owner, the owner
+  orthogonalises its matrices (batched by shape) and normalises them, and a
+  second ``all_to_all`` sends each rank its block back. Matrices go a wave
+  at a time (:data:`WAVE_ELEMENTS`), so a rank holds, beyond its shards,
+  only the whole matrices it owns in the current wave.
+* Under ``nonfinite="skip"`` the finite flag is reduced across the shards,
+  so that every rank skips the same tensors.
+
+No step moves a value to the host: the plans depend on shapes only, and the
+collectives take device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from celo2.rule import spec
+from celo2.torch import _chunked
+from celo2.torch._state import TorchTheta, state_shapes, work_shape
+from celo2.torch.ns import batch_member_limit, newton_schulz_many, resolve_ns_dtype
+
+WAVE_ELEMENTS: int = 1 << 24
+"""Elements of whole matrices exchanged for Newton-Schulz in one wave, over all
+ranks of a group (64 MiB of float32): bounds what a rank holds beyond its shards."""
+
+
+@dataclass
+class CommCounter:
+    """Bytes this rank put on the wire in the optimizer's collectives.
+
+    All-reduces count ``2 (W - 1) / W`` times the tensor (a ring's share per
+    rank), all-to-alls the bytes sent to other ranks.
+    """
+
+    all_reduce_bytes: int = 0
+    all_to_all_bytes: int = 0
+    all_reduces: int = 0
+    all_to_alls: int = 0
+    whole_bytes_peak: int = 0
+    """The most bytes of whole matrices this rank held at once for Newton-Schulz."""
+
+    def reset(self) -> None:
+        """Zero every count."""
+        self.all_reduce_bytes = self.all_to_all_bytes = self.all_reduces = self.all_to_alls = 0
+        self.whole_bytes_peak = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """All bytes sent."""
+        return self.all_reduce_bytes + self.all_to_all_bytes
+
+
+COMM = CommCounter()
+"""The running counts of this process (``benchmarks/distributed_step.py`` reads and resets them)."""
+
+
+def _placement_text(p: DTensor) -> str:
+    return f"placements {tuple(p.placements)} on a mesh of shape {tuple(p.device_mesh.shape)}"
+
+
+@dataclass
+class Sharding:
+    """How one DTensor parameter lies across ranks, and the reductions over its shards.
+
+    Attributes:
+        mesh: The parameter's device mesh.
+        placements: Its placements.
+        mesh_dim: The mesh dimension it is sharded over (``None``: replicated everywhere).
+        axis: The tensor axis (of the work shape) that is sharded, or ``None``.
+        global_shape: The whole tensor's work shape.
+        group: The process group of ``mesh_dim``.
+        group_rank: This rank's index in it.
+        group_size: Its size.
+        sizes: Each group rank's block length along ``axis``.
+    """
+
+    mesh: Any
+    placements: tuple
+    mesh_dim: Optional[int]
+    axis: Optional[int]
+    global_shape: tuple[int, ...]
+    group: Any = None
+    group_rank: int = 0
+    group_size: int = 1
+    sizes: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = field(default=())
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` (sum) over the shard group in place; return it."""
+        if self.group_size > 1:
+            dist.all_reduce(t, group=self.group)
+            COMM.all_reduces += 1
+            COMM.all_reduce_bytes += 2 * (self.group_size - 1) * t.numel() * t.element_size() // self.group_size
+        return t
+
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` (minimum) over the shard group in place; return it."""
+        if self.group_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+            COMM.all_reduces += 1
+            COMM.all_reduce_bytes += 2 * (self.group_size - 1) * t.numel() * t.element_size() // self.group_size
+        return t
+
+    def block_shape(self, rank: int) -> tuple[int, ...]:
+        """The work shape of group rank ``rank``'s block."""
+        shape = list(self.global_shape)
+        if self.axis is not None:
+            shape[self.axis] = self.sizes[rank]
+        return tuple(shape)
+
+    def state_axis(self, key: str) -> Optional[int]:
+        """The sharded axis of accumulator ``key`` (``None``: replicated)."""
+        a = self.axis
+        if a is None:
+            return None
+        if key == "m":
+            return a + 1
+        if key in ("v", "exp_avg", "exp_avg_sq"):
+            return a
+        dims = spec.factored_dims(self.global_shape)
+        if dims is None:
+            return a + 1 if key == "fac_r" else None
+        d1, d0 = dims
+        reduced = d0 if key == "fac_r" else d1
+        return None if a == reduced else 1 + (a if a < reduced else a - 1)
+
+    def state_placements(self, key: str) -> tuple:
+        """The placements of accumulator ``key``: the parameter's, with its shard moved to the state's axis."""
+        axis = self.state_axis(key)
+        return tuple(Shard(axis) if (i == self.mesh_dim and axis is not None) else Replicate()
+                     for i in range(len(self.placements)))
+
+    def new_state(self, key: str, global_shape: tuple[int, ...], device: torch.device) -> DTensor:
+        """Zeros for accumulator ``key`` as a DTensor laid out by :meth:`state_placements`."""
+        axis = self.state_axis(key)
+        local = list(global_shape)
+        if axis is not None:
+            local[axis] = self.sizes[self.group_rank]
+        return DTensor.from_local(torch.zeros(local, dtype=torch.float32, device=device), self.mesh,
+                                  self.state_placements(key), run_check=False, shape=torch.Size(global_shape),
+                                  stride=_contiguous_strides(global_shape))
+
+    def local_block(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a whole (unsharded) accumulator ``key``."""
+        axis = self.state_axis(key)
+        if axis is None:
+            return full
+        r = self.group_rank
+        return full.narrow(axis, self.offsets[r], self.sizes[r])
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _chunk_sizes(n: int, parts: int) -> tuple[int, ...]:
+    """DTensor's ``Shard`` split of ``n`` into ``parts`` blocks (``torch.chunk``: full blocks first)."""
+    block = -(-n // parts) if n else 0
+    return tuple(max(0, min(block, n - r * block)) for r in range(parts))
+
+
+def describe(p: DTensor, label: str) -> Sharding:
+    """How ``p`` is sharded, or a clear error for a layout the optimizer cannot step.
+
+    Args:
+        p: A DTensor parameter.
+        label: Its name (for errors).
+
+    Returns:
+        Its :class:`Sharding`.
+
+    Raises:
+        ValueError: Naming the parameter and its placements, for partial
+            placements, strided shards (FSDP2 on top of tensor parallelism),
+            or shards along more than one mesh dimension.
+    """
+    shards = []
+    for i, pl in enumerate(p.placements):
+        if isinstance(pl, Replicate):
+            continue
+        if type(pl) is not Shard:
+            raise ValueError(f"{label}: a DTensor with {_placement_text(p)}: placement {pl!r} is not supported "
+                             f"(Shard(dim) on one mesh dimension and Replicate() on the others are); redistribute "
+                             f"the parameter or leave it out of this optimizer")
+        shards.append((i, pl))
+    if len(shards) > 1:
+        raise ValueError(f"{label}: a DTensor with {_placement_text(p)} is sharded over {len(shards)} mesh "
+                         f"dimensions; the optimizer supports one (Shard(dim) on one mesh dimension, Replicate() "
+                         f"on the others)")
+    shape = work_shape(p.shape)
+    mesh = p.device_mesh
+    if not shards:
+        return Sharding(mesh, tuple(p.placements), None, None, shape)
+    mesh_dim, pl = shards[0]
+    axis = pl.dim % p.ndim
+    size = mesh.size(mesh_dim)
+    rank = mesh.get_local_rank(mesh_dim)
+    sizes = _chunk_sizes(shape[axis], size)
+    offsets = tuple(sum(sizes[:r]) for r in range(size))
+    local = p.to_local()
+    if tuple(local.shape) != tuple(shape[:axis]) + (sizes[rank],) + tuple(shape[axis + 1:]):
+        raise ValueError(f"{label}: a DTensor with {_placement_text(p)} has a local block of shape "
+                         f"{tuple(local.shape)} on this rank, not the {sizes[rank]} rows along dim {axis} that "
+                         f"Shard({axis}) gives; the optimizer cannot tell where it lies")
+    return Sharding(mesh, tuple(p.placements), mesh_dim, axis, shape, mesh.get_group(mesh_dim), rank, size, sizes,
+                    offsets)
+
+
+def check_learned(sharding: Sharding, label: str, p: DTensor, orthogonalize: bool) -> None:
+    """Refuse a sharding the learned rule cannot step.
+
+    Tensors of three or more dims normalise over their last two axes, inside
+    a rank's block: they may be sharded along any other axis.
+
+    Raises:
+        ValueError: Naming the parameter and its placements.
+    """
+    nd = len(sharding.global_shape)
+    if sharding.axis is not None and nd >= 3 and sharding.axis >= nd - 2:
+        raise ValueError(f"{label}: a {tuple(p.shape)} DTensor with {_placement_text(p)}: the learned rule "
+                         f"normalises (and orthogonalises) the last two axes of a tensor of {nd} dims, so it can "
+                         f"be sharded along dims 0..{nd - 3} only; shard another dim or route it to AdamW "
+                         f"(a param group with branch='adam')")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (aliasing its storage), or ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def init_state(p: DTensor, sharding: Sharding) -> dict[str, DTensor]:
+    """Zeroed accumulators of the learned rule for a DTensor parameter, laid out with it."""
+    return {key: sharding.new_state(key, shape, p.device) for key, shape in state_shapes(p.shape).items()}
+
+
+def finite_flag(g: torch.Tensor, sharding: Sharding) -> torch.Tensor:
+    """1 where every shard of the gradient is finite, else 0 (a 0-d int32 tensor, the same on every rank)."""
+    ok = torch.isfinite(local(g)).all().to(torch.int32)
+    return sharding.min_(ok.reshape(1)).reshape(())
+
+
+def plan_owners(sizes: Sequence[int], ranks: int) -> list[int]:
+    """An owner rank per matrix for Newton-Schulz: largest first, each to the rank with the least so far.
+
+    Decided by the sizes only (ties to the lower rank, then the earlier
+    matrix), so every rank computes the same plan.
+
+    Args:
+        sizes: Elements of each matrix.
+        ranks: The group's size.
+
+    Returns:
+        The owner of each matrix, in input order.
+    """
+    load = [0] * ranks
+    owners = [0] * len(sizes)
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owners[j] = r
+        load[r] += sizes[j]
+    return owners
+
+
+def _waves(numels: Sequence[int], limit: int) -> list[list[int]]:
+    waves, cur, size = [], [], 0
+    for j, n in enumerate(numels):
+        if cur and size + n > limit:
+            waves.append(cur)
+            cur, size = [], 0
+        cur.append(j)
+        size += n
+    return waves + ([cur] if cur else [])
+
+
+def _all_to_all(chunks: list[torch.Tensor], recv_sizes: list[int], sharding: Sharding,
+                device: torch.device) -> list[torch.Tensor]:
+    """Send ``chunks[r]`` (flat float32) to group rank ``r``; return what each rank sent here."""
+    me = sharding.group_rank
+    if sharding.group_size == 1:
+        return chunks
+    send = torch.cat(chunks) if chunks else torch.empty(0, device=device)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
+    in_splits = [c.numel() for c in chunks]
+    dist.all_to_all_single(recv, send, recv_sizes, in_splits, group=sharding.group)
+    COMM.all_to_alls += 1
+    COMM.all_to_all_bytes += 4 * (sum(in_splits) - in_splits[me])
+    return list(recv.split(recv_sizes))
+
+
+def _orthogonalise_owned(shardings: list[Sharding], raws: dict[int, torch.Tensor], wave: list[int],
+                         device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Newton-Schulz and the output RMS on the whole matrices of ``wave``; each rank gets its blocks back.
+
+    Args:
+        shardings: Per matrix of the step (all of one group).
+        raws: This rank's block of each raw direction (float32, work shape).
+        wave: The matrices of this wave (indices into the above).
+        device: Where the blocks live.
+        dtype: Newton-Schulz's dtype.
+
+    Returns:
+        This rank's block of each finished direction of the wave (float32, unit RMS over the whole matrix).
+    """
+    ref = shardings[wave[0]]
+    size, me = ref.group_size, ref.group_rank
+    owners = plan_owners([math.prod(shardings[j].global_shape) for j in wave], size)
+    mine = [j for j, o in zip(wave, owners) if o == me]
+    # Out: every block to its matrix's owner.
+    chunks = [[] for _ in range(size)]
+    for j, o in zip(wave, owners):
+        chunks[o].append(raws[j].reshape(-1))
+    flat = [torch.cat(c) if c else torch.empty(0, device=device) for c in chunks]
+    recv_sizes = [sum(math.prod(shardings[j].block_shape(r)) for j in mine) for r in range(size)]
+    pieces = _all_to_all(flat, recv_sizes, ref, device)
+    whole = {}
+    for r, piece in enumerate(pieces):
+        parts = piece.split([math.prod(shardings[j].block_shape(r)) for j in mine])
+        for j, part in zip(mine, parts):
+            whole.setdefault(j, []).append(part.view(shardings[j].block_shape(r)))
+    mats = [torch.cat(whole[j], dim=shardings[j].axis) for j in mine]
+    COMM.whole_bytes_peak = max(COMM.whole_bytes_peak, sum(m.numel() * m.element_size() for m in mats))
+    outs = newton_schulz_many(mats, dtype=dtype, inplace=True, max_member=batch_member_limit(device))
+    finished = {}
+    for j, d in zip(mine, outs):
+        d = d.to(torch.float32)
+        ms = torch.linalg.vector_norm(d).square_().mul_(1.0 / d.numel()).add_(spec.OUTPUT_NORM_EPS)
+        finished[j] = d.mul_(ms.rsqrt_())
+    # Back: each rank's block of every matrix this rank owns.
+    back = [[] for _ in range(size)]
+    for j in mine:
+        sh = shardings[j]
+        for r in range(size):
+            back[r].append(finished[j].narrow(sh.axis, sh.offsets[r], sh.sizes[r]).reshape(-1))
+    flat = [torch.cat(c) if c else torch.empty(0, device=device) for c in back]
+    recv_sizes = [sum(math.prod(shardings[j].block_shape(me)) for j, o in zip(wave, owners) if o == r)
+                  for r in range(size)]
+    pieces = _all_to_all(flat, recv_sizes, ref, device)
+    blocks = {}
+    for r, piece in enumerate(pieces):
+        owned = [j for j, o in zip(wave, owners) if o == r]
+        for j, part in zip(owned, piece.split([math.prod(shardings[j].block_shape(me)) for j in owned])):
+            blocks[j] = part.view(shardings[j].block_shape(me))
+    return [blocks[j] for j in wave]
+
+
+def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[dict[str, DTensor]],
+          shardings: Sequence[Sharding], *, theta: Callable[[torch.device], TorchTheta], lr: Any,
+          weight_decay: float, orthogonalize: bool, ns_dtype: str | torch.dtype, skip: bool,
+          counters: Sequence[torch.Tensor], Gate: type, workspace: Optional[_chunked.Workspace] = None,
+          chunk_elements: Optional[int] = None) -> None:
+    """The rule's step on sharded DTensor parameters, in place (see the module doc).
+
+    Every rank of each parameter's shard group must call this with the same
+    parameters in the same order (as an optimizer's ``step`` does).
+
+    Args:
+        params: Parameters sharded along one axis (:func:`describe`).
+        grads: Their gradients, laid out like them.
+        states: Their accumulators (:func:`init_state`).
+        shardings: :func:`describe` of each.
+        theta: The weights for a device.
+        lr: Learning rate (float or 0-d tensor).
+        weight_decay: Decoupled weight decay.
+        orthogonalize: Newton-Schulz on matrices (Celo2).
+        ns_dtype: Newton-Schulz's dtype (as :class:`~celo2.torch.Celo2`'s).
+        skip: Skip tensors whose gradient is not finite anywhere (``nonfinite="skip"``).
+        counters: Per parameter, its count of skipped steps.
+        Gate: :class:`celo2.torch.functional.Gate`.
+        workspace: Chunk scratch.
+        chunk_elements: Elements per chunk of the chunked path.
+    """
+    apply = (lr, weight_decay)
+    gates = []
+    held: dict[Any, list[int]] = {}  # per shard group, the matrices Newton-Schulz takes whole
+
+    def locals_of(i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        return local(params[i]), local(grads[i]), {k: local(states[i][k]) for k in ("m", "v", "fac_r", "fac_c")}
+
+    for i, (p, g, sh) in enumerate(zip(params, grads, shardings)):
+        if p.numel() == 0:
+            continue
+        p_loc, g_loc, st_loc = locals_of(i)
+        if skip:
+            gates.append(Gate(p_loc, list(st_loc.values()), counters[i], ok=finite_flag(g, sh)))
+        if orthogonalize and len(sh.global_shape) == 2:
+            held.setdefault(sh.group, []).append(i)
+        else:
+            _chunked.run(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize, apply, shard=sh,
+                         chunk_elements=chunk_elements, workspace=workspace)
+    for members in held.values():
+        device = local(params[members[0]]).device
+        dtype = resolve_ns_dtype(ns_dtype, device)
+        group_shardings = [shardings[i] for i in members]
+        raws: dict[int, torch.Tensor] = {}
+        for wave in _waves([math.prod(s.global_shape) for s in group_shardings], WAVE_ELEMENTS):
+            for j in wave:  # this rank's blocks of the wave's raw directions
+                p_loc, g_loc, st_loc = locals_of(members[j])
+                raws[j] = _chunked.run(theta(device), st_loc, g_loc, p_loc, True, None, raw=True,
+                                       shard=group_shardings[j], chunk_elements=chunk_elements, workspace=workspace)
+            blocks = _orthogonalise_owned(group_shardings, raws, wave, device, dtype)
+            for j, d in zip(wave, blocks):
+                p_loc = local(params[members[j]])
+                del raws[j]
+                _chunked.apply_update(p_loc, 0, work_shape(p_loc.shape)[0], d, apply, None)
+    for gate in gates:
+        gate.close()
