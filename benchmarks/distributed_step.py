@@ -128,7 +128,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
                     fully_shard(block, mesh=mesh)
                 fully_shard(model, mesh=mesh)
                 opt = make_optimizer(name, model, cfg)
-                sent, sent_opt, step_s, held = [], [], [], []
+                sent, sent_opt, step_s, held, calls = [], [], [], [], []
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 for step in range(cfg["steps"]):
@@ -147,10 +147,12 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
                     sent.append(_WIRE["bytes"])
                     sent_opt.append(COMM.total_bytes)
                     held.append(COMM.whole_bytes_peak)
+                    calls.append(COMM.all_reduces + COMM.all_to_alls)
                 row = {
                     "bytes_per_step": statistics.median(sent[1:]),
                     "optimizer_bytes_per_step": statistics.median(sent_opt[1:]),
                     "optimizer_step_ms": 1e3 * statistics.median(step_s[1:]),
+                    "optimizer_collectives_per_step": statistics.median(calls[1:]),
                     "state_bytes": state_bytes(opt),
                     "whole_matrix_bytes_peak": max(held),
                     "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPT {args.dim}x{args.layers} ({n_params:,} parameters), {args.world} ranks, {args.device}, "
           f"{args.steps} steps; per rank, per step (median):")
     header = f"{'optimizer':<16} {'sent KiB':>10} {'by optimizer KiB':>17} {'step ms':>9} {'state KiB':>10} " \
-             f"{'whole NS KiB':>13} {'parity':>9} {'1-process ms':>13}"
+             f"{'whole NS KiB':>13} {'parity':>9} {'1-process ms':>13} {'collectives':>12}"
     print(header)
     for key, row in rows.items():
         parity = rows.get(key.replace("float32", "float64"), {}).get("parity_vs_one_process")
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{key:<16} {row['bytes_per_step'] / 1024:>10.1f} {row['optimizer_bytes_per_step'] / 1024:>17.1f} "
               f"{row['optimizer_step_ms']:>9.2f} {row['state_bytes'] / 1024:>10.1f} "
               f"{row['whole_matrix_bytes_peak'] / 1024:>13.1f} "
-              f"{'' if parity is None else f'{parity:.1e}':>9} {row.get('one_process_step_ms', float('nan')):>13.2f}")
+              f"{'' if parity is None else f'{parity:.1e}':>9} {row.get('one_process_step_ms', float('nan')):>13.2f} "
+              f"{row['optimizer_collectives_per_step']:>12.0f}")
     record = {"config": cfg, "world": args.world, "parameters": n_params, "rows": rows,
               "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "python": sys.version.split()[0]}}

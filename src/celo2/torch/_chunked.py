@@ -33,7 +33,7 @@ Python branch), so it runs asynchronously on accelerators and traces under
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol
+from typing import Generator, Optional, Protocol
 
 import torch
 
@@ -113,6 +113,11 @@ class Reduction(Protocol):
         """Sum ``t`` over the ranks in place (every rank gets the total) and return it."""
 
 
+Partials = Generator[torch.Tensor, None, Optional[torch.Tensor]]
+"""A step written as a generator: it yields each partial sum to be completed across ranks (summed in
+place by whoever drives it, before it resumes) and returns its result (:func:`steps`)."""
+
+
 # Per-chunk scratch layout, in multiples of the chunk size c.
 _WS_X = 0  # channels (18c); pass-1 scratch (6c) and the second hidden layer (9c) reuse it
 _WS_H = 18  # first hidden layer (9c, last row ones)
@@ -150,11 +155,13 @@ class _Tensor:
         """Whether a statistic over ``axes`` (of the work shape) spans the sharded axis."""
         return self.shard is not None and self.shard.axis in tuple(axes)
 
-    def mean_over(self, x: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+    def mean_over(self, x: torch.Tensor, dim: int, axis: int) -> Partials:
         """Mean of ``x`` over its ``dim`` (the tensor's ``axis``), completed across ranks when sharded there."""
         if not self.sharded_along((axis,)):
             return x.mean(dim=dim, keepdim=True)
-        return self.shard.sum_(x.sum(dim=dim, keepdim=True)).mul_(1.0 / self.global_shape[axis])
+        total = x.sum(dim=dim, keepdim=True)
+        yield total
+        return total.mul_(1.0 / self.global_shape[axis])
 
     def chunks(self):
         for a in range(0, self.shape[0], self.rows):
@@ -164,7 +171,7 @@ class _Tensor:
         return -(-self.shape[0] // self.rows)
 
     # -- pass 1: accumulators (and, for whole-tensor groups, most sums of squares) --
-    def update(self, ws: torch.Tensor, sums: Optional[torch.Tensor] = None) -> None:
+    def update(self, ws: torch.Tensor, sums: Optional[torch.Tensor] = None) -> Partials:
         """Fold the clipped gradient into every accumulator, chunk by chunk.
 
         With ``sums`` (a ``(chunks, 18)`` buffer), also write each chunk's sums
@@ -207,9 +214,9 @@ class _Tensor:
         if self.dims is None:
             return
         if self.sharded_along((d0,)):
-            self.shard.sum_(sum_r)
+            yield sum_r
         if self.sharded_along((d1,)):
-            self.shard.sum_(sum_c)
+            yield sum_c
         self.fold_factored(sum_r, sum_c)
 
     def fold_factored(self, sum_d0: torch.Tensor, sum_d1: torch.Tensor) -> None:
@@ -243,14 +250,14 @@ class _Tensor:
         _dot_into(out[_MRV:_MRV + 3], t3, m)
 
     # -- shared per-tensor quantities ------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self) -> Partials:
         """Adafactor factors and the rank-1 (row / column) share of the first layer."""
         if self.dims is None:
             return
         lay, nd = self.lay, self.nd
         d1, d0 = self.dims
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_mean = self.mean_over(self.fac_r, 1 + reduced_d1, d1)
+        row_mean = yield from self.mean_over(self.fac_r, 1 + reduced_d1, d1)
         rf = _safe_rsqrt(self.fac_r / (row_mean + spec.ROW_MEAN_EPS)).unsqueeze(1 + d0)
         cf = _safe_rsqrt(self.fac_c).unsqueeze(1 + d1)
         self.rf, self.cf = rf, cf  # (3, *S with 1 at d0 / d1)
@@ -263,7 +270,9 @@ class _Tensor:
             spans = [a for a in (nd - 2, nd - 1) if a != axis]  # tensor axes the statistic varies along
             if self.sharded_along(spans):
                 count = math.prod(self.global_shape[a] for a in spans)
-                ms = self.shard.sum_(x.square().sum(dim=last2, keepdim=True)).mul_(1.0 / count)
+                ms = x.square().sum(dim=last2, keepdim=True)
+                yield ms
+                ms = ms.mul_(1.0 / count)
             else:
                 ms = x.square().mean(dim=last2, keepdim=True)
             x = x * torch.rsqrt(ms + spec.INPUT_NORM_EPS)
@@ -369,7 +378,72 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
         dims: Optional[tuple[int, int]] = None, top: bool = True,
         shard: Optional[Reduction] = None) -> Optional[torch.Tensor]:
-    """One tensor's step on the chunked path.
+    """One tensor's step on the chunked path (:func:`steps`, its partial sums completed by ``shard.sum_``).
+
+    Arguments and result as :func:`steps`.
+    """
+    gen = steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
+                workspace=workspace, dims=dims, top=top, shard=shard)
+    try:
+        partial = next(gen)
+        while True:
+            shard.sum_(partial)
+            partial = gen.send(None)
+    except StopIteration as done:
+        return done.value
+
+
+def local_result(gen: Partials) -> Optional[torch.Tensor]:
+    """The result of a step (or pass) of an unsharded tensor, which yields no partial sums."""
+    try:
+        next(gen)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("an unsharded tensor's step yielded a partial sum to complete across ranks")
+
+
+def run_together(gens: list[Partials], sum_flat) -> list[Optional[torch.Tensor]]:  # noqa: ANN001
+    """Drive several :func:`steps` generators in lock step, completing each round's partial sums with one
+    ``sum_flat`` call on their concatenation (float32), so that ``k`` tensors cost one collective per round
+    instead of ``k``. Every rank must drive the same tensors in the same order.
+
+    Args:
+        gens: The steps of the tensors of one shard group.
+        sum_flat: Sums a flat float32 tensor across the ranks in place.
+
+    Returns:
+        Each generator's result.
+    """
+    results: list[Optional[torch.Tensor]] = [None] * len(gens)
+    pending = {}
+    for i, gen in enumerate(gens):
+        _advance(gens, i, None, pending, results)
+    while pending:
+        order = sorted(pending)
+        parts = [pending[i] for i in order]
+        flat = sum_flat(torch.cat([p.reshape(-1).to(torch.float32) for p in parts]))
+        for i, p, total in zip(order, parts, flat.split([p.numel() for p in parts])):
+            p.copy_(total.view(p.shape))
+        pending = {}
+        for i in order:
+            _advance(gens, i, True, pending, results)
+    return results
+
+
+def _advance(gens, i, resume, pending, results) -> None:  # noqa: ANN001
+    try:
+        pending[i] = next(gens[i]) if resume is None else gens[i].send(None)
+    except StopIteration as done:
+        results[i] = done.value
+
+
+def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
+          orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
+          chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
+          dims: Optional[tuple[int, int]] = None, top: bool = True,
+          shard: Optional[Reduction] = None) -> Partials:
+    """One tensor's step on the chunked path, as a generator of the partial sums a sharded tensor needs
+    completed (none without ``shard``; see :data:`Partials`).
 
     Args:
         theta: The weights on the tensor's device.
@@ -390,7 +464,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         top: Whether this is the whole tensor (internal).
         shard: ``param``, ``grad`` and ``state`` are one rank's block of a
             tensor sharded along ``shard.axis``; the statistics spanning that
-            axis are completed with ``shard.sum_`` (see :class:`Reduction`).
+            axis are yielded as partial sums (see :class:`Reduction`).
             The raw direction (``raw=True``) is then this rank's block of it.
             Tensors of three or more dims may be sharded along any axis but
             the last two.
@@ -428,8 +502,8 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     if t.nd >= 3:
         # Normalisation groups (last two axes) sit inside a chunk: one pass
         # after the accumulators, each chunk finished on its own.
-        t.update(ws)
-        t.prepare()
+        yield from t.update(ws)
+        yield from t.prepare()
         out = None if apply is not None else torch.empty(shape, dtype=torch.float32, device=t.device)
         group = shape[-2] * shape[-1]
         w_t = lay.w_el.t()
@@ -453,13 +527,13 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     # (pass 1, plus a light pass for the factored channels of a matrix), then
     # the channels are built once more, chunk by chunk, for the MLP.
     partial = torch.empty(t.num_chunks(), _CHANNELS, device=t.device)
-    t.update(ws, partial)
-    t.prepare()
+    yield from t.update(ws, partial)
+    yield from t.prepare()
     sums = partial.sum(0)
     if t.dims is not None:
         t.factor_sums(ws, sums)
     if shard is not None:
-        shard.sum_(sums)
+        yield sums
     inv = torch.rsqrt(sums[:ch] * (1.0 / t.numel) + spec.INPUT_NORM_EPS)
     w_t = (lay.w_el[:ch] * inv.view(ch, 1)).t().contiguous()
     out = torch.empty(shape, dtype=torch.float32, device=t.device)
@@ -473,7 +547,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         out = newton_schulz(out, inplace=True)
     ms = torch.linalg.vector_norm(out).square_()
     if shard is not None:
-        shard.sum_(ms.reshape(1))
+        yield ms
     ms = ms.mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
     if apply is None:
         return out.mul_(ms.rsqrt_()).reshape(param.shape)

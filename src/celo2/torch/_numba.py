@@ -19,6 +19,7 @@ import torch
 
 from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import layout, spec
+from celo2.torch import _chunked
 from celo2.torch._chunked import _Tensor, _finish_group_normalised, apply_update
 from celo2.torch._state import TorchTheta, work_shape
 from celo2.torch.ns import newton_schulz
@@ -147,7 +148,7 @@ def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p:
     sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
     d1, d0 = t.dims
     t.fold_factored(sum_over[d0], sum_over[d1])
-    t.prepare()
+    _chunked.local_result(t.prepare())
     RF, CF = _rows_cols((t.rf, t.cf), d0 == 1, 3, O, I, G)
     TR, TC = _rows_cols(t.terms, d0 == 1, 8, O, I, G)
     net = layout.unpack(theta.net_numpy())

@@ -260,10 +260,18 @@ def init_state(p: DTensor, sharding: Sharding) -> dict[str, DTensor]:
     return {key: sharding.new_state(key, shape, p.device) for key, shape in state_shapes(p.shape).items()}
 
 
-def finite_flag(g: torch.Tensor, sharding: Sharding) -> torch.Tensor:
-    """1 where every shard of the gradient is finite, else 0 (a 0-d int32 tensor, the same on every rank)."""
-    ok = torch.isfinite(local(g)).all().to(torch.int32)
-    return sharding.min_(ok.reshape(1)).reshape(())
+def finite_flags(grads: Sequence[torch.Tensor], sharding: Sharding) -> list[torch.Tensor]:
+    """Per gradient, 1 where every shard of it is finite, else 0 (0-d int32 tensors, the same on every
+    rank); one collective for all of them.
+
+    Args:
+        grads: Gradients sharded over ``sharding``'s group.
+        sharding: Any of their shardings (for the group).
+    """
+    if not grads:
+        return []
+    oks = torch.stack([torch.isfinite(local(g)).all() for g in grads]).to(torch.int32)
+    return list(sharding.min_(oks).unbind())
 
 
 def plan_owners(sizes: Sequence[int], ranks: int) -> list[int]:
@@ -397,36 +405,44 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         chunk_elements: Elements per chunk of the chunked path.
     """
     apply = (lr, weight_decay)
-    gates = []
-    held: dict[Any, list[int]] = {}  # per shard group, the matrices Newton-Schulz takes whole
+    groups: dict[Any, list[int]] = {}  # shard group -> its tensors (each group's collectives go together)
+    for i, p in enumerate(params):
+        if p.numel():
+            groups.setdefault(shardings[i].group, []).append(i)
 
     def locals_of(i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         return local(params[i]), local(grads[i]), {k: local(states[i][k]) for k in ("m", "v", "fac_r", "fac_c")}
 
-    for i, (p, g, sh) in enumerate(zip(params, grads, shardings)):
-        if p.numel() == 0:
-            continue
+    def steps_of(i: int, raw: bool) -> _chunked.Partials:
         p_loc, g_loc, st_loc = locals_of(i)
+        return _chunked.steps(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize or raw,
+                              None if raw else apply, raw=raw, shard=shardings[i], chunk_elements=chunk_elements,
+                              workspace=workspace)
+
+    gates = []
+    for members in groups.values():
+        ref = shardings[members[0]]
         if skip:
-            gates.append(Gate(p_loc, list(st_loc.values()), counters[i], ok=finite_flag(g, sh)))
-        if orthogonalize and len(sh.global_shape) == 2:
-            held.setdefault(sh.group, []).append(i)
-        else:
-            _chunked.run(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize, apply, shard=sh,
-                         chunk_elements=chunk_elements, workspace=workspace)
-    for members in held.values():
-        device = local(params[members[0]]).device
+            oks = finite_flags([grads[i] for i in members], ref)
+            for i, ok in zip(members, oks):
+                p_loc, _, st_loc = locals_of(i)
+                gates.append(Gate(p_loc, list(st_loc.values()), counters[i], ok=ok))
+        held = [i for i in members if orthogonalize and len(shardings[i].global_shape) == 2]
+        rest = [i for i in members if i not in set(held)]
+        if rest:
+            _chunked.run_together([steps_of(i, raw=False) for i in rest], ref.sum_)
+        if not held:
+            continue
+        device = local(params[held[0]]).device
         dtype = resolve_ns_dtype(ns_dtype, device)
-        group_shardings = [shardings[i] for i in members]
-        raws: dict[int, torch.Tensor] = {}
+        group_shardings = [shardings[i] for i in held]
         for wave in _waves([math.prod(s.global_shape) for s in group_shardings], WAVE_ELEMENTS):
-            for j in wave:  # this rank's blocks of the wave's raw directions
-                p_loc, g_loc, st_loc = locals_of(members[j])
-                raws[j] = _chunked.run(theta(device), st_loc, g_loc, p_loc, True, None, raw=True,
-                                       shard=group_shardings[j], chunk_elements=chunk_elements, workspace=workspace)
+            # This rank's blocks of the wave's raw directions, their partial sums completed together.
+            outs = _chunked.run_together([steps_of(held[j], raw=True) for j in wave], ref.sum_)
+            raws = dict(zip(wave, outs))
             blocks = _orthogonalise_owned(group_shardings, raws, wave, device, dtype)
             for j, d in zip(wave, blocks):
-                p_loc = local(params[members[j]])
+                p_loc = local(params[held[j]])
                 del raws[j]
                 _chunked.apply_update(p_loc, 0, work_shape(p_loc.shape)[0], d, apply, None)
     for gate in gates:

@@ -434,6 +434,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,
         under the group's non-finite policy."""
         host, gated, gates = [], [], []
+        flags = self._sharded_finite_flags(params) if group["nonfinite"] == "skip" else {}
         for p in params:
             state = self.state[p]
             if not state:
@@ -447,9 +448,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 # The flag reduced over the shards, so every rank skips alike.
                 if p.device.type != "cpu" and state["step"].device != p.device:
                     state["step"] = state["step"].to(p.device)
-                ok = _sharded.finite_flag(p.grad, self._shardings[p])
                 gated.append(p)
-                gates.append(F.Gate(_sharded.local(p), [_sharded.local(state[k]) for k in _ADAM_KEYS], counter, ok=ok))
+                gates.append(F.Gate(_sharded.local(p), [_sharded.local(state[k]) for k in _ADAM_KEYS], counter,
+                                    ok=flags[p]))
             elif F.checked_on_host(group["backend"], p):
                 if F.grad_finite(p.grad):
                     host.append(p)
@@ -467,6 +468,19 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         self._adam_run(group, [p for p in gated if p.device.type != "cpu"], capturable=True)
         for gate in gates:
             gate.close()
+
+    def _sharded_finite_flags(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """The non-finite flag of every DTensor of ``params``, reduced over its shards (one collective per
+        shard group), so that every rank skips alike."""
+        by_group: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            if isinstance(p, DTensor):
+                by_group.setdefault(self._shardings[p].group, []).append(p)
+        flags = {}
+        for members in by_group.values():
+            oks = _sharded.finite_flags([p.grad for p in members], self._shardings[members[0]])
+            flags.update(zip(members, oks))
+        return flags
 
     def _adam_run(self, group: dict[str, Any], params: list[torch.Tensor], capturable: bool) -> None:
         if not params:
