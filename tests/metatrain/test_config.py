@@ -26,8 +26,15 @@ def test_cpu_preset_uses_built_in_and_mnist_families():
     assert c.iterations < 100_000
 
 
+def test_cpu_photos_preset_swaps_the_generated_families_for_the_photo_ones():
+    c, cpu = preset("cpu-photos"), preset("cpu")
+    assert c.tasks == ("mnist", "fashion-mnist", "photo-patches", "photo-faces")
+    assert c.replace(tasks=cpu.tasks, preset="cpu") == cpu  # nothing else differs
+    assert c.preset == "cpu-photos" and c.inner_steps_per_iteration == 1600
+
+
 def test_unknown_preset_is_named():
-    with pytest.raises(ConfigError, match="'nope'.*paper, cpu, smoke"):
+    with pytest.raises(ConfigError, match="'nope'.*paper, cpu, cpu-photos, smoke"):
         preset("nope")
 
 
@@ -62,4 +69,4 @@ def test_round_trip_through_json():
     import json
 
     assert MetaTrainConfig.from_dict(json.loads(c.to_json())) == c
-    assert set(PRESETS) == {"paper", "cpu", "smoke"}
+    assert set(PRESETS) == {"paper", "cpu", "cpu-photos", "smoke"}

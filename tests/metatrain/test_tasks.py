@@ -60,3 +60,27 @@ def test_a_new_family_plugs_in_and_bad_data_are_named():
     finally:
         for name in ("test-good", "test-size", "test-labels"):
             _REGISTRY.pop(name, None)
+
+
+def test_the_photo_families_are_registered_and_need_no_data_folder():
+    fams = task_families()
+    for name in ("photo-patches", "photo-faces"):
+        assert not fams[name].needs_data_root and "scikit-image" in fams[name].description
+
+
+def test_the_photo_families_meta_train_a_few_outer_iterations(tmp_path):
+    pytest.importorskip("skimage", reason="the photo families need scikit-image (pip install 'celo2[photos]')")
+    from celo2 import Theta
+    from celo2.metatrain import meta_train
+    from celo2.metatrain.trainer import read_metrics
+
+    config = preset("smoke", tasks=("photo-patches", "photo-faces"), iterations=3, checkpoint_every=3)
+    data = load_task_data(config.tasks, None)
+    assert data.summary() == {"photo-patches": 30000, "photo-faces": 30000}
+    result = meta_train(config, tmp_path / "run", progress=False, log=lambda msg: None)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["meta_loss"]) for r in rows)
+    assert np.all(np.isfinite(result.theta.to_flat()))
+    assert not result.theta.allclose(Theta.init(config.seed))  # the outer steps moved theta
+    assert (tmp_path / "run" / "theta.state").is_file()

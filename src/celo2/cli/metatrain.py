@@ -19,7 +19,8 @@ Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
   celo2 meta-train plot runs/cpu                            # meta-loss curve -> PNG
   celo2 meta-train score shipped published=theta.state --data-dir DATA   # thetas on the meta-loss
 
-Presets: paper (the published recipe), cpu (sized for 2 CPU cores), smoke.
+Presets: paper (the published recipe), cpu (sized for 2 CPU cores), cpu-photos (cpu
+with the photo families of celo2.data.photos for digits and synthetic), smoke.
 Any setting can be changed with --set key=value (see --print-config for keys).
 'score' runs every theta, unperturbed, on the same inner runs of the preset's
 tasks and reports the meta-loss (mean clipped training loss per inner step)
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="*", metavar="plot RUN_DIR | score THETA",
                    help="'plot RUN_DIR' draws RUN_DIR's meta-loss curve; 'score THETA [THETA ...]' scores "
                         "thetas ('shipped', LABEL=PATH or PATH) on the meta-loss; neither: train")
-    p.add_argument("--preset", default=None, help="paper, cpu (default) or smoke")
+    p.add_argument("--preset", default=None, help="paper, cpu (default), cpu-photos or smoke")
     p.add_argument("--tasks", default=None,
                    help="comma-separated task families, e.g. mnist,fashion-mnist,digits,synthetic")
     p.add_argument("--data-dir", default=None, help="dataset folder (else $CELO2_DATA_DIR)")

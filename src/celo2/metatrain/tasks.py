@@ -88,6 +88,22 @@ for _name, _needs, _desc in (
     register_task_family(TaskFamily(_name, _celo2_data_loader(_name), _needs, _desc))
 
 
+def _photo_loader(family: str) -> Callable[[str | None, int], tuple[np.ndarray, np.ndarray]]:
+    def load(data_root: str | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+        from celo2.data import photos  # imported late: needs scikit-image
+
+        return photos.load_photo_family(family, split="train", size=size)
+
+    return load
+
+
+for _name, _desc in (
+    ("photo-patches", "which of ten scikit-image photographs an 8x8 patch comes from (CIFAR-10 stand-in)"),
+    ("photo-faces", "where an LFW face sits in a photograph's clutter, or none (SVHN stand-in)"),
+):
+    register_task_family(TaskFamily(_name, _photo_loader(_name), False, _desc + "; needs scikit-image"))
+
+
 @dataclass(frozen=True)
 class TaskData:
     """The training sets of a run's task families, padded and stacked for vectorised sampling."""
