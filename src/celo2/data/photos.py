@@ -34,9 +34,6 @@ same generator, so test images are new crops of the same distribution):
     non-face LFW crop pasted at a random cell; the canvas is area-averaged to
     8x8 and jittered like ``photo-patches`` (the SVHN stand-in: an object in
     clutter).
-    classes 0..8 are the cell of a face, class 9 a non-face LFW crop pasted at
-    a random cell; then area-averaged to 8x8 and jittered like the others (the
-    SVHN stand-in: an object in clutter).
 
 Both are deterministic for a seed (:data:`PHOTO_SEED` by default) and
 have :data:`PHOTO_SIZES` images per split.
