@@ -392,8 +392,9 @@ def tensor_step(
     formulation, and so does a tensor that may be split across devices
     (:func:`may_be_split`: decided at trace time from its type), whose
     direction the partitioner then splits like the parameter. A zero-size
-    tensor gets a zero-size direction and its (zero-size) state back. ``ns_dtype``: the dtype of Newton-Schulz's matrix
-    products (default float32; see :func:`celo2.optax.scale_by_celo2`).
+    tensor gets a zero-size direction and its (zero-size) state back.
+    ``ns_dtype``: the dtype of Newton-Schulz's matrix products (default
+    float32; see :func:`celo2.optax.scale_by_celo2`).
     """
     if 0 in tuple(param.shape):
         return jnp.zeros(param.shape, param.dtype), state
