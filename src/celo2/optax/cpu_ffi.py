@@ -21,7 +21,10 @@ metadata extension); they are compiled on first use and cached on disk. XLA
 runs independent custom calls on its own threads, so a model's tensors spread
 over the cores. Not differentiable and not batched natively (under ``vmap``
 it loops): :func:`celo2.optax.scale_by_celo2` uses it only for a fixed theta,
-and ``cpu_kernels=False`` turns it off.
+and ``cpu_kernels=False`` turns it off. The call needs each tensor whole on
+one device, so a tensor that may be split across devices takes XLA's
+formulation instead, which the partitioner splits like the parameter (decided
+at trace time: :func:`celo2.optax.rule.may_be_split`).
 """
 
 from __future__ import annotations

@@ -88,23 +88,111 @@ def _work_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def init_tensor_state(param: jax.Array) -> TensorState:
+    """Zero accumulators for ``param`` (float32, shapes as in :class:`TensorState`).
+
+    Where ``param``'s sharding is known (a concrete array with a
+    ``NamedSharding``, or a traced one split over explicit mesh axes) each
+    accumulator is split like it: the axes it shares with the parameter on the
+    same mesh axes, the decay axis whole (:func:`state_specs`).
+
+    Args:
+        param: The parameter (any shape; 0-D counts as ``(1,)``).
+
+    Returns:
+        Its :class:`TensorState` of zeros.
+    """
     shape = _work_shape(tuple(param.shape))
     n = len(spec.MOMENTUM_DECAYS)
     k = len(spec.FACTORED_DECAYS)
     dims = spec.factored_dims(shape)
     if dims is None:
-        fac_r = jnp.zeros((k, *shape), jnp.float32)
-        fac_c = jnp.zeros((k, 0), jnp.float32)
+        shapes = [(n, *shape), shape, (k, *shape), (k, 0)]
     else:
         d1, d0 = dims
-        fac_r = jnp.zeros((k, *np.delete(shape, d0)), jnp.float32)
-        fac_c = jnp.zeros((k, *np.delete(shape, d1)), jnp.float32)
-    return TensorState(
-        m=jnp.zeros((n, *shape), jnp.float32),
-        v=jnp.zeros(shape, jnp.float32),
-        fac_r=fac_r,
-        fac_c=fac_c,
-    )
+        shapes = [(n, *shape), shape, (k, *np.delete(shape, d0)), (k, *np.delete(shape, d1))]
+    place = _placements(param, shape)
+    return TensorState(*(jnp.zeros(s, jnp.float32, **kw) for s, kw in zip(shapes, place)))
+
+
+def state_specs(param_spec: "jax.sharding.PartitionSpec", shape: tuple[int, ...]) -> TensorState:
+    """The ``PartitionSpec`` of each accumulator of a parameter of ``shape``
+    split by ``param_spec``: its own axes keep the parameter's mesh axes, the
+    decay axis and a factored statistic's reduced axis are whole.
+
+    Args:
+        param_spec: The parameter's ``PartitionSpec`` (shorter than its rank: the rest whole).
+        shape: The parameter's shape (0-D counts as ``(1,)``).
+
+    Returns:
+        A :class:`TensorState` of ``PartitionSpec``.
+    """
+    P = jax.sharding.PartitionSpec
+    shape = _work_shape(tuple(shape))
+    axes = tuple(param_spec) + (None,) * (len(shape) - len(tuple(param_spec)))
+    dims = spec.factored_dims(shape)
+    if dims is None:
+        return TensorState(P(None, *axes), P(*axes), P(None, *axes), P(None, None))
+    d1, d0 = dims
+    drop = lambda a: tuple(x for i, x in enumerate(axes) if i != a)  # noqa: E731
+    return TensorState(P(None, *axes), P(*axes), P(None, *drop(d0)), P(None, *drop(d1)))
+
+
+def _placements(param: jax.Array, shape: tuple[int, ...]) -> list[dict]:
+    """``jnp.zeros`` keywords that split each accumulator like ``param``, where its sharding is known."""
+    none = [{}] * 4
+    if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+        sharding = getattr(param, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and len(param.shape) == len(shape):
+            return [{"device": jax.sharding.NamedSharding(sharding.mesh, s)}
+                    for s in state_specs(sharding.spec, shape)]
+        return none
+    if _explicit_split_axes(param) and len(param.shape) == len(shape):
+        return [{"out_sharding": s} for s in state_specs(jax.typeof(param).sharding.spec, shape)]
+    return none
+
+
+def _spec_axis_names(spec_: "jax.sharding.PartitionSpec") -> set[str]:
+    names: set[str] = set()
+    for entry in spec_:
+        if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED:
+            continue
+        names.update((entry,) if isinstance(entry, str) else entry)
+    return names
+
+
+def _explicit_split_axes(x: jax.Array) -> set[str]:
+    """The explicit mesh axes longer than 1 that split ``x``, as its type says (empty when none)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh.shape:
+        return set()
+    return {a for a in _spec_axis_names(sharding.spec) if a in mesh.explicit_axes and mesh.shape[a] > 1}
+
+
+def may_be_split(*arrays: jax.Array) -> bool:
+    """Whether any of ``arrays`` may lie in pieces on several devices, as far
+    as its type tells at trace time (no host synchronisation).
+
+    An array on one device, or replicated over explicit mesh axes, is not
+    split; one split by an explicit mesh axis is; one whose mesh has an
+    ``Auto`` axis longer than 1 may be (the partitioner places it after
+    tracing, so it counts as split). Manual axes (inside ``shard_map``) hold
+    the local block: they do not split it.
+
+    Args:
+        arrays: Arrays or tracers.
+
+    Returns:
+        ``True`` when some array may be split across devices.
+    """
+    for x in arrays:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or not mesh.shape:
+            continue
+        if any(mesh.shape[a] > 1 for a in mesh.auto_axes) or _explicit_split_axes(x):
+            return True
+    return False
 
 
 def _decays(values: tuple[float, ...], ndim: int) -> jax.Array:
@@ -128,8 +216,17 @@ def newton_schulz(x: jax.Array, dtype: "jnp.dtype | None" = None) -> jax.Array:
             Frobenius pre-scaling is computed in ``x``'s dtype first.
 
     Returns:
-        The result in ``x``'s dtype.
+        The result in ``x``'s dtype. An ``x`` split over explicit mesh axes
+        is orthogonalised in ``jax.sharding.auto_axes`` (XLA's partitioner
+        inserts the collectives) and comes back split like ``x``.
     """
+    if _explicit_split_axes(x):  # explicit sharding: XLA's partitioner places the products, out split like x
+        out = jax.typeof(x).sharding.spec
+        return jax.sharding.auto_axes(lambda y: _newton_schulz(y, dtype), out_sharding=out)(x)
+    return _newton_schulz(x, dtype)
+
+
+def _newton_schulz(x: jax.Array, dtype: "jnp.dtype | None") -> jax.Array:
     a, b, c = spec.NS_COEFFS
     out_dtype = x.dtype
     transpose = x.shape[-2] > x.shape[-1]
@@ -292,13 +389,16 @@ def tensor_step(
     matrix or conv kernel is one custom call into the fused Numba kernels
     (:mod:`celo2.optax.cpu_ffi`, about 3x faster than XLA's loop there; not
     differentiable); other tensors, and other platforms, take the XLA
-    formulation. A zero-size tensor gets a zero-size direction and its
-    (zero-size) state back. ``ns_dtype``: the dtype of Newton-Schulz's matrix
-    products (default float32; see :func:`celo2.optax.scale_by_celo2`).
+    formulation, and so does a tensor that may be split across devices
+    (:func:`may_be_split`: decided at trace time from its type), whose
+    direction the partitioner then splits like the parameter. A zero-size
+    tensor gets a zero-size direction and its (zero-size) state back.
+    ``ns_dtype``: the dtype of Newton-Schulz's matrix products (default
+    float32; see :func:`celo2.optax.scale_by_celo2`).
     """
     if 0 in tuple(param.shape):
         return jnp.zeros(param.shape, param.dtype), state
-    kind = _kernel_kind(param, grad, cpu_kernels)
+    kind = _kernel_kind(param, grad, state, cpu_kernels)
     if kind is not None:
         def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
             return _cpu_step(theta, state, grad, param, orthogonalize, kind, False, ns_dtype)[:2]
@@ -346,7 +446,7 @@ def guarded_tensor_step(
         new = keep_if(ok, new, state)
         return jnp.where(ok, d, jnp.zeros_like(d)), new, ok
 
-    kind = _kernel_kind(param, grad, cpu_kernels)
+    kind = _kernel_kind(param, grad, state, cpu_kernels)
     if kind is not None:
         def on_cpu(theta, state, grad, param):  # noqa: ANN001, ANN202
             return _cpu_step(theta, state, grad, param, orthogonalize, kind, True, ns_dtype)
@@ -355,13 +455,19 @@ def guarded_tensor_step(
     return elsewhere(theta, state, grad, param)
 
 
-def _kernel_kind(param: jax.Array, grad: jax.Array, cpu_kernels: bool) -> "str | None":
-    """The CPU kernels' kind for this tensor when they are asked for, else ``None``."""
+def _kernel_kind(param: jax.Array, grad: jax.Array, state: TensorState, cpu_kernels: bool) -> "str | None":
+    """The CPU kernels' kind for this tensor when they are asked for, else
+    ``None``. A tensor that may be split across devices (:func:`may_be_split`)
+    takes XLA's formulation, which the partitioner splits like the operands:
+    the custom call would need each tensor whole on one device."""
     if not cpu_kernels:
         return None
     from celo2.optax import cpu_ffi
 
-    return cpu_ffi.kind(tuple(param.shape), grad.dtype, param.dtype)
+    kind = cpu_ffi.kind(tuple(param.shape), grad.dtype, param.dtype)
+    if kind is not None and may_be_split(param, grad, *state):
+        return None
+    return kind
 
 
 def _cpu_step(theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
