@@ -113,9 +113,11 @@ class Reduction(Protocol):
         """Sum ``t`` over the ranks in place (every rank gets the total) and return it."""
 
 
-Partials = Generator[torch.Tensor, None, Optional[torch.Tensor]]
+Partials = Generator[torch.Tensor, None, None]
 """A step written as a generator: it yields each partial sum to be completed across ranks (summed in
-place by whoever drives it, before it resumes) and returns its result (:func:`steps`)."""
+place by whoever drives it, before it resumes); :func:`steps` puts its result in a box. (Results do not
+travel as generator return values: ``torch.compile`` traces a plain ``for`` over the generator, which
+yields nothing for an unsharded tensor.)"""
 
 
 # Per-chunk scratch layout, in multiples of the chunk size c.
@@ -154,14 +156,6 @@ class _Tensor:
     def sharded_along(self, axes) -> bool:  # noqa: ANN001
         """Whether a statistic over ``axes`` (of the work shape) spans the sharded axis."""
         return self.shard is not None and self.shard.axis in tuple(axes)
-
-    def mean_over(self, x: torch.Tensor, dim: int, axis: int) -> Partials:
-        """Mean of ``x`` over its ``dim`` (the tensor's ``axis``), completed across ranks when sharded there."""
-        if not self.sharded_along((axis,)):
-            return x.mean(dim=dim, keepdim=True)
-        total = x.sum(dim=dim, keepdim=True)
-        yield total
-        return total.mul_(1.0 / self.global_shape[axis])
 
     def chunks(self):
         for a in range(0, self.shape[0], self.rows):
@@ -257,7 +251,12 @@ class _Tensor:
         lay, nd = self.lay, self.nd
         d1, d0 = self.dims
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_mean = yield from self.mean_over(self.fac_r, 1 + reduced_d1, d1)
+        if self.sharded_along((d1,)):  # the mean over d1, completed across ranks
+            row_mean = self.fac_r.sum(dim=1 + reduced_d1, keepdim=True)
+            yield row_mean
+            row_mean = row_mean.mul_(1.0 / self.global_shape[d1])
+        else:
+            row_mean = self.fac_r.mean(dim=1 + reduced_d1, keepdim=True)
         rf = _safe_rsqrt(self.fac_r / (row_mean + spec.ROW_MEAN_EPS)).unsqueeze(1 + d0)
         cf = _safe_rsqrt(self.fac_c).unsqueeze(1 + d1)
         self.rf, self.cf = rf, cf  # (3, *S with 1 at d0 / d1)
@@ -380,68 +379,50 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         shard: Optional[Reduction] = None) -> Optional[torch.Tensor]:
     """One tensor's step on the chunked path (:func:`steps`, its partial sums completed by ``shard.sum_``).
 
-    Arguments and result as :func:`steps`.
+    Arguments as :func:`steps`.
+
+    Returns:
+        The direction (float32, the parameter's shape), the raw direction, or ``None``.
     """
-    gen = steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
-                workspace=workspace, dims=dims, top=top, shard=shard)
-    try:
-        partial = next(gen)
-        while True:
-            shard.sum_(partial)
-            partial = gen.send(None)
-    except StopIteration as done:
-        return done.value
+    box: dict = {}
+    for partial in steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
+                         workspace=workspace, dims=dims, top=top, shard=shard, box=box):
+        shard.sum_(partial)
+    return box.get("result")
 
 
-def local_result(gen: Partials) -> Optional[torch.Tensor]:
-    """The result of a step (or pass) of an unsharded tensor, which yields no partial sums."""
-    try:
-        next(gen)
-    except StopIteration as done:
-        return done.value
-    raise RuntimeError("an unsharded tensor's step yielded a partial sum to complete across ranks")
+def run_local(gen: Partials) -> None:
+    """Run a pass of an unsharded tensor, which yields no partial sums."""
+    for _ in gen:
+        raise RuntimeError("an unsharded tensor's pass yielded a partial sum to complete across ranks")
 
 
-def run_together(gens: list[Partials], sum_flat) -> list[Optional[torch.Tensor]]:  # noqa: ANN001
+def run_together(gens: list[Partials], sum_flat) -> None:  # noqa: ANN001
     """Drive several :func:`steps` generators in lock step, completing each round's partial sums with one
     ``sum_flat`` call on their concatenation (float32), so that ``k`` tensors cost one collective per round
     instead of ``k``. Every rank must drive the same tensors in the same order.
 
     Args:
-        gens: The steps of the tensors of one shard group.
+        gens: The steps of the tensors of one shard group (their results land in their boxes).
         sum_flat: Sums a flat float32 tensor across the ranks in place.
-
-    Returns:
-        Each generator's result.
     """
-    results: list[Optional[torch.Tensor]] = [None] * len(gens)
-    pending = {}
-    for i, gen in enumerate(gens):
-        _advance(gens, i, None, pending, results)
-    while pending:
-        order = sorted(pending)
-        parts = [pending[i] for i in order]
-        flat = sum_flat(torch.cat([p.reshape(-1).to(torch.float32) for p in parts]))
-        for i, p, total in zip(order, parts, flat.split([p.numel() for p in parts])):
-            p.copy_(total.view(p.shape))
-        pending = {}
-        for i in order:
-            _advance(gens, i, True, pending, results)
-    return results
-
-
-def _advance(gens, i, resume, pending, results) -> None:  # noqa: ANN001
-    try:
-        pending[i] = next(gens[i]) if resume is None else gens[i].send(None)
-    except StopIteration as done:
-        results[i] = done.value
+    live = list(gens)
+    while live:
+        pending = [(gen, next(gen, None)) for gen in live]
+        pending = [(gen, p) for gen, p in pending if p is not None]
+        if pending:
+            parts = [p for _, p in pending]
+            flat = sum_flat(torch.cat([p.reshape(-1).to(torch.float32) for p in parts]))
+            for p, total in zip(parts, flat.split([p.numel() for p in parts])):
+                p.copy_(total.view(p.shape))
+        live = [gen for gen, _ in pending]
 
 
 def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
           orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
           chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
           dims: Optional[tuple[int, int]] = None, top: bool = True,
-          shard: Optional[Reduction] = None) -> Partials:
+          shard: Optional[Reduction] = None, box: Optional[dict] = None) -> Partials:
     """One tensor's step on the chunked path, as a generator of the partial sums a sharded tensor needs
     completed (none without ``shard``; see :data:`Partials`).
 
@@ -468,10 +449,13 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
             The raw direction (``raw=True``) is then this rank's block of it.
             Tensors of three or more dims may be sharded along any axis but
             the last two.
+        box: Receives the result under ``"result"``: the direction (float32,
+            the parameter's shape), the raw direction, or ``None``.
 
-    Returns:
-        The direction (float32, the parameter's shape), the raw direction, or ``None``.
+    Yields:
+        The partial sums to complete across ranks (none without ``shard``).
     """
+    box = {} if box is None else box
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     if torch.compiler.is_compiling():
         # Traced: every chunk becomes graph nodes, so fewer, larger chunks
@@ -491,7 +475,9 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         # A leading slice alone exceeds a chunk and the factored axes lie inside
         # it: each slice is an independent (n-1)-D problem (its own groups,
         # factors and Newton-Schulz), so recurse with the axes shifted.
-        return _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims)
+        box["result"] = _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply,
+                                    dims)
+        return
     lay = theta.layout()
     t = _Tensor(lay, state, grad, param, dims, chunk_elements, shard)
     size = _WS_SIZE * t.rows * t.inner
@@ -521,7 +507,8 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
                 apply_update(param, a, b, d, apply, None)
             elif d.data_ptr() != out[a:b].data_ptr() or d.stride() != out[a:b].stride():
                 out[a:b].copy_(d)
-        return None if apply is not None else out.reshape(param.shape)
+        box["result"] = None if apply is not None else out.reshape(param.shape)
+        return
 
     # Matrices and vectors: the groups span the tensor. Sums of squares first
     # (pass 1, plus a light pass for the factored channels of a matrix), then
@@ -542,7 +529,8 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         t.build(ws[: ch * c].view(ch, b - a, *shape[1:]), a, b)
         t.mlp(ws, c, out[a:b], w_t, a, b)
     if raw:
-        return out
+        box["result"] = out
+        return
     if orthogonalize and t.nd == 2:
         out = newton_schulz(out, inplace=True)
     ms = torch.linalg.vector_norm(out).square_()
@@ -550,9 +538,10 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         yield ms
     ms = ms.mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
     if apply is None:
-        return out.mul_(ms.rsqrt_()).reshape(param.shape)
+        box["result"] = out.mul_(ms.rsqrt_()).reshape(param.shape)
+        return
     apply_update(param, 0, shape[0], out, apply, ms.rsqrt_())
-    return None
+    box["result"] = None
 
 
 def _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims):  # noqa: ANN001

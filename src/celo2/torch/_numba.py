@@ -148,7 +148,7 @@ def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p:
     sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
     d1, d0 = t.dims
     t.fold_factored(sum_over[d0], sum_over[d1])
-    _chunked.local_result(t.prepare())
+    _chunked.run_local(t.prepare())
     RF, CF = _rows_cols((t.rf, t.cf), d0 == 1, 3, O, I, G)
     TR, TC = _rows_cols(t.terms, d0 == 1, 8, O, I, G)
     net = layout.unpack(theta.net_numpy())

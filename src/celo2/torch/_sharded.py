@@ -35,7 +35,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a PyTorch build without torch.distributed: no parameter is a DTensor
+    class DTensor(torch.Tensor):  # type: ignore[no-redef]
+        """Stands in for ``torch.distributed.tensor.DTensor``, which this PyTorch build lacks."""
+
+    Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from celo2.rule import spec
 from celo2.torch import _chunked
@@ -413,11 +420,11 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
     def locals_of(i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         return local(params[i]), local(grads[i]), {k: local(states[i][k]) for k in ("m", "v", "fac_r", "fac_c")}
 
-    def steps_of(i: int, raw: bool) -> _chunked.Partials:
+    def steps_of(i: int, raw: bool, box: Optional[dict] = None) -> _chunked.Partials:
         p_loc, g_loc, st_loc = locals_of(i)
         return _chunked.steps(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize or raw,
                               None if raw else apply, raw=raw, shard=shardings[i], chunk_elements=chunk_elements,
-                              workspace=workspace)
+                              workspace=workspace, box=box)
 
     gates = []
     for members in groups.values():
@@ -438,8 +445,9 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         group_shardings = [shardings[i] for i in held]
         for wave in _waves([math.prod(s.global_shape) for s in group_shardings], WAVE_ELEMENTS):
             # This rank's blocks of the wave's raw directions, their partial sums completed together.
-            outs = _chunked.run_together([steps_of(held[j], raw=True) for j in wave], ref.sum_)
-            raws = dict(zip(wave, outs))
+            boxes = {j: {} for j in wave}
+            _chunked.run_together([steps_of(held[j], raw=True, box=boxes[j]) for j in wave], ref.sum_)
+            raws = {j: boxes[j]["result"] for j in wave}
             blocks = _orthogonalise_owned(group_shardings, raws, wave, device, dtype)
             for j, d in zip(wave, blocks):
                 p_loc = local(params[held[j]])

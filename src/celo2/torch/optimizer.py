@@ -13,7 +13,6 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
@@ -21,6 +20,7 @@ from celo2.rule.theta import Theta, load_theta
 from celo2.torch import _sharded
 from celo2.torch import functional as F
 from celo2.torch._chunked import Workspace
+from celo2.torch._sharded import DTensor
 from celo2.torch._state import TorchTheta, init_tensor_state, state_shapes
 from celo2.torch.ns import resolve_ns_dtype
 
@@ -190,7 +190,10 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         ``nonfinite``) must agree with this optimizer's; on any mismatch
         nothing is loaded. Accumulators are kept float32 whatever the
         parameter dtype. A state saved before ``nonfinite`` existed keeps this
-        optimizer's setting.
+        optimizer's setting. For DTensor parameters each state is laid out like
+        its parameter: a whole (single-process) tensor becomes this rank's
+        block, and a DTensor with other placements is redistributed (a
+        collective: every rank loads together).
 
         Args:
             state_dict: As returned by :meth:`state_dict`.
@@ -556,6 +559,14 @@ _POLICY_DOC = """
     (published theta included); freeze a tensor by leaving it out of the
     optimizer (or ``grad=None``), not by zeroing its gradient.
 
+    Distributed: DTensor parameters (FSDP2's ``fully_shard``, ``Shard(dim)``
+    on one mesh dimension with ``Replicate()`` on the others, uneven shards
+    included) are stepped where they lie, with the update one process would
+    compute; their state is DTensors laid out like them, so
+    ``torch.distributed.checkpoint`` reshards it (see
+    :mod:`celo2.torch._sharded` and the "Distributed training" guide). Other
+    layouts raise a ``ValueError`` naming the parameter and its placements.
+
     Dtypes: accumulators are float32 whatever the parameter dtype; a float64
     parameter is updated in float64 (``lr=0`` leaves it exactly unchanged);
     bfloat16 / float16 parameters combine the update in float32 and round once.
@@ -607,7 +618,8 @@ class Celo2(_LearnedOptimizer):
         ValueError: For a negative ``lr``, ``weight_decay``, ``adam_lr_mult`` or
             ``adam_eps``, betas outside [0, 1), an unknown ``branch``,
             ``nonfinite``, ``backend`` or ``ns_dtype``, a backend this
-            installation lacks (Triton, Numba), or complex parameters.
+            installation lacks (Triton, Numba), complex parameters, or a DTensor
+            parameter laid out in a way the rule cannot step (named, with its placements).
     """
 
     def __init__(
@@ -661,7 +673,8 @@ class Celo2Base(_LearnedOptimizer):
     Raises:
         ValueError: For a negative ``lr`` or ``weight_decay``, an unknown
             ``nonfinite`` or ``backend``, a backend this installation lacks, or
-            complex parameters.
+            complex parameters, or a DTensor parameter laid out in a way the rule
+            cannot step.
     """
 
     def __init__(
