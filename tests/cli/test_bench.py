@@ -78,6 +78,13 @@ def test_thetas_side_by_side(tmp_path, theta_paths):
     md = (out / "report.md").read_text()
     assert "| celo2[one] |" in md and "| celo2[two] |" in md
     assert "one LR only" in md  # a 1-point grid is flagged as untuned
+    rc = main(["bench", *TINY, "--tasks", "mlp", "--optimizers", "celo2", "--lrs", "1e-3", "--adam-lr-mult", "1",
+               "--theta", f"one={theta_paths[0]}", "--out", str(out)])
+    assert rc == 0
+    assert [r["config"]["optimizer_options"] for r in _records(out) if "optimizer_options" in r["config"]] == [
+        {"adam_lr_mult": 1.0}]
+    md = (out / "report.md").read_text()
+    assert "Optimizer options of celo2[one]: `adam_lr_mult=1`." in md and "--adam-lr-mult 1" in md
 
 
 def test_published_theta_trains(tmp_path, published_theta_path):
@@ -141,6 +148,7 @@ def test_report_only_and_dry_run(tmp_path, capsys):
     (["--wd-grid", "sgd=0,1e-3"], "--wd-grid: 'sgd' is not one of the selected"),
     (["--wd-grid", "adamw=0", "--wd-grid", "adamw=1"], "--wd-grid: 'adamw' given twice"),
     (["--wd-grid", "adamw=0,1", "--weight-decay", "adamw=0.1"], "give one of them"),
+    (["--adam-lr-mult", "1"], "--adam-lr-mult: sets Celo2's AdamW branch, but no celo2 optimizer"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     args = ["bench", *TINY, "--tasks", "mlp", "--optimizers", "adamw", "--out", str(tmp_path / "r"), *flags]

@@ -80,6 +80,21 @@ def test_compare_suite_searches_lr_and_wd_at_full_sizes():
                                       weight_decays={"*": 0.1})).wd_grids == {"adamw": [0.1]}
 
 
+def test_adam_lr_mult_reaches_celo2_only_and_keeps_default_keys(monkeypatch, random_theta):
+    monkeypatch.setattr(theta_module, "load_theta", lambda source=None: random_theta)
+    base = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"]))
+    same = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"], adam_lr_mult=20.0))
+    assert [s.key for s in same.specs] == [s.key for s in base.specs]  # the published default: same runs
+    one = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"], adam_lr_mult=1))
+    assert one.optimizer_options == {"celo2": {"adam_lr_mult": 1.0}}
+    assert {s.optimizer: s.optimizer_options for s in one.specs} == {"celo2": {"adam_lr_mult": 1.0}, "adamw": {}}
+    assert not {s.key for s in one.specs if s.optimizer == "celo2"} & {s.key for s in base.specs}
+    with pytest.raises(B.BenchError, match="--adam-lr-mult: .*no celo2"):
+        B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["adamw"], adam_lr_mult=1))
+    with pytest.raises(B.BenchError, match="--adam-lr-mult: must be >= 0"):
+        B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2"], adam_lr_mult=-1))
+
+
 def test_parse_wd_grid():
     assert B.parse_wd_grid("0.1,0,0.01") == [0.0, 0.01, 0.1]
     assert B.parse_wd_grid("default") is None

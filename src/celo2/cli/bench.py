@@ -94,6 +94,9 @@ def register(subparsers) -> None:
                    "(0,0.01,0.1,1 for the decoupled adamw/muon/celo2/celo2-base, 0,1e-4,1e-3,1e-2 for the L2 "
                    "decay of adam/sgd); WDS (A,B,... or 'default') for every optimizer, NAME=WDS for one; "
                    "the compare suite searches by default")
+    p.add_argument("--adam-lr-mult", type=float, metavar="M",
+                   help="LR multiplier of Celo2's AdamW branch (heads, embeddings, vectors); default the "
+                   "published 20. CartPole needs about 1: benchmarks/results/cartpole/README.md")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: ./bench-SUITE); resumed if it has results")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder holding fashion-mnist/ or mnist/ IDX files (else $CELO2_DATA_DIR; with neither, "
@@ -145,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         thetas=args.theta,
         weight_decays=dict(args.weight_decay),
         wd_grids=wd_grids,
+        adam_lr_mult=args.adam_lr_mult,
         out=args.out,
         data_dir=args.data_dir,
         dataset=args.dataset,
@@ -178,6 +182,8 @@ def _command_from_args(args: argparse.Namespace) -> str:
         parts += ["--weight-decay", f"{wd:g}" if name == "*" else f"{name}={wd:g}"]
     for name, grid in args.wd_grid:
         parts += ["--wd-grid", grid if name == "*" else f"{name}={grid}"]
+    if args.adam_lr_mult is not None:
+        parts += ["--adam-lr-mult", f"{args.adam_lr_mult:g}"]
     for flag, v in (("--seeds", args.seeds), ("--steps", args.steps), ("--out", args.out),
                     ("--data-dir", args.data_dir)):
         if v is not None:

@@ -101,6 +101,8 @@ class BenchOptions:
     weight_decays: dict[str, float] = field(default_factory=dict)  # "*" = every optimizer
     #: weight-decay grids by "*", kind or display name; None: that optimizer's default grid
     wd_grids: dict[str, list[float] | None] = field(default_factory=dict)
+    #: Celo2's AdamW-branch LR multiplier (None: the published default, ``spec.ADAM_LR_MULT``)
+    adam_lr_mult: float | None = None
     out: str | None = None
     data_dir: str | None = None
     dataset: str = "fashion-mnist"
@@ -221,6 +223,7 @@ class Plan:
     theta_refs: list[ThetaRef]
     tasks: list[str]
     optimizers: list[str]
+    optimizer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # only non-default ones
 
 
 def _expand_optimizers(names: list[str], refs: list[ThetaRef], labelled: bool) -> list[tuple[str, ThetaRef | None]]:
@@ -323,6 +326,19 @@ def make_plan(opts: BenchOptions) -> Plan:
                 raise BenchError(f"--weight-decay: must be >= 0, got {wd} for {name}")
         wd_grids[name] = sorted(set(wd_list))
 
+    options: dict[str, dict[str, Any]] = {name: {} for name in display}
+    if opts.adam_lr_mult is not None:
+        if not (opts.adam_lr_mult >= 0 and math.isfinite(opts.adam_lr_mult)):
+            raise BenchError(f"--adam-lr-mult: must be >= 0 and finite, got {opts.adam_lr_mult}")
+        celo2_names = [n for n in display if opt_registry.optimizer_kind(n) == "celo2"]
+        if not celo2_names:
+            raise BenchError("--adam-lr-mult: sets Celo2's AdamW branch, but no celo2 optimizer is selected")
+        from celo2.rule.spec import ADAM_LR_MULT
+
+        if opts.adam_lr_mult != ADAM_LR_MULT:  # the default stays out of the key: same runs as without the flag
+            for n in celo2_names:
+                options[n] = {"adam_lr_mult": float(opts.adam_lr_mult)}
+
     seeds = opts.seeds if opts.seeds is not None else list(range(defaults["seeds"]))
     specs: list[RunSpec] = []
     for task in tasks:
@@ -337,8 +353,9 @@ def make_plan(opts: BenchOptions) -> Plan:
             for lr in grids[name]:
                 for wd in wd_grids[name]:
                     for seed in seeds:
-                        specs.append(RunSpec(task, cfg, name, lr, wd, seed, ref, data_dir))
-    return Plan(specs, grids, wd_grids, thetas, refs, tasks, display)
+                        specs.append(RunSpec(task, cfg, name, lr, wd, seed, ref, data_dir,
+                                             optimizer_options=options[name]))
+    return Plan(specs, grids, wd_grids, thetas, refs, tasks, display, {n: o for n, o in options.items() if o})
 
 
 # -- running ---------------------------------------------------------------------
@@ -412,6 +429,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         "thetas": [r.__dict__ for r in plan.theta_refs],
         "grids": plan.grids,
         "weight_decays": plan.wd_grids,
+        "optimizer_options": plan.optimizer_options,
         "environment": env,
         "wall_s": None if opts.report_only else wall,
         "executed": executed,

@@ -165,10 +165,11 @@ def make_muon(model: nn.Module, lr: float, weight_decay: float, theta: Any = Non
     return Composite(opts, before_step=sync_grads if flat_pairs else None)
 
 
-def make_celo2(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
+def make_celo2(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
+               adam_lr_mult: float = spec.ADAM_LR_MULT) -> torch.optim.Optimizer:
     from celo2.torch import Celo2
 
-    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta)
+    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta, adam_lr_mult=adam_lr_mult)
 
 
 def make_celo2_base(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
@@ -245,12 +246,27 @@ def optimizer_kind(name: str) -> str:
     return name.split("[", 1)[0]
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, theta: Any = None):
-    """Build optimizer ``name`` (a kind or ``kind[theta-label]``) for ``model``."""
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, theta: Any = None, **options: Any):
+    """Build optimizer ``name`` (a kind or ``kind[theta-label]``) for ``model``.
+
+    Args:
+        name: The optimizer kind, or ``kind[theta-label]``.
+        model: The model whose parameters it steps.
+        lr: Peak learning rate.
+        weight_decay: Weight decay, in the optimizer's own convention.
+        theta: The learned optimizer's theta (Celo2 kinds only).
+        **options: Further keyword arguments of the kind's factory (``adam_lr_mult`` for ``celo2``).
+
+    Returns:
+        A ``torch.optim.Optimizer`` or a :class:`Composite`.
+
+    Raises:
+        KeyError: An unknown kind.
+    """
     kind = optimizer_kind(name)
     if kind not in OPTIMIZERS:
         raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[kind].factory(model, lr=lr, weight_decay=weight_decay, theta=theta)
+    return OPTIMIZERS[kind].factory(model, lr=lr, weight_decay=weight_decay, theta=theta, **options)
 
 
 def all_params(opt: "torch.optim.Optimizer | Composite") -> Iterable[torch.Tensor]:

@@ -499,6 +499,10 @@ def render_markdown(
             wd_text = ", ".join(f"{x:g}" for x in wd) if isinstance(wd, (list, tuple)) else wd
             add(f"| {name} | {', '.join(f'{x:g}' for x in grid)} | {wd_text} |")
         add("")
+    for name, options in (meta.get("optimizer_options") or {}).items():
+        add(f"Optimizer options of {name}: " + ", ".join(f"`{k}={v:g}`" if isinstance(v, float) else f"`{k}={v}`"
+                                                         for k, v in options.items()) + ".")
+        add("")
 
     wins: dict[str, int] = {}
     for task, per_task in summary.items():

@@ -52,13 +52,16 @@ class RunSpec:
     seed: int
     theta: ThetaRef | None = None
     data_dir: str | None = None  # the resolved data folder of image tasks
+    #: keyword arguments of the optimizer's factory beyond LR and weight decay (e.g. Celo2's
+    #: adam_lr_mult); stored and hashed only when not empty, so runs without any keep their keys
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     _key: str | None = field(default=None, repr=False, compare=False)
 
     def config(self) -> dict[str, Any]:
         """The full config of the run, as stored and hashed."""
         import celo2
 
-        return {
+        cfg = {
             "protocol": PROTOCOL,
             "celo2_version": celo2.__version__,
             "task": self.task,
@@ -75,6 +78,9 @@ class RunSpec:
             "schedule": {"warmup_fraction": opt_registry.WARMUP_FRACTION, "decay": "cosine-to-zero"},
             "eval_points": EVAL_POINTS,
         }
+        if self.optimizer_options:
+            cfg["optimizer_options"] = dict(sorted(self.optimizer_options.items()))
+        return cfg
 
     @property
     def key(self) -> str:
@@ -121,7 +127,8 @@ def run_one(spec: RunSpec, theta: Any = None, make_optimizer: Callable[..., Any]
     problem = task_registry.build_problem(spec.task, cfg, spec.seed, spec.data_dir)
     model = problem.model
     if make_optimizer is None:
-        optimizer = opt_registry.build_optimizer(spec.optimizer, model, spec.lr, spec.weight_decay, theta=theta)
+        optimizer = opt_registry.build_optimizer(spec.optimizer, model, spec.lr, spec.weight_decay, theta=theta,
+                                                 **spec.optimizer_options)
     else:
         optimizer = make_optimizer(model, lr=spec.lr, weight_decay=spec.weight_decay, theta=theta)
     schedulers = opt_registry.make_schedulers(optimizer, steps)
