@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     p.add_argument("--suite", default="quick", choices=SUITES,
                    help="smoke (seconds, plumbing only), quick (under 10 min on 2 cores), full (about 2 h on 2 cores), "
                    "compare (full sizes, 5 supervised tasks, celo2/adamw/muon, LR x weight-decay search; see "
-                   "docs/benchmarks.md for its cost); default quick")
+                   "docs/benchmarking.md for its cost); default quick")
     p.add_argument("--tasks", action="append", metavar="T1,T2",
                    help=f"tasks to run (default: the suite's); known: {', '.join(TASKS)}")
     p.add_argument("--optimizers", action="append", metavar="O1,O2",
