@@ -78,6 +78,13 @@ def test_thetas_side_by_side(tmp_path, theta_paths):
     md = (out / "report.md").read_text()
     assert "| celo2[one] |" in md and "| celo2[two] |" in md
     assert "one LR only" in md  # a 1-point grid is flagged as untuned
+    rc = main(["bench", *TINY, "--tasks", "mlp", "--optimizers", "celo2", "--lrs", "1e-3", "--adam-lr-mult", "1",
+               "--theta", f"one={theta_paths[0]}", "--out", str(out)])
+    assert rc == 0
+    assert [r["config"]["optimizer_options"] for r in _records(out) if "optimizer_options" in r["config"]] == [
+        {"adam_lr_mult": 1.0}]
+    md = (out / "report.md").read_text()
+    assert "Optimizer options of celo2[one]: `adam_lr_mult=1`." in md and "--adam-lr-mult 1" in md
 
 
 def test_published_theta_trains(tmp_path, published_theta_path):
@@ -89,6 +96,29 @@ def test_published_theta_trains(tmp_path, published_theta_path):
     assert all(r["status"] == "ok" for r in recs)
     for r in recs:  # the learned optimizer must actually lower the loss
         assert r["final_val_loss"] < r["val_curve"]["loss"][0]
+
+
+def test_wd_grid_runs_a_two_d_search(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY, "--tasks", "mlp", "--optimizers", "adamw,sgd", "--lrs", "1e-3,1e-2", "--out", str(out)]
+    assert main(["bench", *args, "--wd-grid", "adamw=0,0.1", "--dry-run"]) == 0
+    assert "adamw: LRs 0.001, 0.01, weight decays 0, 0.1" in capsys.readouterr().out
+    assert main(["bench", *args, "--wd-grid", "adamw=0,0.1"]) == 0
+    recs = _records(out)
+    assert sorted((r["config"]["optimizer"], r["config"]["lr"], r["config"]["weight_decay"]) for r in recs) == [
+        ("adamw", 1e-3, 0.0), ("adamw", 1e-3, 0.1), ("adamw", 1e-2, 0.0), ("adamw", 1e-2, 0.1),
+        ("sgd", 1e-3, 0.0), ("sgd", 1e-2, 0.0)]
+    md = (out / "report.md").read_text()
+    assert "best WD" in md and "Best cell per optimizer and task" in md
+    assert "--wd-grid adamw=0,0.1" in md  # the command line
+    assert (out / "lr_wd_mlp.png").is_file()
+    # The fixed-WD bench in the same folder resumes its cells (adamw at 0.1 is a cell of the 2-D grid).
+    assert main(["bench", *args, "--weight-decay", "adamw=0.1"]) == 0
+    assert json.loads((out / "bench.json").read_text())["invocations"][-1]["runs_executed"] == 0
+    # Bare --wd-grid: every optimizer's default grid.
+    assert main(["bench", *args, "--wd-grid", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "weight decays 0, 0.01, 0.1, 1" in text and "weight decays 0, 0.0001, 0.001, 0.01" in text
 
 
 def test_report_only_and_dry_run(tmp_path, capsys):
@@ -114,6 +144,11 @@ def test_report_only_and_dry_run(tmp_path, capsys):
     (["--seeds", "x"], "--seeds"),
     (["--theta", "p=/nonexistent/theta.state", "--optimizers", "celo2"], "--theta"),
     (["--data-dir", "/nonexistent-celo2-data"], "/nonexistent-celo2-data"),
+    (["--wd-grid", "adamw=0,-1"], "--wd-grid adamw: weight decays must be >= 0"),
+    (["--wd-grid", "sgd=0,1e-3"], "--wd-grid: 'sgd' is not one of the selected"),
+    (["--wd-grid", "adamw=0", "--wd-grid", "adamw=1"], "--wd-grid: 'adamw' given twice"),
+    (["--wd-grid", "adamw=0,1", "--weight-decay", "adamw=0.1"], "give one of them"),
+    (["--adam-lr-mult", "1"], "--adam-lr-mult: sets Celo2's AdamW branch, but no celo2 optimizer"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     args = ["bench", *TINY, "--tasks", "mlp", "--optimizers", "adamw", "--out", str(tmp_path / "r"), *flags]
@@ -126,6 +161,7 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, needle):
     (["--suite", "huge"], "--suite"),
     (["--lr-grid", "adamw"], "--lr-grid"),
     (["--weight-decay", "x=abc"], "--weight-decay"),
+    (["--wd-grid", "=0,1"], "--wd-grid"),
     (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--jobs", "-1"], "argument --jobs"),
 ])

@@ -39,7 +39,68 @@ def test_steps_override_and_weight_decay():
     plan = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["adamw", "adam"], steps=3,
                                       weight_decays={"*": 0.01, "adam": 0.0}))
     assert {s.task_config["steps"] for s in plan.specs} == {3}
-    assert plan.weight_decays == {"adamw": 0.01, "adam": 0.0}
+    assert plan.wd_grids == {"adamw": [0.01], "adam": [0.0]}
+
+
+def test_fixed_weight_decay_by_default_in_the_old_suites():
+    """smoke/quick/full keep one weight decay per optimizer: the runs (and keys) of earlier benches."""
+    for suite in ("smoke", "quick", "full"):
+        plan = B.make_plan(B.BenchOptions(suite=suite, tasks=["mlp"], optimizers=["adamw", "adam", "sgd", "muon"]))
+        assert plan.wd_grids == {"adamw": [0.1], "adam": [0.0], "sgd": [0.0], "muon": [0.1]}
+        assert len(plan.specs) == sum(len(g) for g in plan.grids.values()) * len({s.seed for s in plan.specs})
+
+
+def test_wd_grid_default_override_and_precedence():
+    plan = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["adamw", "sgd", "muon"],
+                                      seeds=[0], wd_grids={"*": None, "muon": [0.0, 0.5]},
+                                      weight_decays={"sgd": 1e-4}))
+    assert plan.wd_grids == {"adamw": [0.0, 0.01, 0.1, 1.0], "sgd": [1e-4], "muon": [0.0, 0.5]}
+    assert len(plan.specs) == 2 * 4 + 2 * 1 + 2 * 2  # 2 LRs each in the smoke suite
+    cells = {(s.optimizer, s.lr, s.weight_decay) for s in plan.specs}
+    assert len(cells) == len(plan.specs) == len({s.key for s in plan.specs})
+    # The L2-decay optimizers get their own (smaller) default grid.
+    l2 = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["adam"], wd_grids={"adam": None}))
+    assert l2.wd_grids == {"adam": [0.0, 1e-4, 1e-3, 1e-2]}
+
+
+def test_compare_suite_searches_lr_and_wd_at_full_sizes():
+    from celo2.eval import tasks as T
+
+    plan = B.make_plan(B.BenchOptions(suite="compare", optimizers=["adamw", "muon"], seeds=[0]))
+    assert plan.tasks == ["mlp", "cnn", "gpt", "vit", "autoencoder"]
+    assert plan.wd_grids["adamw"] == [0.0, 0.01, 0.1, 1.0]
+    assert plan.grids["muon"] == [0.001, 0.00316, 0.01, 0.0316, 0.1]
+    assert {s.task: s.task_config["steps"] for s in plan.specs} == {t: c["steps"] for t, c in T.SUITES["full"].items()
+                                                                    if t != "rl"}
+    # Its cells at the fixed default weight decay are the full suite's runs (same keys: resumable).
+    full = B.make_plan(B.BenchOptions(suite="full", tasks=["mlp"], optimizers=["adamw"], seeds=[0]))
+    shared = {s.key for s in full.specs} & {s.key for s in plan.specs}
+    assert len(shared) == 5  # the 5 LRs of compare's grid at wd 0.1
+    assert B.make_plan(B.BenchOptions(suite="compare", optimizers=["adamw"], seeds=[0],
+                                      weight_decays={"*": 0.1})).wd_grids == {"adamw": [0.1]}
+
+
+def test_adam_lr_mult_reaches_celo2_only_and_keeps_default_keys(monkeypatch, random_theta):
+    monkeypatch.setattr(theta_module, "load_theta", lambda source=None: random_theta)
+    base = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"]))
+    same = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"], adam_lr_mult=20.0))
+    assert [s.key for s in same.specs] == [s.key for s in base.specs]  # the published default: same runs
+    one = B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2", "adamw"], adam_lr_mult=1))
+    assert one.optimizer_options == {"celo2": {"adam_lr_mult": 1.0}}
+    assert {s.optimizer: s.optimizer_options for s in one.specs} == {"celo2": {"adam_lr_mult": 1.0}, "adamw": {}}
+    assert not {s.key for s in one.specs if s.optimizer == "celo2"} & {s.key for s in base.specs}
+    with pytest.raises(B.BenchError, match="--adam-lr-mult: .*no celo2"):
+        B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["adamw"], adam_lr_mult=1))
+    with pytest.raises(B.BenchError, match="--adam-lr-mult: must be >= 0"):
+        B.make_plan(B.BenchOptions(suite="smoke", tasks=["mlp"], optimizers=["celo2"], adam_lr_mult=-1))
+
+
+def test_parse_wd_grid():
+    assert B.parse_wd_grid("0.1,0,0.01") == [0.0, 0.01, 0.1]
+    assert B.parse_wd_grid("default") is None
+    for bad in ("", "x", "-0.1,0", "inf"):
+        with pytest.raises(B.BenchError, match="--wd-grid"):
+            B.parse_wd_grid(bad)
 
 
 def test_theta_labels_expand_celo2(theta_files):
@@ -81,6 +142,8 @@ def test_missing_shipped_theta_says_what_to_do(monkeypatch):
     (dict(optimizers=["adamw"], lr_grids={"sgd": [0.1]}), "--lr-grid: 'sgd'"),
     (dict(optimizers=["adamw"], weight_decays={"muon": 0.1}), "--weight-decay: 'muon'"),
     (dict(optimizers=["adamw"], weight_decays={"*": -1.0}), "--weight-decay"),
+    (dict(optimizers=["adamw"], wd_grids={"sgd": None}), "--wd-grid: 'sgd'"),
+    (dict(optimizers=["adamw"], wd_grids={"adamw": [0.1]}, weight_decays={"adamw": 0.1}), "give one of them"),
     (dict(steps=0), "--steps"),
     (dict(jobs=0), "--jobs"),
     (dict(dataset="cifar"), "--dataset"),

@@ -109,3 +109,14 @@ def test_celo2_factories_take_a_theta(random_theta):
         loss.backward()
         opt.step()
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_celo2_adam_lr_mult_reaches_the_adamw_branch(random_theta):
+    pytest.importorskip("celo2.torch")
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    default = O.build_optimizer("celo2", model, 1e-3, 0.0, theta=random_theta)
+    one = O.build_optimizer("celo2", model, 1e-3, 0.0, theta=random_theta, adam_lr_mult=1.0)
+    assert {g["adam_lr_mult"] for g in default.param_groups} == {20.0}
+    assert {g["adam_lr_mult"] for g in one.param_groups} == {1.0}
+    with pytest.raises(TypeError):
+        O.build_optimizer("adamw", model, 1e-3, 0.0, adam_lr_mult=1.0)  # only Celo2 has the option

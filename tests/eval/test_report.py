@@ -104,3 +104,83 @@ def test_ratio_is_safe():
     assert P.ratio(math.inf, 2.0) == math.inf
     assert math.isnan(P.ratio(1.0, 0.0))
     assert math.isnan(P.ratio(1.0, math.inf))
+
+
+def _grid_specs_and_records(table, task="mlp"):
+    """table: optimizer -> {(lr, wd): loss or None (not run)}; one seed."""
+    specs, records = [], {}
+    for opt, row in table.items():
+        for (lr, wd), loss in row.items():
+            s = RunSpec(task, {"steps": 3, "batch_size": 2}, opt, lr, wd, 0)
+            specs.append(s)
+            if loss is not None:
+                records[s.key] = {
+                    "final_val_loss": loss, "status": "ok" if math.isfinite(loss) else "diverged",
+                    "data_source": "made up", "step_ms": 1.0,
+                    "train_curve": {"step": [1, 2, 3], "loss": [2.0, 1.5, loss]},
+                    "val_curve": {"step": [0, 3], "loss": [2.3, loss]},
+                    # A record as older benches wrote it would do as well: the cell comes from the spec.
+                    "config": {"task": task},
+                }
+    return specs, records
+
+
+def _cells(lrs, wds, f):
+    return {(lr, wd): f(i, j) for i, lr in enumerate(lrs) for j, wd in enumerate(wds)}
+
+
+def test_two_d_search_picks_the_best_cell_and_flags_edges_in_both_directions(tmp_path):
+    lrs, wds = [1e-3, 1e-2, 1e-1], [0.0, 0.01, 0.1]
+    specs, records = _grid_specs_and_records({
+        # interior LR, interior WD
+        "adamw": _cells(lrs, wds, lambda i, j: 1.0 + abs(i - 1) + abs(j - 1) * 0.5),
+        # interior LR, top WD
+        "muon": _cells(lrs, wds, lambda i, j: 1.0 + abs(i - 1) - 0.1 * j),
+        # lowest LR, WD 0 (no decay) wins
+        "celo2": _cells(lrs, wds, lambda i, j: 0.5 + i + 0.1 * j),
+        # one diverged cell and one not run
+        "sgd": _cells(lrs, wds, lambda i, j: math.inf if (i, j) == (2, 2) else (None if (i, j) == (0, 0)
+                                                                                  else 2.0 - 0.1 * i + 0.1 * j)),
+    })
+    summary = P.write_report(tmp_path, specs, records, {"suite": "test", "command": "celo2 bench x"})
+    adamw, muon, celo2, sgd = (summary["mlp"][k] for k in ("adamw", "muon", "celo2", "sgd"))
+    assert (adamw.best_lr, adamw.best_wd, adamw.edge, adamw.wd_edge) == (1e-2, 0.01, None, None)
+    assert (muon.best_lr, muon.best_wd, muon.edge, muon.wd_edge) == (1e-2, 0.1, None, P.EDGE_HIGH)
+    assert (celo2.best_lr, celo2.best_wd, celo2.edge, celo2.wd_edge) == (1e-3, 0.0, P.EDGE_LOW, P.EDGE_LOW)
+    assert P.untuned(muon) and P.untuned(celo2) and not P.untuned(adamw)
+    assert P.edge_label(celo2) == "LR low, WD low (0)" and P.edge_label(muon) == "WD high"
+    assert sgd.diverged_cells == [(1e-1, 0.1)] and not sgd.complete
+    md = (tmp_path / "report.md").read_text()
+    assert "| optimizer | best final val loss (mean ± std over seeds) | best LR | best WD |" in md
+    assert "| muon | 1.000 (best)" not in md
+    assert "| muon | 0.8 | 0.01 | 0.1 |" in md
+    assert "**edge: highest WD** (not tuned)" in md
+    assert "edge: lowest WD (0: no decay)" in md
+    assert "diverged in 1 of 9 cells" in md
+    assert "| celo2 | 0 | **0.5** | 1.5 | 2.5 |" in md  # the (LR, WD) cell table, best cell in bold
+    assert "| muon | 0.01 / 0.1 (WD high) |" in md  # the best-cell table
+    assert "| celo2 | 0.001 / 0 (LR low, WD low (0)) |" in md
+    assert "(not run)" in md
+    assert "| muon | 0.800* |" in md  # a top-edge WD is not tuned
+    for f in ("curves_mlp.png", "lr_mlp.png", "lr_wd_mlp.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_one_weight_decay_keeps_the_old_report(tmp_path):
+    """A bench with a fixed weight decay writes no WD column, no heat map, the old protocol text."""
+    specs, records = _specs_and_records({"adamw": {1e-3: 0.8, 1e-2: 0.5, 1e-1: 0.7}})
+    P.write_report(tmp_path, specs, records, {"suite": "test", "weight_decays": {"adamw": [0.1]},
+                                              "grids": {"adamw": [1e-3, 1e-2, 1e-1]}})
+    md = (tmp_path / "report.md").read_text()
+    assert "best WD" not in md and "Weight decay is fixed per optimizer" in md
+    assert "| adamw | 0.001, 0.01, 0.1 | 0.1 |" in md
+    assert not (tmp_path / "lr_wd_mlp.png").exists()
+
+
+def test_results_keyed_by_lr_alone_still_select():
+    """OptimizerResult.losses keyed by LR (as before weight-decay grids) are read as one-WD cells."""
+    r = P.OptimizerResult("x", [1e-3, 1e-2], wd_grid=[0.1])
+    r.losses = {1e-3: [1.0], 1e-2: [0.5]}
+    P.select_best(r)
+    assert (r.best_lr, r.best_wd, r.wd_edge) == (1e-2, 0.1, None)
+    assert r.mean_at(1e-3) == 1.0

@@ -21,6 +21,9 @@ examples:
   celo2 bench --tasks mlp,cnn,gpt --optimizers celo2,adamw \\
       --theta shipped --theta published=theta.state               # compare thetas
   celo2 bench --optimizers adamw,sgd --lr-grid adamw=1e-4:1e-1:7 --lr-grid sgd=1e-2,1e-1,1
+  celo2 bench --suite compare --data-dir DATA --theta shipped \
+      --theta published=theta.state --out runs/compare          # LR x weight-decay search
+  celo2 bench --suite full --tasks mlp --wd-grid --wd-grid adamw=0,0.03,0.1,0.3
   celo2 bench ...same flags as the run... --report-only          # rewrite the report
 
 A bench resumes: rerunning the same command with the same --out skips runs
@@ -43,6 +46,14 @@ def _parse_wd(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected a number or NAME=NUMBER, got {text!r}") from None
 
 
+def _parse_wd_grid_arg(text: str) -> tuple[str, str]:
+    """``NAME=LIST``, ``LIST`` or ``default`` -> (key, text); the key ``*`` means every optimizer."""
+    name, sep, grid = text.rpartition("=")
+    if sep and not name.strip():
+        raise argparse.ArgumentTypeError(f"expected [NAME=]A,B,... or [NAME=]default, got {text!r}")
+    return (name.strip() or "*"), grid
+
+
 def register(subparsers) -> None:
     from celo2.eval.bench import SUITES
     from celo2.eval.optimizers import OPTIMIZERS
@@ -58,7 +69,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--suite", default="quick", choices=SUITES,
-                   help="smoke (seconds, plumbing only), quick (under 10 min on 2 cores), full (about 2 h on 2 cores); default quick")
+                   help="smoke (seconds, plumbing only), quick (under 10 min on 2 cores), full (about 2 h on 2 cores), "
+                   "compare (full sizes, 5 supervised tasks, celo2/adamw/muon, LR x weight-decay search; see "
+                   "docs/benchmarking.md for its cost); default quick")
     p.add_argument("--tasks", action="append", metavar="T1,T2",
                    help=f"tasks to run (default: the suite's); known: {', '.join(TASKS)}")
     p.add_argument("--optimizers", action="append", metavar="O1,O2",
@@ -75,6 +88,15 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", action="append", default=[], type=_parse_wd, metavar="[NAME=]WD",
                    help="weight decay for every optimizer (WD) or one (NAME=WD); defaults: 0.1 for "
                    "adamw/muon/celo2/celo2-base, 0 for adam/sgd")
+    p.add_argument("--wd-grid", action="append", default=[], type=_parse_wd_grid_arg, nargs="?", const="default",
+                   metavar="[NAME=]WDS",
+                   help="search weight decay too (a 2-D LR x WD grid): alone, every optimizer's default grid "
+                   "(0,0.01,0.1,1 for the decoupled adamw/muon/celo2/celo2-base, 0,1e-4,1e-3,1e-2 for the L2 "
+                   "decay of adam/sgd); WDS (A,B,... or 'default') for every optimizer, NAME=WDS for one; "
+                   "the compare suite searches by default")
+    p.add_argument("--adam-lr-mult", type=float, metavar="M",
+                   help="LR multiplier of Celo2's AdamW branch (heads, embeddings, vectors); default the "
+                   "published 20. CartPole needs about 1: benchmarks/results/cartpole/README.md")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: ./bench-SUITE); resumed if it has results")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder holding fashion-mnist/ or mnist/ IDX files (else $CELO2_DATA_DIR; with neither, "
@@ -95,13 +117,26 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the bench the flags describe; bad input raises the project's errors (reported by ``cli.main``)."""
     from celo2._runlock import RunLock
-    from celo2.eval.bench import BenchError, BenchOptions, default_out, parse_grid, parse_seeds, run_bench
+    from celo2.eval.bench import (
+        BenchError,
+        BenchOptions,
+        default_out,
+        parse_grid,
+        parse_seeds,
+        parse_wd_grid,
+        run_bench,
+    )
 
     grids = {}
     for name, text in args.lr_grid:
         if name in grids:
             raise BenchError(f"--lr-grid: {name!r} given twice")
         grids[name] = parse_grid(text, flag=f"--lr-grid {name}")
+    wd_grids = {}
+    for name, text in args.wd_grid:
+        if name in wd_grids:
+            raise BenchError(f"--wd-grid: {name!r} given twice")
+        wd_grids[name] = parse_wd_grid(text, flag="--wd-grid" if name == "*" else f"--wd-grid {name}")
     opts = BenchOptions(
         suite=args.suite,
         tasks=args.tasks,
@@ -112,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         thetas=args.theta,
         weight_decays=dict(args.weight_decay),
+        wd_grids=wd_grids,
+        adam_lr_mult=args.adam_lr_mult,
         out=args.out,
         data_dir=args.data_dir,
         dataset=args.dataset,
@@ -143,6 +180,10 @@ def _command_from_args(args: argparse.Namespace) -> str:
         parts += ["--lr-grid", f"{name}={grid}"]
     for name, wd in args.weight_decay:
         parts += ["--weight-decay", f"{wd:g}" if name == "*" else f"{name}={wd:g}"]
+    for name, grid in args.wd_grid:
+        parts += ["--wd-grid", grid if name == "*" else f"{name}={grid}"]
+    if args.adam_lr_mult is not None:
+        parts += ["--adam-lr-mult", f"{args.adam_lr_mult:g}"]
     for flag, v in (("--seeds", args.seeds), ("--steps", args.steps), ("--out", args.out),
                     ("--data-dir", args.data_dir)):
         if v is not None:

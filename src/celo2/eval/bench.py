@@ -1,9 +1,17 @@
-"""Planning and running a bench: suites, LR grids, thetas, the run folder.
+"""Planning and running a bench: suites, LR and weight-decay grids, thetas, the run folder.
 
 This is the library behind ``celo2 bench`` (the CLI only parses flags into a
-:class:`BenchOptions`). It expands tasks x optimizers x LR grid x seeds into
-:class:`~celo2.eval.runner.RunSpec` s, runs the missing ones (resuming from
-``results.jsonl``), then writes the report.
+:class:`BenchOptions`). It expands tasks x optimizers x LR grid x weight-decay
+grid x seeds into :class:`~celo2.eval.runner.RunSpec` s, runs the missing ones
+(resuming from ``results.jsonl``), then writes the report.
+
+Weight decay is one fixed value per optimizer in the ``smoke``, ``quick`` and
+``full`` suites (``--weight-decay``); ``--wd-grid`` makes it a grid, and the
+``compare`` suite (the optimizer comparison: full sizes, the five supervised
+tasks, Celo2 against AdamW and Muon) searches LR x weight decay by default
+with each optimizer's :attr:`~celo2.eval.optimizers.OptimizerInfo.wd_grid`.
+A run's key hashes its weight decay, so the fixed-decay runs of a ``full``
+bench are the matching cells of a 2-D search in the same run folder.
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ from celo2.eval import tasks as task_registry
 from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
 from celo2.eval.theta_specs import SHIPPED_LABEL as SHIPPED
 
-SUITES = ("smoke", "quick", "full")
+SUITES = ("smoke", "quick", "full", "compare")
 
 #: Per suite: default tasks, optimizers, seeds and LR grids (lo, hi, points).
 #: ``full`` uses 7 log-spaced points over three decades per optimizer (the
 #: paper used 7 in [1e-5, 1e-3] for far larger models); ``quick`` uses 3
 #: half-decade-spaced points centred where each optimizer did best in pilot
 #: runs of the quick tasks (MLP, GPT); edges are still flagged in the report.
+#: ``compare`` trains the full suite's task sizes (``sizes``) over a 2-D grid:
+#: 5 half-decade LRs around each optimizer's best LRs of the full bench
+#: (``benchmarks/results/full/``: the same LR values, so those runs are its
+#: cells at the default weight decay) times each optimizer's weight-decay grid.
 SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": {
         "tasks": ["mlp", "gpt"],
@@ -54,6 +66,21 @@ SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
         "seeds": 3,
         "grids": {k: (*v.lr_grid, 7) for k, v in opt_registry.OPTIMIZERS.items()},
     },
+    "compare": {
+        "sizes": "full",
+        "tasks": ["mlp", "cnn", "gpt", "vit", "autoencoder"],
+        "optimizers": ["celo2", "adamw", "muon"],
+        "seeds": 3,
+        "wd_search": True,
+        "grids": {
+            "celo2": (10**-3.5, 10**-1.5, 5),
+            "celo2-base": (10**-3.5, 10**-1.5, 5),
+            "adamw": (1e-3, 1e-1, 5),
+            "adam": (1e-3, 1e-1, 5),
+            "sgd": (1e-2, 1.0, 5),
+            "muon": (1e-3, 1e-1, 5),
+        },
+    },
 }
 
 
@@ -72,6 +99,10 @@ class BenchOptions:
     steps: int | None = None
     thetas: list[str] | None = None  # "shipped", "LABEL=PATH" or "PATH"
     weight_decays: dict[str, float] = field(default_factory=dict)  # "*" = every optimizer
+    #: weight-decay grids by "*", kind or display name; None: that optimizer's default grid
+    wd_grids: dict[str, list[float] | None] = field(default_factory=dict)
+    #: Celo2's AdamW-branch LR multiplier (None: the published default, ``spec.ADAM_LR_MULT``)
+    adam_lr_mult: float | None = None
     out: str | None = None
     data_dir: str | None = None
     dataset: str = "fashion-mnist"
@@ -107,6 +138,35 @@ def parse_grid(text: str, flag: str = "--lr-grid") -> list[float]:
     bad = [v for v in values if not (v > 0 and math.isfinite(v))]
     if bad:
         raise BenchError(f"{flag}: learning rates must be positive and finite, got {bad}")
+    return sorted(set(values))
+
+
+def parse_wd_grid(text: str, flag: str = "--wd-grid") -> list[float] | None:
+    """``A,B,C`` -> sorted weight decays (each >= 0); ``default`` -> None (the optimizer's default grid).
+
+    Args:
+        text: The grid as written after ``NAME=`` (or alone).
+        flag: The flag named in error messages.
+
+    Returns:
+        The sorted distinct values, or None for ``default``.
+
+    Raises:
+        BenchError: Unparseable, empty, negative or non-finite values (the message names ``flag``).
+    """
+    text = text.strip()
+    if text == "default":
+        return None
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{flag}: cannot parse {text!r}; use a comma list of weight decays (e.g. 0,0.01,0.1) "
+                         "or 'default'") from None
+    if not values:
+        raise BenchError(f"{flag}: empty weight-decay list {text!r}")
+    bad = [v for v in values if not (v >= 0 and math.isfinite(v))]
+    if bad:
+        raise BenchError(f"{flag}: weight decays must be >= 0 and finite, got {bad}")
     return sorted(set(values))
 
 
@@ -158,11 +218,12 @@ def resolve_thetas(entries: list[str] | None) -> tuple[dict[str, Any], list[Thet
 class Plan:
     specs: list[RunSpec]
     grids: dict[str, list[float]]  # display optimizer name -> LRs
-    weight_decays: dict[str, float]
+    wd_grids: dict[str, list[float]]  # display optimizer name -> weight decays (one: fixed, not searched)
     thetas: dict[str, Any]
     theta_refs: list[ThetaRef]
     tasks: list[str]
     optimizers: list[str]
+    optimizer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # only non-default ones
 
 
 def _expand_optimizers(names: list[str], refs: list[ThetaRef], labelled: bool) -> list[tuple[str, ThetaRef | None]]:
@@ -193,7 +254,7 @@ def make_plan(opts: BenchOptions) -> Plan:
     if opts.suite not in SUITES:
         raise BenchError(f"--suite: unknown suite {opts.suite!r}; choose one of {', '.join(SUITES)}")
     defaults = SUITE_DEFAULTS[opts.suite]
-    suite_cfgs = task_registry.SUITES[opts.suite]
+    suite_cfgs = task_registry.SUITES[defaults.get("sizes", opts.suite)]
     tasks = _split_list(opts.tasks) or defaults["tasks"]
     for t in tasks:
         if t not in task_registry.TASKS:
@@ -239,18 +300,44 @@ def make_plan(opts: BenchOptions) -> Plan:
         grid = opts.lr_grids.get(kind, grid)
         grids[name] = sorted(opts.lr_grids.get(name, grid))
 
-    wds: dict[str, float] = {}
-    for key in opts.weight_decays:
-        if key != "*" and key not in display and key not in {opt_registry.optimizer_kind(n) for n in display}:
-            raise BenchError(f"--weight-decay: {key!r} is not one of the selected optimizers ({', '.join(display)})")
+    # Weight decay: suite default (one value, or the kind's grid for a 2-D suite) < "*" < KIND < NAME,
+    # where --weight-decay gives one value and --wd-grid a grid (both for the same key is refused).
+    kinds = {opt_registry.optimizer_kind(n) for n in display}
+    for flag, given in (("--weight-decay", opts.weight_decays), ("--wd-grid", opts.wd_grids)):
+        for key in given:
+            if key != "*" and key not in display and key not in kinds:
+                raise BenchError(f"{flag}: {key!r} is not one of the selected optimizers ({', '.join(display)})")
+    both = sorted(set(opts.weight_decays) & set(opts.wd_grids))
+    if both:
+        raise BenchError(f"--weight-decay and --wd-grid both set {', '.join(both)}: give one of them")
+    wd_grids: dict[str, list[float]] = {}
     for name in display:
         kind = opt_registry.optimizer_kind(name)
-        wd = opt_registry.OPTIMIZERS[kind].default_weight_decay
+        info = opt_registry.OPTIMIZERS[kind]
+        wd_list = list(info.wd_grid) if defaults.get("wd_search") else [info.default_weight_decay]
         for key in ("*", kind, name):
-            wd = opts.weight_decays.get(key, wd)
-        if not (wd >= 0 and math.isfinite(wd)):
-            raise BenchError(f"--weight-decay: must be >= 0, got {wd} for {name}")
-        wds[name] = wd
+            if key in opts.weight_decays:
+                wd_list = [opts.weight_decays[key]]
+            elif key in opts.wd_grids:
+                grid = opts.wd_grids[key]
+                wd_list = list(info.wd_grid) if grid is None else list(grid)
+        for wd in wd_list:
+            if not (wd >= 0 and math.isfinite(wd)):
+                raise BenchError(f"--weight-decay: must be >= 0, got {wd} for {name}")
+        wd_grids[name] = sorted(set(wd_list))
+
+    options: dict[str, dict[str, Any]] = {name: {} for name in display}
+    if opts.adam_lr_mult is not None:
+        if not (opts.adam_lr_mult >= 0 and math.isfinite(opts.adam_lr_mult)):
+            raise BenchError(f"--adam-lr-mult: must be >= 0 and finite, got {opts.adam_lr_mult}")
+        celo2_names = [n for n in display if opt_registry.optimizer_kind(n) == "celo2"]
+        if not celo2_names:
+            raise BenchError("--adam-lr-mult: sets Celo2's AdamW branch, but no celo2 optimizer is selected")
+        from celo2.rule.spec import ADAM_LR_MULT
+
+        if opts.adam_lr_mult != ADAM_LR_MULT:  # the default stays out of the key: same runs as without the flag
+            for n in celo2_names:
+                options[n] = {"adam_lr_mult": float(opts.adam_lr_mult)}
 
     seeds = opts.seeds if opts.seeds is not None else list(range(defaults["seeds"]))
     specs: list[RunSpec] = []
@@ -264,9 +351,11 @@ def make_plan(opts: BenchOptions) -> Plan:
         data_dir = task_registry.resolve_root(opts.data_dir) if uses_images else None
         for name, ref in expanded:
             for lr in grids[name]:
-                for seed in seeds:
-                    specs.append(RunSpec(task, cfg, name, lr, wds[name], seed, ref, data_dir))
-    return Plan(specs, grids, wds, thetas, refs, tasks, display)
+                for wd in wd_grids[name]:
+                    for seed in seeds:
+                        specs.append(RunSpec(task, cfg, name, lr, wd, seed, ref, data_dir,
+                                             optimizer_options=options[name]))
+    return Plan(specs, grids, wd_grids, thetas, refs, tasks, display, {n: o for n, o in options.items() if o})
 
 
 # -- running ---------------------------------------------------------------------
@@ -312,11 +401,14 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     n_done = sum(1 for s in plan.specs if s.key in done)
     log(
         f"bench: {len(plan.specs)} runs ({len(plan.tasks)} tasks x {len(plan.optimizers)} optimizers x LR grid x "
+        f"{'weight-decay grid x ' if any(len(v) > 1 for v in plan.wd_grids.values()) else ''}"
         f"seeds), {n_done} already in {store.path}"
     )
     if opts.dry_run:
         for name in plan.optimizers:
-            log(f"  {name}: LRs {', '.join(f'{x:g}' for x in plan.grids[name])}, weight decay {plan.weight_decays[name]}")
+            wds = plan.wd_grids[name]
+            log(f"  {name}: LRs {', '.join(f'{x:g}' for x in plan.grids[name])}, "
+                f"weight decay{'s' if len(wds) > 1 else ''} {', '.join(f'{x:g}' for x in wds)}")
         return {"planned": len(plan.specs), "done": n_done, "executed": 0, "run_dir": str(run_dir)}
     if opts.report_only:
         if n_done == 0:
@@ -336,7 +428,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         "command": opts.command or "(celo2.eval.bench.run_bench called from Python)",
         "thetas": [r.__dict__ for r in plan.theta_refs],
         "grids": plan.grids,
-        "weight_decays": plan.weight_decays,
+        "weight_decays": plan.wd_grids,
+        "optimizer_options": plan.optimizer_options,
         "environment": env,
         "wall_s": None if opts.report_only else wall,
         "executed": executed,

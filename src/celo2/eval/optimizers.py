@@ -165,10 +165,11 @@ def make_muon(model: nn.Module, lr: float, weight_decay: float, theta: Any = Non
     return Composite(opts, before_step=sync_grads if flat_pairs else None)
 
 
-def make_celo2(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
+def make_celo2(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
+               adam_lr_mult: float = spec.ADAM_LR_MULT) -> torch.optim.Optimizer:
     from celo2.torch import Celo2
 
-    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta)
+    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta, adam_lr_mult=adam_lr_mult)
 
 
 def make_celo2_base(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
@@ -179,7 +180,7 @@ def make_celo2_base(model: nn.Module, lr: float, weight_decay: float, theta: Any
 
 @dataclass(frozen=True)
 class OptimizerInfo:
-    """One optimizer kind: its factory, default LR grid and default weight decay."""
+    """One optimizer kind: its factory, default LR grid, default weight decay and weight-decay grid."""
 
     name: str
     factory: Callable[..., Any]
@@ -187,6 +188,7 @@ class OptimizerInfo:
     default_weight_decay: float
     uses_theta: bool
     description: str
+    wd_grid: tuple[float, ...] = ()  # the weight decays a 2-D LR x WD search tries (see WD_GRID_*)
 
 
 def log_grid(lo: float, hi: float, n: int) -> list[float]:
@@ -201,6 +203,18 @@ def log_grid(lo: float, hi: float, n: int) -> list[float]:
     return [float(f"{math.exp(math.log(lo) + i * r):.3g}") for i in range(n)]
 
 
+#: Weight-decay grid of the optimizers with decoupled decay scaled by the LR
+#: (``p <- p - lr * wd * p``: torch's AdamW and Muon, Celo2's two branches):
+#: the per-step shrink is ``lr * wd``, so at these tasks' LRs (1e-3 to 1e-2, 5%
+#: warmup + cosine over ~1000 steps) 0.01 barely shrinks the weights, 0.1 (the
+#: bench's fixed default) shrinks them by a few percent to ~40%, 1 by up to
+#: e^-5. Decades, so that one edge flag says which way to extend.
+WD_GRID_DECOUPLED = (0.0, 0.01, 0.1, 1.0)
+#: Weight-decay grid of the optimizers whose decay is an L2 term added to the
+#: gradient (torch's Adam and SGD): ``wd * p`` competes with the gradient, so
+#: the useful values are far smaller (SGD's classic 5e-4 sits inside).
+WD_GRID_L2 = (0.0, 1e-4, 1e-3, 1e-2)
+
 #: The bench's optimizers. Default LR ranges are centred on where each optimizer
 #: works for CPU-sized models (wider and higher than the paper's [1e-5, 1e-3],
 #: which was set for 30M-1.3B parameter models); the report flags a best LR at
@@ -209,17 +223,20 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
     info.name: info
     for info in [
         OptimizerInfo("celo2", make_celo2, (1e-4, 1e-1), 0.1, True,
-                      f"Celo2: learned rule + Newton-Schulz on matrices, AdamW ({spec.ADAM_LR_MULT:g}x LR) on vectors/embeddings/heads"),
+                      f"Celo2: learned rule + Newton-Schulz on matrices, AdamW ({spec.ADAM_LR_MULT:g}x LR) on vectors/embeddings/heads",
+                      wd_grid=WD_GRID_DECOUPLED),
         OptimizerInfo("celo2-base", make_celo2_base, (1e-4, 1e-1), 0.1, True,
-                      "Celo2-base: learned rule on every tensor, no orthogonalisation, no AdamW"),
+                      "Celo2-base: learned rule on every tensor, no orthogonalisation, no AdamW",
+                      wd_grid=WD_GRID_DECOUPLED),
         OptimizerInfo("adamw", make_adamw, (1e-4, 1e-1), 0.1, False,
-                      f"torch.optim.AdamW, betas {ADAM_BETAS}, decoupled weight decay"),
+                      f"torch.optim.AdamW, betas {ADAM_BETAS}, decoupled weight decay", wd_grid=WD_GRID_DECOUPLED),
         OptimizerInfo("adam", make_adam, (1e-4, 1e-1), 0.0, False,
-                      f"torch.optim.Adam, betas {ADAM_BETAS}, no weight decay"),
+                      f"torch.optim.Adam, betas {ADAM_BETAS}, no weight decay", wd_grid=WD_GRID_L2),
         OptimizerInfo("sgd", make_sgd, (1e-3, 1.0), 0.0, False,
-                      "torch.optim.SGD, momentum 0.9, no weight decay"),
+                      "torch.optim.SGD, momentum 0.9, no weight decay", wd_grid=WD_GRID_L2),
         OptimizerInfo("muon", make_muon, (10**-3.5, 10**-0.5), 0.1, False,
-                      "torch.optim.Muon (match_rms_adamw, conv kernels flattened) + AdamW on vectors/embeddings/heads"),
+                      "torch.optim.Muon (match_rms_adamw, conv kernels flattened) + AdamW on vectors/embeddings/heads",
+                      wd_grid=WD_GRID_DECOUPLED),
     ]
 }
 
@@ -229,12 +246,27 @@ def optimizer_kind(name: str) -> str:
     return name.split("[", 1)[0]
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, theta: Any = None):
-    """Build optimizer ``name`` (a kind or ``kind[theta-label]``) for ``model``."""
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, theta: Any = None, **options: Any):
+    """Build optimizer ``name`` (a kind or ``kind[theta-label]``) for ``model``.
+
+    Args:
+        name: The optimizer kind, or ``kind[theta-label]``.
+        model: The model whose parameters it steps.
+        lr: Peak learning rate.
+        weight_decay: Weight decay, in the optimizer's own convention.
+        theta: The learned optimizer's theta (Celo2 kinds only).
+        **options: Further keyword arguments of the kind's factory (``adam_lr_mult`` for ``celo2``).
+
+    Returns:
+        A ``torch.optim.Optimizer`` or a :class:`Composite`.
+
+    Raises:
+        KeyError: An unknown kind.
+    """
     kind = optimizer_kind(name)
     if kind not in OPTIMIZERS:
         raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[kind].factory(model, lr=lr, weight_decay=weight_decay, theta=theta)
+    return OPTIMIZERS[kind].factory(model, lr=lr, weight_decay=weight_decay, theta=theta, **options)
 
 
 def all_params(opt: "torch.optim.Optimizer | Composite") -> Iterable[torch.Tensor]:

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -52,13 +52,16 @@ class RunSpec:
     seed: int
     theta: ThetaRef | None = None
     data_dir: str | None = None  # the resolved data folder of image tasks
+    #: keyword arguments of the optimizer's factory beyond LR and weight decay (e.g. Celo2's
+    #: adam_lr_mult); stored and hashed only when not empty, so runs without any keep their keys
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     _key: str | None = field(default=None, repr=False, compare=False)
 
     def config(self) -> dict[str, Any]:
         """The full config of the run, as stored and hashed."""
         import celo2
 
-        return {
+        cfg = {
             "protocol": PROTOCOL,
             "celo2_version": celo2.__version__,
             "task": self.task,
@@ -75,6 +78,9 @@ class RunSpec:
             "schedule": {"warmup_fraction": opt_registry.WARMUP_FRACTION, "decay": "cosine-to-zero"},
             "eval_points": EVAL_POINTS,
         }
+        if self.optimizer_options:
+            cfg["optimizer_options"] = dict(sorted(self.optimizer_options.items()))
+        return cfg
 
     @property
     def key(self) -> str:
@@ -97,19 +103,34 @@ def _finite(x: float) -> bool:
     return isinstance(x, float) and math.isfinite(x)
 
 
-def run_one(spec: RunSpec, theta: Any = None) -> dict[str, Any]:
+def run_one(spec: RunSpec, theta: Any = None, make_optimizer: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Train once and return the run's record (never raises on divergence).
 
-    ``theta`` is the :class:`celo2.Theta` of ``spec.theta`` (None for
-    optimizers without one). A non-finite training or validation loss ends
-    the run with ``status="diverged"`` and an infinite final loss.
+    A non-finite training or validation loss ends the run with
+    ``status="diverged"`` and an infinite final loss.
+
+    Args:
+        spec: The run: task, config, optimizer, peak LR, weight decay, seed.
+        theta: The :class:`celo2.Theta` of ``spec.theta`` (None for optimizers without one).
+        make_optimizer: Builds the optimizer instead of the registry, called as
+            ``make_optimizer(model, lr=, weight_decay=, theta=)`` (the factory signature of
+            :mod:`celo2.eval.optimizers`); for experiments with variants the registry does not
+            hold (``benchmarks/cartpole_diagnosis.py``). ``spec.optimizer`` should then name
+            the variant, since it keys the record.
+
+    Returns:
+        The run's record (config, status, final losses, curves, timings).
     """
     t0 = time.perf_counter()
     cfg = spec.task_config
     steps = int(cfg["steps"])
     problem = task_registry.build_problem(spec.task, cfg, spec.seed, spec.data_dir)
     model = problem.model
-    optimizer = opt_registry.build_optimizer(spec.optimizer, model, spec.lr, spec.weight_decay, theta=theta)
+    if make_optimizer is None:
+        optimizer = opt_registry.build_optimizer(spec.optimizer, model, spec.lr, spec.weight_decay, theta=theta,
+                                                 **spec.optimizer_options)
+    else:
+        optimizer = make_optimizer(model, lr=spec.lr, weight_decay=spec.weight_decay, theta=theta)
     schedulers = opt_registry.make_schedulers(optimizer, steps)
     train_time = 0.0  # seconds inside training steps only (no data loading, no evaluation)
 
