@@ -19,10 +19,13 @@ CONFIG = preset("smoke")  # digits + synthetic: built in, no files
 @pytest.fixture(scope="module")
 def thetas():
     good = Theta.init(0)
-    # The same network with its last layer scaled down 1000x: the raw direction
-    # is then mostly b2's constant, which the output normalisation blows up to
-    # a unit-RMS step in one fixed direction per tensor: a poor rule.
-    bad = Theta({k: (v * 1e-3 if k == "w2" else v) for k, v in good.arrays.items()})
+    # The same network with its last layer scaled down 1000x and a unit output
+    # bias: the raw direction is then mostly b2's constant, which the output
+    # normalisation blows up to a unit-RMS step in one fixed direction per
+    # tensor: a poor rule. (Scaling w2 alone changes nothing: Theta.init's b2
+    # is 0, and the output normalisation undoes a uniform scale.)
+    shifted = {"w2": lambda v: v * 1e-3, "b2": lambda v: v + 1.0}
+    bad = Theta({k: shifted.get(k, lambda v: v)(v) for k, v in good.arrays.items()})
     return {"init": good, "again": good, "frozen": bad}
 
 
