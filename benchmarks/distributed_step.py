@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -105,13 +104,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def rank_main(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+def rank_main(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     cuda = cfg["device"] == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -182,12 +180,6 @@ def one_process(cfg: dict, name: str, dtype: torch.dtype = torch.float64) -> tup
     return model.state_dict(), 1e3 * statistics.median(times[1:])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          "threads", "parity")}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "r.pt")
-        mp.spawn(rank_main, args=(args.world, free_port(), cfg, path), nprocs=args.world)
+        mp.spawn(rank_main, args=(args.world, os.path.join(tmp, "store"), cfg, path), nprocs=args.world)
         results = torch.load(path)
     n_params = sum(v.numel() for v in results["adamw/float32"][1].values())
     rows = {}

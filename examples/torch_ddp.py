@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 
 import torch
@@ -41,9 +40,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> Non
         opt.step()
 
 
-def rank_main(rank: int, world: int, port: int, steps: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def rank_main(rank: int, world: int, store: str, steps: int, out: str) -> None:
+    # A file rendezvous: no TCP port to pick, so no race with another job for it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
@@ -55,12 +54,6 @@ def rank_main(rank: int, world: int, port: int, steps: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="run a few steps only")
@@ -70,7 +63,7 @@ def main(argv: list[str] | None = None) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.pt")
-        mp.spawn(rank_main, args=(2, free_port(), steps, out), nprocs=2)
+        mp.spawn(rank_main, args=(2, os.path.join(tmp, "store"), steps, out), nprocs=2)
         ddp_weights = torch.load(out)
     single = make_model()
     train(single, *make_batch(), steps)

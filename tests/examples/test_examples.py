@@ -24,7 +24,7 @@ CASES = {
     "fsdp2_gpt.py": (("torch",), ["--check"]),
 }
 # scripts started by a launcher rather than by python alone
-LAUNCHERS = {"fsdp2_gpt.py": ["-m", "torch.distributed.run", "--nproc-per-node", "2"]}
+LAUNCHERS = {"fsdp2_gpt.py": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}
 
 
 def test_every_example_has_a_case() -> None:
