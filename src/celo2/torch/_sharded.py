@@ -47,6 +47,7 @@ except ImportError:  # a PyTorch build without torch.distributed: no parameter i
 from celo2.rule import spec
 from celo2.torch import _chunked
 from celo2.torch._state import TorchTheta, state_shapes, work_shape
+from celo2.torch.functional import _waves
 from celo2.torch.ns import batch_member_limit, newton_schulz_many, resolve_ns_dtype
 
 WAVE_ELEMENTS: int = 1 << 24
@@ -303,17 +304,6 @@ def plan_owners(sizes: Sequence[int], ranks: int) -> list[int]:
     return owners
 
 
-def _waves(numels: Sequence[int], limit: int) -> list[list[int]]:
-    waves, cur, size = [], [], 0
-    for j, n in enumerate(numels):
-        if cur and size + n > limit:
-            waves.append(cur)
-            cur, size = [], 0
-        cur.append(j)
-        size += n
-    return waves + ([cur] if cur else [])
-
-
 def _all_to_all(chunks: list[torch.Tensor], recv_sizes: list[int], sharding: Sharding,
                 device: torch.device) -> list[torch.Tensor]:
     """Send ``chunks[r]`` (flat float32) to group rank ``r``; return what each rank sent here."""
@@ -443,7 +433,8 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         device = local(params[held[0]]).device
         dtype = resolve_ns_dtype(ns_dtype, device)
         group_shardings = [shardings[i] for i in held]
-        for wave in _waves([math.prod(s.global_shape) for s in group_shardings], WAVE_ELEMENTS):
+        numels = [math.prod(s.global_shape) for s in group_shardings]
+        for wave in _waves(list(range(len(held))), WAVE_ELEMENTS, numel=numels.__getitem__):
             # This rank's blocks of the wave's raw directions, their partial sums completed together.
             boxes = {j: {} for j in wave}
             _chunked.run_together([steps_of(held[j], raw=True, box=boxes[j]) for j in wave], ref.sum_)

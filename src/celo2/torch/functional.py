@@ -297,15 +297,16 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
         gate.close()
 
 
-def _waves(batches: list, limit: int) -> list[list]:  # noqa: ANN001
-    """Consecutive batches gathered until they hold ``limit`` elements (a larger batch is a wave alone)."""
+def _waves(items: list, limit: int, numel: Callable[[Any], int] = lambda batch: batch.numel) -> list[list]:
+    """Consecutive items (Newton-Schulz batches by default) gathered until they hold ``limit`` elements
+    (``numel`` of each; a larger item is a wave alone)."""
     waves, cur, size = [], [], 0
-    for batch in batches:
-        if cur and size + batch.numel > limit:
+    for item in items:
+        if cur and size + numel(item) > limit:
             waves.append(cur)
             cur, size = [], 0
-        cur.append(batch)
-        size += batch.numel
+        cur.append(item)
+        size += numel(item)
     return waves + ([cur] if cur else [])
 
 
