@@ -119,3 +119,30 @@ def test_optax_sharded_step_keeps_the_sharding(tmp_path):
     res = _run([str(BENCH / "optax_sharded_step.py"), "--size", "64", "--steps", "2"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "sharding=P('x', None)" in res.stdout and "sharding=P(None, 'x')" in res.stdout, res.stdout
+
+
+def test_compare_table_reports_each_folders_best_cell_and_refuses_a_task_twice(tmp_path):
+    for task in ("mlp", "gpt"):
+        res = _run(["-m", "celo2.cli.main", "bench", "--suite", "smoke", "--tasks", task, "--optimizers",
+                    "adamw,muon", "--steps", "3", "--seeds", "0,1", "--wd-grid", "adamw=0,0.1",
+                    "--wd-grid", "muon=0,0.1", "--jobs", "1", "--out", task], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([str(BENCH / "compare_table.py"), "mlp", "gpt", "--out", "table"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "table" / "ratios.png").stat().st_size > 0
+    text = (tmp_path / "table" / "table.md").read_text()
+    # The oracle: the lowest mean over seeds among each folder's cells, read straight from its CSV.
+    import csv
+    for task in ("mlp", "gpt"):
+        cells: dict[tuple[str, float, float], list[float]] = {}
+        with (tmp_path / task / "results.csv").open() as fh:
+            for row in csv.DictReader(fh):
+                cells.setdefault((row["optimizer"], float(row["lr"]), float(row["weight_decay"])), []).append(
+                    float(row["final_val_loss"]))
+        assert len(cells) == 8 and all(len(v) == 2 for v in cells.values())
+        for opt in ("adamw", "muon"):
+            (_, lr, wd), vals = min(((k, v) for k, v in cells.items() if k[0] == opt), key=lambda kv: sum(kv[1]))
+            assert f"{sum(vals) / 2:.4g} ± " in text and f"(LR {lr:g}, WD {wd:g})" in text, (task, opt)
+    assert "| muon / adamw |" in text
+    twice = _run([str(BENCH / "compare_table.py"), "mlp", "mlp"], tmp_path)
+    assert twice.returncode == 2 and "task 'mlp' is in both" in twice.stderr
