@@ -29,8 +29,7 @@ import sys
 from pathlib import Path
 
 from celo2.eval.report import OptimizerResult, edge_label, ratio, select_best
-
-TASK_ORDER = ("mlp", "cnn", "gpt", "vit", "autoencoder", "rl")
+from celo2.eval.tasks import TASKS
 
 
 def read_folder(folder: Path) -> tuple[dict[str, dict[str, OptimizerResult]], dict[str, int]]:
@@ -83,7 +82,7 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[str, OptimizerResult]],
             if task in tasks:
                 raise ValueError(f"task {task!r} is in both {where[task]} and {folder}; give each task one folder")
             tasks[task], where[task], counts[task] = results, folder, count
-    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    order = {t: i for i, t in enumerate(TASKS)}  # the registry's order
     names = sorted(tasks, key=lambda t: (order.get(t, len(order)), t))
     return {t: tasks[t] for t in names}, {t: counts[t] for t in names}
 
@@ -153,15 +152,15 @@ def plot(tasks: dict[str, dict[str, OptimizerResult]], baseline: str, path: Path
     cols = [t for t in tasks if baseline in tasks[t]]
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cols) + 2), 4.0))
+    finite: list[float] = []
     for i, n in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cols))]
         ys = [ratio(tasks[t][n].best_mean, tasks[t][baseline].best_mean) if n in tasks[t] else math.nan for t in cols]
+        finite += [y for y in ys if math.isfinite(y)]
         ax.bar(xs, [y if math.isfinite(y) else 0.0 for y in ys], width, label=n)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel(f"best final val loss / {baseline}'s")
-    lows = [ratio(tasks[t][n].best_mean, tasks[t][baseline].best_mean) for t in cols for n in names if n in tasks[t]]
-    finite = [v for v in lows if math.isfinite(v)]
     if finite:
         ax.set_ylim(min(0.95, min(finite) - 0.03), max(1.05, max(finite) + 0.03))
     ax.legend(fontsize=8, ncol=2)
