@@ -160,6 +160,8 @@ def rank_main(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
                 results[f"{name}/{str(dtype).removeprefix('torch.')}"] = (row, full)
         if rank == 0:
             torch.save(results, out)
+        # Every rank is done with the group before any rank tears it down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

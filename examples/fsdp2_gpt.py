@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"optimizer sent {COMM.total_bytes / 1024:.1f} KiB this step{mem}", flush=True)
 
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    # Every rank is done with the group before any rank tears it down (rank 0's check below runs alone).
+    dist.barrier()
     if args.check and rank == 0:
         want = one_process(args, tokens)
         diffs = {k: (full[k].cpu() - v).abs().max().item() for k, v in want.items()}

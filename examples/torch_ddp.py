@@ -50,6 +50,8 @@ def rank_main(rank: int, world: int, store: str, steps: int, out: str) -> None:
         train(model, x.chunk(world)[rank], y.chunk(world)[rank], steps)
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        # Every rank is done with the group before any rank tears it down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

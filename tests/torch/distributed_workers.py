@@ -215,6 +215,8 @@ def run_rank(rank: int, world: int, store: str, out: str, cases: list[tuple[str,
             results[f"{name}{args}"] = globals()[name](*args)
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
+        # Every rank is done with the group before any rank tears it down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
