@@ -762,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--torch-optimizers", default=",".join(TORCH_OPTS), help=f"subset of {TORCH_OPTS}")
+    ap.add_argument("--jax-optimizers", default=",".join(JAX_OPTS), help=f"subset of {JAX_OPTS}")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every optimizer (default: library default)")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the memory subprocesses (torch on CPU: per optimizer; JAX: the memory-ordered compile)")
@@ -811,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     torch_kinds = args.torch_optimizers.split(",")
     if set(torch_kinds) - set(TORCH_OPTS):
         ap.error(f"--torch-optimizers: unknown {sorted(set(torch_kinds) - set(TORCH_OPTS))}; expected {TORCH_OPTS}")
+    jax_kinds = args.jax_optimizers.split(",")
+    if set(jax_kinds) - set(JAX_OPTS):
+        ap.error(f"--jax-optimizers: unknown {sorted(set(jax_kinds) - set(JAX_OPTS))}; expected {JAX_OPTS}")
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -835,9 +839,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{size}] torch done in {time.time() - t0:.0f}s", file=sys.stderr)
         if "jax" in frameworks:
             t0 = time.time()
-            per["jax"] = _run_worker(["jax-time", size, ",".join(JAX_OPTS)], args)
+            per["jax"] = _run_worker(["jax-time", size, ",".join(jax_kinds)], args)
             if not args.no_memory:
-                for kind, extra in _run_worker(["jax-mem", size, ",".join(JAX_OPTS)], args).items():
+                for kind, extra in _run_worker(["jax-mem", size, ",".join(jax_kinds)], args).items():
                     per["jax"][kind].update(extra)
             print(f"[{size}] jax done in {time.time() - t0:.0f}s", file=sys.stderr)
         results["sizes"][size] = per
