@@ -809,12 +809,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sizes: unknown {unknown}; expected some of {sorted(SIZES) + sorted(GPT_SIZES)}")
     if args.train_share and args.train_share not in GPT_SIZES:
         ap.error(f"--train-share {args.train_share!r}: expected one of {sorted(GPT_SIZES)}")
-    torch_kinds = args.torch_optimizers.split(",")
-    if set(torch_kinds) - set(TORCH_OPTS):
-        ap.error(f"--torch-optimizers: unknown {sorted(set(torch_kinds) - set(TORCH_OPTS))}; expected {TORCH_OPTS}")
-    jax_kinds = args.jax_optimizers.split(",")
-    if set(jax_kinds) - set(JAX_OPTS):
-        ap.error(f"--jax-optimizers: unknown {sorted(set(jax_kinds) - set(JAX_OPTS))}; expected {JAX_OPTS}")
+    def optimizer_list(flag: str, value: str, known: tuple[str, ...]) -> list[str]:
+        kinds = value.split(",")
+        if set(kinds) - set(known):
+            ap.error(f"{flag}: unknown {sorted(set(kinds) - set(known))}; expected {known}")
+        return kinds
+
+    torch_kinds = optimizer_list("--torch-optimizers", args.torch_optimizers, TORCH_OPTS)
+    jax_kinds = optimizer_list("--jax-optimizers", args.jax_optimizers, JAX_OPTS)
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

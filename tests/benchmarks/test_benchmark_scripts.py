@@ -25,9 +25,9 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_step_time_measures_every_torch_optimizer_and_the_compared_jax_rows(tmp_path):
     pytest.importorskip("jax")
     out = tmp_path / "step_time.json"
-    # JAX: AdamW, Celo2 on the CPU kernels and Celo2-base on XLA's formulation (the rows the table compares;
-    # each further JAX optimizer costs two compiles in each of two processes; the optimizers themselves are
-    # tested in tests/optax).
+    # JAX: AdamW and Celo2-base on XLA's formulation (compared below) and Celo2 on the CPU kernels. Each
+    # further JAX optimizer costs two compiles in each of two processes; the optimizers themselves are
+    # tested in tests/optax.
     jax_kinds = {"adamw", "celo2", "celo2_base_xla"}
     res = _run([str(BENCH / "step_time.py"), "--sizes", "tiny", "--repeats", "2", "--warmup", "1",
                 "--threads", "1", "--jax-optimizers", ",".join(sorted(jax_kinds)), "--out", str(out)], tmp_path)
