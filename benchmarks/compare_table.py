@@ -13,7 +13,7 @@ folder (each task with LR grids centred on its own optimum, as in
 
 The cells come from each folder's ``results.csv``, which holds the runs of that folder's last
 bench plan only, and the best cell is chosen by the bench's own rule
-(:func:`celo2.eval.report.select_best`: lowest mean over seeds, a diverged seed counts as
+(:func:`celo2.eval.selection.select_best`: lowest mean over seeds, a diverged seed counts as
 infinite). A folder whose plan is not finished is marked with its run count.
 
     python benchmarks/compare_table.py benchmarks/results/compare/*/ --out benchmarks/results/compare
@@ -28,7 +28,7 @@ import math
 import sys
 from pathlib import Path
 
-from celo2.eval.report import OptimizerResult, edge_label, ratio, select_best
+from celo2.eval.selection import OptimizerResult, edge_label, ratio, select_best
 from celo2.eval.tasks import TASKS
 
 

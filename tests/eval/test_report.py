@@ -7,28 +7,29 @@ import math
 import pytest
 
 from celo2.eval import report as P
+from celo2.eval import selection as S
 from celo2.eval.runner import RunSpec
 
 
 def test_edge_flag():
     grid = [1e-4, 1e-3, 1e-2]
-    assert P.edge_flag(1e-4, grid) == P.EDGE_LOW
-    assert P.edge_flag(1e-2, grid) == P.EDGE_HIGH
-    assert P.edge_flag(1e-3, grid) is None
-    assert P.edge_flag(1e-3, [1e-3]) == P.EDGE_SINGLE
-    assert P.edge_flag(None, grid) is None
+    assert S.edge_flag(1e-4, grid) == S.EDGE_LOW
+    assert S.edge_flag(1e-2, grid) == S.EDGE_HIGH
+    assert S.edge_flag(1e-3, grid) is None
+    assert S.edge_flag(1e-3, [1e-3]) == S.EDGE_SINGLE
+    assert S.edge_flag(None, grid) is None
 
 
 def _res(losses):
-    r = P.OptimizerResult("x", sorted(losses))
+    r = S.OptimizerResult("x", sorted(losses))
     r.losses = {lr: list(v) for lr, v in losses.items()}
-    return P.select_best(r)
+    return S.select_best(r)
 
 
 def test_best_lr_uses_the_seed_mean_and_a_diverged_seed_disqualifies():
     r = _res({1e-3: [1.0, 1.2], 1e-2: [0.5, math.inf], 1e-1: [math.inf, math.inf]})
     assert r.best_lr == 1e-3 and r.best_mean == pytest.approx(1.1)
-    assert r.edge == P.EDGE_LOW
+    assert r.edge == S.EDGE_LOW
     assert r.diverged_lrs == [1e-2, 1e-1]
 
 
@@ -71,7 +72,7 @@ def test_markdown_report_tables_flags_ratios_and_wins(tmp_path):
     summary = P.write_report(tmp_path, specs, records, {"suite": "test", "command": "celo2 bench x"})
     md = (tmp_path / "report.md").read_text()
     assert summary["mlp"]["celo2"].best_lr == 1e-2
-    assert summary["mlp"]["sgd"].edge == P.EDGE_HIGH
+    assert summary["mlp"]["sgd"].edge == S.EDGE_HIGH
     assert "| celo2 | **0.4** (best) | 0.01 | 0.800 |" in md
     assert "edge: highest LR" in md and "edge: lowest LR" in md  # sgd high, muon low
     assert "diverged at LR 0.1" in md
@@ -100,10 +101,10 @@ def test_summary_shows_own_loss_where_adamw_solved_the_task(tmp_path):
 
 
 def test_ratio_is_safe():
-    assert P.ratio(1.0, 2.0) == 0.5
-    assert P.ratio(math.inf, 2.0) == math.inf
-    assert math.isnan(P.ratio(1.0, 0.0))
-    assert math.isnan(P.ratio(1.0, math.inf))
+    assert S.ratio(1.0, 2.0) == 0.5
+    assert S.ratio(math.inf, 2.0) == math.inf
+    assert math.isnan(S.ratio(1.0, 0.0))
+    assert math.isnan(S.ratio(1.0, math.inf))
 
 
 def _grid_specs_and_records(table, task="mlp"):
@@ -145,10 +146,10 @@ def test_two_d_search_picks_the_best_cell_and_flags_edges_in_both_directions(tmp
     summary = P.write_report(tmp_path, specs, records, {"suite": "test", "command": "celo2 bench x"})
     adamw, muon, celo2, sgd = (summary["mlp"][k] for k in ("adamw", "muon", "celo2", "sgd"))
     assert (adamw.best_lr, adamw.best_wd, adamw.edge, adamw.wd_edge) == (1e-2, 0.01, None, None)
-    assert (muon.best_lr, muon.best_wd, muon.edge, muon.wd_edge) == (1e-2, 0.1, None, P.EDGE_HIGH)
-    assert (celo2.best_lr, celo2.best_wd, celo2.edge, celo2.wd_edge) == (1e-3, 0.0, P.EDGE_LOW, P.EDGE_LOW)
-    assert P.untuned(muon) and P.untuned(celo2) and not P.untuned(adamw)
-    assert P.edge_label(celo2) == "LR low, WD low (0)" and P.edge_label(muon) == "WD high"
+    assert (muon.best_lr, muon.best_wd, muon.edge, muon.wd_edge) == (1e-2, 0.1, None, S.EDGE_HIGH)
+    assert (celo2.best_lr, celo2.best_wd, celo2.edge, celo2.wd_edge) == (1e-3, 0.0, S.EDGE_LOW, S.EDGE_LOW)
+    assert S.untuned(muon) and S.untuned(celo2) and not S.untuned(adamw)
+    assert S.edge_label(celo2) == "LR low, WD low (0)" and S.edge_label(muon) == "WD high"
     assert sgd.diverged_cells == [(1e-1, 0.1)] and not sgd.complete
     md = (tmp_path / "report.md").read_text()
     assert "| optimizer | best final val loss (mean ± std over seeds) | best LR | best WD |" in md
@@ -179,8 +180,8 @@ def test_one_weight_decay_keeps_the_old_report(tmp_path):
 
 def test_results_keyed_by_lr_alone_still_select():
     """OptimizerResult.losses keyed by LR (as before weight-decay grids) are read as one-WD cells."""
-    r = P.OptimizerResult("x", [1e-3, 1e-2], wd_grid=[0.1])
+    r = S.OptimizerResult("x", [1e-3, 1e-2], wd_grid=[0.1])
     r.losses = {1e-3: [1.0], 1e-2: [0.5]}
-    P.select_best(r)
+    S.select_best(r)
     assert (r.best_lr, r.best_wd, r.wd_edge) == (1e-2, 0.1, None)
     assert r.mean_at(1e-3) == 1.0
