@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from celo2.kernels import cpu as cpu_kernels
 from celo2.torch import Celo2, Celo2Base, functional, rule
+from celo2.torch.backends import triton as triton_backend
 
 SHAPES = [(24, 16), (16, 24), (24, 16), (16,), (), (6, 4, 3, 3), (3, 5, 4)]
 BACKENDS = ["torch", "reference"] + (["numba"] if cpu_kernels.AVAILABLE else [])
@@ -82,7 +83,7 @@ def test_options_are_validated():
         Celo2(p, ns_dtype="float16")
     with pytest.raises(ValueError, match="invalid backend"):
         Celo2Base([{"params": p, "backend": "fast"}])
-    if not functional._triton.available():
+    if not triton_backend.available():
         with pytest.raises(ValueError, match=r"backend='triton' needs Triton \(pip install 'celo2\[cuda\]'\)"):
             Celo2(p, backend="triton")
 
@@ -108,7 +109,7 @@ def test_resolve_picks_the_documented_backend():
     if cpu_kernels.AVAILABLE:
         assert functional.resolve("auto", s, g, p) == ("numba" if functional.USE_CPU_KERNELS else "torch")
         assert functional.resolve("numba", s, g, p) == "numba"
-    if not functional._triton.supports(p):
+    if not triton_backend.supports(p):
         assert functional.resolve("triton", s, g, p) != "triton"  # falls back
 
 
