@@ -11,7 +11,7 @@ Each configuration trains the bench's byte-level GPT (``celo2.eval.models.GPT``)
 * bytes sent: every collective FSDP2 and the optimizer call, counted where ``torch.distributed`` is
   called (all-gathers and reduce-scatters count ``(W - 1) / W`` of the whole buffer, all-reduces twice
   that, all-to-alls the bytes to other ranks), and the optimizer's own share
-  (:data:`celo2.torch._sharded.COMM`);
+  (:data:`celo2.torch.comm.COMM`);
 * memory: the optimizer state per rank, the largest whole matrices a rank held at once for
   Newton-Schulz, and on CUDA the allocator's peak;
 * parity: the largest parameter difference from one process training the same model on the whole
@@ -40,7 +40,7 @@ from torch import nn
 
 from celo2.eval.models import GPT
 from celo2.torch import Celo2
-from celo2.torch._sharded import COMM
+from celo2.torch.comm import COMM
 
 _WIRE = {"bytes": 0}
 

@@ -31,7 +31,7 @@ from torch import nn
 from celo2.data.text import load_text_corpus
 from celo2.eval.models import GPT
 from celo2.torch import Celo2
-from celo2.torch._sharded import COMM
+from celo2.torch.comm import COMM
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from celo2.rule import layout, spec
-from celo2.torch import _chunked, functional, rule
+from celo2.torch import functional, rule
+from celo2.torch.backends.base import finish
 
 # 0-D; vectors, one longer than a block; a row and a column; matrices of both
 # orientations, one whose groups span several blocks and one whose long
@@ -29,7 +30,7 @@ def _ids(shape):
 
 def _finish(d: torch.Tensor, orthogonalize: bool) -> torch.Tensor:
     """The front end's finish of a raw direction: Newton-Schulz (float32) and the output RMS."""
-    return _chunked._finish_group_normalised(d.clone(), orthogonalize)
+    return finish(d.clone(), orthogonalize=orthogonalize)
 
 
 @pytest.fixture(scope="module")

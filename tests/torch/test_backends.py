@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from celo2.kernels import cpu as cpu_kernels
 from celo2.torch import Celo2, Celo2Base, functional, rule
+from celo2.torch.backends import triton as triton_backend
 
 SHAPES = [(24, 16), (16, 24), (24, 16), (16,), (), (6, 4, 3, 3), (3, 5, 4)]
 BACKENDS = ["torch", "reference"] + (["numba"] if cpu_kernels.AVAILABLE else [])
@@ -82,7 +83,7 @@ def test_options_are_validated():
         Celo2(p, ns_dtype="float16")
     with pytest.raises(ValueError, match="invalid backend"):
         Celo2Base([{"params": p, "backend": "fast"}])
-    if not functional._triton.available():
+    if not triton_backend.available():
         with pytest.raises(ValueError, match=r"backend='triton' needs Triton \(pip install 'celo2\[cuda\]'\)"):
             Celo2(p, backend="triton")
 
@@ -108,7 +109,7 @@ def test_resolve_picks_the_documented_backend():
     if cpu_kernels.AVAILABLE:
         assert functional.resolve("auto", s, g, p) == ("numba" if functional.USE_CPU_KERNELS else "torch")
         assert functional.resolve("numba", s, g, p) == "numba"
-    if not functional._triton.supports(p):
+    if not triton_backend.supports(p):
         assert functional.resolve("triton", s, g, p) != "triton"  # falls back
 
 
@@ -121,3 +122,50 @@ def test_the_deprecated_variable_still_turns_the_kernels_off():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "flag False" in res.stdout
     assert "CELO2_CPU_KERNELS is deprecated" in res.stderr and "backend='torch'" in res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unknown_ns_dtype_is_refused_before_anything_is_written(random_theta, backend):
+    """The vector (not held for Newton-Schulz) must not step before the matrix's ns_dtype is checked."""
+    theta = rule.TorchTheta.from_theta(random_theta)
+    params = [torch.randn(16), torch.randn(24, 16)]
+    grads = [torch.randn_like(p) for p in params]
+    states = [rule.init_tensor_state(p) for p in params]
+    before = [p.clone() for p in params]
+    with pytest.raises(ValueError, match="ns_dtype='float16'"):
+        functional.celo2(params, grads, states, theta=theta, lr=1e-2, weight_decay=0.1, orthogonalize=True,
+                         backend=backend, ns_dtype="float16", nonfinite="propagate")
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(not t.any() for st in states for t in st.values())
+    state = rule.init_tensor_state(params[1])
+    with pytest.raises(ValueError, match="ns_dtype='float16'"):
+        rule.tensor_step(theta, state, grads[1], params[1], True, backend=backend, ns_dtype="float16")
+    assert all(not t.any() for t in state.values())
+
+
+def test_each_backend_is_an_object_named_as_its_module():
+    from celo2.torch.backends import numba, reference, torch as chunked, triton
+
+    for module in (numba, reference, chunked, triton):
+        assert module.BACKEND.name == module.__name__.rsplit(".", 1)[-1]
+        assert module.BACKEND.name in functional.BACKENDS
+
+
+def test_a_backend_gets_the_list_of_tensors_it_steps_in_one_call(random_theta, monkeypatch):
+    """The seam multi-tensor kernels plug into: one call per backend and device, not one per tensor."""
+    from celo2.torch.backends import torch as chunked
+
+    calls = []
+    real = chunked.BACKEND.apply
+
+    def apply(theta, params, *args, **kw):  # noqa: ANN001
+        calls.append(len(params))
+        return real(theta, params, *args, **kw)
+
+    monkeypatch.setattr(chunked.BACKEND, "apply", apply)
+    params = [torch.randn(s) for s in [(5,), (3, 4), (2, 3, 4), ()]]
+    states = [rule.init_tensor_state(p) for p in params]
+    functional.celo2(params, [torch.randn_like(p) for p in params], states,
+                     theta=rule.TorchTheta.from_theta(random_theta), lr=1e-2, weight_decay=0.0,
+                     orthogonalize=False, backend="torch", nonfinite="propagate")
+    assert calls == [4]

@@ -24,9 +24,10 @@ pytestmark = [
 CHILD = r'''
 import copy, torch, torch.nn as nn
 from celo2.rule.theta import Theta
-from celo2.torch import Celo2, Celo2Base, functional
+from celo2.torch import Celo2, Celo2Base
+from celo2.torch.backends import triton as triton_backend
 device = "cuda" if torch.cuda.is_available() else "cpu"
-assert functional._triton.available()
+assert triton_backend.available()
 theta = Theta.init(seed=0)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 6)).to(device)

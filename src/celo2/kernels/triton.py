@@ -1,7 +1,7 @@
 """Fused Triton kernels for the rule on one tensor of any shape (GPU; CPU under the interpreter).
 
 The PyTorch front end calls these for accelerator tensors (``backend="triton"``)
-instead of the chunked path of :mod:`celo2.torch.rule`, whose dispatch count
+instead of its chunked path, whose dispatch count
 grows with the tensor's size. Here every tensor takes a fixed number of kernel
 launches whatever its size, never synchronises with the host and never reads
 a tensor value on the host, so a step can be captured in a CUDA graph.
@@ -12,7 +12,7 @@ tensor for 0-D, 1-D and 2-D tensors, each leading index for ``N >= 3`` dims
 (the input and output RMS are taken over the last two axes). A factored tensor
 (two or more dims) is also viewed as the contiguous 5-D block
 ``(A, SH, B, SL, C)``, where ``SH`` and ``SL`` are the two factored axes of
-:func:`celo2.rule.spec.factored_dims` (``SH`` the earlier one). Its two
+:func:`celo2.rule.state.factoring` (``SH`` the earlier one). Its two
 factored statistics are the tensor without ``SL`` (the "lo" statistic) and
 without ``SH`` (the "hi" statistic); which of them is the row statistic (the
 one without ``d0``) is a host-side choice of pointers and weights, so every
@@ -76,8 +76,8 @@ explicitly; state is float32. Parameter updates combine in float32 and round
 once (float64 parameters combine in float64). The kernels index contiguous
 operands only: a non-contiguous gradient or parameter is copied to a
 contiguous one first (an extra copy launch), and a non-contiguous parameter
-is updated through that copy and copied back; state must be contiguous (as
-:func:`celo2.torch.rule.init_tensor_state` makes it). Element indices are
+is updated through that copy and copied back; state must be contiguous, shaped
+by :func:`celo2.rule.state.state_shapes` (as the front end's ``init_tensor_state`` makes it). Element indices are
 64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
@@ -97,6 +97,7 @@ import numpy as np
 import torch
 
 from celo2.rule import layout, spec
+from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
 
 try:  # Triton is optional: without it the front end keeps its other backends.
     import triton
@@ -779,18 +780,17 @@ def _geometry(shape: tuple[int, ...]) -> _Geometry:
     bl = min(_pow2(L), TILE)
     bg = min(TILE // bl, _pow2(G))
     common = dict(shape=shape, numel=numel, groups=G, group_len=L, bg=bg, bl=bl, nlb=-(-L // bl))
-    dims = spec.factored_dims(shape)
-    if dims is None:
+    f = factoring(shape)
+    if f is None:
         return _Geometry(factored=False, **common)
-    d1, d0 = dims
-    hi, lo = min(d0, d1), max(d0, d1)
+    hi, lo = min(f.d0, f.d1), max(f.d0, f.d1)
     A, B, C = math.prod(shape[:hi]), math.prod(shape[hi + 1 : lo]), math.prod(shape[lo + 1 :])
     SH, SL = shape[hi], shape[lo]
 
     def group_len(axis: int) -> int:  # the statistic without ``axis``: its normalisation groups' length
         return L if nd >= 3 and axis < nd - 2 else L // shape[axis]
 
-    row_is_lo = d0 == lo
+    row_is_lo = f.d0 == lo
     # The row statistic (without d0) averaged over d1: (A, SH, B C) over SH, or (A B, SL, C) over SL.
     mean_s, mean_q = (SH, B * C) if row_is_lo else (SL, C)
     bll = min(_pow2(SL), 128)
@@ -812,18 +812,10 @@ def _param_kind(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}[dtype]
 
 
-def _work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-    from celo2.torch.rule import work_shape  # imported here: the front end imports this module lazily
-
-    return work_shape(shape)
-
-
 @lru_cache(maxsize=256)
 def _state_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of :func:`celo2.torch.rule.init_tensor_state` for a parameter of ``shape``."""
-    from celo2.torch.rule import init_tensor_state
-
-    return {k: tuple(v.shape) for k, v in init_tensor_state(torch.empty(shape, device="meta")).items()}
+    """:func:`celo2.rule.state.state_shapes`, cached per shape (it is read on every launch)."""
+    return state_shapes(shape)
 
 
 def supports(param: torch.Tensor) -> bool:
@@ -881,9 +873,10 @@ def _check_operands(net: torch.Tensor, state: Mapping[str, torch.Tensor], grad: 
     if not grad.is_floating_point() or grad.device != param.device:
         raise ValueError(f"grad must be a floating tensor on {param.device}; got {grad.dtype} on {grad.device}")
     expected = _state_shapes(tuple(param.shape))
-    for key, want in expected.items():
+    for key in STATE_KEYS:
+        want = expected[key]
         if key not in state:
-            raise KeyError(f"state has no {key!r} (expected celo2.torch.rule.init_tensor_state's keys)")
+            raise KeyError(f"state has no {key!r} (expected the keys {STATE_KEYS} of celo2.rule.state)")
         t = state[key]
         if tuple(t.shape) != tuple(want) or t.dtype != torch.float32 or t.device != param.device:
             raise ValueError(f"state[{key!r}] must be float32 {tuple(want)} on {param.device}; got {t.dtype} "
@@ -1017,7 +1010,7 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
 
     Args:
         net: the packed weights (:func:`pack_net`) on the parameter's device.
-        state: :func:`celo2.torch.rule.init_tensor_state` of ``param`` (float32, contiguous); updated in place.
+        state: :func:`celo2.rule.state.state_shapes` of ``param`` (float32, contiguous); updated in place.
         grad: the gradient, the parameter's shape, any float dtype (a non-contiguous one is copied).
         param: the parameter (read only): float32, bfloat16, float16 or float64.
         skip_nonfinite: if True (default) a gradient with a NaN or +-inf element leaves ``state``
@@ -1039,7 +1032,7 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
         KeyError: a state entry is missing.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(_work_shape(param.shape))
+    geo = _geometry(work_shape(param.shape))
     prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
     out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
     if geo.fused:
@@ -1065,7 +1058,7 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
 
     Args:
         net: the packed weights (:func:`pack_net`) on the parameter's device.
-        state: :func:`celo2.torch.rule.init_tensor_state` of ``param``; updated in place.
+        state: :func:`celo2.rule.state.state_shapes` of ``param`` (float32, contiguous); updated in place.
         grad: the gradient (parameter's shape, any float dtype).
         param: updated in place (float32, bfloat16, float16 or float64; a non-contiguous one
             is updated through a contiguous copy and copied back).
@@ -1082,7 +1075,7 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
         a single value on the device.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(_work_shape(param.shape))
+    geo = _geometry(work_shape(param.shape))
     flat, copied = _writable_flat(param)
     _scalar(lr, "lr", param.device)
     _scalar(weight_decay, "weight_decay", param.device)
@@ -1122,7 +1115,7 @@ def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scala
         ValueError: ``d``, ``ok``, ``lr`` or ``weight_decay`` of the wrong shape, dtype or device.
     """
     _require_available(param)
-    shape = _work_shape(param.shape)
+    shape = work_shape(param.shape)
     if tuple(d.shape) != shape or d.dtype not in (torch.float32, torch.bfloat16) or d.device != param.device:
         raise ValueError(f"d must be float32 or bfloat16 of shape {shape} on {param.device}; got {d.dtype} "
                          f"{tuple(d.shape)} on {d.device}")

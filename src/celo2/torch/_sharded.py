@@ -11,7 +11,7 @@ one process would compute for the whole tensor:
 * The statistics spanning a whole tensor (the channels' sums of squares for
   the input RMS, the factored row and column means, the output RMS) are
   completed across ranks as small partial sums
-  (:class:`celo2.torch._chunked.Reduction`); the tensor is never gathered
+  (:class:`celo2.torch.backends.torch.Reduction`); the tensor is never gathered
   for them.
 * Newton-Schulz needs whole matrices. Each matrix gets an owner rank
   (:func:`plan_owners`: largest first, to the least-loaded rank); one
@@ -44,45 +44,17 @@ except ImportError:  # a PyTorch build without torch.distributed: no parameter i
 
     Replicate = Shard = None  # type: ignore[assignment,misc]
 
-from celo2.rule import spec
-from celo2.torch import _chunked
-from celo2.torch._state import TorchTheta, state_shapes, work_shape
-from celo2.torch.functional import _waves
-from celo2.torch.ns import batch_member_limit, newton_schulz_many, resolve_ns_dtype
+from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
+from celo2.torch._nonfinite import Gate
+from celo2.torch._state import TorchTheta
+from celo2.torch.backends.base import apply_update, finish
+from celo2.torch.backends import torch as chunked
+from celo2.torch.comm import COMM
+from celo2.torch.ns import batch_member_limit, newton_schulz_many, resolve_ns_dtype, waves
 
 WAVE_ELEMENTS: int = 1 << 24
 """Elements of whole matrices exchanged for Newton-Schulz in one wave, over all
 ranks of a group (64 MiB of float32): bounds what a rank holds beyond its shards."""
-
-
-@dataclass
-class CommCounter:
-    """Bytes this rank put on the wire in the optimizer's collectives.
-
-    All-reduces count ``2 (W - 1) / W`` times the tensor (a ring's share per
-    rank), all-to-alls the bytes sent to other ranks.
-    """
-
-    all_reduce_bytes: int = 0
-    all_to_all_bytes: int = 0
-    all_reduces: int = 0
-    all_to_alls: int = 0
-    whole_bytes_peak: int = 0
-    """The most bytes of whole matrices this rank held at once for Newton-Schulz."""
-
-    def reset(self) -> None:
-        """Zero every count."""
-        self.all_reduce_bytes = self.all_to_all_bytes = self.all_reduces = self.all_to_alls = 0
-        self.whole_bytes_peak = 0
-
-    @property
-    def total_bytes(self) -> int:
-        """All bytes sent."""
-        return self.all_reduce_bytes + self.all_to_all_bytes
-
-
-COMM = CommCounter()
-"""The running counts of this process (``benchmarks/distributed_step.py`` reads and resets them)."""
 
 
 def _placement_text(p: DTensor) -> str:
@@ -148,11 +120,10 @@ class Sharding:
             return a + 1
         if key in ("v", "exp_avg", "exp_avg_sq"):
             return a
-        dims = spec.factored_dims(self.global_shape)
-        if dims is None:
+        f = factoring(self.global_shape)
+        if f is None:
             return a + 1 if key == "fac_r" else None
-        d1, d0 = dims
-        reduced = d0 if key == "fac_r" else d1
+        reduced = f.d0 if key == "fac_r" else f.d1
         return None if a == reduced else 1 + (a if a < reduced else a - 1)
 
     def state_placements(self, key: str) -> tuple:
@@ -169,7 +140,7 @@ class Sharding:
             local[axis] = self.sizes[self.group_rank]
         return DTensor.from_local(torch.zeros(local, dtype=torch.float32, device=device), self.mesh,
                                   self.state_placements(key), run_check=False, shape=torch.Size(global_shape),
-                                  stride=_contiguous_strides(global_shape))
+                                  stride=contiguous_strides(global_shape))
 
     def local_block(self, key: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's block of a whole (unsharded) accumulator ``key``."""
@@ -180,7 +151,15 @@ class Sharding:
         return full.narrow(axis, self.offsets[r], self.sizes[r])
 
 
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (size-0 axes counted as 1, as PyTorch does).
+
+    Args:
+        shape: A tensor shape.
+
+    Returns:
+        Its row-major strides, in elements.
+    """
     strides, acc = [], 1
     for s in reversed(tuple(shape)):
         strides.append(acc)
@@ -354,9 +333,7 @@ def _orthogonalise_owned(shardings: list[Sharding], raws: dict[int, torch.Tensor
     outs = newton_schulz_many(mats, dtype=dtype, inplace=True, max_member=batch_member_limit(device))
     finished = {}
     for j, d in zip(mine, outs):
-        d = d.to(torch.float32)
-        ms = torch.linalg.vector_norm(d).square_().mul_(1.0 / d.numel()).add_(spec.OUTPUT_NORM_EPS)
-        finished[j] = d.mul_(ms.rsqrt_())
+        finished[j] = finish(d)
     # Back: each rank's block of every matrix this rank owns.
     back = [[] for _ in range(size)]
     for j in mine:
@@ -378,7 +355,7 @@ def _orthogonalise_owned(shardings: list[Sharding], raws: dict[int, torch.Tensor
 def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[dict[str, DTensor]],
           shardings: Sequence[Sharding], *, theta: Callable[[torch.device], TorchTheta], lr: Any,
           weight_decay: float, orthogonalize: bool, ns_dtype: str | torch.dtype, skip: bool,
-          counters: Sequence[torch.Tensor], Gate: type, workspace: Optional[_chunked.Workspace] = None,
+          counters: Sequence[torch.Tensor], workspace: Optional[chunked.Workspace] = None,
           chunk_elements: Optional[int] = None) -> None:
     """The rule's step on sharded DTensor parameters, in place (see the module doc).
 
@@ -397,7 +374,6 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         ns_dtype: Newton-Schulz's dtype (as :class:`~celo2.torch.Celo2`'s).
         skip: Skip tensors whose gradient is not finite anywhere (``nonfinite="skip"``).
         counters: Per parameter, its count of skipped steps.
-        Gate: :class:`celo2.torch.functional.Gate`.
         workspace: Chunk scratch.
         chunk_elements: Elements per chunk of the chunked path.
     """
@@ -408,11 +384,11 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
             groups.setdefault(shardings[i].group, []).append(i)
 
     def locals_of(i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        return local(params[i]), local(grads[i]), {k: local(states[i][k]) for k in ("m", "v", "fac_r", "fac_c")}
+        return local(params[i]), local(grads[i]), {k: local(states[i][k]) for k in STATE_KEYS}
 
-    def steps_of(i: int, raw: bool, box: Optional[dict] = None) -> _chunked.Partials:
+    def steps_of(i: int, raw: bool, box: Optional[dict] = None) -> chunked.Partials:
         p_loc, g_loc, st_loc = locals_of(i)
-        return _chunked.steps(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize or raw,
+        return chunked.steps(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize or raw,
                               None if raw else apply, raw=raw, shard=shardings[i], chunk_elements=chunk_elements,
                               workspace=workspace, box=box)
 
@@ -427,22 +403,22 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         held = [i for i in members if orthogonalize and len(shardings[i].global_shape) == 2]
         rest = [i for i in members if i not in set(held)]
         if rest:
-            _chunked.run_together([steps_of(i, raw=False) for i in rest], ref.sum_)
+            chunked.run_together([steps_of(i, raw=False) for i in rest], ref.sum_)
         if not held:
             continue
         device = local(params[held[0]]).device
         dtype = resolve_ns_dtype(ns_dtype, device)
         group_shardings = [shardings[i] for i in held]
         numels = [math.prod(s.global_shape) for s in group_shardings]
-        for wave in _waves(list(range(len(held))), WAVE_ELEMENTS, numel=numels.__getitem__):
+        for wave in waves(list(range(len(held))), WAVE_ELEMENTS, numel=numels.__getitem__):
             # This rank's blocks of the wave's raw directions, their partial sums completed together.
             boxes = {j: {} for j in wave}
-            _chunked.run_together([steps_of(held[j], raw=True, box=boxes[j]) for j in wave], ref.sum_)
+            chunked.run_together([steps_of(held[j], raw=True, box=boxes[j]) for j in wave], ref.sum_)
             raws = {j: boxes[j]["result"] for j in wave}
             blocks = _orthogonalise_owned(group_shardings, raws, wave, device, dtype)
             for j, d in zip(wave, blocks):
                 p_loc = local(params[held[j]])
                 del raws[j]
-                _chunked.apply_update(p_loc, 0, work_shape(p_loc.shape)[0], d, apply, None)
+                apply_update(p_loc, 0, work_shape(p_loc.shape)[0], d, apply, None)
     for gate in gates:
         gate.close()

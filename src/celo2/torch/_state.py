@@ -1,7 +1,7 @@
-"""The rule's weights and per-tensor state as every PyTorch backend reads them.
+"""The rule's weights and per-tensor state as PyTorch tensors.
 
-Accumulators are float32 whatever the parameter dtype, with the decay index as
-the leading axis (see :class:`celo2.optax.rule.TensorState`). The weights come
+Accumulators are float32 whatever the parameter dtype, shaped and keyed by
+:mod:`celo2.rule.state` (shared with the JAX front end). The weights come
 as the published arrays (for the reference formula) and as the packed vector
 of :mod:`celo2.rule.layout` (for the fused backends), from which the chunked
 path's slices are cut.
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from celo2.rule import layout, spec
+from celo2.rule.state import state_shapes
 from celo2.rule.theta import Theta
 
 
@@ -125,40 +126,14 @@ class ChunkedWeights:
         )
 
 
-def work_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-    """The shape the rule works in: 0-D tensors are treated as shape ``(1,)``."""
-    return tuple(shape) if len(shape) else (1,)
-
-
-def state_shapes(shape: torch.Size | tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """The shape of each accumulator of a parameter of ``shape`` (all float32).
-
-    Args:
-        shape: The parameter's shape.
-
-    Returns:
-        ``{"m", "v", "fac_r", "fac_c"}`` -> shape, as :func:`init_tensor_state` makes them.
-    """
-    shape = work_shape(shape)
-    k = len(spec.FACTORED_DECAYS)
-    dims = spec.factored_dims(shape)
-    if dims is None:
-        fac_r, fac_c = (k, *shape), (k, 0)
-    else:
-        d1, d0 = dims
-        fac_r = (k, *[s for i, s in enumerate(shape) if i != d0])
-        fac_c = (k, *[s for i, s in enumerate(shape) if i != d1])
-    return {"m": (len(spec.MOMENTUM_DECAYS), *shape), "v": shape, "fac_r": fac_r, "fac_c": fac_c}
-
-
 def init_tensor_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zeroed accumulators for one parameter (see :class:`celo2.optax.rule.TensorState`).
+    """Zeroed accumulators for one parameter.
 
     Args:
         param: The parameter (its shape and device are used).
 
     Returns:
-        ``{"m", "v", "fac_r", "fac_c"}`` -> float32 zeros of :func:`state_shapes`.
+        :data:`celo2.rule.state.STATE_KEYS` -> float32 zeros of :func:`celo2.rule.state.state_shapes`.
     """
     return {key: torch.zeros(s, dtype=torch.float32, device=param.device)
             for key, s in state_shapes(param.shape).items()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -292,3 +292,25 @@ def newton_schulz_many(mats: Sequence[torch.Tensor], *, dtype: Optional[torch.dt
             part = res[a:b].mT if t else res[a:b]
             out[i] = part.reshape(mats[i].shape)
     return out  # type: ignore[return-value]
+
+
+def waves(items: Sequence[Any], limit: int, numel: Callable[[Any], int] = lambda batch: batch.numel) -> list[list]:
+    """Consecutive items gathered into waves of at most ``limit`` elements, so that a wave's raw directions
+    are held together and no more.
+
+    Args:
+        items: The items in order (by default :class:`Batch` es of :func:`plan_batches`).
+        limit: The most elements per wave; an item larger than this is a wave alone.
+        numel: The elements of an item (default its ``numel``).
+
+    Returns:
+        The waves, each a list of consecutive items, in order.
+    """
+    out, cur, size = [], [], 0
+    for item in items:
+        if cur and size + numel(item) > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += numel(item)
+    return out + ([cur] if cur else [])

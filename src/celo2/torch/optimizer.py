@@ -19,7 +19,7 @@ from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
 from celo2.torch import _sharded
 from celo2.torch import functional as F
-from celo2.torch._chunked import Workspace
+from celo2.torch.backends.torch import Workspace
 from celo2.torch._sharded import DTensor
 from celo2.torch._state import TorchTheta, init_tensor_state, state_shapes
 from celo2.torch.ns import resolve_ns_dtype
@@ -250,7 +250,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 continue
             block = sh.local_block("v" if adam else key, t).contiguous()  # "v": the parameter's own axis
             state[key] = DTensor.from_local(block, p.device_mesh, want, run_check=False, shape=t.shape,
-                                            stride=_sharded._contiguous_strides(t.shape))
+                                            stride=_sharded.contiguous_strides(t.shape))
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a state_dict that does not fit this optimizer (see :meth:`load_state_dict`)."""
@@ -431,7 +431,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             _sharded.celo2([params[j] for j in sharded], [params[j].grad for j in sharded],
                            [states[j] for j in sharded], [self._shardings[params[j]] for j in sharded],
                            skip=group["nonfinite"] == "skip", counters=[states[j][_COUNTER] for j in sharded],
-                           Gate=F.Gate, workspace=workspace, **kw)
+                           workspace=workspace, **kw)
 
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,

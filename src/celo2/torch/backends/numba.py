@@ -7,22 +7,24 @@ chunk workspace. A matrix's or a vector's whole pass sequence is one call
 (:func:`celo2.kernels.cpu.matrix_step`, :func:`~celo2.kernels.cpu.vector_step`,
 shared with the JAX front end's FFI handler), so whole tensors are handed to
 threads (:func:`celo2.kernels.cpu.run_tensors`); Celo2-base never holds a
-matrix's direction. Other tensors fall back to the chunked path.
+matrix's direction. The front end gives other tensors to the chunked path
+(:meth:`NumbaBackend.takes` is false for them).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from celo2.kernels import cpu as cpu_kernels
-from celo2.rule import layout, spec
-from celo2.torch import _chunked
-from celo2.torch._chunked import _Tensor, _finish_group_normalised, apply_update
-from celo2.torch._state import TorchTheta, work_shape
-from celo2.torch.ns import newton_schulz
+from celo2.rule import layout
+from celo2.rule.state import factoring, work_shape
+from celo2.torch._state import TorchTheta
+from celo2.torch.backends.base import Apply, Options, finish
+from celo2.torch.backends import torch as chunked
 
 AVAILABLE: bool = cpu_kernels.AVAILABLE
 """Whether Numba is installed (else this backend takes no tensor)."""
@@ -41,7 +43,7 @@ def kind(state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor
         param: The parameter.
 
     Returns:
-        The kernel kind, or ``None`` for the chunked path.
+        The kernel kind, or ``None`` (the kernels do not take it).
     """
     if not (AVAILABLE and param.device.type == "cpu" and not torch.compiler.is_compiling()
             and param.dtype == torch.float32 and grad.dtype == torch.float32
@@ -67,7 +69,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
             (before Newton-Schulz and the output RMS).
 
     Returns:
-        As :func:`celo2.torch._chunked.run`.
+        As :func:`celo2.torch.backends.torch.run`.
 
     Raises:
         ValueError: The state does not fit the tensor (checked before any kernel runs).
@@ -86,9 +88,8 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     else:
         arrays["fac_c"] = state["fac_c"].numpy()
         step = cpu_kernels.matrix_step
-        d0 = spec.factored_dims(shape)[1]
-        args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], arrays["fac_c"], d0,
-                theta.net_numpy())
+        args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], arrays["fac_c"],
+                factoring(shape).d0, theta.net_numpy())
     cpu_kernels.check_operands(k, shape, arrays)
     rows, cols = (1, arrays["grad"].size) if k == "vector" else shape
     if apply is not None and not orthogonalize:
@@ -106,13 +107,8 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     out = out.view(shape)
     if raw:
         return out
-    if orthogonalize:
-        out = newton_schulz(out, inplace=True)
-    ms = torch.linalg.vector_norm(out).square_().mul_(1.0 / out.numel()).add_(spec.OUTPUT_NORM_EPS)
-    if apply is None:
-        return out.mul_(ms.rsqrt_()).reshape(param.shape)
-    apply_update(param, 0, shape[0], out, apply, ms.rsqrt_())
-    return None
+    d = finish(out, orthogonalize=orthogonalize, param=param, apply=apply)
+    return None if d is None else d.reshape(param.shape)
 
 
 def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa: ANN001
@@ -134,7 +130,8 @@ def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p:
     :mod:`celo2.kernels.cpu`)."""
     k = cpu_kernels
     shape = tuple(g.shape)
-    t = _Tensor(theta.layout(), state, g, p, spec.factored_dims(shape), 1 << 30)
+    f = factoring(shape)
+    t = chunked.ChunkedTensor(theta.layout(), state, g, p, f, 1 << 30)
     O, I = shape[:2]  # noqa: E741
     G = shape[2] * shape[3]
     k.check_operands("conv", shape, {"grad": t.g.numpy(), "param": t.p.numpy(), "m": t.m.numpy(),
@@ -146,11 +143,11 @@ def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p:
     col_part = np.empty((nblk, I, G), np.float32)
     k.run_blocks(k.group_grad_stats, nblk, t.numel, gv, per, row_sum, col_part)
     sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
-    d1, d0 = t.dims
-    t.fold_factored(sum_over[d0], sum_over[d1])
-    _chunked.run_local(t.prepare())
-    RF, CF = _rows_cols((t.rf, t.cf), d0 == 1, 3, O, I, G)
-    TR, TC = _rows_cols(t.terms, d0 == 1, 8, O, I, G)
+    t.fold_factored(sum_over[f.d0], sum_over[f.d1])
+    chunked.run_local(t.prepare())
+    rows_first = f.d0 == 1  # the row statistic varies along O when d0 is I
+    RF, CF = _rows_cols((t.rf, t.cf), rows_first, 3, O, I, G)
+    TR, TC = _rows_cols(t.terms, rows_first, 8, O, I, G)
     net = layout.unpack(theta.net_numpy())
     write = orthogonalize or apply is None
     if write:
@@ -164,8 +161,68 @@ def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p:
                  np.float32(step), per, dest)
     if not write:
         return None
-    d = _finish_group_normalised(out, orthogonalize)
-    if apply is None:
-        return d.reshape(param.shape)
-    apply_update(param, 0, O, d, apply, None)
-    return None
+    d = finish(out, orthogonalize=orthogonalize, param=param, apply=apply)
+    return None if d is None else d.reshape(param.shape)
+
+
+class NumbaBackend:
+    """The :class:`celo2.torch.backends.Backend` of the Numba CPU kernels.
+
+    Whole tensors go to threads where no direction is held (Celo2-base, and
+    vectors under Celo2), and for raw directions; Newton-Schulz takes a
+    matrix's raw direction whole, a conv kernel is orthogonalised here (in
+    float32).
+    """
+
+    name = "numba"
+    gates_nonfinite = False
+
+    def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
+        """Whether :func:`kind` names a kernel for this tensor."""
+        return kind(state, grad, param) is not None
+
+    def gives_raw(self, ndim: int) -> bool:
+        """Matrices only."""
+        return ndim == 2
+
+    def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+              states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
+              options: Options) -> list[Optional[torch.Tensor]]:
+        """:func:`run` with ``apply`` on each tensor (see :meth:`celo2.torch.backends.Backend.apply`)."""
+        tasks = []
+        for p, g, st in zip(params, grads, states):
+            if orthogonalize and p.ndim >= 2:
+                run(theta, st, g, p, orthogonalize, apply)
+            else:
+                tasks.append((p.numel(), partial(run, theta, st, g, p, orthogonalize, apply)))
+        if tasks:
+            cpu_kernels.run_tensors(tasks)
+        return [None] * len(params)
+
+    def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
+                   options: Options) -> list[torch.Tensor]:
+        """:func:`run` without ``apply`` on each tensor."""
+        return [run(theta, st, g, p, orthogonalize, None) for p, g, st in zip(params, grads, states)]
+
+    def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
+            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Each matrix's raw direction, whole tensors spread over threads (``ok`` is ``None``)."""
+        out: list = [None] * len(params)
+
+        def task(j: int) -> None:
+            out[j] = (run(theta, states[j], grads[j], params[j], True, None, raw=True), None)
+
+        cpu_kernels.run_tensors([(p.numel(), partial(task, j)) for j, p in enumerate(params)])
+        return out
+
+    def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
+                   oks: Sequence[Optional[torch.Tensor]], apply: Apply) -> None:
+        """:func:`celo2.torch.backends.finish` with ``apply`` on each."""
+        for param, d in zip(params, directions):
+            finish(d, param=param, apply=apply)
+
+
+BACKEND = NumbaBackend()
+"""The Numba CPU kernels."""

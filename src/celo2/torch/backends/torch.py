@@ -33,22 +33,24 @@ Python branch), so it runs asynchronously on accelerators and traces under
 from __future__ import annotations
 
 import math
-from typing import Generator, Optional, Protocol
+from typing import Generator, Optional, Protocol, Sequence
 
 import torch
 
 from celo2.rule import layout, spec
-from celo2.torch._reference import _safe_rsqrt
-from celo2.torch._state import ChunkedWeights, TorchTheta, work_shape
+from celo2.rule.state import Factoring, factoring, work_shape
+from celo2.torch._state import ChunkedWeights, TorchTheta
+from celo2.torch.backends.base import Apply, Options, finish, group_sumsq
+from celo2.torch.backends.reference import safe_rsqrt
 from celo2.torch.ns import newton_schulz
 
 CHUNK_ELEMENTS: int = 1 << 16
 """Elements per chunk of the fast path (a chunk is whole slices of the leading
 axis). Each chunk costs ~60 small operations of fixed Python/dispatch
-overhead; measured on a 2-core Xeon, 64K-element chunks ran 10-25% faster
-than 16K ones (the chunk's channels, 4.7 MB, still sit in L2 + L3) and
-parallelise better. The chunk workspace is ``28 * CHUNK_ELEMENTS`` floats
-(7.3 MB) whatever the tensor size; lower this to trade speed for memory."""
+overhead, so chunks are as large as fits the cache: a chunk's channels
+(4.7 MB at this size) stay in L2 + L3. The chunk workspace is
+``WS_SIZE * CHUNK_ELEMENTS`` floats (7.3 MB) whatever the tensor size; lower
+this to trade speed for memory (see docs/performance.md)."""
 
 COMPILE_CHUNK_ELEMENTS: int = 1 << 20
 """Minimum chunk under ``torch.compile``, where chunk loops are unrolled into the graph."""
@@ -124,15 +126,29 @@ yields nothing for an unsharded tensor.)"""
 _WS_X = 0  # channels (18c); pass-1 scratch (6c) and the second hidden layer (9c) reuse it
 _WS_H = 18  # first hidden layer (9c, last row ones)
 _WS_D = 27  # direction of one chunk (c), for tensors finished chunk by chunk
-_WS_SIZE = 28
+WS_SIZE: int = 28
+"""Floats of chunk workspace per element of a chunk."""
 
 
-class _Tensor:
-    """One tensor's step: views of its gradient, parameter and state in the
-    work shape, and the quantities shared by all chunks."""
+class ChunkedTensor:
+    """One tensor's step on the chunked path: views of its gradient, parameter
+    and state in the work shape, and the quantities shared by all chunks.
+
+    Its passes (:meth:`update`, :meth:`prepare`, :meth:`build`, :meth:`mlp`)
+    are also the pieces the Numba backend's conv step reuses.
+
+    Args:
+        lay: The weights as the chunked path multiplies them.
+        state: The accumulators (views in the work shape).
+        grad: The gradient.
+        param: The parameter.
+        factored: How the (whole) tensor is factored, or ``None`` for a vector.
+        chunk_elements: Elements per chunk.
+        shard: The cross-rank reduction of a sharded tensor (see :class:`Reduction`).
+    """
 
     def __init__(self, lay: ChunkedWeights, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-                 dims: Optional[tuple[int, int]], chunk_elements: int, shard: Optional[Reduction] = None) -> None:
+                 factored: Optional[Factoring], chunk_elements: int, shard: Optional[Reduction] = None) -> None:
         self.lay = lay
         shape = work_shape(param.shape)
         self.shape = shape  # this rank's block (the whole tensor unless sharded)
@@ -142,9 +158,9 @@ class _Tensor:
         self.p = param.detach().reshape(shape)
         self.m, self.v = state["m"], state["v"]
         self.fac_r, self.fac_c = state["fac_r"], state["fac_c"]
-        self.dims = dims
+        self.factored = factored
         self.nd = len(shape)
-        self.channels = _VECTOR_CHANNELS if dims is None else _CHANNELS
+        self.channels = _VECTOR_CHANNELS if factored is None else _CHANNELS
         inner = 1
         for s in shape[1:]:
             inner *= s
@@ -174,10 +190,10 @@ class _Tensor:
         """
         lay, shape, nd = self.lay, self.shape, self.nd
         wm = lay.momentum_w.view(3, *([1] * nd))
-        if self.dims is None:
+        if self.factored is None:
             wf = lay.factored_w.view(3, *([1] * nd))
         else:
-            d1, d0 = self.dims
+            d1, d0 = self.factored.d1, self.factored.d0
             # Sums of g^2 over d0 / d1, kept with a size-1 axis there.
             sum_r = torch.zeros([1 if i == d0 else s for i, s in enumerate(shape)], device=self.device)
             sum_c = torch.zeros([1 if i == d1 else s for i, s in enumerate(shape)], device=self.device)
@@ -192,7 +208,7 @@ class _Tensor:
             self.v[a:b].mul_(spec.RMS_DECAY).add_(g2, alpha=1.0 - spec.RMS_DECAY)
             if sums is not None:
                 self._chunk_sums(sums[i], a, b, g2.view(c), ws[2 * c : 6 * c])
-            if self.dims is None:
+            if self.factored is None:
                 self.fac_r[:, a:b].lerp_(torch.add(g2, spec.FACTORED_EPS, out=ws[2 * c : 3 * c].view(cs)), wf)
                 if sums is not None:
                     t3 = ws[3 * c : 6 * c].view(3, c)
@@ -205,7 +221,7 @@ class _Tensor:
                     acc.add_(g2.sum(dim=0, keepdim=True))
                 else:
                     torch.sum(g2, dim=axis, keepdim=True, out=acc[a:b])
-        if self.dims is None:
+        if self.factored is None:
             return
         if self.sharded_along((d0,)):
             yield sum_r
@@ -217,7 +233,7 @@ class _Tensor:
         """Fold the sums of ``clip(g)^2`` over ``d0`` and over ``d1`` (any shape
         holding the tensor's shape without that axis) into the factored
         statistics, as their means plus ``FACTORED_EPS``."""
-        d1, d0 = self.dims
+        d1, d0 = self.factored.d1, self.factored.d0
         wf = self.lay.factored_w.view(3, *([1] * (self.nd - 1)))
         for fac, total, axis in ((self.fac_r, sum_d0, d0), (self.fac_c, sum_d1, d1)):
             fac.lerp_(total.reshape(fac.shape[1:]) * (1.0 / self.global_shape[axis]) + spec.FACTORED_EPS, wf)
@@ -246,10 +262,10 @@ class _Tensor:
     # -- shared per-tensor quantities ------------------------------------------------
     def prepare(self) -> Partials:
         """Adafactor factors and the rank-1 (row / column) share of the first layer."""
-        if self.dims is None:
+        if self.factored is None:
             return
         lay, nd = self.lay, self.nd
-        d1, d0 = self.dims
+        d1, d0 = self.factored.d1, self.factored.d0
         reduced_d1 = d1 - 1 if d1 > d0 else d1
         if self.sharded_along((d1,)):  # the mean over d1, completed across ranks
             row_mean = self.fac_r.sum(dim=1 + reduced_d1, keepdim=True)
@@ -257,8 +273,8 @@ class _Tensor:
             row_mean = row_mean.mul_(1.0 / self.global_shape[d1])
         else:
             row_mean = self.fac_r.mean(dim=1 + reduced_d1, keepdim=True)
-        rf = _safe_rsqrt(self.fac_r / (row_mean + spec.ROW_MEAN_EPS)).unsqueeze(1 + d0)
-        cf = _safe_rsqrt(self.fac_c).unsqueeze(1 + d1)
+        rf = safe_rsqrt(self.fac_r / (row_mean + spec.ROW_MEAN_EPS)).unsqueeze(1 + d0)
+        cf = safe_rsqrt(self.fac_c).unsqueeze(1 + d1)
         self.rf, self.cf = rf, cf  # (3, *S with 1 at d0 / d1)
         last2 = (nd - 1, nd)  # last two axes of (channel, *S)
         terms = []
@@ -287,9 +303,8 @@ class _Tensor:
         building the channels.
         """
         R, C = self.shape
-        # rf is broadcast along d0, so it varies along the rows when d0 is the
-        # column axis (decided by the axes: sizes tie when a dimension is 1).
-        rows_first = self.dims[1] == 1
+        # rf is broadcast along d0, so it varies along the rows when d0 is the column axis.
+        rows_first = self.factored.rows_first
         A = (self.rf if rows_first else self.cf).reshape(3, R)
         B = (self.cf if rows_first else self.rf).reshape(3, C)
         A2, B2 = A.square(), B.square()
@@ -322,7 +337,7 @@ class _Tensor:
         torch.mul(X[_M:_M + 3], rv, out=X[_MRV:_MRV + 3])
         torch.mul(X[_G], rv, out=X[_GRV])
         fac_g = X[_FACG:_FACG + 3]
-        if self.dims is None:
+        if self.factored is None:
             torch.add(self.fac_r[:, a:b], spec.VECTOR_FACTOR_EPS, out=fac_g)
             fac_g.clamp_min_(spec.SAFE_RSQRT_FLOOR).rsqrt_().mul_(X[_G])
         else:
@@ -342,7 +357,7 @@ class _Tensor:
         X = ws[_WS_X * c : (_WS_X + self.channels) * c].view(self.channels, c)
         H = ws[_WS_H * c : (_WS_H + 9) * c].view(9, c)
         torch.mm(w_t, X, out=H[:8])
-        if self.dims is None:
+        if self.factored is None:
             H[:8].add_(lay.b0.view(8, 1))
         else:
             Hv = H[:8].view(8, b - a, *self.shape[1:])
@@ -356,26 +371,10 @@ class _Tensor:
         torch.mm(lay.w2, H2, out=out.view(1, c))
 
 
-def _finish_group_normalised(d: torch.Tensor, orthogonalize: bool) -> torch.Tensor:
-    """Newton-Schulz (optional) and unit RMS over the last two axes, in place where possible."""
-    if orthogonalize and d.ndim >= 2:
-        d = newton_schulz(d, inplace=True)
-    axes = tuple(range(max(0, d.ndim - 2), d.ndim))
-    ms = torch.linalg.vector_norm(d, dim=axes, keepdim=True).square_().mul_(1.0 / _numel_of(d, axes))
-    return d.mul_(ms.add_(spec.OUTPUT_NORM_EPS).rsqrt_())
-
-
-def _numel_of(x: torch.Tensor, axes: tuple[int, ...]) -> int:
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    return n
-
-
 def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
         orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
         chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
-        dims: Optional[tuple[int, int]] = None, top: bool = True,
+        factored: Optional[Factoring] = None, top: bool = True,
         shard: Optional[Reduction] = None) -> Optional[torch.Tensor]:
     """One tensor's step on the chunked path (:func:`steps`, its partial sums completed by ``shard.sum_``).
 
@@ -386,7 +385,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     """
     box: dict = {}
     for partial in steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
-                         workspace=workspace, dims=dims, top=top, shard=shard, box=box):
+                         workspace=workspace, factored=factored, top=top, shard=shard, box=box):
         shard.sum_(partial)
     return box.get("result")
 
@@ -421,7 +420,7 @@ def run_together(gens: list[Partials], sum_flat) -> None:  # noqa: ANN001
 def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
           orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
           chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
-          dims: Optional[tuple[int, int]] = None, top: bool = True,
+          factored: Optional[Factoring] = None, top: bool = True,
           shard: Optional[Reduction] = None, box: Optional[dict] = None) -> Partials:
     """One tensor's step on the chunked path, as a generator of the partial sums a sharded tensor needs
     completed (none without ``shard``; see :data:`Partials`).
@@ -440,8 +439,8 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
             output RMS) for the caller to finish.
         chunk_elements: Elements per chunk (default :data:`CHUNK_ELEMENTS`).
         workspace: Chunk scratch reused across tensors (default: a fresh one).
-        dims: The factored axes (internal: slices recurse with them shifted;
-            with ``shard``, those of the whole tensor).
+        factored: How the tensor is factored (internal: slices recurse with
+            the axes shifted; with ``shard``, that of the whole tensor).
         top: Whether this is the whole tensor (internal).
         shard: ``param``, ``grad`` and ``state`` are one rank's block of a
             tensor sharded along ``shard.axis``; the statistics spanning that
@@ -470,17 +469,18 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
                              f"{tuple(shard.global_shape)} tensor on one rank (its normalisation groups or "
                              f"Newton-Schulz span that axis): take the raw direction")
     if top:
-        dims = spec.factored_dims(shape if shard is None else shard.global_shape)
-    if shard is None and len(shape) >= 3 and 0 not in dims and math.prod(shape[1:]) > chunk_elements:
+        factored = factoring(shape if shard is None else shard.global_shape)
+    if shard is None and len(shape) >= 3 and 0 not in (factored.d1, factored.d0) \
+            and math.prod(shape[1:]) > chunk_elements:
         # A leading slice alone exceeds a chunk and the factored axes lie inside
         # it: each slice is an independent (n-1)-D problem (its own groups,
         # factors and Newton-Schulz), so recurse with the axes shifted.
         box["result"] = _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply,
-                                    dims)
+                                    factored)
         return
     lay = theta.layout()
-    t = _Tensor(lay, state, grad, param, dims, chunk_elements, shard)
-    size = _WS_SIZE * t.rows * t.inner
+    t = ChunkedTensor(lay, state, grad, param, factored, chunk_elements, shard)
+    size = WS_SIZE * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
     ch = t.channels
@@ -502,10 +502,8 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
             X.mul_(inv.mul_(1.0 / group).add_(spec.INPUT_NORM_EPS).rsqrt_())
             d = ws[_WS_D * c : (_WS_D + 1) * c].view(cs) if out is None else out[a:b]
             t.mlp(ws, c, d, w_t, a, b)
-            d = _finish_group_normalised(d, orthogonalize)
-            if apply is not None:
-                apply_update(param, a, b, d, apply, None)
-            elif d.data_ptr() != out[a:b].data_ptr() or d.stride() != out[a:b].stride():
+            d = finish(d, orthogonalize=orthogonalize, param=param, apply=apply, rows=(a, b))
+            if d is not None and (d.data_ptr() != out[a:b].data_ptr() or d.stride() != out[a:b].stride()):
                 out[a:b].copy_(d)
         box["result"] = None if apply is not None else out.reshape(param.shape)
         return
@@ -517,7 +515,7 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
     yield from t.update(ws, partial)
     yield from t.prepare()
     sums = partial.sum(0)
-    if t.dims is not None:
+    if t.factored is not None:
         t.factor_sums(ws, sums)
     if shard is not None:
         yield sums
@@ -533,49 +531,75 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         return
     if orthogonalize and t.nd == 2:
         out = newton_schulz(out, inplace=True)
-    ms = torch.linalg.vector_norm(out).square_()
+    sumsq = group_sumsq(out)
     if shard is not None:
-        yield ms
-    ms = ms.mul_(1.0 / t.numel).add_(spec.OUTPUT_NORM_EPS)
-    if apply is None:
-        box["result"] = out.mul_(ms.rsqrt_()).reshape(param.shape)
-        return
-    apply_update(param, 0, shape[0], out, apply, ms.rsqrt_())
-    box["result"] = None
+        yield sumsq
+    d = finish(out, param=param, apply=apply, sumsq=sumsq, count=t.numel)
+    box["result"] = None if d is None else d.reshape(param.shape)
 
 
-def _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, dims):  # noqa: ANN001
+def _run_slices(theta, state, grad, param, orthogonalize, chunk_elements, workspace, apply, factored):  # noqa: ANN001
     shape = work_shape(param.shape)
     g, p = grad.reshape(shape), param.reshape(shape)
-    d1, d0 = dims
+    inner = Factoring(d1=factored.d1 - 1, d0=factored.d0 - 1, ndim=factored.ndim - 1)
     out = None if apply is not None else torch.empty(shape, dtype=torch.float32, device=param.device)
     for e in range(shape[0]):
         sub = {"m": state["m"][:, e], "v": state["v"][e], "fac_r": state["fac_r"][:, e], "fac_c": state["fac_c"][:, e]}
         r = run(theta, sub, g[e], p[e], orthogonalize, apply, chunk_elements=chunk_elements, workspace=workspace,
-                dims=(d1 - 1, d0 - 1), top=False)
+                factored=inner, top=False)
         if out is not None:
             out[e].copy_(r)
     return None if out is None else out.reshape(param.shape)
 
 
-def apply_update(param: torch.Tensor, a: int, b: int, d: torch.Tensor, apply, scale) -> None:  # noqa: ANN001
-    """``p[a:b] <- p[a:b] (1 - lr wd) - lr * scale * d``, with ``d`` scratch (float32, or
-    bfloat16 from Newton-Schulz) of the rows ``a:b`` in the work shape and ``apply = (lr, wd)``."""
-    lr, wd = apply
-    p = param.detach().reshape(work_shape(param.shape))[a:b]
-    step = -lr if scale is None else scale * (-lr)
-    if p.dtype in (torch.float32, torch.float64):
-        # In the parameter's own dtype: float64 is never rounded through float32.
-        if wd:
-            p.mul_(1.0 - lr * wd)
-        if p.dtype != d.dtype:
-            p.add_(d.to(p.dtype).mul_(step))
-        elif isinstance(step, torch.Tensor):
-            p.addcmul_(d, step)
-        else:
-            p.add_(d, alpha=step)
-    else:
-        # Low-precision parameters: combine in float32 (in d's storage), round once.
-        d = d if d.dtype == torch.float32 else d.to(torch.float32)
-        d.mul_(step).add_(p.to(torch.float32).mul_(1.0 - lr * wd) if wd else p.to(torch.float32))
-        p.copy_(d)
+class TorchBackend:
+    """The :class:`celo2.torch.backends.Backend` of the chunked PyTorch path (``backend="torch"``).
+
+    It takes every tensor, on any device and in any float dtype, one at a
+    time. Newton-Schulz takes a matrix's raw direction whole; a tensor of
+    three or more dims is orthogonalised chunk by chunk here (in float32).
+    """
+
+    name = "torch"
+    gates_nonfinite = False
+
+    def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
+        """Every tensor."""
+        return True
+
+    def gives_raw(self, ndim: int) -> bool:
+        """Matrices only."""
+        return ndim == 2
+
+    def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+              states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
+              options: Options) -> list[Optional[torch.Tensor]]:
+        """:func:`run` with ``apply`` on each tensor (see :meth:`celo2.torch.backends.Backend.apply`)."""
+        for p, g, st in zip(params, grads, states):
+            run(theta, st, g, p, orthogonalize, apply, chunk_elements=options.chunk_elements,
+                workspace=options.workspace)
+        return [None] * len(params)
+
+    def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
+                   options: Options) -> list[torch.Tensor]:
+        """:func:`run` without ``apply`` on each tensor."""
+        return [run(theta, st, g, p, orthogonalize, None, chunk_elements=options.chunk_elements,
+                    workspace=options.workspace) for p, g, st in zip(params, grads, states)]
+
+    def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
+            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Each matrix's raw direction (``ok`` is ``None``: the caller gates)."""
+        return [(run(theta, st, g, p, True, None, raw=True, chunk_elements=options.chunk_elements,
+                     workspace=options.workspace), None) for p, g, st in zip(params, grads, states)]
+
+    def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
+                   oks: Sequence[Optional[torch.Tensor]], apply: Apply) -> None:
+        """:func:`celo2.torch.backends.finish` with ``apply`` on each."""
+        for param, d in zip(params, directions):
+            finish(d, param=param, apply=apply)
+
+
+BACKEND = TorchBackend()
+"""The chunked PyTorch path."""

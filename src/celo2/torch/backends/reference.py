@@ -2,22 +2,28 @@
 
 All 30 channels are built at full size, normalised, then fed to the MLP. It
 is short, obviously right, and costs about 30x the tensor in memory; every
-fused backend is tested against it.
+fused backend is tested against it. It takes every tensor, orthogonalises
+its own directions (always in float32) and never gates non-finite values.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from celo2.rule import spec
-from celo2.torch._state import TorchTheta, work_shape
+from celo2.rule.state import factoring, work_shape
+from celo2.torch._state import TorchTheta
+from celo2.torch.backends.base import Apply, Options, apply_update
 
 
 def _decays(values: tuple[float, ...], ndim: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device).reshape((-1,) + (1,) * ndim)
 
 
-def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(max(x, SAFE_RSQRT_FLOOR))``: the rule's reciprocal square root of a statistic that may be 0."""
     return torch.rsqrt(torch.clamp_min(x, spec.SAFE_RSQRT_FLOOR))
 
 
@@ -25,15 +31,14 @@ def _rms_normalise(x: torch.Tensor, eps: float, dims: tuple[int, ...]) -> torch.
     return x * torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
 
 
-def _adafactor_factors(
-    fac_r: torch.Tensor, fac_c: torch.Tensor, dims: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column factors broadcastable against ``(3, *S)``."""
-    d1, d0 = dims
+def _adafactor_factors(fac_r: torch.Tensor, fac_c: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors broadcastable against ``(3, *shape)``."""
+    f = factoring(shape)
+    d1, d0 = f.d1, f.d0
     reduced_d1 = d1 - 1 if d1 > d0 else d1
     row_mean = fac_r.mean(dim=1 + reduced_d1, keepdim=True)
-    row_factor = _safe_rsqrt(fac_r / (row_mean + spec.ROW_MEAN_EPS))
-    col_factor = _safe_rsqrt(fac_c)
+    row_factor = safe_rsqrt(fac_r / (row_mean + spec.ROW_MEAN_EPS))
+    col_factor = safe_rsqrt(fac_c)
     return row_factor.unsqueeze(1 + d0), col_factor.unsqueeze(1 + d1)
 
 
@@ -45,16 +50,15 @@ def update_accumulators(state: dict[str, torch.Tensor], g: torch.Tensor) -> torc
     g2 = g.square()
     state["v"].mul_(spec.RMS_DECAY).add_(g2, alpha=1.0 - spec.RMS_DECAY)
     gsq = g2 + spec.FACTORED_EPS
-    dims = spec.factored_dims(g.shape)
-    if dims is None:
+    f = factoring(g.shape)
+    if f is None:
         w = 1.0 - _decays(spec.FACTORED_DECAYS, nd, g)
         state["fac_r"].lerp_(gsq.unsqueeze(0).expand_as(state["fac_r"]), w)
-        return g.unsqueeze(0) * _safe_rsqrt(state["fac_r"] + spec.VECTOR_FACTOR_EPS)
-    d1, d0 = dims
+        return g.unsqueeze(0) * safe_rsqrt(state["fac_r"] + spec.VECTOR_FACTOR_EPS)
     w = 1.0 - _decays(spec.FACTORED_DECAYS, nd - 1, g)
-    state["fac_r"].lerp_(gsq.mean(dim=d0).unsqueeze(0).expand_as(state["fac_r"]), w)
-    state["fac_c"].lerp_(gsq.mean(dim=d1).unsqueeze(0).expand_as(state["fac_c"]), w)
-    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], dims)
+    state["fac_r"].lerp_(gsq.mean(dim=f.d0).unsqueeze(0).expand_as(state["fac_r"]), w)
+    state["fac_c"].lerp_(gsq.mean(dim=f.d1).unsqueeze(0).expand_as(state["fac_c"]), w)
+    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], tuple(g.shape))
     return g.unsqueeze(0) * row_factor * col_factor
 
 
@@ -74,14 +78,13 @@ def features(state: dict[str, torch.Tensor], g: torch.Tensor, p: torch.Tensor, f
         fac_g,
         (g * rsqrt_v).unsqueeze(0),
     ]
-    dims = spec.factored_dims(g.shape)
-    if dims is None:
+    f = factoring(g.shape)
+    if f is None:
         return groups
-    d1, d0 = dims
     full = (m.shape[0], *g.shape)
-    row = state["fac_r"].unsqueeze(1 + d0).expand(full)
-    col = state["fac_c"].unsqueeze(1 + d1).expand(full)
-    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], dims)
+    row = state["fac_r"].unsqueeze(1 + f.d0).expand(full)
+    col = state["fac_c"].unsqueeze(1 + f.d1).expand(full)
+    row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], tuple(g.shape))
     groups += [
         row,
         col,
@@ -127,13 +130,21 @@ def reference_tensor_step(
     hidden = torch.relu(hidden @ theta.w1 + theta.b1)
     direction = hidden @ theta.w2 + theta.b2
     if orthogonalize and g.ndim >= 2:
-        direction = _reference_newton_schulz(direction)
+        direction = reference_newton_schulz(direction)
     out_dims = tuple(range(max(0, g.ndim - 2), g.ndim))
     direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, out_dims)
     return direction.reshape(shape)
 
 
-def _reference_newton_schulz(x: torch.Tensor) -> torch.Tensor:
+def reference_newton_schulz(x: torch.Tensor) -> torch.Tensor:
+    """Newton-Schulz as the spec states it (float32, batched over leading axes), for checking.
+
+    Args:
+        x: Matrices in the last two axes.
+
+    Returns:
+        Their orthogonalised versions (a new tensor).
+    """
     a, b, c = spec.NS_COEFFS
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:
@@ -145,3 +156,46 @@ def _reference_newton_schulz(x: torch.Tensor) -> torch.Tensor:
         x = a * x + poly @ x
     return x.mT if transpose else x
 
+
+
+class ReferenceBackend:
+    """The :class:`celo2.torch.backends.Backend` of the spelled-out formula."""
+
+    name = "reference"
+    gates_nonfinite = False
+
+    def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
+        """Every tensor."""
+        return True
+
+    def gives_raw(self, ndim: int) -> bool:
+        """Never: the formula orthogonalises its own directions (in float32)."""
+        return False
+
+    def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+              states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
+              options: Options) -> list[Optional[torch.Tensor]]:
+        """Each direction, applied (see :meth:`celo2.torch.backends.Backend.apply`)."""
+        for d, param in zip(self.directions(theta, params, grads, states, orthogonalize=orthogonalize,
+                                            options=options), params):
+            shape = work_shape(param.shape)
+            apply_update(param, 0, shape[0], d.reshape(shape), apply, None)
+        return [None] * len(params)
+
+    def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
+                   options: Options) -> list[torch.Tensor]:
+        """:func:`reference_tensor_step` of each tensor."""
+        return [reference_tensor_step(theta, st, g, p, orthogonalize) for p, g, st in zip(params, grads, states)]
+
+    def raw(self, theta, params, grads, states, *, skip, options):  # noqa: ANN001, ANN201
+        """Not offered (:meth:`gives_raw` is false)."""
+        raise NotImplementedError("the reference backend finishes its own directions")
+
+    def apply_held(self, params, directions, oks, apply) -> None:  # noqa: ANN001
+        """Not offered (:meth:`gives_raw` is false)."""
+        raise NotImplementedError("the reference backend finishes its own directions")
+
+
+BACKEND = ReferenceBackend()
+"""The reference backend."""
