@@ -315,8 +315,11 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         where = f"{type(self).__name__}.load_state_dict"
         _checkpoint.check_state_dict(type(self).__name__, self.param_groups, self._entries(), state_dict)
         for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
-            self._check_settings(_checkpoint.loaded_settings(group, saved),
-                                 f"{where}: param group {gi} of the saved state: ")
+            try:
+                self._check_settings(_checkpoint.loaded_settings(group, saved),
+                                     f"{where}: param group {gi} of the saved state: ")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; nothing was loaded") from None
         migration = _checkpoint.Migration.before(self.param_groups, state_dict)
         super().load_state_dict(state_dict)
         migration.after(self.param_groups, self.state)
@@ -379,8 +382,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{me} does not support sparse gradients ({label}); use a dense embedding")
                 if p.device.type == "meta":
                     raise RuntimeError(f"{me}.step: {label} is on the meta device, which holds no values: "
-                                       f"materialise the model first (module.to_empty(device=...) and initialise "
-                                       f"it); nothing was changed")
+                                       f"materialise the model (module.to_empty(device=...), then initialise it) "
+                                       f"and build the optimizer from its parameters; nothing was changed")
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"{me}.step: the gradient of {label} has shape {tuple(p.grad.shape)}, the "
                                        f"parameter {tuple(p.shape)}; nothing was changed")
