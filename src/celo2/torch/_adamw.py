@@ -91,6 +91,8 @@ def step(group: Mapping[str, Any], params: Sequence[torch.Tensor], states: Seque
     flags = sharded_finite_flags(params, shardings) if skip else {}
     host, gated, gates = [], [], []
     for p, state, counter in zip(params, states, counters):
+        if on_device:
+            _step_count_on_device(p, state)
         if not skip:
             host.append(p)
         elif isinstance(p, DTensor):
@@ -108,8 +110,6 @@ def step(group: Mapping[str, Any], params: Sequence[torch.Tensor], states: Seque
             _step_count_on_device(p, state)
             gated.append(p)
             gates.append(F.Gate(p, [state[k] for k in STATE_KEYS], counter))
-        if on_device:
-            _step_count_on_device(p, state)
     state_of = dict(zip(params, states))
     _run(group, host, state_of, capturable=False)
     _run(group, [p for p in gated if p.device.type == "cpu"], state_of, capturable=False)

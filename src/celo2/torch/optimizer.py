@@ -508,6 +508,15 @@ _POLICY_DOC = """
     Dtypes: accumulators are float32 whatever the parameter dtype; a float64
     parameter is updated in float64 (``lr=0`` leaves it exactly unchanged);
     bfloat16 / float16 parameters combine the update in float32 and round once.
+
+    Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
+    (``weights_only=False``) of the optimizer keep its theta, routing and
+    state, and the copy steps bitwise like the original.
+
+    Host synchronisation on accelerators: none in the AdamW branch, for
+    ``lr`` and ``weight_decay`` as numbers or as 0-d tensors (a tensor takes
+    ``torch.optim.AdamW(capturable=True, foreach=True)``'s arithmetic, see
+    :mod:`celo2.torch._adamw`).
 """
 
 
@@ -540,7 +549,9 @@ class Celo2(_LearnedOptimizer):
         orthogonalize: Newton-Schulz on the rule's matrix directions (default ``True``).
         adam_name_pattern: Regex of names routed to AdamW (default
             :data:`celo2.rule.routing.ADAM_NAME_PATTERN`; ``None``: shapes only).
-        foreach: Passed to AdamW's functional step (default ``None``: PyTorch's choice).
+        foreach: Passed to AdamW's functional step (default ``None``: PyTorch's
+            choice); a 0-d tensor ``lr`` or ``weight_decay`` always takes the
+            multi-tensor arithmetic (see :mod:`celo2.torch._adamw`).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
         backend: Which implementation steps the rule's tensors: ``"auto"``
             (default: Triton on CUDA, the Numba kernels on the CPU, the chunked
@@ -553,11 +564,15 @@ class Celo2(_LearnedOptimizer):
             shape are orthogonalised together, one batched chain per group.
 
     Raises:
-        ValueError: For a negative ``lr``, ``weight_decay``, ``adam_lr_mult`` or
-            ``adam_eps``, betas outside [0, 1), an unknown ``branch``,
-            ``nonfinite``, ``backend`` or ``ns_dtype``, a backend this
-            installation lacks (Triton, Numba), complex parameters, or a DTensor
-            parameter laid out in a way the rule cannot step (named, with its placements).
+        ValueError: For a negative or non-finite ``lr``, ``weight_decay``,
+            ``adam_lr_mult`` or ``adam_eps``, betas outside [0, 1), an unknown
+            ``branch``, ``nonfinite``, ``backend`` or ``ns_dtype``, a backend
+            this installation lacks (Triton, Numba), a key of another optimizer
+            that would change the algorithm (``maximize=True``, ``betas``, ...:
+            :data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
+            DTensor parameter laid out in a way the rule cannot step (named,
+            with its placements). Param groups, those given here and those
+            added later with :meth:`add_param_group`, are checked alike.
     """
 
     def __init__(
@@ -609,10 +624,12 @@ class Celo2Base(_LearnedOptimizer):
         backend: As :class:`Celo2`'s (default ``"auto"``).
 
     Raises:
-        ValueError: For a negative ``lr`` or ``weight_decay``, an unknown
-            ``nonfinite`` or ``backend``, a backend this installation lacks, or
-            complex parameters, or a DTensor parameter laid out in a way the rule
-            cannot step.
+        ValueError: For a negative or non-finite ``lr`` or ``weight_decay``, an
+            unknown ``nonfinite`` or ``backend``, a backend this installation
+            lacks, a key of another optimizer that would change the algorithm
+            (:data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
+            DTensor parameter laid out in a way the rule cannot step; param
+            groups added later are checked alike.
     """
 
     def __init__(
