@@ -516,3 +516,27 @@ def test_adam_branch_tensor_and_float_hyperparameters_agree(dtype, random_theta)
             opt.step()
         for p, b in zip(params, base):
             assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_adam_branch_with_tensor_lr_skips_a_non_finite_gradient(backend, random_theta):
+    """``nonfinite="skip"`` under the tensor arithmetic: checked on the host
+    (``"auto"`` on the CPU) or gated on the device (``"torch"``), the bad
+    tensor and its state stay bitwise, the others step."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(6, dtype=torch.bfloat16)),
+              nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    opt = Celo2([{"params": params, "branch": "adam"}], lr=torch.tensor(1e-2), weight_decay=torch.tensor(0.1),
+                backend=backend, theta=random_theta)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad[0] = float("nan")
+    opt.step()
+    assert torch.equal(params[1].detach(), before[1][0])
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before[1][1].items() if k != "nonfinite_steps")
+    assert opt.nonfinite_steps() == {"group0.param0": 0, "group0.param1": 1, "group0.param2": 0}
+    assert not torch.equal(params[0].detach(), before[0][0]) and not torch.equal(params[2].detach(), before[2][0])
