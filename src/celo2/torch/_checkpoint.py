@@ -19,7 +19,7 @@ what loading changes beyond ``torch.optim.Optimizer.load_state_dict``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -153,7 +153,7 @@ class Migration:
     kept: list[dict[str, Any]]
     machine: list[dict[str, Any]]
     saved: Mapping[Any, Mapping[str, Any]]
-    id_to_param: dict[Any, torch.Tensor] = field(default_factory=dict)
+    id_to_param: dict[Any, torch.Tensor]
 
     @classmethod
     def before(cls, param_groups: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any]) -> "Migration":

@@ -488,8 +488,9 @@ _POLICY_DOC = """
     touched; elsewhere (accelerators, ``backend="torch"``) it is a
     device-side flag that gates the writes with ``torch.where`` (no
     synchronisation; the tensor and its state are copied for the step, and
-    on accelerators the AdamW branch keeps its step count on the device). ``"propagate"`` runs no check: a NaN flows through as in AdamW
-    and, through the rule's normalisations, reaches the whole tensor and its
+    on accelerators the AdamW branch keeps its step count on the device).
+    ``"propagate"`` runs no check: a NaN flows through as in AdamW and,
+    through the rule's normalisations, reaches the whole tensor and its
     accumulators.
 
     Zero gradients: the rule's output is normalised to unit RMS, so with
