@@ -243,6 +243,29 @@ def case_kernels_refuse_wrong_operands():
 
 
 # --- in-process cases -------------------------------------------------------------
+@pytest.mark.parametrize("edit,needles", [
+    ({"maximize": True}, ("param group 0", "maximize=True")),
+    ({"betas": (0.9, 0.999)}, ("param group 0", "adam_betas")),
+    ({"lr": -1.0}, ("param group 0", "lr=-1.0")),
+    ({"adam_betas": (0.9, 1.5)}, ("param group 0", "adam_betas")),
+    ({"backend": "cuda-graphs"}, ()),  # the machine's setting: kept from this optimizer, so it loads
+], ids=["maximize", "betas", "lr", "adam_betas", "backend"])
+def test_saved_settings_pass_the_constructor_checks(edit, needles):
+    """A saved param group is checked like a constructor's group before anything loads."""
+    _, src = _stepped([(6, 5), (7,)], named=True)
+    params, dst = _stepped([(6, 5), (7,)], named=True)
+    sd = copy.deepcopy(src.state_dict())
+    sd["param_groups"][0].update(edit)
+    if needles:
+        _refused(dst, sd, *needles, "nothing was loaded")
+        return
+    dst.load_state_dict(sd)
+    assert dst.param_groups[0]["backend"] == "auto"
+    for p in params:
+        p.grad = p.detach().clone()
+    dst.step()
+
+
 @pytest.mark.parametrize("cls_name", ["Celo2", "Celo2Base"])
 def test_float64_parameters_are_updated_in_float64(cls_name):
     import torch

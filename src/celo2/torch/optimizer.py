@@ -1,46 +1,65 @@
 """Celo2 and Celo2-base as ``torch.optim.Optimizer`` subclasses.
 
 The classes validate their options, keep the state and route each tensor to
-a branch (the learned rule or AdamW); the rule's arithmetic is
-:func:`celo2.torch.functional.celo2`, which hands each tensor to a backend
-(Triton, the Numba kernels, the chunked PyTorch path or the reference
-formula) and batches Newton-Schulz across tensors.
+a branch: the learned rule, whose arithmetic is
+:func:`celo2.torch.functional.celo2` (it hands each tensor to a backend and
+batches Newton-Schulz across tensors), or AdamW (:mod:`celo2.torch._adamw`).
+Checkpoints are checked and migrated by :mod:`celo2.torch._checkpoint`.
 """
 
 from __future__ import annotations
 
-from itertools import chain
+import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.optim.adam import adam as _adam_functional
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta, load_theta
-from celo2.torch import _sharded
+from celo2.torch import _adamw, _checkpoint, _sharded
 from celo2.torch import functional as F
+from celo2.torch._checkpoint import COUNTER_KEY, TensorEntry
 from celo2.torch.backends.torch import Workspace
 from celo2.torch._sharded import DTensor
-from celo2.torch._state import TorchTheta, init_tensor_state, state_shapes
+from celo2.torch._state import TorchTheta, init_tensor_state
 from celo2.torch.ns import resolve_ns_dtype
 
-_BRANCHES = ("auto", routing.LEARNED, routing.ADAM)
-_STATE_KEYS_FP32 = ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq")
-_LEARNED_KEYS = ("m", "v", "fac_r", "fac_c")
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
-_COUNTER = "nonfinite_steps"
-_ALGORITHM_KEYS = ("branch", "orthogonalize", "nonfinite")
-"""Param-group settings that select the algorithm: a saved state must agree on them."""
-_MACHINE_KEYS = ("backend", "ns_dtype")
-"""Param-group settings that depend on the machine: kept from this optimizer when a state loads."""
+BRANCHES: tuple[str, ...] = ("auto", routing.LEARNED, routing.ADAM)
+"""Values of a param group's ``branch``: the routing, or one branch for the whole group."""
 
-
-def _adam_shapes(p: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape), "step": ()}
+FOREIGN_GROUP_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "maximize": ((False,), "Celo2 minimises; negate the loss to maximise it"),
+    "amsgrad": ((False,), "the AdamW branch has no AMSGrad variant"),
+    "betas": ((), "the AdamW branch's betas are adam_betas"),
+    "eps": ((), "the AdamW branch's epsilon is adam_eps"),
+    "decoupled_weight_decay": ((True,), "weight decay is always decoupled"),
+    "differentiable": ((False,), "the step is not differentiable"),
+    "momentum": ((0, 0.0), "the rule keeps its own momenta (theta decides them)"),
+    "dampening": ((0, 0.0), "the rule keeps its own momenta (theta decides them)"),
+    "nesterov": ((False,), "the rule keeps its own momenta (theta decides them)"),
+    "momentum_decay": ((), "that is NAdam's option"),
+    "lr_decay": ((0, 0.0), "that is Adagrad's option; drive lr with a torch.optim.lr_scheduler"),
+    "initial_accumulator_value": ((), "that is Adagrad's option"),
+    "rho": ((), "that is Adadelta's option"),
+    "alpha": ((), "that is RMSprop's option"),
+    "centered": ((False,), "that is RMSprop's option"),
+    "lambd": ((), "that is ASGD's option"),
+    "t0": ((), "that is ASGD's option"),
+    "etas": ((), "that is Rprop's option"),
+    "step_sizes": ((), "that is Rprop's option"),
+    "ns_coefficients": ((), "Newton-Schulz's coefficients are fixed; ns_dtype sets its precision"),
+    "ns_steps": ((), "Newton-Schulz's steps are fixed; ns_dtype sets its precision"),
+    "adjust_lr_fn": ((), "that is Muon's option"),
+}
+"""Param-group keys of other ``torch.optim`` optimizers that would change the
+algorithm if this one read them: refused (with what to do instead) unless
+they hold the value that changes nothing (``maximize=False`` and the like).
+Other keys are kept as metadata, as ``torch.optim`` does (``initial_lr`` of
+the learning-rate schedulers, a group's name)."""
 
 
 class _LearnedOptimizer(torch.optim.Optimizer):
-    """Shared machinery: routing, theta per device, the two branches."""
+    """Shared machinery: validation, routing, theta per device, the step over both branches."""
 
     def __init__(
         self,
@@ -60,67 +79,153 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         backend: str,
         ns_dtype: str | torch.dtype,
     ) -> None:
-        F.check_backend(backend)
-        resolve_ns_dtype(ns_dtype, "cpu")  # validates the name
-        if not 0.0 <= float(lr):
-            raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay={weight_decay}: must be >= 0")
-        if not 0.0 <= adam_lr_mult:
-            raise ValueError(f"invalid adam_lr_mult={adam_lr_mult}: must be >= 0")
-        if not all(0.0 <= b < 1.0 for b in adam_betas) or len(adam_betas) != 2:
-            raise ValueError(f"invalid adam_betas={adam_betas}: two values in [0, 1)")
-        if not 0.0 <= adam_eps:
-            raise ValueError(f"invalid adam_eps={adam_eps}: must be >= 0")
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
             orthogonalize=orthogonalize,
             branch=branch,
             adam_lr_mult=adam_lr_mult,
-            adam_betas=tuple(adam_betas),
+            adam_betas=adam_betas,
             adam_eps=adam_eps,
             foreach=foreach,
-            nonfinite=spec.check_nonfinite_policy(nonfinite),
+            nonfinite=nonfinite,
             backend=backend,
             ns_dtype=ns_dtype,
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["branch"] not in _BRANCHES:
-                raise ValueError(
-                    f"param group option branch={group['branch']!r}: expected one of {_BRANCHES}"
-                )
-            spec.check_nonfinite_policy(group["nonfinite"])
-            F.check_backend(group["backend"])
-            resolve_ns_dtype(group["ns_dtype"], "cpu")
-            for p in group["params"]:
-                if torch.is_complex(p):
-                    name = self._name_of(group, p)
-                    raise ValueError(f"{type(self).__name__} does not support complex parameters ({name})")
-        self.theta = load_theta(theta)
+        self._check_settings(defaults, "")
+        defaults["adam_betas"] = tuple(adam_betas)
         self.adam_name_pattern = adam_name_pattern
         self._shardings: dict[torch.Tensor, _sharded.Sharding] = {}
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if isinstance(p, DTensor):
-                    self._sharding(gi, group, i, p)
+        super().__init__(params, defaults)  # every group through add_param_group, so checked alike
+        self.theta = load_theta(theta)
         self._theta_by_device: dict[torch.device, TorchTheta] = {}
         # Chunk scratch of the fast path, one per device, reused across tensors
         # and steps (a few MB; not part of state_dict).
         self._workspace_by_device: dict[torch.device, Workspace] = {}
 
-    # -- routing -------------------------------------------------------------------
-    @staticmethod
-    def _name_of(group: dict[str, Any], p: torch.Tensor) -> str | None:
-        names = group.get("param_names")
-        if not names:
-            return None
-        for q, name in zip(group["params"], names):
-            if q is p:
-                return name
-        return None
+    # -- validation: the constructor, add_param_group and load_state_dict check alike --------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, checked as the constructor checks its groups.
 
+        Args:
+            param_group: ``{"params": ..., <setting>: ...}``; missing settings
+                take the optimizer's defaults.
+
+        Raises:
+            ValueError: A setting the constructor would refuse (see the class
+                doc), a key of another optimizer that changes the algorithm
+                (:data:`FOREIGN_GROUP_KEYS`), a complex or non-floating
+                parameter, or a DTensor laid out in a way the rule cannot step;
+                the optimizer is left without the group.
+            TypeError: From ``torch.optim.Optimizer.add_param_group`` (a
+                parameter that is not a tensor, a set of parameters).
+        """
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            self._check_settings(group, f"param group {gi}: ")
+            shardings = self._check_params(gi, group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._shardings.update(shardings)
+
+    @staticmethod
+    def _check_choices(settings: dict[str, Any], where: str) -> None:
+        """The settings that pick the algorithm or the implementation (cheap: run before every step too)."""
+        for key, (neutral, hint) in FOREIGN_GROUP_KEYS.items():
+            if key in settings and settings[key] not in neutral:
+                raise ValueError(f"{where}unsupported param group option {key}={settings[key]!r}: {hint} "
+                                 f"(see celo2.torch.optimizer.FOREIGN_GROUP_KEYS)")
+        if settings["branch"] not in BRANCHES:
+            raise ValueError(f"{where}invalid branch={settings['branch']!r}: expected one of {BRANCHES}")
+        try:
+            spec.check_nonfinite_policy(settings["nonfinite"])
+            if settings["backend"] not in F.BACKENDS:
+                F.check_backend(settings["backend"])  # raises, naming the backends
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+
+    @classmethod
+    def _check_settings(cls, settings: dict[str, Any], where: str) -> None:
+        """Every setting of a param group (or the defaults), before it joins; ``where`` prefixes the message."""
+        cls._check_choices(settings, where)
+        try:
+            F.check_backend(settings["backend"])
+            resolve_ns_dtype(settings["ns_dtype"], "cpu")  # validates the name
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+        lr = _number(settings["lr"], "lr", where)
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"{where}invalid learning rate lr={settings['lr']}: must be finite and >= 0")
+        for key in ("weight_decay", "adam_lr_mult", "adam_eps"):
+            value = _number(settings[key], key, where)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{where}invalid {key}={settings[key]}: must be finite and >= 0")
+        betas = settings["adam_betas"]
+        try:
+            ok = len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}invalid adam_betas={betas}: two values in [0, 1)")
+
+    def _check_params(self, gi: int, group: dict[str, Any]) -> dict[torch.Tensor, _sharded.Sharding]:
+        """The group's parameters are real floating-point tensors, and its DTensors laid out so that they
+        can be stepped; returns the DTensors' shardings."""
+        me = type(self).__name__
+        shardings = {}
+        for i, p in enumerate(group["params"]):
+            label = self._label(gi, group, i)
+            if torch.is_complex(p):
+                raise ValueError(f"{me} does not support complex parameters ({label}: {p.dtype})")
+            if not p.is_floating_point():
+                raise ValueError(f"{me} steps floating-point parameters; {label} is {p.dtype}")
+            if isinstance(p, DTensor):
+                shardings[p] = self._describe(group, i, p, label)
+        return shardings
+
+    # -- copies: copy.deepcopy, pickle and torch.save keep what the step needs ------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's state (defaults, state, param groups) with the theta and the name rule.
+
+        Caches (theta per device, chunk scratch, DTensor shardings) are left
+        out and rebuilt, so a copy made by ``copy.deepcopy``, ``pickle`` or
+        ``torch.save`` steps exactly like the original.
+        """
+        return {**super().__getstate__(), "theta": self.theta, "adam_name_pattern": self.adam_name_pattern}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy made from :meth:`__getstate__` and rebuild its caches.
+
+        ``torch.optim.Optimizer.load_state_dict`` also calls this, with the
+        state and param groups only: that update keeps the caches.
+
+        Raises:
+            ValueError: A copy without its theta (pickled by a celo2 release
+                whose optimizers lost it).
+        """
+        if "defaults" not in state:  # load_state_dict's update
+            super().__setstate__(state)
+            return
+        if "theta" not in state:
+            raise ValueError(f"this {type(self).__name__} was pickled without its theta (a celo2 release before "
+                             f"copies kept it): build the optimizer again with its theta and load the old one's "
+                             f"state_dict()")
+        had_differentiable = "differentiable" in state["defaults"]
+        super().__setstate__(state)
+        if not had_differentiable:  # torch.optim adds it to a copy; the original has none
+            self.defaults.pop("differentiable", None)
+        self._theta_by_device = {}
+        self._workspace_by_device = {}
+        self._shardings = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if isinstance(p, DTensor):
+                    self._sharding(gi, group, i, p)
+
+    # -- routing -------------------------------------------------------------------
     @staticmethod
     def _label(group_index: int, group: dict[str, Any], index: int) -> str:
         """The parameter's name when ``named_parameters()`` was given, else ``group<g>.param<i>``."""
@@ -134,25 +239,28 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         name = names[index] if names else None
         return routing.route(name, tuple(p.shape), self.adam_name_pattern)
 
+    def _describe(self, group: dict[str, Any], i: int, p: DTensor, label: str) -> _sharded.Sharding:
+        """How DTensor ``p`` is sharded, checked (see :func:`celo2.torch._sharded.describe`)."""
+        sh = _sharded.describe(p, label)
+        if self._branch(group, i, p) != routing.ADAM:
+            _sharded.check_learned(sh, label, p, group["orthogonalize"])
+        return sh
+
     def _sharding(self, gi: int, group: dict[str, Any], i: int, p: DTensor) -> _sharded.Sharding:
-        """How DTensor ``p`` is sharded (checked once: see :func:`celo2.torch._sharded.describe`)."""
+        """How DTensor ``p`` is sharded (described once)."""
         sh = self._shardings.get(p)
         if sh is None:
-            label = self._label(gi, group, i)
-            sh = _sharded.describe(p, label)
-            if self._branch(group, i, p) != routing.ADAM:
-                _sharded.check_learned(sh, label, p, group["orthogonalize"])
-            self._shardings[p] = sh
+            sh = self._shardings[p] = self._describe(group, i, p, self._label(gi, group, i))
         return sh
+
+    def _entries(self) -> list[list[TensorEntry]]:
+        """Every parameter with its label and branch, per param group."""
+        return [[TensorEntry(self._label(gi, g, i), self._branch(g, i, p), p) for i, p in enumerate(g["params"])]
+                for gi, g in enumerate(self.param_groups)]
 
     def routing(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """``(branch, name, shape)`` for every parameter, in param-group order."""
-        rows = []
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-            for i, p in enumerate(group["params"]):
-                rows.append((self._branch(group, i, p), names[i], tuple(p.shape)))
-        return rows
+        return [(e.branch, e.label, tuple(e.param.shape)) for group in self._entries() for e in group]
 
     def routing_table(self) -> str:
         """The routing as a printable table (which tensors get the rule, which AdamW)."""
@@ -176,18 +284,19 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         counts = {}
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                counter = self.state[p].get(_COUNTER) if p in self.state else None
+                counter = self.state[p].get(COUNTER_KEY) if p in self.state else None
                 counts[self._label(gi, group, i)] = 0 if counter is None else int(counter)
         return counts
 
-    # -- state_dict: checked whole before anything loads; accumulators float32 -----------
+    # -- state_dict: checked whole before anything loads (celo2.torch._checkpoint) -------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` of the same optimizer class and model.
 
         Every saved tensor is checked against its parameter first (keys and
-        shapes for its branch, floating dtype), and the param-group settings
+        shapes for its branch, floating dtype), the param-group settings
         that select the algorithm (``branch``, ``orthogonalize``,
-        ``nonfinite``) must agree with this optimizer's; on any mismatch
+        ``nonfinite``) must agree with this optimizer's, and the saved
+        settings must pass the constructor's checks; on any mismatch
         nothing is loaded. Accumulators are kept float32 whatever the
         parameter dtype. A state saved before ``nonfinite`` existed keeps this
         optimizer's setting. For DTensor parameters each state is laid out like
@@ -203,112 +312,22 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 ``named_parameters()`` was given, else ``group<g>.param<i>``)
                 and what differs; the optimizer is left exactly as it was.
         """
-        self._check_state_dict(state_dict)
-        kept = [{k: g[k] for k in _ALGORITHM_KEYS} for g in self.param_groups]
-        machine = [{k: g[k] for k in _MACHINE_KEYS} for g in self.param_groups]
-        saved = state_dict["state"]
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params))
+        where = f"{type(self).__name__}.load_state_dict"
+        _checkpoint.check_state_dict(type(self).__name__, self.param_groups, self._entries(), state_dict)
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            try:
+                self._check_settings(_checkpoint.loaded_settings(group, saved),
+                                     f"{where}: param group {gi} of the saved state: ")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; nothing was loaded") from None
+        migration = _checkpoint.Migration.before(self.param_groups, state_dict)
         super().load_state_dict(state_dict)
-        for group, settings, here in zip(self.param_groups, kept, machine):
-            for key, value in settings.items():
-                group.setdefault(key, value)
-            group.update(here)
-        for pid, pstate in saved.items():
-            p = id_to_param.get(pid)
-            if p is not None and _COUNTER in pstate:  # cast to the parameter's dtype by PyTorch's loader
-                self.state[p][_COUNTER] = pstate[_COUNTER].to(device=p.device, dtype=torch.int32, copy=True)
-            if p is None or p.dtype == torch.float32:
-                continue
-            for key in _STATE_KEYS_FP32:
-                if key in pstate and isinstance(pstate[key], torch.Tensor):
-                    self.state[p][key] = pstate[key].to(device=p.device, dtype=torch.float32, copy=True)
+        migration.after(self.param_groups, self.state)
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p in self.state:
-                    self._lay_out_state(gi, group, i, p)
-
-    def _lay_out_state(self, gi: int, group: dict[str, Any], i: int, p: torch.Tensor) -> None:
-        """Lay a loaded state out like its parameter: a whole tensor becomes this rank's block of a DTensor,
-        a DTensor with other placements is redistributed (a collective: every rank loads together), and a
-        DTensor state of a plain parameter is gathered whole."""
-        state = self.state[p]
-        for key, t in list(state.items()):
-            if key in ("step", _COUNTER) or not isinstance(t, torch.Tensor):
-                continue
-            if not isinstance(p, DTensor):
-                if isinstance(t, DTensor):
-                    state[key] = t.full_tensor()
-                continue
-            sh = self._sharding(gi, group, i, p)
-            adam = self._branch(group, i, p) == routing.ADAM
-            want = tuple(p.placements) if adam else sh.state_placements(key)
-            if isinstance(t, DTensor):
-                if tuple(t.placements) != want or t.device_mesh != p.device_mesh:
-                    state[key] = t.redistribute(p.device_mesh, want)
-                continue
-            block = sh.local_block("v" if adam else key, t).contiguous()  # "v": the parameter's own axis
-            state[key] = DTensor.from_local(block, p.device_mesh, want, run_check=False, shape=t.shape,
-                                            stride=_sharded.contiguous_strides(t.shape))
-
-    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a state_dict that does not fit this optimizer (see :meth:`load_state_dict`)."""
-        me = type(self).__name__
-        where = f"{me}.load_state_dict"
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)")
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{where}: the saved state has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}; nothing was loaded")
-        for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(sg["params"]) != len(group["params"]):
-                raise ValueError(f"{where}: param group {gi} of the saved state has {len(sg['params'])} parameters, "
-                                 f"this optimizer's {len(group['params'])}; nothing was loaded")
-            missing = [k for k in ("branch", "orthogonalize") if k not in sg]
-            if missing:
-                raise ValueError(f"{where}: param group {gi} of the saved state has no {missing} setting: it is not a "
-                                 f"Celo2/Celo2Base state (another optimizer's, AdamW's say); nothing was loaded")
-            for key in _ALGORITHM_KEYS:
-                if key in sg and sg[key] != group[key]:
-                    raise ValueError(
-                        f"{where}: param group {gi} was saved with {key}={sg[key]!r}, this {me} has {key}="
-                        f"{group[key]!r} (a {self._variant(sg)} state into a {me}?); that setting selects the "
-                        f"algorithm, so nothing was loaded")
-            for i, (p, pid) in enumerate(zip(group["params"], sg["params"])):
-                pstate = saved_state.get(pid)
-                if pstate:
-                    self._check_tensor_state(where, self._label(gi, group, i), self._branch(group, i, p), p, pstate)
-
-    @staticmethod
-    def _variant(group: dict[str, Any]) -> str:
-        if group.get("branch") == routing.LEARNED and not group.get("orthogonalize"):
-            return "Celo2Base"
-        return "Celo2" if group.get("branch") in _BRANCHES else "foreign"
-
-    @staticmethod
-    def _check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pstate: dict[str, Any],
-                            error: type[Exception] = ValueError) -> None:
-        """Refuse (raise ``error``) a tensor's saved or current state whose keys,
-        shapes or dtypes do not fit ``p``."""
-        expected = state_shapes(p.shape) if branch == routing.LEARNED else _adam_shapes(p)
-        keys = set(pstate) - {_COUNTER}
-        if keys != set(expected):
-            raise error(f"{where}: the state of {label} has {sorted(keys)}, the {branch!r} branch keeps "
-                             f"{sorted(expected)}; nothing was changed")
-        for key, shape in expected.items():
-            t = pstate[key]
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise error(f"{where}: state {key!r} of {label} is {type(t).__name__} "
-                                 f"{getattr(t, 'dtype', '')}, expected a floating-point tensor; nothing was changed")
-            if tuple(t.shape) != shape:
-                raise error(f"{where}: state {key!r} of {label} has shape {tuple(t.shape)}, expected {shape} "
-                                 f"for a parameter of shape {tuple(p.shape)}; nothing was changed")
-        counter = pstate.get(_COUNTER)
-        if counter is not None and (not isinstance(counter, torch.Tensor) or counter.ndim != 0
-                                    or counter.is_floating_point() or counter.is_complex()):
-            raise error(f"{where}: state {_COUNTER!r} of {label} must be a 0-d integer tensor; nothing was changed")
+                    sharding = self._sharding(gi, group, i, p) if isinstance(p, DTensor) else None
+                    _checkpoint.lay_out_state(self.state[p], p, sharding, self._branch(group, i, p) == routing.ADAM)
 
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
@@ -324,8 +343,13 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: Before any tensor is written, naming the parameter, if
                 a gradient is sparse or has another shape than its parameter,
-                or a parameter's state does not fit it (resized since its
-                state was made, or an unchecked state put in place).
+                a parameter is on the ``meta`` device (no data yet), or a
+                parameter's state does not fit it (resized since its state was
+                made, or an unchecked state put in place).
+            ValueError: Before any tensor is written, if a param group was
+                edited in place to a setting the constructor refuses
+                (``branch``, ``nonfinite``, ``backend``, or a key of
+                :data:`FOREIGN_GROUP_KEYS`).
         """
         loss = None
         if closure is not None:
@@ -348,16 +372,18 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         me = type(self).__name__
         plan = []
         for gi, group in enumerate(self.param_groups):
+            self._check_choices(group, f"{me}.step: param group {gi}: ")
             entries = []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{me} does not support sparse gradients "
-                        f"({self._name_of(group, p) or f'parameter {i}'}); use a dense embedding"
-                    )
                 label = self._label(gi, group, i)
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{me} does not support sparse gradients ({label}); use a dense embedding")
+                if p.device.type == "meta":
+                    raise RuntimeError(f"{me}.step: {label} is on the meta device, which holds no values: "
+                                       f"materialise the model (module.to_empty(device=...), then initialise it) "
+                                       f"and build the optimizer from its parameters; nothing was changed")
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"{me}.step: the gradient of {label} has shape {tuple(p.grad.shape)}, the "
                                        f"parameter {tuple(p.shape)}; nothing was changed")
@@ -366,7 +392,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 if isinstance(p, DTensor) or isinstance(p.grad, DTensor):
                     self._check_dtensor(me, gi, group, i, p, branch, state)
                 if state:
-                    self._check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError)
+                    _checkpoint.check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError)
                 entries.append((p, branch))
             plan.append((group, entries))
         return plan
@@ -389,7 +415,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                                f"{tuple(p.placements)}: they must be laid out alike (redistribute the gradient); "
                                f"nothing was changed")
         for key, t in (state or {}).items():
-            if key in ("step", _COUNTER):
+            if key in ("step", COUNTER_KEY):
                 continue
             want = sh.state_placements(key) if branch != routing.ADAM else tuple(p.placements)
             if not isinstance(t, DTensor) or tuple(t.placements) != want:
@@ -400,9 +426,17 @@ class _LearnedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _counter(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        if _COUNTER not in state:
-            state[_COUNTER] = torch.zeros((), dtype=torch.int32, device=p.device)
-        return state[_COUNTER]
+        if COUNTER_KEY not in state:
+            state[COUNTER_KEY] = torch.zeros((), dtype=torch.int32, device=p.device)
+        return state[COUNTER_KEY]
+
+    def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """AdamW on the group's tensors (:func:`celo2.torch._adamw.step`)."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(_adamw.init_state(p))
+        counters = [self._counter(self.state[p], p) for p in params]
+        _adamw.step(group, params, [self.state[p] for p in params], counters, self._shardings)
 
     def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
@@ -425,117 +459,21 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         if plain:
             F.celo2([_sharded.local(params[j]) for j in plain], [_sharded.local(params[j].grad) for j in plain],
                     [{k: _sharded.local(v) for k, v in states[j].items()} for j in plain], backend=group["backend"],
-                    nonfinite=group["nonfinite"], counters=[states[j][_COUNTER] for j in plain],
+                    nonfinite=group["nonfinite"], counters=[states[j][COUNTER_KEY] for j in plain],
                     workspace=workspace, **kw)
         if sharded:
             _sharded.celo2([params[j] for j in sharded], [params[j].grad for j in sharded],
                            [states[j] for j in sharded], [self._shardings[params[j]] for j in sharded],
-                           skip=group["nonfinite"] == "skip", counters=[states[j][_COUNTER] for j in sharded],
+                           skip=group["nonfinite"] == "skip", counters=[states[j][COUNTER_KEY] for j in sharded],
                            workspace=workspace, **kw)
 
-    def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """AdamW at ``adam_lr_mult * lr``, exactly ``torch.optim.AdamW``'s arithmetic,
-        under the group's non-finite policy."""
-        host, gated, gates = [], [], []
-        flags = self._sharded_finite_flags(params) if group["nonfinite"] == "skip" else {}
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            counter = self._counter(state, p)
-            if group["nonfinite"] != "skip":
-                host.append(p)
-            elif isinstance(p, DTensor):
-                # The flag reduced over the shards, so every rank skips alike.
-                if p.device.type != "cpu" and state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device)
-                gated.append(p)
-                gates.append(F.Gate(_sharded.local(p), [_sharded.local(state[k]) for k in _ADAM_KEYS], counter,
-                                    ok=flags[p]))
-            elif F.checked_on_host(group["backend"], p):
-                if F.grad_finite(p.grad):
-                    host.append(p)
-                else:
-                    counter.add_(1)
-            else:
-                if p.device.type != "cpu" and state["step"].device != p.device:
-                    # Gated on the device: the step count lives there too (AdamW's
-                    # capturable arithmetic), so no write needs the flag on the host.
-                    state["step"] = state["step"].to(p.device)
-                gated.append(p)
-                gates.append(F.Gate(p, [state[k] for k in _ADAM_KEYS], counter))
-        self._adam_run(group, host, capturable=False)
-        self._adam_run(group, [p for p in gated if p.device.type == "cpu"], capturable=False)
-        self._adam_run(group, [p for p in gated if p.device.type != "cpu"], capturable=True)
-        for gate in gates:
-            gate.close()
 
-    def _sharded_finite_flags(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """The non-finite flag of every DTensor of ``params``, reduced over its shards (one collective per
-        shard group), so that every rank skips alike."""
-        by_group: dict[Any, list[torch.Tensor]] = {}
-        for p in params:
-            if isinstance(p, DTensor):
-                by_group.setdefault(self._shardings[p].group, []).append(p)
-        flags = {}
-        for members in by_group.values():
-            oks = _sharded.finite_flags([p.grad for p in members], self._shardings[members[0]])
-            flags.update(zip(members, oks))
-        return flags
-
-    def _adam_run(self, group: dict[str, Any], params: list[torch.Tensor], capturable: bool) -> None:
-        if not params:
-            return
-        beta1, beta2 = group["adam_betas"]
-        lr = group["lr"] * group["adam_lr_mult"]
-        kw = dict(decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-                  eps=group["adam_eps"], maximize=False, capturable=capturable)
-        loc = _sharded.local  # DTensors step on their local blocks: the branch is elementwise
-        fp32 = [p for p in params if p.dtype == torch.float32]
-        if fp32:
-            _adam_functional(
-                [loc(p) for p in fp32],
-                [loc(p.grad) for p in fp32],
-                [loc(self.state[p]["exp_avg"]) for p in fp32],
-                [loc(self.state[p]["exp_avg_sq"]) for p in fp32],
-                [],
-                [self.state[p]["step"] for p in fp32],
-                foreach=group["foreach"],
-                weight_decay=group["weight_decay"],
-                **kw,
-            )
-        for p in params:
-            if p.dtype == torch.float32:
-                continue
-            state = {k: loc(v) for k, v in self.state[p].items()}
-            grad, p = loc(p.grad), loc(p)
-            if p.dtype == torch.float64:
-                # The float32 update, taken on a zero parameter, then applied in
-                # float64: the parameter is never rounded through float32.
-                p32, wd = torch.zeros_like(p, dtype=torch.float32), 0.0
-            else:
-                # Half-precision parameters: the same arithmetic on a float32 copy,
-                # so the moments never lose precision.
-                p32, wd = p.to(torch.float32), group["weight_decay"]
-            _adam_functional(
-                [p32],
-                [grad.to(torch.float32)],
-                [state["exp_avg"]],
-                [state["exp_avg_sq"]],
-                [],
-                [state["step"]],
-                foreach=False,
-                weight_decay=wd,
-                **kw,
-            )
-            if p.dtype == torch.float64:
-                if group["weight_decay"]:
-                    p.mul_(1.0 - lr * group["weight_decay"])
-                p.add_(p32)
-            else:
-                p.copy_(p32)
+def _number(value: Any, key: str, where: str) -> float:
+    """``value`` (a number or a one-element tensor, read once here) as a float, or a ValueError naming ``key``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{where}invalid {key}={value!r}: expected a number or a one-element tensor") from None
 
 
 _POLICY_DOC = """
@@ -550,8 +488,9 @@ _POLICY_DOC = """
     touched; elsewhere (accelerators, ``backend="torch"``) it is a
     device-side flag that gates the writes with ``torch.where`` (no
     synchronisation; the tensor and its state are copied for the step, and
-    on accelerators the AdamW branch keeps its step count on the device). ``"propagate"`` runs no check: a NaN flows through as in AdamW
-    and, through the rule's normalisations, reaches the whole tensor and its
+    on accelerators the AdamW branch keeps its step count on the device).
+    ``"propagate"`` runs no check: a NaN flows through as in AdamW and,
+    through the rule's normalisations, reaches the whole tensor and its
     accumulators.
 
     Zero gradients: the rule's output is normalised to unit RMS, so with
@@ -570,6 +509,15 @@ _POLICY_DOC = """
     Dtypes: accumulators are float32 whatever the parameter dtype; a float64
     parameter is updated in float64 (``lr=0`` leaves it exactly unchanged);
     bfloat16 / float16 parameters combine the update in float32 and round once.
+
+    Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
+    (``weights_only=False``) of the optimizer keep its theta, routing and
+    state, and the copy steps bitwise like the original.
+
+    Host synchronisation on accelerators: none in the AdamW branch, for
+    ``lr`` and ``weight_decay`` as numbers or as 0-d tensors (a tensor takes
+    ``torch.optim.AdamW(capturable=True, foreach=True)``'s arithmetic, see
+    :mod:`celo2.torch._adamw`).
 """
 
 
@@ -602,7 +550,9 @@ class Celo2(_LearnedOptimizer):
         orthogonalize: Newton-Schulz on the rule's matrix directions (default ``True``).
         adam_name_pattern: Regex of names routed to AdamW (default
             :data:`celo2.rule.routing.ADAM_NAME_PATTERN`; ``None``: shapes only).
-        foreach: Passed to AdamW's functional step (default ``None``: PyTorch's choice).
+        foreach: Passed to AdamW's functional step (default ``None``: PyTorch's
+            choice); a 0-d tensor ``lr`` or ``weight_decay`` always takes the
+            multi-tensor arithmetic (see :mod:`celo2.torch._adamw`).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
         backend: Which implementation steps the rule's tensors: ``"auto"``
             (default: Triton on CUDA, the Numba kernels on the CPU, the chunked
@@ -615,11 +565,15 @@ class Celo2(_LearnedOptimizer):
             shape are orthogonalised together, one batched chain per group.
 
     Raises:
-        ValueError: For a negative ``lr``, ``weight_decay``, ``adam_lr_mult`` or
-            ``adam_eps``, betas outside [0, 1), an unknown ``branch``,
-            ``nonfinite``, ``backend`` or ``ns_dtype``, a backend this
-            installation lacks (Triton, Numba), complex parameters, or a DTensor
-            parameter laid out in a way the rule cannot step (named, with its placements).
+        ValueError: For a negative or non-finite ``lr``, ``weight_decay``,
+            ``adam_lr_mult`` or ``adam_eps``, betas outside [0, 1), an unknown
+            ``branch``, ``nonfinite``, ``backend`` or ``ns_dtype``, a backend
+            this installation lacks (Triton, Numba), a key of another optimizer
+            that would change the algorithm (``maximize=True``, ``betas``, ...:
+            :data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
+            DTensor parameter laid out in a way the rule cannot step (named,
+            with its placements). Param groups, those given here and those
+            added later with :meth:`add_param_group`, are checked alike.
     """
 
     def __init__(
@@ -671,10 +625,12 @@ class Celo2Base(_LearnedOptimizer):
         backend: As :class:`Celo2`'s (default ``"auto"``).
 
     Raises:
-        ValueError: For a negative ``lr`` or ``weight_decay``, an unknown
-            ``nonfinite`` or ``backend``, a backend this installation lacks, or
-            complex parameters, or a DTensor parameter laid out in a way the rule
-            cannot step.
+        ValueError: For a negative or non-finite ``lr`` or ``weight_decay``, an
+            unknown ``nonfinite`` or ``backend``, a backend this installation
+            lacks, a key of another optimizer that would change the algorithm
+            (:data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
+            DTensor parameter laid out in a way the rule cannot step; param
+            groups added later are checked alike.
     """
 
     def __init__(

@@ -1,0 +1,212 @@
+"""Checkpoints of :class:`~celo2.torch.Celo2` and :class:`~celo2.torch.Celo2Base`:
+a saved state checked whole against the optimizer before anything loads, and
+what loading changes beyond ``torch.optim.Optimizer.load_state_dict``.
+
+* :func:`check_state_dict`: the saved groups and every saved tensor state
+  fit this optimizer and model (counts, the settings that select the
+  algorithm, keys, shapes and dtypes per branch), or a ``ValueError`` names
+  the group or parameter and nothing is loaded. :func:`check_tensor_state`
+  is the per-tensor part, also run on the live state before each step.
+* :class:`Migration`: taken before the load, applied after it: settings a
+  state saved before they existed lacks keep this optimizer's values, the
+  settings that depend on the machine (``backend``, ``ns_dtype``) stay this
+  optimizer's, accumulators stay float32 whatever the parameter dtype, and
+  counters stay int32.
+* :func:`lay_out_state`: a loaded state laid out like its parameter for
+  DTensor parameters (a whole tensor becomes this rank's block, a DTensor
+  with other placements is redistributed) and gathered whole for plain ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+
+from celo2.rule import routing
+from celo2.rule import state as rule_state
+from celo2.torch import _adamw, _sharded
+from celo2.torch._sharded import DTensor
+
+COUNTER_KEY = "nonfinite_steps"
+"""The per-tensor state entry counting steps skipped for a non-finite gradient (0-d int32)."""
+ALGORITHM_KEYS: tuple[str, ...] = ("branch", "orthogonalize", "nonfinite")
+"""Param-group settings that select the algorithm: a saved state must agree on them."""
+MACHINE_KEYS: tuple[str, ...] = ("backend", "ns_dtype")
+"""Param-group settings that depend on the machine: kept from this optimizer when a state loads."""
+FLOAT32_STATE_KEYS: tuple[str, ...] = (*rule_state.STATE_KEYS, "exp_avg", "exp_avg_sq")
+"""Accumulators kept float32 whatever the parameter's dtype."""
+
+
+class TensorEntry(NamedTuple):
+    """One parameter of the optimizer, as the checks see it."""
+
+    label: str
+    """Its name when ``named_parameters()`` was given, else ``group<g>.param<i>``."""
+    branch: str
+    """``"celo2"`` or ``"adam"`` (see :mod:`celo2.rule.routing`)."""
+    param: torch.Tensor
+
+
+def expected_shapes(branch: str, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The state entries a parameter keeps on ``branch`` (the counter aside), with their shapes."""
+    return rule_state.state_shapes(p.shape) if branch == routing.LEARNED else _adamw.state_shapes(p.shape)
+
+
+def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pstate: Mapping[str, Any],
+                       error: type[Exception] = ValueError) -> None:
+    """Refuse a tensor's saved or current state whose keys, shapes or dtypes do not fit ``p``.
+
+    Args:
+        where: The operation, for the message (``Celo2.load_state_dict``).
+        label: The parameter's name.
+        branch: Its branch.
+        p: The parameter.
+        pstate: Its state.
+        error: The exception class raised.
+
+    Raises:
+        error: Naming the parameter and the entry that does not fit.
+    """
+    expected = expected_shapes(branch, p)
+    keys = set(pstate) - {COUNTER_KEY}
+    if keys != set(expected):
+        raise error(f"{where}: the state of {label} has {sorted(keys)}, the {branch!r} branch keeps "
+                    f"{sorted(expected)}; nothing was changed")
+    for key, shape in expected.items():
+        t = pstate[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise error(f"{where}: state {key!r} of {label} is {type(t).__name__} "
+                        f"{getattr(t, 'dtype', '')}, expected a floating-point tensor; nothing was changed")
+        if tuple(t.shape) != shape:
+            raise error(f"{where}: state {key!r} of {label} has shape {tuple(t.shape)}, expected {shape} "
+                        f"for a parameter of shape {tuple(p.shape)}; nothing was changed")
+    counter = pstate.get(COUNTER_KEY)
+    if counter is not None and (not isinstance(counter, torch.Tensor) or counter.ndim != 0
+                                or counter.is_floating_point() or counter.is_complex()):
+        raise error(f"{where}: state {COUNTER_KEY!r} of {label} must be a 0-d integer tensor; nothing was changed")
+
+
+def variant(group: Mapping[str, Any]) -> str:
+    """Which optimizer a saved param group comes from, for messages: ``Celo2Base``, ``Celo2`` or ``foreign``."""
+    if group.get("branch") == routing.LEARNED and not group.get("orthogonalize"):
+        return "Celo2Base"
+    return "Celo2" if group.get("branch") in ("auto", routing.LEARNED, routing.ADAM) else "foreign"
+
+
+def check_state_dict(owner: str, param_groups: Sequence[Mapping[str, Any]],
+                     entries: Sequence[Sequence[TensorEntry]], state_dict: Any) -> None:
+    """Refuse a state_dict that does not fit the optimizer.
+
+    Args:
+        owner: The optimizer's class name.
+        param_groups: Its param groups.
+        entries: Per group, its parameters as :class:`TensorEntry`.
+        state_dict: What ``load_state_dict`` was given.
+
+    Raises:
+        ValueError: Naming the param group or parameter and what differs.
+    """
+    where = f"{owner}.load_state_dict"
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups' (an optimizer state_dict)")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(f"{where}: the saved state has {len(saved_groups)} param groups, this optimizer "
+                         f"{len(param_groups)}; nothing was loaded")
+    for gi, (group, sg, members) in enumerate(zip(param_groups, saved_groups, entries)):
+        if len(sg["params"]) != len(group["params"]):
+            raise ValueError(f"{where}: param group {gi} of the saved state has {len(sg['params'])} parameters, "
+                             f"this optimizer's {len(group['params'])}; nothing was loaded")
+        missing = [k for k in ("branch", "orthogonalize") if k not in sg]
+        if missing:
+            raise ValueError(f"{where}: param group {gi} of the saved state has no {missing} setting: it is not a "
+                             f"Celo2/Celo2Base state (another optimizer's, AdamW's say); nothing was loaded")
+        for key in ALGORITHM_KEYS:
+            if key in sg and sg[key] != group[key]:
+                raise ValueError(
+                    f"{where}: param group {gi} was saved with {key}={sg[key]!r}, this {owner} has {key}="
+                    f"{group[key]!r} (a {variant(sg)} state into a {owner}?); that setting selects the "
+                    f"algorithm, so nothing was loaded")
+        for entry, pid in zip(members, sg["params"]):
+            pstate = saved_state.get(pid)
+            if pstate:
+                check_tensor_state(where, entry.label, entry.branch, entry.param, pstate)
+
+
+def loaded_settings(group: Mapping[str, Any], saved_group: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a param group will hold once ``saved_group`` is loaded into it (parameters aside)."""
+    settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    settings.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
+    settings.update({k: group[k] for k in MACHINE_KEYS})
+    return settings
+
+
+@dataclass
+class Migration:
+    """What a load changes beyond ``torch.optim.Optimizer.load_state_dict``
+    (see the module doc): taken with :meth:`before` the load, applied with
+    :meth:`after` it."""
+
+    kept: list[dict[str, Any]]
+    machine: list[dict[str, Any]]
+    saved: Mapping[Any, Mapping[str, Any]]
+    id_to_param: dict[Any, torch.Tensor]
+
+    @classmethod
+    def before(cls, param_groups: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any]) -> "Migration":
+        """What to restore, read from the optimizer's groups and the (checked) ``state_dict``."""
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in param_groups)
+        return cls(kept=[{k: g[k] for k in ALGORITHM_KEYS} for g in param_groups],
+                   machine=[{k: g[k] for k in MACHINE_KEYS} for g in param_groups],
+                   saved=state_dict["state"], id_to_param=dict(zip(saved_ids, params)))
+
+    def after(self, param_groups: Sequence[dict[str, Any]], state: Mapping[torch.Tensor, dict[str, Any]]) -> None:
+        """Restore the kept settings, the counters' dtype and the float32 accumulators."""
+        for group, settings, here in zip(param_groups, self.kept, self.machine):
+            for key, value in settings.items():
+                group.setdefault(key, value)
+            group.update(here)
+        for pid, pstate in self.saved.items():
+            p = self.id_to_param.get(pid)
+            if p is not None and COUNTER_KEY in pstate:  # cast to the parameter's dtype by PyTorch's loader
+                state[p][COUNTER_KEY] = pstate[COUNTER_KEY].to(device=p.device, dtype=torch.int32, copy=True)
+            if p is None or p.dtype == torch.float32:
+                continue
+            for key in FLOAT32_STATE_KEYS:
+                if key in pstate and isinstance(pstate[key], torch.Tensor):
+                    state[p][key] = pstate[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def lay_out_state(state: dict[str, Any], p: torch.Tensor, sharding: Optional[_sharded.Sharding],
+                  adam: bool) -> None:
+    """Lay a loaded state out like its parameter, in place.
+
+    For a DTensor ``p`` a whole tensor becomes this rank's block and a
+    DTensor with other placements is redistributed (a collective: every rank
+    loads together); for a plain ``p`` a DTensor state is gathered whole.
+
+    Args:
+        state: The parameter's state.
+        p: The parameter.
+        sharding: How ``p`` is sharded (``None`` for a plain tensor).
+        adam: Whether ``p`` is on the AdamW branch (its moments are laid out like ``p``).
+    """
+    for key, t in list(state.items()):
+        if key in ("step", COUNTER_KEY) or not isinstance(t, torch.Tensor):
+            continue
+        if not isinstance(p, DTensor):
+            if isinstance(t, DTensor):
+                state[key] = t.full_tensor()
+            continue
+        want = tuple(p.placements) if adam else sharding.state_placements(key)
+        if isinstance(t, DTensor):
+            if tuple(t.placements) != want or t.device_mesh != p.device_mesh:
+                state[key] = t.redistribute(p.device_mesh, want)
+            continue
+        block = sharding.local_block("v" if adam else key, t).contiguous()  # "v": the parameter's own axis
+        state[key] = DTensor.from_local(block, p.device_mesh, want, run_check=False, shape=t.shape,
+                                        stride=_sharded.contiguous_strides(t.shape))
