@@ -26,7 +26,7 @@ from typing import Any
 
 from celo2.eval import optimizers as opt_registry
 from celo2.eval import tasks as task_registry
-from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
+from celo2.eval.runner import RESULTS_FILE, ResultStore, RunSpec, ThetaRef, execute
 from celo2.eval.theta_specs import SHIPPED_LABEL as SHIPPED
 
 SUITES = ("smoke", "quick", "full", "compare")
@@ -370,6 +370,31 @@ def default_jobs(suite: str) -> int:
 
 def default_out(suite: str) -> str:
     return f"bench-{suite}"
+
+
+def is_earlier_bench_folder(folder: Path) -> bool:
+    """Whether ``folder`` (unmarked) holds a bench from before run folders carried a marker.
+
+    Args:
+        folder: an existing folder without a run-folder marker.
+
+    Returns:
+        True when its ``bench.json`` lists invocations, or the first line of its ``results.jsonl``
+        is a bench record (a ``key`` and a ``config`` of this bench's protocol).
+    """
+    try:
+        meta = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and isinstance(meta.get("invocations"), list):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(folder / RESULTS_FILE, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(first, dict) and isinstance(first.get("key"), str) and isinstance(first.get("config"), dict)
+            and str(first["config"].get("protocol", "")).startswith("celo2-bench"))
 
 
 def _update_meta_file(run_dir: Path, entry: dict[str, Any]) -> None:
