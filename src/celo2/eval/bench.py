@@ -30,6 +30,8 @@ from celo2.eval.runner import RESULTS_FILE, ResultStore, RunSpec, ThetaRef, exec
 from celo2.eval.theta_specs import SHIPPED_LABEL as SHIPPED
 
 SUITES = ("smoke", "quick", "full", "compare")
+#: The most seeds ``--seeds N`` may ask for (every seed repeats the whole grid of runs).
+MAX_SEED_COUNT = 1000
 
 #: Per suite: default tasks, optimizers, seeds and LR grids (lo, hi, points).
 #: ``full`` uses 7 log-spaced points over three decades per optimizer (the
@@ -171,20 +173,31 @@ def parse_wd_grid(text: str, flag: str = "--wd-grid") -> list[float] | None:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``N`` -> seeds 0..N-1; ``A,B`` -> exactly those seeds."""
+    """``N`` -> seeds 0..N-1; ``A,B`` -> exactly those seeds.
+
+    Args:
+        text: the value of ``--seeds``.
+
+    Returns:
+        The sorted distinct seeds.
+
+    Raises:
+        BenchError: not integers, a count below 1 or above :data:`MAX_SEED_COUNT`, or a negative seed.
+    """
     try:
-        if "," in text:
-            seeds = [int(x) for x in text.split(",") if x.strip()]
-        else:
-            n = int(text)
-            if n < 1:
-                raise BenchError(f"--seeds: need at least 1 seed, got {n}")
-            seeds = list(range(n))
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BenchError(f"--seeds: expected a count N or a comma list of integers, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
+    if "," not in text and len(values) == 1:
+        n = values[0]
+        if n < 1:
+            raise BenchError(f"--seeds: need at least 1 seed, got {n}")
+        if n > MAX_SEED_COUNT:
+            raise BenchError(f"--seeds: at most {MAX_SEED_COUNT} seeds (each is a full set of runs), got {n}")
+        values = list(range(n))
+    if not values or any(s < 0 for s in values):
         raise BenchError(f"--seeds: seeds must be non-negative integers, got {text!r}")
-    return sorted(set(seeds))
+    return sorted(set(values))
 
 
 def _split_list(values: list[str] | None) -> list[str] | None:
