@@ -56,7 +56,7 @@ import numpy as np
 
 from celo2._io import atomic_write_bytes
 from celo2._provenance import git_commit
-from celo2._runlock import RunLock
+from celo2._runlock import RunLock, check_owner
 from celo2.metatrain import checkpoint
 from celo2.metatrain.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -386,6 +386,8 @@ def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: b
     agree with ``config`` except for :data:`RESUMABLE_KEYS`.
     """
     run = Path(out_dir)
+    if resume:  # a folder that is not a meta-training run is refused before its files are read
+        check_owner(run, "meta-train", is_legacy_run, where=f"run folder {run}")
     if resume and (run / "config.json").is_file():
         saved = MetaTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         check_same_run(saved, config, origin=str(run / "config.json"))
