@@ -256,7 +256,10 @@ def _coerce(key: str, text: Any, current: Any, annotation: str) -> Any:
             return int(raw) if raw.lstrip("+-").isdigit() else (
                 int(float(raw)) if float(raw).is_integer() else int(raw))
         if annotation == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # named as typed: "1e400" reads as inf
+                raise ConfigError(f"meta-train config: {key}={text!r}: must be a finite number")
+            return value
         if "None" in annotation and raw.lower() in ("none", "null", ""):
             return None
         return raw
