@@ -306,18 +306,12 @@ class ResultStore:
 def _init_worker(threads: int, parent_pid: int) -> None:
     """Worker setup: thread count, and exit as soon as the bench process is gone.
 
-    A killed bench (SIGKILL) cannot stop its workers; without this
+    A killed bench (SIGTERM, SIGKILL) cannot stop its workers; without this
     watchdog they would finish their runs as orphans, burning CPU for nothing.
-    Ctrl-C and SIGTERM, which a terminal or a scheduler sends to every process
-    of the job, are left to the bench process: it keeps the finished runs and
-    stops the pool, and a worker ends when the bench is gone.
     """
-    import signal
     import threading
 
     torch.set_num_threads(threads)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
 
     def watch() -> None:
         while True:
