@@ -9,7 +9,10 @@ sharded along dim 0 (unevenly where the size does not divide) and Celo2 steps th
 the statistics spanning a matrix are summed across ranks, and Newton-Schulz runs on whole matrices on
 owner ranks (see the "Distributed training" page of the docs). ``--checkpoint DIR`` saves the model and
 optimizer with torch.distributed.checkpoint every ``--save-every`` steps and resumes from the latest
-save, on any number of ranks. ``--check`` ends by training the same model in one process on rank 0 and
+save, on any number of ranks. Each save goes to a new folder ``DIR/step-NNNNNN``; once every rank has
+finished it, rank 0 points ``DIR/latest`` at it (a rename, atomic) and removes the older saves. A rank
+killed during a save (a preemption) leaves the pointer on the previous save, so a rerun loses at most
+the steps since then. ``--check`` ends by training the same model in one process on rank 0 and
 printing the largest parameter difference (and fails above 1e-5). It trains in float64: the key part of
 the attention's ``qkv`` bias has an exactly zero gradient (softmax ignores a shift of the keys), so its
 float32 rounding noise, which differs between one and two processes, is scaled up to full steps by
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 
 import numpy as np
@@ -90,6 +94,42 @@ def one_process(args: argparse.Namespace, tokens: np.ndarray) -> dict[str, torch
     return model.state_dict()
 
 
+LATEST = "latest"
+
+
+def latest_save(root: str) -> str | None:
+    """The folder of the last complete save under ``root`` (what ``root/latest`` names), or None."""
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return os.path.join(root, name)
+
+
+def save_checkpoint(state: dict, root: str, step: int, rank: int) -> None:
+    """Save ``state`` into a new folder under ``root``, then switch ``root/latest`` to it.
+
+    Every rank calls this (``dcp.save`` is collective). The pointer moves only after every rank
+    has finished writing, so a kill at any moment leaves ``latest`` naming a complete save.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    name = f"step-{step:06d}"
+    dcp.save(state, checkpoint_id=os.path.join(root, name))
+    dist.barrier()  # every rank's files are written before the pointer moves
+    if rank == 0:
+        tmp = os.path.join(root, f".{LATEST}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, LATEST))
+        for old in os.listdir(root):  # earlier saves, and any left half-written by a kill
+            if old.startswith("step-") and old != name:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -114,14 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     opt = make_optimizer(model, args)
 
     start = 0
-    if args.checkpoint and os.path.exists(os.path.join(args.checkpoint, ".metadata")):
+    saved = latest_save(args.checkpoint) if args.checkpoint else None
+    if saved is not None:
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0)}
-        dcp.load(state, checkpoint_id=args.checkpoint)
+        dcp.load(state, checkpoint_id=saved)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = int(state["step"])
         if rank == 0:
-            print(f"resumed from {args.checkpoint} at step {start} (saved on any number of ranks)")
+            print(f"resumed from {saved} at step {start} (saved on any number of ranks)")
 
     t0, shown = time.perf_counter(), start
     for step in range(start, args.steps):
@@ -133,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         if args.checkpoint and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             model_sd, optim_sd = get_state_dict(model, opt)
-            dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step + 1)},
-                     checkpoint_id=args.checkpoint)
+            save_checkpoint({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step + 1)},
+                            args.checkpoint, step + 1, rank)
         if rank == 0 and (step + 1 == args.steps or step % 20 == 0):
             rate = (step + 1 - shown) / max(time.perf_counter() - t0, 1e-9)
             eta = (args.steps - step - 1) / max(rate, 1e-9)

@@ -8,6 +8,13 @@ command, start time): a second process is told who holds the folder, and a
 process that finds the record of a holder that is gone (a killed run) says that
 it takes the folder over. Under the lock, temporary files of interrupted atomic
 writes are removed (:func:`celo2._io.remove_stale_temps`).
+
+A command that names itself (``kind``) writes only into a folder it may call its
+own: one that is missing or empty, one carrying its marker ``RUN_DIR/.celo2-run``
+(written when the folder is first taken), or one its ``adopt`` test recognises as
+its own work from before markers existed. Any other folder is refused before
+anything in it is created or changed: a user's files of the same names are never
+overwritten.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from celo2._io import remove_stale_temps
+from celo2._io import atomic_write_text, remove_stale_temps
 
 LOCK_NAME = ".celo2.lock"
+#: The marker of a folder a celo2 command made its run folder: JSON ``{"command": KIND}``.
+MARKER_NAME = ".celo2-run"
 
 
 class RunFolderError(ValueError):
@@ -34,6 +43,58 @@ class RunFolderError(ValueError):
 
 class RunFolderLockedError(RunFolderError):
     """Another live process holds the run folder's lock (the message names it)."""
+
+
+def run_folder_kind(folder: "str | os.PathLike[str]") -> str | None:
+    """The command whose marker ``folder`` carries (``"bench"``, ``"demo"``, ``"meta-train"``), or None.
+
+    Args:
+        folder: a folder (missing, or without a readable marker: None).
+
+    Returns:
+        The ``command`` recorded in ``folder/.celo2-run``, or None.
+    """
+    try:
+        record = json.loads(Path(folder, MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = record.get("command") if isinstance(record, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_owner(folder: "str | os.PathLike[str]", kind: str, adopt: "Callable[[Path], bool] | None" = None,
+                where: str | None = None) -> bool:
+    """Whether ``kind`` may write into ``folder`` (see the module docstring); nothing is changed.
+
+    Args:
+        folder: the run folder asked for.
+        kind: the command asking (``"bench"``, ``"demo"``, ``"meta-train"``).
+        adopt: whether an unmarked, non-empty folder is ``kind``'s work from before markers existed.
+        where: how messages name the folder (default: its path).
+
+    Returns:
+        True when the folder still needs ``kind``'s marker (missing, empty or adopted), False when it
+        carries it already.
+
+    Raises:
+        RunFolderError: the folder is another command's run folder, or holds files ``kind`` did not write.
+    """
+    folder = Path(folder)
+    where = where or str(folder)
+    if not folder.is_dir():
+        return True
+    marked = run_folder_kind(folder)
+    if marked == kind:
+        return False
+    if marked is not None:
+        raise RunFolderError(f"{where}: is a celo2 {marked} run folder, not a {kind} one; choose another folder")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, MARKER_NAME))
+    if not others or (adopt is not None and adopt(folder)):
+        return True
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    raise RunFolderError(
+        f"{where}: holds files that celo2 {kind} did not write ({shown}); nothing was changed: choose a new or "
+        f"empty folder")
 
 
 def _describe(holder: dict) -> str:
@@ -49,21 +110,30 @@ class RunLock:
         flag: how the user named the folder in messages, e.g. ``"--out"``.
         log: where to report a stale lock taken over and temporary files removed
             (default: standard error).
+        kind: the command that takes the folder (e.g. ``"bench"``); with it, only a missing or
+            empty folder, one with ``kind``'s marker, or one ``adopt`` accepts is used (see the
+            module docstring), and the marker is written. None: any folder (the lock only).
+        adopt: with ``kind``: whether an unmarked, non-empty folder is ``kind``'s own work from
+            before markers existed (then it is marked and used).
 
     Raises:
         RunFolderLockedError: another process holds the folder (the message gives its pid, host,
             command and start time).
-        RunFolderError: the folder cannot be created or written, or a file is in its place.
+        RunFolderError: the folder cannot be created or written, a file is in its place, or
+            (with ``kind``) it holds files ``kind`` did not write; nothing is created in it then.
     """
 
     def __init__(self, folder: "str | os.PathLike[str]", *, flag: str = "--out",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, kind: str | None = None,
+                 adopt: Callable[[Path], bool] | None = None):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         where = f"{flag} {self.folder}" if flag else str(self.folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise RunFolderError(f"{where}: is a file, not a folder")
+        if kind is not None:  # before anything is created in the folder
+            check_owner(self.folder, kind, adopt, where)
         self._created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +161,14 @@ class RunLock:
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(self.holder) + "\n").encode(), 0)
+        if kind is not None:
+            try:
+                # Checked again under the lock: another process may have filled the folder meanwhile.
+                if check_owner(self.folder, kind, adopt, where):
+                    atomic_write_text(self.folder / MARKER_NAME, json.dumps({"command": kind}) + "\n")
+            except BaseException:
+                self.release()
+                raise
         for p in remove_stale_temps(self.folder):
             log(f"note: removed {p}, left by an interrupted write")
 
@@ -120,8 +198,10 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            if self._created and os.listdir(self.folder) == [LOCK_NAME]:
-                os.unlink(self.path)
+            left = set(os.listdir(self.folder))
+            if self._created and left <= {LOCK_NAME, MARKER_NAME}:
+                for name in left:
+                    os.unlink(self.folder / name)
                 os.rmdir(self.folder)
             else:
                 os.ftruncate(self._fd, 0)
@@ -140,4 +220,5 @@ class RunLock:
             self.release()
 
 
-__all__ = ["LOCK_NAME", "RunFolderError", "RunFolderLockedError", "RunLock"]
+__all__ = ["LOCK_NAME", "MARKER_NAME", "RunFolderError", "RunFolderLockedError", "RunLock", "check_owner",
+           "run_folder_kind"]

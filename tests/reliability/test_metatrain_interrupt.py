@@ -141,3 +141,73 @@ def test_no_usable_checkpoint_is_one_line_and_exit_2(work, capsys):
     assert line.startswith("celo2 meta-train: error: no usable checkpoint"), err
     assert "trainer.npz" in line and "trainer.prev.npz" in line
     assert (run / "checkpoint" / "trainer.npz").read_bytes() == b"garbage too"
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_exits_143_and_resumes_to_the_same_theta(work, env, celo2_child,
+                                                                                    celo2_cli):
+    """SIGTERM (a preemption) is handled as Ctrl-C: a checkpoint at the iteration reached, the resume command."""
+    run = work / "sigterm"
+    child = celo2_child(*TRAIN, "--out", str(run), cwd=work, env=env)
+    child.wait_for("compiled the iteration")
+    first = run / "thetas" / f"theta-{EVERY:06d}.state"
+    end = time.monotonic() + 60
+    while not first.exists() and child.proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.01)
+    child.proc.send_signal(signal.SIGTERM)
+    r = child.finish()
+    assert r.returncode == 143, r.stderr
+    assert "Traceback" not in r.stderr and "interrupted by SIGTERM" in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if "resume with: " in l]
+    assert len(lines) == 1, r.stderr
+    with np.load(run / "checkpoint" / "trainer.npz") as npz:
+        saved_at = json.loads(str(npz["__meta__"]))["iteration"]
+    assert EVERY <= saved_at < ITERATIONS
+    err = _resume(celo2_cli, work, env, shlex.split(lines[0].split("resume with: ", 1)[1]))
+    assert f"from iteration {saved_at}" in err
+    np.testing.assert_array_equal(celo2.load_theta(run / "theta.state").to_flat(), _reference(celo2_cli, work, env))
+
+
+#: ``celo2 meta-train`` with ``os.fsync`` failing with ENOSPC (no file named, as the kernel reports it) the
+#: second time a checkpoint's ``trainer.npz`` is flushed: a disk that fills up between two checkpoints.
+_FULL_DISK = """
+import errno, os, sys
+from celo2.cli.main import main
+
+real_fsync, seen = os.fsync, []
+
+def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".trainer.npz."):
+        seen.append(fd)
+        if len(seen) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
+
+os.fsync = fsync
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_the_previous_checkpoint_whole(work, env):
+    import subprocess
+    import sys
+
+    run = work / "full-disk"
+    argv = ["meta-train", "--preset", "smoke", "--iterations", "4", "--checkpoint-every", "2", "--no-progress",
+            "--out", str(run)]
+    p = subprocess.run([sys.executable, "-c", _FULL_DISK, *argv], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"celo2 meta-train: error: {run / 'checkpoint' / 'trainer.npz'}: No space left on device"), line
+    assert "resume with: " in line
+    ckpt = run / "checkpoint"
+    with np.load(ckpt / "trainer.npz") as npz:
+        assert json.loads(str(npz["__meta__"]))["iteration"] == 2
+    # theta.state is the checkpoint's theta (iteration 2), not the one the failed write was for.
+    assert (ckpt / "theta.state").read_bytes() == (run / "thetas" / "theta-000002.state").read_bytes()
+    assert sorted(p.name for p in (run / "thetas").iterdir()) == ["theta-000002.state"]
+    assert not [p for p in run.rglob(".*.tmp")]
+    r = subprocess.run([sys.executable, "-m", "celo2", *shlex.split(line.split("resume with: ", 1)[1])[1:]],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "from iteration 2" in r.stderr, r.stderr[-3000:]

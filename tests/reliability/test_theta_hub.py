@@ -150,3 +150,25 @@ def test_missing_file_on_the_hub_is_a_theta_error(tmp_path, hub):
 def test_malformed_url_names_the_expected_form():
     with pytest.raises(ThetaError, match=r"hf://owner/repo\[/file\]"):
         load_theta("hf://just-owner")
+
+
+@pytest.mark.parametrize("url,bad", [
+    ("hf://own er/repo", "'own er'"),
+    ("hf://owner/re..po", "'re..po'"),
+    ("hf://-owner/repo/theta.state", "'-owner'"),
+    ("hf://owner/repo.", "'repo.'"),
+    ("hf://owner/repo.git", "ends in .git"),
+])
+def test_a_bad_repository_id_is_named_as_such_without_asking_the_hub(url, bad, tmp_path):
+    # A dead endpoint: were the Hub asked, the message would be about reaching it.
+    answer, _ = _load_in_fresh_interpreter(url, tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{_free_port()}")
+    error = answer["error"]
+    assert "is not a valid Hugging Face repository id" in error and bad in error, error
+    assert "cannot reach" not in error
+
+
+def test_an_empty_revision_is_refused():
+    with pytest.raises(ThetaError, match="the revision after '@' is empty"):
+        load_theta("hf://owner/repo@")
+    with pytest.raises(ThetaError, match="the revision after '@' is empty"):
+        load_theta("hf://owner/repo/theta.state@ ")

@@ -9,10 +9,14 @@ naming the flag (``celo2.cli.main`` reports the errors).
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
+import signal
+import sys
+import threading
 from pathlib import Path
 
-from celo2.cli.main import positive_int
+from celo2.cli.main import nonnegative_float, positive_int
 
 EPILOG = """\
 examples:
@@ -28,6 +32,8 @@ examples:
 
 A bench resumes: rerunning the same command with the same --out skips runs
 already recorded in RUN_DIR/results.jsonl (use a new --out to start afresh).
+Ctrl-C or SIGTERM stops it with the finished runs kept and prints that command
+(exit status 130 or 143). --out must be a new or empty folder, or a bench's own.
 """
 
 
@@ -41,9 +47,12 @@ def _parse_kv_grid(text: str) -> tuple[str, str]:
 def _parse_wd(text: str) -> tuple[str, float]:
     name, _, value = text.rpartition("=")
     try:
-        return (name.strip() or "*"), float(value)
+        wd = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or NAME=NUMBER, got {text!r}") from None
+    if not (math.isfinite(wd) and wd >= 0):
+        raise argparse.ArgumentTypeError(f"weight decay must be a finite number >= 0, got {text!r}")
+    return (name.strip() or "*"), wd
 
 
 def _parse_wd_grid_arg(text: str) -> tuple[str, str]:
@@ -94,7 +103,7 @@ def register(subparsers) -> None:
                    "(0,0.01,0.1,1 for the decoupled adamw/muon/celo2/celo2-base, 0,1e-4,1e-3,1e-2 for the L2 "
                    "decay of adam/sgd); WDS (A,B,... or 'default') for every optimizer, NAME=WDS for one; "
                    "the compare suite searches by default")
-    p.add_argument("--adam-lr-mult", type=float, metavar="M",
+    p.add_argument("--adam-lr-mult", type=nonnegative_float, metavar="M",
                    help="LR multiplier of Celo2's AdamW branch (heads, embeddings, vectors); default the "
                    "published 20. CartPole needs about 1: benchmarks/results/cartpole/README.md")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: ./bench-SUITE); resumed if it has results")
@@ -121,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
         BenchError,
         BenchOptions,
         default_out,
+        is_earlier_bench_folder,
         parse_grid,
         parse_seeds,
         parse_wd_grid,
         run_bench,
     )
+    from celo2.eval.runner import RESULTS_FILE, ResultStore
+    from celo2.metatrain.config import MAX_SEED
 
     grids = {}
     for name, text in args.lr_grid:
@@ -143,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         optimizers=args.optimizers,
         lrs=None if args.lrs is None else parse_grid(args.lrs, flag="--lrs"),
         lr_grids=grids,
-        seeds=None if args.seeds is None else parse_seeds(args.seeds),
+        seeds=None if args.seeds is None else _checked_seeds(parse_seeds(args.seeds), MAX_SEED),
         steps=args.steps,
         thetas=args.theta,
         weight_decays=dict(args.weight_decay),
@@ -163,9 +175,59 @@ def run(args: argparse.Namespace) -> int:
     if opts.dry_run or (opts.report_only and not run_dir.is_dir()):
         run_bench(opts)  # writes nothing
         return 0
-    with RunLock(run_dir, flag="--out"):
-        run_bench(opts)
+    try:
+        with _SigtermStops(), RunLock(run_dir, flag="--out", kind="bench", adopt=is_earlier_bench_folder):
+            run_bench(opts)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _SigtermStops
+        signum = getattr(exc, "signum", signal.SIGINT)
+        kept = len(ResultStore(run_dir).load())
+        command = shlex.join(["celo2", *(getattr(args, "argv", None) or ["bench"])])
+        print(f"celo2 bench: interrupted by {signal.Signals(signum).name}: {kept} finished run(s) are kept in "
+              f"{run_dir / RESULTS_FILE} (the runs in progress are lost); resume with: {command}",
+              file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+class BenchStopped(KeyboardInterrupt):
+    """A bench stopped by SIGTERM (a preemption); ``signum`` is the signal.
+
+    Args:
+        signum: the signal received.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
+
+
+class _SigtermStops:
+    """While held (in the main thread), SIGTERM raises :class:`BenchStopped`, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __enter__(self) -> "_SigtermStops":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, None):
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise BenchStopped(signum)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checked_seeds(seeds: list[int], largest: int) -> list[int]:
+    """``seeds`` if none is above ``largest`` (seeds are ``[0, 2**32)``), else a :class:`BenchError`."""
+    from celo2.eval.bench import BenchError
+
+    over = [s for s in seeds if s > largest]
+    if over:
+        raise BenchError(f"--seeds: seeds must be integers from 0 to {largest} (2**32 - 1), got {over[0]}")
+    return seeds
 
 
 def _command_from_args(args: argparse.Namespace) -> str:

@@ -16,6 +16,7 @@ The default task is the built-in ``synthetic`` 8x8 problem (no download; see
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -26,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from celo2._io import atomic_write_text
-from celo2.cli.main import nonnegative_float, positive_float, positive_int
+from celo2._io import atomic_write_group
+from celo2.cli.main import nonnegative_float, positive_float, positive_int, seed_int
 
 DEFAULT_STEPS = 1000
 QUICK_STEPS = 60
@@ -74,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--steps", type=positive_int, default=None, help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and validation split (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisation, data order and validation split (default 0)")
     p.add_argument("--out", default="celo2-demo", help="output folder for the plot and results (default celo2-demo/)")
     p.add_argument("--theta", default=None, help="theta file to use instead of the one shipped with celo2 (.state, .npz, .pt or hf://owner/repo)")
     p.add_argument("--quick", action="store_true", help="a tiny run (one learning rate each, small model) for smoke tests")
@@ -132,10 +133,28 @@ def run(args: argparse.Namespace) -> int:
         x_test, y_test = load_task_images(args.dataset, "test", root=args.data_dir)
     except (DatasetNotFoundError, ValueError) as exc:
         return _fail(str(exc))
-    # The output folder is claimed before training, so that a bad --out or a
-    # folder in use is reported before the minute of work, not after it.
-    with RunLock(args.out, flag="--out"):
+    # The output folder is claimed before training, so that a bad --out, a
+    # folder in use or one holding the user's own files is reported before the
+    # minute of work, not after it.
+    with RunLock(args.out, flag="--out", kind="demo", adopt=is_earlier_demo_folder):
         return _train_and_report(torch, args, theta, steps, hidden, (x_all, y_all), (x_test, y_test))
+
+
+def is_earlier_demo_folder(folder: Path) -> bool:
+    """Whether ``folder`` (unmarked) holds a demo's output from before run folders carried a marker.
+
+    Args:
+        folder: an existing folder without a run-folder marker.
+
+    Returns:
+        True when its ``results.json`` is a demo's (``config`` and ``runs`` with the demo's settings).
+    """
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(results, dict) and isinstance(results.get("runs"), list)
+            and isinstance(results.get("config"), dict) and "celo2_lrs" in results["config"])
 
 
 def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden: int, train_split, test_split) -> int:
@@ -209,15 +228,20 @@ def _train_and_report(torch, args: argparse.Namespace, theta, steps: int, hidden
     table = format_table(results)
     print()
     print(table)
-    atomic_write_text(out / "table.txt", table + "\n")
     config = {
         "dataset": args.dataset, "steps": steps, "seed": args.seed, "hidden": hidden,
         "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "celo2_lrs": list(celo2_lrs), "adamw_lrs": list(adamw_lrs), "theta": theta.metadata.get("source"),
         "theta_sha256": theta.checksum(),
     }
-    atomic_write_text(out / "results.json", json.dumps({"config": config, "runs": [asdict(r) for r in results]}, indent=1, allow_nan=True))
-    png = plot_curves(results, out / "loss_curves.png", f"{args.dataset}, {steps} steps, seed {args.seed}")
+    png = out / "loss_curves.png"
+    # The three outputs are staged together: a full disk leaves the previous ones as they were.
+    atomic_write_group([
+        (out / "table.txt", (table + "\n").encode()),
+        (out / "results.json",
+         json.dumps({"config": config, "runs": [asdict(r) for r in results]}, indent=1, allow_nan=True).encode()),
+        (png, plot_curves(results, f"{args.dataset}, {steps} steps, seed {args.seed}")),
+    ])
     print(f"\nwrote {png}, {out / 'results.json'} and {out / 'table.txt'}")
     return 0
 
@@ -313,8 +337,8 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
     return out
 
 
-def plot_curves(results: list[RunResult], path: Path, title: str) -> Path:
-    """Training and validation loss of every run (the chosen learning rates bold) as a PNG."""
+def plot_curves(results: list[RunResult], title: str) -> bytes:
+    """Training and validation loss of every run (the chosen learning rates bold): the PNG's bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -338,5 +362,6 @@ def plot_curves(results: list[RunResult], path: Path, title: str) -> Path:
     ax_val.legend(fontsize=7)
     fig.suptitle(f"Celo2 vs AdamW: {title}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

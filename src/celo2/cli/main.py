@@ -106,6 +106,13 @@ def nonnegative_float(text: str) -> float:
     return _checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in ``[0, 2**32)`` (what NumPy, PyTorch and JAX all take)."""
+    from celo2.metatrain.config import MAX_SEED
+
+    return _checked(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED} (2**32 - 1)")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The ``celo2`` parser; with ``only``, just that subcommand's module is imported."""
     parser = OneLineParser(
@@ -132,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments after ``celo2`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success, 2 for bad input (one line on stderr), 130 on Ctrl-C.
+        The exit code: 0 on success, 2 for bad input or a file that cannot be written (one line on
+        stderr), 130 on Ctrl-C (SIGINT), 143 on SIGTERM where a command handles it (meta-train,
+        bench: after saving what is done and printing how to resume).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from celo2.cli.main import positive_int
+from celo2.cli.main import positive_int, seed_int
 
 DESCRIPTION = """\
 Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--iterations", type=positive_int, default=None, help="outer iterations")
     p.add_argument("--out", default=None, help="run folder (default runs/meta-train-PRESET-seedSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=None, help="root seed of theta's init and every random draw")
+    p.add_argument("--seed", type=seed_int, default=None, help="root seed of theta's init and every random draw")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N")
     p.add_argument("--metrics-format", default=None, help="jsonl (default) or csv")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -87,9 +87,17 @@ def _resolve_config(args):
     if args.resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        from celo2._runlock import check_owner
+        from celo2.metatrain.run_folder import is_legacy_run
+
+        # A folder that is not a meta-training run is refused before anything in it is read or written.
+        check_owner(out, "meta-train", is_legacy_run, where=f"--out {out}")
         saved = out / "config.json"
         if saved.exists():
-            base = MetaTrainConfig.from_dict(json.loads(saved.read_text()))
+            try:
+                base = MetaTrainConfig.from_dict(json.loads(saved.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{saved}: not a meta-training configuration ({exc})") from None
             if args.preset is not None and args.preset != base.preset:
                 raise ConfigError(f"--preset {args.preset}: {out} was started with preset {base.preset!r}")
             return override(base, flags), out
@@ -159,7 +167,12 @@ def run(args) -> int:
         result = meta_train(config, out, resume=args.resume, progress=not args.no_progress)
     except MetaTrainInterrupted as exc:
         print(f"celo2 meta-train: {exc}; resume with: {_resume_command(args, out)}", file=sys.stderr)
-        return 130
+        return exc.exit_status
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        return _fail(f"{exc.filename}: {exc.strerror or exc}; the checkpoints on disk are whole: "
+                     f"free the space (or fix the file) and resume with: {_resume_command(args, out)}")
     if result.iterations >= config.iterations:
         print(out / "theta.state")
     return 0

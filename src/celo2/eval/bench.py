@@ -26,10 +26,12 @@ from typing import Any
 
 from celo2.eval import optimizers as opt_registry
 from celo2.eval import tasks as task_registry
-from celo2.eval.runner import ResultStore, RunSpec, ThetaRef, execute
+from celo2.eval.runner import RESULTS_FILE, ResultStore, RunSpec, ThetaRef, execute
 from celo2.eval.theta_specs import SHIPPED_LABEL as SHIPPED
 
 SUITES = ("smoke", "quick", "full", "compare")
+#: The most seeds ``--seeds N`` may ask for (every seed repeats the whole grid of runs).
+MAX_SEED_COUNT = 1000
 
 #: Per suite: default tasks, optimizers, seeds and LR grids (lo, hi, points).
 #: ``full`` uses 7 log-spaced points over three decades per optimizer (the
@@ -171,20 +173,31 @@ def parse_wd_grid(text: str, flag: str = "--wd-grid") -> list[float] | None:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``N`` -> seeds 0..N-1; ``A,B`` -> exactly those seeds."""
+    """``N`` -> seeds 0..N-1; ``A,B`` -> exactly those seeds.
+
+    Args:
+        text: the value of ``--seeds``.
+
+    Returns:
+        The sorted distinct seeds.
+
+    Raises:
+        BenchError: not integers, a count below 1 or above :data:`MAX_SEED_COUNT`, or a negative seed.
+    """
     try:
-        if "," in text:
-            seeds = [int(x) for x in text.split(",") if x.strip()]
-        else:
-            n = int(text)
-            if n < 1:
-                raise BenchError(f"--seeds: need at least 1 seed, got {n}")
-            seeds = list(range(n))
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BenchError(f"--seeds: expected a count N or a comma list of integers, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
+    if "," not in text and len(values) == 1:
+        n = values[0]
+        if n < 1:
+            raise BenchError(f"--seeds: need at least 1 seed, got {n}")
+        if n > MAX_SEED_COUNT:
+            raise BenchError(f"--seeds: at most {MAX_SEED_COUNT} seeds (each is a full set of runs), got {n}")
+        values = list(range(n))
+    if not values or any(s < 0 for s in values):
         raise BenchError(f"--seeds: seeds must be non-negative integers, got {text!r}")
-    return sorted(set(seeds))
+    return sorted(set(values))
 
 
 def _split_list(values: list[str] | None) -> list[str] | None:
@@ -370,6 +383,31 @@ def default_jobs(suite: str) -> int:
 
 def default_out(suite: str) -> str:
     return f"bench-{suite}"
+
+
+def is_earlier_bench_folder(folder: Path) -> bool:
+    """Whether ``folder`` (unmarked) holds a bench from before run folders carried a marker.
+
+    Args:
+        folder: an existing folder without a run-folder marker.
+
+    Returns:
+        True when its ``bench.json`` lists invocations, or the first line of its ``results.jsonl``
+        is a bench record (a ``key`` and a ``config`` of this bench's protocol).
+    """
+    try:
+        meta = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and isinstance(meta.get("invocations"), list):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(folder / RESULTS_FILE, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(first, dict) and isinstance(first.get("key"), str) and isinstance(first.get("config"), dict)
+            and str(first["config"].get("protocol", "")).startswith("celo2-bench"))
 
 
 def _update_meta_file(run_dir: Path, entry: dict[str, Any]) -> None:

@@ -3,8 +3,10 @@
 Each finished run is appended as one JSON line to ``results.jsonl`` in the run
 folder, keyed by a hash of its full config. A bench that is killed loses at
 most the run in progress: on restart, runs whose key is already in the file
-are skipped. A partial last line (a kill during a write) is cut off before
-the next append so that it cannot corrupt the following record.
+are skipped. A partial last line (a kill during a write) is moved to
+``results.rejected.txt`` before the next append, so that it cannot corrupt the
+following record and nothing is thrown away. A write that fails (a full disk)
+raises an ``OSError`` naming ``results.jsonl``; the records before it stay whole.
 """
 
 from __future__ import annotations
@@ -246,8 +248,13 @@ class ResultStore:
                 out[key] = _from_json(rec)
         return out
 
+    @property
+    def rejected_path(self) -> Path:
+        """Where a partial last line is kept (``results.rejected.txt``)."""
+        return self.run_dir / "results.rejected.txt"
+
     def _repair_tail(self) -> None:
-        """Cut a trailing partial line so the next append starts on a fresh line."""
+        """Move a trailing partial line to :attr:`rejected_path`, so the next append starts on a fresh line."""
         if not self.path.exists():
             return
         with open(self.path, "rb+") as f:
@@ -261,18 +268,36 @@ class ResultStore:
             f.seek(0)
             data = f.read()
             cut = data.rfind(b"\n") + 1
+            with open(self.rejected_path, "ab") as kept:  # kept before it is cut: nothing is lost
+                kept.write(data[cut:] + b"\n")
+                kept.flush()
+                os.fsync(kept.fileno())
             f.seek(cut)
             f.truncate()
-        print(f"warning: {self.path}: dropped a partial last record (interrupted write)", file=sys.stderr)
+        print(f"warning: {self.path}: moved a partial last record (an interrupted write) to {self.rejected_path}",
+              file=sys.stderr)
 
     def append(self, record: dict[str, Any]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
+        """Append ``record`` as one line, flushed to disk.
+
+        Args:
+            record: a finished run's record.
+
+        Raises:
+            OSError: the file cannot be written (a full disk, ...); ``exc.filename`` names it.
+        """
         line = json.dumps(_to_json(record), sort_keys=True, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
 
 
 # -- execution -------------------------------------------------------------------

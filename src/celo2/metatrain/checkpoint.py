@@ -1,9 +1,13 @@
 """The meta-training checkpoint format: ``checkpoint/trainer.npz`` and the thetas beside it.
 
 ``trainer.npz`` holds every leaf of the trainer state (``leaf_NNNNN``) and a JSON ``__meta__`` record
-(format, iteration, tree structure, configuration, devices). Files are written atomically; the
-checkpoint a write replaces is kept as ``trainer.prev.npz``, and :func:`load_latest` falls back to it
-when the latest cannot be read.
+(format, iteration, tree structure, configuration, devices). A checkpoint is written as one unit
+(:func:`celo2._io.atomic_write_group`): ``theta.state``, ``trainer.npz`` and the trajectory's snapshot
+are all staged before any is renamed into place, so a full disk or any other write error leaves the
+previous checkpoint whole and the folder consistent. The checkpoint a write replaces is kept as
+``trainer.prev.npz``, and :func:`load_latest` falls back to it when the latest cannot be read;
+:func:`sync_theta_file` makes ``theta.state`` agree with the checkpoint a resume starts from (a kill
+between the renames, or a fallback, can leave them apart).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from celo2._io import atomic_write_bytes
+from celo2._io import atomic_write_bytes, atomic_write_group
 from celo2.metatrain.config import MetaTrainConfig
-from celo2.rule.theta import Theta, save_theta
+from celo2.rule.theta import Theta, theta_to_flax_bytes
 
 CHECKPOINT_FORMAT = "celo2-metatrain-v1"
 #: Config keys a resumed run may change (they do not alter what is computed).
@@ -49,7 +53,7 @@ def check_same_run(saved: MetaTrainConfig, current: MetaTrainConfig, origin: str
 
 def save_checkpoint(state, theta: Theta, config: MetaTrainConfig, devices: int, run_dir: str | os.PathLike,
                     extra: dict | None = None, *, snapshot: bool = True) -> Path:
-    """Write ``checkpoint/theta.state`` then ``checkpoint/trainer.npz``, each atomically.
+    """Write ``checkpoint/theta.state``, ``checkpoint/trainer.npz`` (and the snapshot) as one unit.
 
     Args:
         state: the trainer state to save (a pytree of arrays).
@@ -63,17 +67,22 @@ def save_checkpoint(state, theta: Theta, config: MetaTrainConfig, devices: int, 
 
     Returns:
         The path of ``trainer.npz``. The one it replaces is kept as ``trainer.prev.npz``.
+
+    Raises:
+        OSError: a file cannot be written (a full disk, no permission, a non-regular file in the
+            way); ``exc.filename`` names it, and every file of the previous checkpoint is as it was.
     """
     import jax
 
     ckpt = Path(run_dir) / "checkpoint"
     iteration = int(state.iteration)
     theta.metadata.update({"iteration": iteration, "config": config.to_dict()})
-    save_theta(theta, ckpt / "theta.state")
+    theta_bytes = theta_to_flax_bytes(theta)
+    files = [(ckpt / "theta.state", theta_bytes)]
     if snapshot:
         # The trajectory, for choosing a checkpoint by validation afterwards:
         # PES's meta-loss is noisy and does not rank thetas out of distribution.
-        save_theta(theta, Path(run_dir) / "thetas" / f"theta-{iteration:06d}.state")
+        files.append((Path(run_dir) / "thetas" / f"theta-{iteration:06d}.state", theta_bytes))
     leaves = jax.tree_util.tree_leaves(state)
     arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
     meta = {
@@ -88,10 +97,37 @@ def save_checkpoint(state, theta: Theta, config: MetaTrainConfig, devices: int, 
     buf = io.BytesIO()
     np.savez(buf, __meta__=np.asarray(json.dumps(meta)), **arrays)
     path = ckpt / "trainer.npz"
-    if path.exists():
-        _keep_previous(path, ckpt / "trainer.prev.npz")
-    atomic_write_bytes(path, buf.getvalue())
+    files.append((path, buf.getvalue()))
+
+    def keep_previous() -> None:
+        if path.exists():
+            _keep_previous(path, ckpt / "trainer.prev.npz")
+
+    atomic_write_group(files, before_commit=keep_previous)
     return path
+
+
+def sync_theta_file(run_dir: str | os.PathLike, theta: Theta, log: Callable[[str], None]) -> bool:
+    """Make ``checkpoint/theta.state`` hold ``theta``, the theta of the checkpoint a resume starts from.
+
+    Args:
+        run_dir: the run folder.
+        theta: the theta of the trainer state loaded.
+        log: where a rewrite is reported.
+
+    Returns:
+        Whether the file was rewritten (it was missing or held another theta).
+    """
+    path = Path(run_dir) / "checkpoint" / "theta.state"
+    data = theta_to_flax_bytes(theta)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
+    log(f"note: {path} did not hold the checkpoint's theta; rewritten from {path.parent / 'trainer.npz'}'s state")
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike, config: MetaTrainConfig, template: Any) -> tuple[Any, dict]:
@@ -186,7 +222,9 @@ def _keep_previous(path: Path, prev: Path) -> None:
         except OSError:
             shutil.copyfile(path, tmp)
         os.replace(tmp, prev)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(prev)) from exc
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -18,6 +19,8 @@ from celo2.rule import spec
 AUGMENTATIONS = ("none", "global", "tensor", "parameter")
 INNER_OPTIMIZERS = ("celo2", "celo2-base", "adam")
 METRICS_FORMATS = ("jsonl", "csv")
+#: The largest seed accepted (seeds are ``[0, 2**32)``: what NumPy, PyTorch and JAX all take).
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -100,15 +103,26 @@ class MetaTrainConfig:
                       "(add one with celo2.metatrain.register_task_family)")
         if len(set(self.tasks)) != len(self.tasks):
             raise bad("tasks", "a task family is listed twice")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if str(f.type) == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise bad(f.name, "must be an integer")
+            if str(f.type) == "float":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise bad(f.name, "must be a number")
+                if not math.isfinite(value):
+                    raise bad(f.name, "must be a finite number")
         for key in ("image_size", "num_classes", "batch_size", "pairs_per_task",
                     "truncation_length", "iterations", "checkpoint_every",
                     "min_unroll_length", "max_unroll_length"):
             if int(getattr(self, key)) < 1:
                 raise bad(key, "must be a positive integer")
-        if any(h < 1 for h in self.hidden_sizes):
-            raise bad("hidden_sizes", "sizes must be positive")
+        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in self.hidden_sizes):
+            raise bad("hidden_sizes", "sizes must be positive integers")
         if self.initial_offset_max < 0:
             raise bad("initial_offset_max", "must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be in [0, {MAX_SEED}] (2**32 - 1)")
         if self.max_unroll_length < self.min_unroll_length:
             raise bad("max_unroll_length", f"must be >= min_unroll_length={self.min_unroll_length}")
         if self.min_unroll_length < self.truncation_length:
@@ -126,6 +140,9 @@ class MetaTrainConfig:
         for key in ("perturbation_std", "outer_lr", "inner_lr", "meta_loss_clip", "outer_eps"):
             if not float(getattr(self, key)) > 0:
                 raise bad(key, "must be > 0")
+        for key in ("adam_lr_mult", "inner_weight_decay", "outer_weight_decay"):
+            if not float(getattr(self, key)) >= 0:
+                raise bad(key, "must be >= 0")
         for key in ("outer_b1", "outer_b2"):
             if not 0 <= float(getattr(self, key)) < 1:
                 raise bad(key, "must be in [0, 1)")
@@ -235,13 +252,18 @@ def _coerce(key: str, text: Any, current: Any, annotation: str) -> Any:
                 return False
             raise ValueError("expected true/false")
         if annotation == "int":
-            return int(float(raw)) if float(raw).is_integer() else int(raw)
+            # "1e3" is 1000; digits are read exactly, so 2**64 and beyond stay what was typed.
+            return int(raw) if raw.lstrip("+-").isdigit() else (
+                int(float(raw)) if float(raw).is_integer() else int(raw))
         if annotation == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # named as typed: "1e400" reads as inf
+                raise ConfigError(f"meta-train config: {key}={text!r}: must be a finite number")
+            return value
         if "None" in annotation and raw.lower() in ("none", "null", ""):
             return None
         return raw
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise ConfigError(f"meta-train config: {key}={text!r}: not a valid {annotation} ({exc})") from None
 
 
@@ -269,6 +291,6 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "AUGMENTATIONS", "ConfigError", "INNER_OPTIMIZERS", "MetaTrainConfig", "PRESETS",
+    "AUGMENTATIONS", "ConfigError", "INNER_OPTIMIZERS", "MAX_SEED", "MetaTrainConfig", "PRESETS",
     "override", "parse_set", "preset",
 ]

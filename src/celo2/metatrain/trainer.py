@@ -23,13 +23,18 @@ Run folder::
 Every file is written to a temporary name and moved into place with
 ``os.replace``, so a run killed at any moment leaves either the previous or
 the new checkpoint, never a torn one; temporary files of an interrupted write
-are removed when the folder is next opened. The folder is locked while a run
-uses it (:class:`celo2._runlock.RunLock`): a second process stops at once.
+are removed when the folder is next opened. A checkpoint's files are staged
+together before any is renamed, so a full disk (or any other write error)
+raises an ``OSError`` naming the file with the previous checkpoint whole. The
+folder is locked while a run uses it (:class:`celo2._runlock.RunLock`): a
+second process stops at once; it carries the marker ``.celo2-run``, and a run
+never writes into a folder without it that holds anything but an earlier
+version's run.
 
-Ctrl-C (SIGINT) is deferred while the trainer works: XLA compiling, or a
+Ctrl-C (SIGINT) and SIGTERM are deferred while the trainer works: XLA compiling, or a
 checkpoint half written, is never cut off. The run stops at the next safe point
 (after the compile or the iteration in progress), writes a checkpoint of the
-iterations done and raises :class:`MetaTrainInterrupted`; a second Ctrl-C
+iterations done and raises :class:`MetaTrainInterrupted`; a second signal
 aborts at once (the checkpoints on disk are whole either way). Resuming restores the complete state
 (theta, outer AdamW, every inner run, PES accumulators, the root key); since
 every random draw is derived from the root key and the iteration number, the
@@ -41,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +56,7 @@ import numpy as np
 
 from celo2._io import atomic_write_bytes
 from celo2._provenance import git_commit
-from celo2._runlock import RunLock
+from celo2._runlock import RunLock, check_owner
 from celo2.metatrain import checkpoint
 from celo2.metatrain.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -62,7 +68,14 @@ from celo2.metatrain.checkpoint import (
 from celo2.metatrain.compile_cache import COMPILED, jitted_iteration, state_shardings
 from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.metrics import MetricsWriter, read_metrics, truncate_metrics
-from celo2.metatrain.run_folder import DeferredInterrupt, MetaTrainInterrupted, RunDirError, check_fresh, stderr
+from celo2.metatrain.run_folder import (
+    DeferredInterrupt,
+    MetaTrainInterrupted,
+    RunDirError,
+    check_fresh,
+    is_legacy_run,
+    stderr,
+)
 from celo2.metatrain.tasks import TaskData, load_task_data
 from celo2.rule.theta import Theta, load_theta, save_theta
 
@@ -220,14 +233,18 @@ class MetaTrainer:
 
         Raises:
             RunDirError: the folder holds something and ``resume`` is False.
-            RunFolderError: the folder cannot be created, written or locked (another process has it).
+            RunFolderError: the folder cannot be created, written or locked (another process has it),
+                or it holds files that are not a meta-training run's (nothing is written then).
             CheckpointError: no usable checkpoint, or one of a different configuration.
-            MetaTrainInterrupted: Ctrl-C; raised at the next safe point, after saving a checkpoint.
+            OSError: a file cannot be written (a full disk, ...); ``exc.filename`` names it, and the
+                checkpoints on disk are whole.
+            MetaTrainInterrupted: Ctrl-C or SIGTERM; raised at the next safe point, after saving a
+                checkpoint.
         """
         log = log or stderr
         run = Path(run_dir)
         check_fresh(run, resume)
-        with DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
+        with DeferredInterrupt() as interrupt, _lock(run, log):
             return self._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
                                       stop_after=stop_after)
 
@@ -252,7 +269,7 @@ class MetaTrainer:
                 writer.flush()
                 saved = self.save_checkpoint(state, run, {"wall_time_s": elapsed_before + time.perf_counter() - t0},
                                              snapshot=False)
-            raise MetaTrainInterrupted(run, it if saved else 0, saved)
+            raise MetaTrainInterrupted(run, it if saved else 0, saved, interrupt.signum or signal.SIGINT)
 
         elapsed_before = 0.0
         loaded = self._load_latest(run, log) if resume else None
@@ -260,6 +277,7 @@ class MetaTrainer:
             state, meta = loaded
             elapsed_before = float(meta.get("wall_time_s", 0.0))
             start = int(meta["iteration"])
+            checkpoint.sync_theta_file(run, self.theta_of(state), log)
             truncate_metrics(metrics_path, start, log)
             log(f"resuming {run} from iteration {start}")
             if int(meta.get("devices", 1)) != self.num_devices:
@@ -309,7 +327,12 @@ class MetaTrainer:
                     "resets": int(m["resets"]),
                     "nonfinite_losses": int(m["nonfinite_losses"]),
                 }
-                writer.write(row)
+                try:
+                    writer.write(row)
+                except OSError as exc:  # a full disk: name the file (the checkpoints on disk are whole)
+                    if exc.filename is not None:
+                        raise
+                    raise OSError(exc.errno, exc.strerror or str(exc), str(metrics_path)) from exc
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -348,6 +371,11 @@ class MetaTrainer:
         return MetaTrainResult(run, theta, iterations, None if last is None else last["meta_loss"], wall)
 
 
+def _lock(run: Path, log: Callable[[str], None]) -> RunLock:
+    """The run folder's lock: a meta-training run folder (its marker, or an earlier version's run) only."""
+    return RunLock(run, flag="run folder", log=log, kind="meta-train", adopt=is_legacy_run)
+
+
 def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                progress: bool = True, data: TaskData | None = None,
                inner_optimizer: Callable | None = None, stop_after: int | None = None,
@@ -358,13 +386,15 @@ def meta_train(config: MetaTrainConfig, out_dir: str | os.PathLike, *, resume: b
     agree with ``config`` except for :data:`RESUMABLE_KEYS`.
     """
     run = Path(out_dir)
+    if resume:  # a folder that is not a meta-training run is refused before its files are read
+        check_owner(run, "meta-train", is_legacy_run, where=f"run folder {run}")
     if resume and (run / "config.json").is_file():
         saved = MetaTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         check_same_run(saved, config, origin=str(run / "config.json"))
     log = log or stderr
     check_fresh(run, resume)
     # The folder is claimed before the data are loaded: a folder in use is reported at once.
-    with DeferredInterrupt() as interrupt, RunLock(run, flag="run folder", log=log):
+    with DeferredInterrupt() as interrupt, _lock(run, log):
         trainer = MetaTrainer(config, data=data, inner_optimizer=inner_optimizer)
         return trainer._train_locked(run, interrupt, resume=resume, progress=progress, log=log,
                                      stop_after=stop_after)

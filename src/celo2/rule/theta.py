@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -724,6 +725,41 @@ def load_theta(source: "str | os.PathLike[str] | Theta | Mapping[str, Any] | Non
     return _load_file(path)
 
 
+#: One part (owner or name) of a Hub repository id: letters, digits, '-', '_', '.'; no '-' or '.' at
+#: either end; at most 96 characters in all.
+_HUB_ID_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+
+
+def _parse_hub_url(url: str) -> tuple[str, str, str | None]:
+    """``hf://owner/repo[/path/in/repo][@revision]`` -> ``(repo_id, filename, revision)``, checked offline.
+
+    Raises:
+        ThetaError: the URL is malformed, the repository id is not a valid Hub id, or the
+            revision after ``@`` is empty; the message names the part that is wrong.
+    """
+    usage = "expected hf://owner/repo[/file][@revision]"
+    rest = url[len("hf://"):]
+    revision = None
+    if "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+        if not revision.strip():
+            raise ThetaError(f"{url}: the revision after '@' is empty; {usage} (a branch, tag or commit), "
+                             "or leave out '@' for the default branch")
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 2:
+        raise ThetaError(f"{url}: {usage}")
+    repo_id = "/".join(parts[:2])
+    bad = next((p for p in parts[:2] if not _HUB_ID_PART.match(p) or "--" in p or ".." in p), None)
+    if bad is not None or len(repo_id) > 96 or repo_id.endswith(".git"):
+        why = f"{bad!r} is not a valid owner or repository name" if bad is not None else "too long or ends in .git"
+        raise ThetaError(
+            f"{url}: {repo_id!r} is not a valid Hugging Face repository id ({why}: letters, digits, '-', '_' and "
+            "'.', not starting or ending with '-' or '.', no '--' or '..', at most 96 characters); "
+            f"{usage}")
+    filename = "/".join(parts[2:]) or _HF_DEFAULT_FILENAME
+    return repo_id, filename, revision
+
+
 def _download_from_hub(url: str) -> str:
     """Fetch ``hf://owner/repo[/path/in/repo][@revision]`` with huggingface_hub; the local path of the file.
 
@@ -737,15 +773,7 @@ def _download_from_hub(url: str) -> str:
             (no such repository, file or revision), or no network and the file is not cached.
             The message says how to get the file.
     """
-    rest = url[len("hf://"):]
-    revision = None
-    if "@" in rest:
-        rest, revision = rest.rsplit("@", 1)
-    parts = [p for p in rest.split("/") if p]
-    if len(parts) < 2:
-        raise ThetaError(f"{url}: expected hf://owner/repo[/file][@revision]")
-    repo_id = "/".join(parts[:2])
-    filename = "/".join(parts[2:]) or _HF_DEFAULT_FILENAME
+    repo_id, filename, revision = _parse_hub_url(url)
     try:
         import huggingface_hub
         from huggingface_hub import constants
