@@ -9,6 +9,7 @@ identical for a given Python version.
 It is kept apart from the bench's text corpus (:mod:`celo2.data.text`, the reference
 manual's topics in ``pydoc_data``): the ``pydoc_data`` package is never read, and a
 docstring that shares any :data:`OVERLAP_WINDOW`-byte passage with the bench's corpus
+(checked together with the bytes before it, as passages may span docstrings)
 is dropped, so the meta-training text holds no passage of the bench's of
 ``OVERLAP_WINDOW + OVERLAP_STRIDE - 1`` bytes or more. Test packages (``test``,
 ``tests``, ``idle_test``) and ``site-packages`` are skipped.
@@ -126,21 +127,21 @@ def shares_a_bench_passage(text: bytes) -> bool:
 @functools.lru_cache(maxsize=4)
 def _corpus(split: str, max_bytes: int) -> bytes:
     seen: set[str] = set()
-    parts: list[bytes] = []
-    total = 0
+    out = bytearray()
+    separator = _SEPARATOR.encode()
     for _, path in stdlib_sources(split):
         for doc in docstrings_of_source(path.read_bytes()):
             if doc in seen:
                 continue
             seen.add(doc)
-            encoded = doc.encode("utf-8")
-            if shares_a_bench_passage(encoded):
+            piece = (separator if out else b"") + doc.encode("utf-8")
+            # A passage may span docstrings: check the piece with the bytes before it.
+            if shares_a_bench_passage(bytes(out[-(OVERLAP_WINDOW - 1):]) + piece):
                 continue
-            parts.append(encoded)
-            total += len(encoded) + len(_SEPARATOR)
-            if total >= max_bytes:
-                return _SEPARATOR.encode().join(parts)[:max_bytes]
-    return _SEPARATOR.encode().join(parts)
+            out += piece
+            if len(out) >= max_bytes:
+                return bytes(out[:max_bytes])
+    return bytes(out)
 
 
 def load_docstring_corpus(split: str = "train", max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:

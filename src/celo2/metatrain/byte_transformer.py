@@ -80,7 +80,8 @@ class ByteTransformer(TaskModel):
             return ("normal", 1.0 / math.sqrt(shape[1]))  # unit-RMS rows
         return ("normal", 1.0 / math.sqrt(shape[0]))
 
-    def loss(self, params, x, y):
+    def logits(self, params, x):
+        """Next-byte logits ``(B, T, 256)`` of windows ``x`` ``(B, T)``; position ``j`` sees bytes ``<= j`` only."""
         import jax
         import jax.numpy as jnp
 
@@ -98,8 +99,10 @@ class ByteTransformer(TaskModel):
             h = h + mixed @ params[f"l{i}_proj"]
             m = jax.nn.gelu(layer_norm(h, params[f"l{i}_ln2"]) @ params[f"l{i}_fc"])
             h = h + m @ params[f"l{i}_out"]
-        logits = layer_norm(h, params["ln_f"]) @ params["head"]
-        return softmax_cross_entropy(logits, y)
+        return layer_norm(h, params["ln_f"]) @ params["head"]
+
+    def loss(self, params, x, y):
+        return softmax_cross_entropy(self.logits(params, x), y)
 
     def check_data(self, family, X, y, *, image_size, num_classes):
         X, y = np.asarray(X), np.asarray(y)

@@ -16,7 +16,8 @@ from celo2.metatrain.task_models import TaskError, TaskModel, check_image_classi
 
 
 def conv2d_same(x, kernel, stride: int):
-    """A 'same'-padded 2-D convolution of ``x`` ``(B, H, W, C)`` with ``kernel`` ``(k, k, C, D)``.
+    """A 2-D convolution of ``x`` ``(B, H, W, C)`` with ``kernel`` ``(k, k, C, D)``, zero-padded by ``k // 2``
+    on every side (PyTorch's ``padding=k // 2``; with stride 1 the output keeps the input's size).
 
     Args:
         x: The input, channels last.
@@ -39,7 +40,7 @@ def conv2d_same(x, kernel, stride: int):
 
 @dataclass(frozen=True)
 class ImageConvNet(TaskModel):
-    """ReLU conv layers (3x3, 'same', each with its stride), global average pooling, a linear head.
+    """ReLU conv layers (3x3, padded by 1, each with its stride), global average pooling, a linear head.
 
     Parameters ``conv{i}`` ``(k, k, C_in, C_out)`` with biases ``conv{i}_b``, then ``head``
     ``(C_last, num_classes)`` and ``head_b``. Routing is the Celo2 harness's default (conv
