@@ -8,9 +8,9 @@ identical for a given Python version.
 
 It is kept apart from the bench's text corpus (:mod:`celo2.data.text`, the reference
 manual's topics in ``pydoc_data``): the ``pydoc_data`` package is never read, and a
-docstring that shares any :data:`OVERLAP_WINDOW`-byte passage with the bench's corpus
-(checked together with the bytes before it, as passages may span docstrings)
-is dropped, so the meta-training text holds no passage of the bench's of
+docstring that would bring in one of the bench corpus's :data:`OVERLAP_WINDOW`-byte passages
+starting at a multiple of :data:`OVERLAP_STRIDE` (checked together with the bytes before it,
+as passages may span docstrings) is dropped, so the meta-training text holds no passage of the bench's of
 ``OVERLAP_WINDOW + OVERLAP_STRIDE - 1`` bytes or more. Test packages (``test``,
 ``tests``, ``idle_test``) and ``site-packages`` are skipped.
 

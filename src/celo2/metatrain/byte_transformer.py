@@ -51,8 +51,6 @@ class ByteTransformer(TaskModel):
     context: int = 32
     mlp_ratio: int = 4
 
-    name = "byte-transformer"
-
     def __post_init__(self):
         for key in ("width", "layers", "heads", "context", "mlp_ratio"):
             if int(getattr(self, key)) < 1:

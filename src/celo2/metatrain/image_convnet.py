@@ -56,8 +56,6 @@ class ImageConvNet(TaskModel):
     strides: tuple[int, ...] = (2, 2)
     kernel: int = 3
 
-    name = "image-convnet"
-
     def __post_init__(self):
         if len(self.channels) != len(self.strides) or not self.channels:
             raise TaskError(f"ImageConvNet: channels {self.channels} and strides {self.strides} "

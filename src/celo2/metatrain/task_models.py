@@ -62,8 +62,6 @@ class TaskModel:
     other matrices and conv kernels to the learned rule).
     """
 
-    name = "model"
-
     def shapes(self, config: Any, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Parameter shapes by name.
 
@@ -221,8 +219,6 @@ class ImageMLP(TaskModel):
     Every weight matrix (the output layer included) gets the learned rule and the biases
     AdamW, as in the published meta-training.
     """
-
-    name = "image-mlp"
 
     def shapes(self, config, input_shape):
         return mlp_shapes(int(np.prod(input_shape)), tuple(config.hidden_sizes), config.num_classes)
