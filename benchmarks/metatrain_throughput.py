@@ -1,4 +1,8 @@
-"""Meta-training throughput: inner steps per second of PES with the Celo2 rule on the 64-32-10 task.
+"""Meta-training throughput: inner steps per second of PES with the Celo2 rule, per task model.
+
+``--model mlp`` (default) is the published 64-32-10 image MLP; ``--model conv`` the small
+conv net of the ``conv-*`` families; ``--model transformer`` the tiny causal byte
+transformer of ``text-docstrings`` (:mod:`celo2.metatrain.tasks`).
 
 Inner steps are counted as the spec counts them: per outer iteration,
 tasks x pairs x 2 x truncation length (3,200 for the published recipe).
@@ -8,9 +12,10 @@ gradient, outer AdamW) after compilation and reports the median of several.
     python benchmarks/metatrain_throughput.py                   # paper sizes, one device per core
     python benchmarks/metatrain_throughput.py --devices 1       # everything on one host device
     python benchmarks/metatrain_throughput.py --data-dir DATA   # real MNIST/F-MNIST + built-ins
+    python benchmarks/metatrain_throughput.py --model transformer --tasks 1 --pairs 4 --batch-size 16
 
-Without ``--data-dir`` the four tasks read random 8x8 images (the cost of an
-inner step does not depend on the pixels). Wall-clock figures depend on
+Without ``--data-dir`` the tasks read random 8x8 images or random bytes (the cost of an
+inner step does not depend on the values). Wall-clock figures depend on
 what else runs on the machine; CPU time is printed too.
 """
 
@@ -34,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"host devices to shard particles over (default: one per core, {cores} here, "
                          "as 'celo2 meta-train' does)")
     ap.add_argument("--inner-optimizer", default="celo2", help="celo2 (default), celo2-base, adam")
-    ap.add_argument("--data-dir", default=None, help="use mnist, fashion-mnist, digits, synthetic from here")
+    ap.add_argument("--data-dir", default=None, help="use mnist, fashion-mnist, digits, synthetic from here "
+                    "(--model mlp only)")
+    ap.add_argument("--model", choices=("mlp", "conv", "transformer"), default="mlp",
+                    help="task model: the image MLP (default), the conv-* families' conv net, or "
+                         "text-docstrings' byte transformer")
+    ap.add_argument("--tasks", type=int, default=4, help="task families (random data; default 4)")
+    ap.add_argument("--batch-size", type=int, default=64, help="inner batch size (default 64)")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary")
     args = ap.parse_args(argv)
 
@@ -46,22 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from celo2.metatrain import TaskData, TaskFamily, preset, register_task_family
+    from celo2.metatrain.task_models import ImageMLP
+    from celo2.metatrain.tasks import CONV_NET, DOCSTRING_TRANSFORMER
     from celo2.metatrain.trainer import MetaTrainer
 
+    model = {"mlp": ImageMLP(), "conv": CONV_NET, "transformer": DOCSTRING_TRANSFORMER}[args.model]
     if args.data_dir:
+        if args.model != "mlp":
+            ap.error("--data-dir goes with --model mlp")
         tasks = ("mnist", "fashion-mnist", "digits", "synthetic")
         data = None
     else:
         rng = np.random.default_rng(0)
-        tasks = tuple(f"bench-random-{i}" for i in range(4))
+        tasks = tuple(f"bench-random-{args.model}-{i}" for i in range(args.tasks))
         for name in tasks:
-            register_task_family(TaskFamily(name, lambda root, size: (None, None)), replace=True)
-        n = 10_000
-        data = TaskData(tasks, rng.random((4, n, 64), dtype=np.float32),
-                        rng.integers(0, 10, (4, n)).astype(np.int32), np.full(4, n, np.int32))
+            register_task_family(TaskFamily(name, lambda root, size: (None, None), model=model), replace=True)
+        n, t = 10_000, args.tasks
+        if args.model == "transformer":
+            shape = (t, n, DOCSTRING_TRANSFORMER.context)
+            X = rng.integers(0, 256, shape).astype(np.uint8)
+            y = rng.integers(0, 256, shape).astype(np.uint8)
+        else:
+            X = rng.random((t, n, 64), dtype=np.float32)
+            y = rng.integers(0, 10, (t, n)).astype(np.int32)
+        data = TaskData(tasks, X, y, np.full(t, n, np.int32))
     config = preset("paper", tasks=tasks, data_dir=args.data_dir, pairs_per_task=args.pairs,
                     truncation_length=args.truncation, min_unroll_length=max(100, args.truncation),
-                    inner_optimizer=args.inner_optimizer)
+                    inner_optimizer=args.inner_optimizer, batch_size=args.batch_size)
     trainer = MetaTrainer(config, data=data)
     state = trainer.init_state()
     t0 = time.perf_counter()
@@ -86,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "compile_s": round(compile_s, 1),
         "devices": trainer.num_devices,
         "inner_optimizer": args.inner_optimizer,
+        "model": repr(trainer.pes.model),
+        "parameters": int(sum(int(np.prod(s)) for s in trainer.pes.shapes.values())),
+        "batch_size": args.batch_size,
         "pairs_per_task": args.pairs,
         "truncation_length": args.truncation,
         "tasks": list(tasks),

@@ -46,7 +46,7 @@ def jitted_iteration(pes, mesh, inner_optimizer) -> Callable:
     cfg = pes.config.to_dict()
     key = (
         json.dumps({k: v for k, v in cfg.items() if k not in _NOT_COMPILED}, sort_keys=True),
-        pes.num_tasks, pes.in_dim, id(inner_optimizer) if inner_optimizer is not None else None,
+        pes.num_tasks, pes.in_dim, repr(pes.model), id(inner_optimizer) if inner_optimizer is not None else None,
         None if mesh is None else tuple(d.id for d in mesh.devices.flat),
     )
     if key not in _STEP_CACHE:

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from celo2.metatrain.config import MetaTrainConfig
-from celo2.metatrain.tasks import mlp_init_from_uniform, mlp_loss, mlp_num_weights, mlp_shapes
+from celo2.metatrain.task_models import ImageMLP, TaskModel
+from celo2.metatrain.tasks import model_of_families
 from celo2.rule import spec
 
 PARTICLE_AXIS = "particles"
@@ -126,18 +127,22 @@ def particle_mesh(devices: list, groups: int) -> "jax.sharding.Mesh | None":
 
 
 # --- inner optimisers -------------------------------------------------------------
-def _mlp_labels(params):
-    # As in the published meta-training: every weight matrix (the output layer
-    # included) gets the learned rule, biases get AdamW.
-    return {k: ("celo2" if k.startswith("w") else "adam") for k in params}
-
-
-def default_inner_optimizer(config: MetaTrainConfig) -> InnerOptimizerFactory:
+def default_inner_optimizer(config: MetaTrainConfig, model: TaskModel | None = None) -> InnerOptimizerFactory:
     """The inner optimiser of the config as a function of (perturbed) theta.
 
     ``celo2`` and ``celo2-base`` are the JAX front end (:mod:`celo2.optax`),
-    called with a traced theta inside the vectorised unroll.
+    called with a traced theta inside the vectorised unroll; ``celo2`` routes
+    parameters by ``model.param_labels`` (default: the image MLP's, every
+    weight matrix to the learned rule, as in the published meta-training).
+
+    Args:
+        config: The run's configuration (``inner_optimizer``, ``inner_lr``, ...).
+        model: The task model whose parameters are stepped.
+
+    Returns:
+        ``factory(theta_tree) -> optax.GradientTransformation``.
     """
+    labels = (model if model is not None else ImageMLP()).param_labels
     name = config.inner_optimizer
     lr, wd, mult = config.inner_lr, config.inner_weight_decay, config.adam_lr_mult
     if name == "adam":
@@ -152,25 +157,38 @@ def default_inner_optimizer(config: MetaTrainConfig) -> InnerOptimizerFactory:
     # XLA's formulation (cpu_kernels=False): it batches over the particles under vmap,
     # where a custom call would run once per particle.
     return lambda theta: co.celo2(lr, weight_decay=wd, adam_lr_mult=mult, theta=theta,
-                                  orthogonalize=True, param_labels=_mlp_labels, cpu_kernels=False)
+                                  orthogonalize=True, param_labels=labels, cpu_kernels=False)
 
 
 # --- the engine ---------------------------------------------------------------------
 class PES:
-    """Pure functions of one meta-training configuration: ``init`` and ``iteration``."""
+    """Pure functions of one meta-training configuration: ``init`` and ``iteration``.
+
+    Args:
+        config: The run's configuration.
+        num_tasks: Task families of the run.
+        inner_optimizer: ``theta_tree -> optax.GradientTransformation`` in place of the config's.
+        in_dim: Length of one (flat) input example (default: the model's, from the config).
+        model: The task model (default: that of ``config.tasks``' families).
+        input_shape: Shape of one input example, for models of non-flat inputs (overrides ``in_dim``).
+    """
 
     def __init__(self, config: MetaTrainConfig, num_tasks: int,
                  inner_optimizer: InnerOptimizerFactory | None = None,
-                 in_dim: int | None = None):
+                 in_dim: int | None = None, *, model: TaskModel | None = None,
+                 input_shape: tuple[int, ...] | None = None):
         self.config = config
         self.num_tasks = num_tasks
         self.K = config.pairs_per_task
         self.num_pairs = num_tasks * self.K
         self.P = 2 * self.num_pairs
-        self.in_dim = in_dim or config.image_size ** 2
-        self.shapes = mlp_shapes(self.in_dim, tuple(config.hidden_sizes), config.num_classes)
-        self.num_layers = len(config.hidden_sizes) + 1
-        self.factory = inner_optimizer or default_inner_optimizer(config)
+        self.model = model if model is not None else model_of_families(config.tasks)
+        if input_shape is None:
+            input_shape = (in_dim,) if in_dim else self.model.input_shape(config)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.in_dim = math.prod(self.input_shape)
+        self.shapes = self.model.shapes(config, self.input_shape)
+        self.factory = inner_optimizer or default_inner_optimizer(config, self.model)
         self.outer = optax.adamw(
             config.outer_lr, b1=config.outer_b1, b2=config.outer_b2,
             eps=config.outer_eps, weight_decay=config.outer_weight_decay,
@@ -188,7 +206,7 @@ class PES:
         """
         c = self.config
         names = sorted(self.shapes)
-        n_w = mlp_num_weights(self.shapes)
+        n_w = self.model.num_init_uniforms(self.shapes)
         if c.augmentation == "parameter":
             scale_sizes = [int(np.prod(self.shapes[n])) for n in names]
         elif c.augmentation == "tensor":
@@ -199,7 +217,7 @@ class PES:
             scale_sizes = []
         n_s = sum(scale_sizes)
         u = jax.random.uniform(key, (n_w + n_s + 1,), jnp.float32)
-        weights = mlp_init_from_uniform(u[:n_w], self.shapes)
+        weights = self.model.init_from_uniform(u[:n_w], self.shapes)
         lo, hi = math.log(c.reparam_scale_min), math.log(c.reparam_scale_max)
         s = jnp.exp(lo + (hi - lo) * u[n_w:n_w + n_s])
         if c.augmentation == "none":
@@ -270,7 +288,7 @@ class PES:
         """
         c = self.config
         T, B = c.truncation_length, c.batch_size
-        num_layers, factory = self.num_layers, self.factory
+        model, factory = self.model, self.factory
         fresh = jax.vmap(self._draw_run)(fresh_keys, theta_p)
         idx = jax.vmap(lambda k, n: jax.random.randint(k, (T, B), 0, n))(data_keys, sizes[task])
         idx = jnp.swapaxes(idx, 0, 1)  # (T, n, B): scanned over T
@@ -283,7 +301,7 @@ class PES:
             xb, yb = X[t_idx, b_idx], y[t_idx, b_idx]
 
             def loss_fn(stored):
-                return mlp_loss({n: stored[n] * run.scale[n] for n in stored}, xb, yb, num_layers)
+                return model.loss({n: stored[n] * run.scale[n] for n in stored}, xb, yb)
 
             loss, grad = jax.value_and_grad(loss_fn)(run.params)
             updates, opt_state = opt.update(grad, run.opt_state, run.params)
