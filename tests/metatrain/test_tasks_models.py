@@ -143,7 +143,7 @@ def test_the_compiled_iteration_is_not_shared_between_models():
 def test_a_few_outer_iterations_of_meta_training_on_a_new_family(tasks, tiny_text_family, tmp_path):
     from celo2 import Theta
     from celo2.metatrain import meta_train
-    from celo2.metatrain.family_presets import BYTE_META_LOSS_CLIP
+    from celo2.metatrain.config import BYTE_META_LOSS_CLIP
     from celo2.metatrain.trainer import read_metrics
 
     clip = BYTE_META_LOSS_CLIP if tasks == ("test-text-tiny",) else SMOKE.meta_loss_clip

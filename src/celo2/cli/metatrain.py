@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="*", metavar="plot RUN_DIR | score THETA",
                    help="'plot RUN_DIR' draws RUN_DIR's meta-loss curve; 'score THETA [THETA ...]' scores "
                         "thetas ('shipped', LABEL=PATH or PATH) on the meta-loss; neither: train")
-    p.add_argument("--preset", default=None, help="paper, cpu (default), cpu-photos or smoke")
+    p.add_argument("--preset", default=None, help="paper, cpu (default), cpu-photos, cpu-text, cpu-conv or smoke")
     p.add_argument("--tasks", default=None,
                    help="comma-separated task families, e.g. mnist,fashion-mnist,digits,synthetic")
     p.add_argument("--data-dir", default=None, help="dataset folder (else $CELO2_DATA_DIR)")
