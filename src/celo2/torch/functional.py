@@ -27,6 +27,7 @@ use ``backend="torch"``) keeps ``"auto"`` off the Numba kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -104,6 +105,14 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+_AUTO: dict[tuple[bool, bool], tuple[Backend, ...]] = {
+    (cuda, cpu_kernels_on): ((triton_backend.BACKEND,) if cuda else ()) + ((numba_backend.BACKEND,) if cpu_kernels_on
+                                                                           else ()) + (chunked.BACKEND,)
+    for cuda in (False, True) for cpu_kernels_on in (False, True)}
+"""``backend="auto"``'s order by (CUDA tensor, :data:`USE_CPU_KERNELS`): Triton for CUDA tensors, the Numba
+kernels while they are on, the chunked path last."""
+
+
 def candidates(backend: str, param: torch.Tensor) -> tuple[Backend, ...]:
     """The backends tried in order for ``param`` under ``backend=`` (see the module doc).
 
@@ -116,10 +125,7 @@ def candidates(backend: str, param: torch.Tensor) -> tuple[Backend, ...]:
     """
     if backend != "auto":
         return _REQUESTED[backend]
-    tried = (triton_backend.BACKEND,) if param.device.type == "cuda" else ()
-    if USE_CPU_KERNELS:
-        tried += (numba_backend.BACKEND,)
-    return tried + (chunked.BACKEND,)
+    return _AUTO[(param.device.type == "cuda", USE_CPU_KERNELS)]
 
 
 def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> Backend:
@@ -134,7 +140,10 @@ def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param
     Returns:
         A :class:`celo2.torch.backends.Backend`.
     """
-    return next(b for b in candidates(backend, param) if b.takes(state, grad, param))
+    for b in candidates(backend, param):
+        if b.takes(state, grad, param):
+            return b
+    raise AssertionError("the chunked path takes every tensor")
 
 
 def resolve(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> str:
@@ -164,6 +173,19 @@ def checked_on_host(backend: str, param: torch.Tensor) -> bool:
     device_backend = backend in ("torch", "triton")
     return param.device.type == "cpu" and not torch.compiler.is_compiling() and not device_backend \
         and USE_CPU_KERNELS
+
+
+@functools.lru_cache(maxsize=16)
+def _ns_dtype_name_cached(ns_dtype: str | torch.dtype) -> str:
+    return ns_dtype_name(ns_dtype)
+
+
+def _checked_ns_dtype(ns_dtype: str | torch.dtype) -> str:
+    """:func:`celo2.hardware.ns_dtype_name`, once per hashable value (it is checked on every step)."""
+    try:
+        return _ns_dtype_name_cached(ns_dtype)
+    except TypeError:  # unhashable: checked uncached, and refused there
+        return ns_dtype_name(ns_dtype)
 
 
 def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool) -> bool:
@@ -196,7 +218,7 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
         ValueError: An unknown ``backend`` or ``ns_dtype`` (before ``state`` is written).
     """
     check_backend(backend)
-    ns_dtype_name(ns_dtype)
+    _checked_ns_dtype(ns_dtype)
     if param.numel() == 0:
         return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
     b = pick(backend, state, grad, param)
@@ -257,7 +279,7 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
     """
     check_backend(backend)
     spec.check_nonfinite_policy(nonfinite)
-    ns_dtype_name(ns_dtype)
+    _checked_ns_dtype(ns_dtype)
     skip = nonfinite == "skip"
     if skip and counters is None:
         raise ValueError("celo2(): nonfinite='skip' needs counters (one 0-d integer tensor per parameter)")

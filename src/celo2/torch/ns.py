@@ -34,9 +34,9 @@ whole batch, so large groups are cut into several batches. A matrix larger
 than this is a batch of its own."""
 
 CPU_BATCH_MEMBER_ELEMENTS: int = 1 << 15
-"""On the CPU, only matrices up to this many elements are stacked: batched products pay there
-for small matrices (per-call overhead, 2-6x for 64x64 in bfloat16), while from about 64K elements
-on one ``mm`` per matrix ran 10-30% faster than ``bmm`` on a batch (oneDNN, 2-core Xeon)."""
+"""On the CPU, only matrices up to this many elements are stacked: batched products pay there for
+small matrices (per-call overhead), while larger ones run faster as one ``mm`` per matrix than as
+a ``bmm`` on a batch (see docs/performance.md)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -92,7 +92,7 @@ def _auto_name(device_type: str, index: Optional[int]) -> str:
 
 def _column_blocks(x: torch.Tensor) -> int:
     """Columns per block of the in-place update, or 0 for one product: float32 on the CPU only
-    (in bfloat16 the chain runs on a copy anyway, and the blocks cost about 25% there)."""
+    (in bfloat16 the chain runs on a copy anyway, and the blocks cost time there)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() <= NS_INPLACE_MIN
             or torch.compiler.is_compiling()):
         return 0
@@ -107,7 +107,7 @@ def _chain_(x: torch.Tensor) -> torch.Tensor:
     is ``x``, two Gram-sized matrices and one more ``x``. On the CPU a large
     ``x`` is updated a quarter of its columns at a time instead (column ``j``
     of ``poly @ x`` depends on column ``j`` of ``x`` only), which drops the
-    last term to a quarter of ``x`` (eighths measured 9% slower).
+    last term to a quarter of ``x`` (smaller blocks trade time for little memory).
     """
     a, b, c = spec.NS_COEFFS
     batched = x.ndim == 3
