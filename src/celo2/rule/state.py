@@ -17,6 +17,7 @@ a per-element second moment in ``fac_r`` and an empty ``fac_c``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
 from celo2.rule import spec
@@ -35,7 +36,7 @@ def work_shape(shape: Sequence[int]) -> tuple[int, ...]:
     Returns:
         ``shape`` as a tuple of ints, ``(1,)`` for a 0-D shape.
     """
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(shape)
     return shape if shape else (1,)
 
 
@@ -99,11 +100,16 @@ def state_shapes(shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         for a factored tensor; ``fac_r`` ``(3, *shape)`` and ``fac_c`` ``(3, 0)``
         for a vector.
     """
-    shape = work_shape(shape)
+    return dict(_state_shapes(work_shape(shape)))
+
+
+@lru_cache(maxsize=1024)
+def _state_shapes(shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """:func:`state_shapes` as pairs, cached: front ends check state shapes on every step."""
     k = len(spec.FACTORED_DECAYS)
     f = factoring(shape)
     if f is None:
         fac_r, fac_c = (k, *shape), (k, 0)
     else:
         fac_r, fac_c = (k, *f.row_shape(shape)), (k, *f.col_shape(shape))
-    return {"m": (len(spec.MOMENTUM_DECAYS), *shape), "v": shape, "fac_r": fac_r, "fac_c": fac_c}
+    return (("m", (len(spec.MOMENTUM_DECAYS), *shape)), ("v", shape), ("fac_r", fac_r), ("fac_c", fac_c))
