@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celo2.optax import celo2, rule
-from celo2.optax.rule import theta_to_jax
+from celo2.optax import celo2
+from celo2.optax import functional as rule
+from celo2.optax.functional import theta_to_jax
 
 # (shape, orthogonalize): Newton-Schulz is checked on one matrix only, the
 # reference-step tests cover it further; each case is one compile.
