@@ -19,6 +19,8 @@ scratch that of the largest tensor alone.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,12 +61,23 @@ def _rank1_terms(theta: ThetaTree, state: TensorState, f: Factoring, axes: tuple
     return terms
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _sums_of_squares(xs: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
-    """``sum(x^2)`` over ``axes`` (kept) for every channel, as one variadic reduction."""
+    """``sum(x^2)`` over ``axes`` (kept) for every channel, as one variadic reduction.
+
+    Its derivative is stated (:func:`_sums_of_squares_jvp`): JAX's rule for a
+    variadic reduction fails when some operands have no tangent (channels
+    that do not depend on what is differentiated)."""
     squares = tuple(jnp.square(x) for x in xs)
     zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
     sums = jax.lax.reduce(squares, zeros, lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)), axes)
     return [jnp.expand_dims(s, axes) for s in sums]
+
+
+@_sums_of_squares.defjvp
+def _sums_of_squares_jvp(axes: tuple[int, ...], primals: tuple, tangents: tuple) -> tuple[list, list]:
+    (xs,), (dxs,) = primals, tangents
+    return _sums_of_squares(xs, axes), [jnp.sum(2.0 * x * dx, axis=axes, keepdims=True) for x, dx in zip(xs, dxs)]
 
 
 def xla_tensor_step(
