@@ -11,7 +11,7 @@ class JaxRule:
     def __init__(self, theta):
         import jax.numpy as jnp
 
-        from celo2.optax import rule
+        from celo2.optax import functional as rule
 
         import jax
 

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from celo2.optax import celo2, celo2_base, cpu_ffi, rule
-from celo2.optax.rule import theta_to_jax
+from celo2.optax import celo2, celo2_base, cpu_ffi
+from celo2.optax import functional as rule
+from celo2.optax.functional import theta_to_jax
 
 pytestmark = pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="numba is not installed: no CPU kernels for JAX")
 

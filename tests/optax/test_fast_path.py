@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celo2.optax import celo2, rule
-from celo2.optax.rule import theta_to_jax
+from celo2.optax import celo2
+from celo2.optax import functional as rule
+from celo2.optax.functional import theta_to_jax
 
 # (shape, orthogonalize): Newton-Schulz is checked on one matrix only, the
 # reference-step tests cover it further; each case is one compile.
@@ -47,6 +48,23 @@ def test_fast_step_equals_the_reference_formula(random_theta, shape, orthogonali
         param = param - 0.01 * expected
 
 
+@pytest.mark.parametrize("shape", [(24, 7), (6, 5, 3, 3)], ids=_ids)
+def test_fast_step_differentiates_like_the_reference_formula(random_theta, shape):
+    """A derivative through the XLA formulation (``cpu_kernels=False``) over the parameter alone, so
+    that most channels carry no tangent, is the reference formula's."""
+    theta = theta_to_jax(random_theta)
+    rng = np.random.default_rng(7)
+    param = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.5)
+    grad = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.1)
+    weights = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    state = rule.init_tensor_state(param)
+
+    def loss(fn, p):
+        return jnp.sum(weights * fn(theta, state, grad, p, False)[0])
+
+    got = jax.grad(lambda p: loss(rule.tensor_step, p))(param)
+    expected = jax.grad(lambda p: loss(rule.reference_tensor_step, p))(param)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-3, atol=1e-4)
 
 
 def test_fast_step_needs_far_less_scratch_than_the_reference(random_theta):

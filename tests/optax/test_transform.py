@@ -112,7 +112,7 @@ def test_scale_by_celo2_needs_params(random_theta):
 
 def test_traced_theta_works_inside_jit_and_grad(random_theta):
     """Meta-training differentiates or perturbs theta: it must be a traceable input."""
-    from celo2.optax.rule import theta_to_jax
+    from celo2.optax.functional import theta_to_jax
 
     params = {"w": jnp.ones((4, 3)) * 0.1}
     grads = {"w": jnp.arange(12.0).reshape(4, 3) / 10}

@@ -4,7 +4,8 @@ Non-finite policy (``nonfinite``) for ``celo2`` / ``celo2_base``, with the CPU
 kernels (checked inside the custom calls) and on XLA's formulation; zero-size
 tensors; float64 parameters (in a child interpreter with ``jax_enable_x64``);
 zero gradients; a mismatched state handed to the kernels (in a child: a crash
-fails the test).
+fails the test); half-precision parameters (float32 AdamW moments); float0
+gradients; derivatives asked through the CPU kernels.
 """
 
 from __future__ import annotations
@@ -176,6 +177,63 @@ def test_zero_gradients_still_move_parameters_by_about_lr(fn, zero_gradient_thet
 
 
 CHILD_CASES = ["float64_is_updated_in_float64", "kernels_refuse_a_mismatched_state"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_half_precision_adamw_keeps_float32_moments(dtype, nonfinite):
+    """The AdamW branch of ``celo2`` on half-precision parameters: its moments are float32 (a
+    gradient of 1e-5 squares to zero in float16), its updates are those of float32 parameters
+    (the oracle: the same run in float32), finite, in the parameters' dtype."""
+    params = {"bias": jnp.full((64,), 0.5, dtype), "w": jnp.full((8, 8), 0.5, dtype)}
+    grads = {n: jnp.full(p.shape, 1e-5, dtype) for n, p in params.items()}
+    wide = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    opt = co.celo2(5e-3, weight_decay=0.1, nonfinite=nonfinite, cpu_kernels=False)
+    state, oracle_state = opt.init(params), opt.init(wide(params))
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+               if "'bias'" in jax.tree_util.keystr(path) and leaf.ndim == 1]
+    assert moments and all(m.dtype == jnp.float32 for m in moments)
+    update = jax.jit(opt.update)
+    for _ in range(6):
+        updates, state = update(grads, state, params)
+        expected, oracle_state = update(wide(grads), oracle_state, wide(params))
+        assert updates["bias"].dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(updates["bias"])))
+        np.testing.assert_allclose(np.asarray(updates["bias"], np.float32), np.asarray(expected["bias"]),
+                                   rtol=1e-2, atol=1e-6)
+    # Adam's direction is about 1 per step for a constant gradient: 20 x 5e-3 x (1 + 0.1 x 0.5).
+    np.testing.assert_allclose(np.asarray(updates["bias"], np.float32), -0.105, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fn", list(FNS) + ["scale_by_celo2"])
+def test_float0_gradients_are_refused_naming_the_leaf(fn):
+    """``jax.grad(..., allow_int=True)`` gives integer parameters float0 gradients: a clear error
+    naming the leaf, before anything is computed."""
+    params = {"w": jnp.ones((4, 3)), "steps": jnp.zeros((3,), jnp.int32)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    assert grads["steps"].dtype == jax.dtypes.float0
+    opt = co.scale_by_celo2() if fn == "scale_by_celo2" else FNS[fn](1e-2)
+    state = opt.init(params)
+    with pytest.raises(TypeError, match=r"\['steps'\] is float0.*floating-point parameters only"):
+        opt.update(grads, state, params)
+
+
+@pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="no numba")
+@pytest.mark.parametrize("fn", list(FNS))
+def test_differentiating_through_the_kernels_names_cpu_kernels_false(fn):
+    """A derivative through an update on the CPU kernels (a custom call) says what to do;
+    with ``cpu_kernels=False`` the same derivative is computed."""
+    params = {"w": jnp.ones((6, 4)) * 0.3, "conv": jnp.ones((4, 3, 3, 3)) * 0.2, "b": jnp.ones((5,))}
+    grads = jax.tree_util.tree_map(lambda p: p * 0.1, params)
+
+    def moved(opt, params):
+        updates, _ = opt.update(grads, opt.init(params), params)
+        return sum(jnp.sum(u) for u in jax.tree_util.tree_leaves(optax.apply_updates(params, updates)))
+
+    with pytest.raises(TypeError, match="cpu_kernels=False"):
+        jax.grad(lambda p: moved(FNS[fn](1e-2, cpu_kernels=True), p))(params)
+    derivative = jax.grad(lambda p: moved(FNS[fn](1e-2, cpu_kernels=False), p))(params)
+    assert all(bool(jnp.all(jnp.isfinite(d))) for d in jax.tree_util.tree_leaves(derivative))
 
 
 @pytest.fixture(scope="module")

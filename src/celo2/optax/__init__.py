@@ -3,9 +3,17 @@
 ``celo2`` (the harness: learned rule + Newton-Schulz for matrices, AdamW for
 the rest), ``celo2_base`` (the learned rule on every tensor) and
 ``scale_by_celo2`` (the raw rule, to compose yourself), with the non-finite
-gradient policy's pieces and the routing helpers. The rule's per-tensor
-functions (``tensor_step``, ``newton_schulz``, ``theta_to_jax``, ...) are in
-:mod:`celo2.optax.rule`.
+gradient policy's pieces and the routing helpers.
+
+Modules, one job each: :mod:`~celo2.optax.transform` (the transformations),
+:mod:`~celo2.optax.nonfinite` (the non-finite policy's combinators),
+:mod:`~celo2.optax.functional` (the rule on one tensor: ``tensor_step``,
+``guarded_tensor_step``, ``reference_tensor_step``, ``theta_to_jax``, ...),
+:mod:`~celo2.optax.state` (``TensorState``, its shapes and shardings),
+:mod:`~celo2.optax.ns` (Newton-Schulz), :mod:`~celo2.optax.cpu_ffi` (the CPU
+kernels as XLA custom calls); privately ``_reference`` (the spec spelled
+out), ``_xla`` (XLA's fused formulation) and ``_cpu_kernels`` (the step
+through the custom calls).
 """
 
 from celo2.optax.transform import (

@@ -8,7 +8,9 @@ checked on the Python side (:mod:`celo2.optax.cpu_ffi`) before any call.
 
 Numba keys this file's cache on this file alone: after editing the kernels
 in :mod:`celo2.kernels.cpu` in a source checkout, touch this file (an
-install writes both anew).
+install writes both anew). The handlers only read XLA's buffers and call the
+kernels' pass sequences; the sequences themselves are the PyTorch front
+end's too.
 """
 
 from __future__ import annotations
@@ -43,17 +45,9 @@ STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
 API_VERSION_STRUCT_SIZE = 32  # XLA_FFI_Api_Version: 2 words, 2 ints
 API_MINOR = 1  # everything read here exists since FFI API 0.1
 
-MOMENTUM_W = kernels.MOMENTUM_W
 OVER_GRAD = kernels.OVER_GRAD
 NET_SIZE = layout.NET_SIZE
-# Where each array lies in the packed weights (frozen into the handlers by Numba).
-W_EL, W1, B1, W2, B2 = ((layout.SEGMENT[k].offset, layout.SEGMENT[k].stop) for k in ("w_el", "w1", "b1", "w2", "b2"))
-H = layout.SEGMENT["b0"].size
-W_EL_SHAPE = layout.SEGMENT["w_el"].shape
-
-matrix_step, vector_step, grouped, group_grad_stats = (kernels.matrix_step, kernels.vector_step, kernels.grouped,
-                                                       kernels.group_grad_stats)
-blocks = kernels.blocks_jit
+matrix_step, vector_step, conv_step = kernels.matrix_step, kernels.vector_step, kernels.conv_step
 nonfinite_blocks = kernels.nonfinite_blocks
 
 
@@ -127,13 +121,13 @@ def skipped(g, skip):  # noqa: ANN001, ANN201
 
 
 def _matrix(frame_address):  # noqa: ANN001, ANN202
-    """Operands: grad, param, m, v, fac_r, fac_c, [d0, skip] (int32), the packed net;
+    """Operands: grad, param, m, v, fac_r, fac_c, [rows_first, skip] (int32), the packed net;
     results: raw direction, m, v, fac_r, fac_c (aliasing grad and the state
     operands), sum of squares of the direction (1,). The pass sequence is
-    :func:`celo2.kernels.cpu.matrix_step`, the PyTorch front end's too; the
-    direction is written over the gradient, row by row. With ``skip`` set and
-    a non-finite gradient: a zero direction, the state untouched and a sum of
-    squares of -1 (the caller's flag)."""
+    :func:`celo2.kernels.cpu.matrix_step`, with the direction written over
+    the gradient, row by row. With ``skip`` set and a non-finite gradient: a
+    zero direction, the state untouched and a sum of squares of -1 (the
+    caller's flag)."""
     args, rets = call_buffers(frame_address, 8, 6)
     if args.size == 0:
         return as_pointer(0)
@@ -143,74 +137,54 @@ def _matrix(frame_address):  # noqa: ANN001, ANN202
     g = carray(buffer_data(rets[0]), (R, C), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (R, C), np.float32)
     flags = carray(buffer_data(args[6]), (2,), np.int32)
-    d0 = flags[0]
+    rows_first = flags[0] != 0
     net = carray(buffer_data(args[7]), (NET_SIZE,), np.float32)
     m = carray(buffer_data(rets[1]), (3, R, C), np.float32)
     v = carray(buffer_data(rets[2]), (R, C), np.float32)
-    # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
-    LR = R if d0 == 1 else C
-    LC = C if d0 == 1 else R
+    LR = R if rows_first else C
+    LC = C if rows_first else R
     fac_r = carray(buffer_data(rets[3]), (3, LR), np.float32)
     fac_c = carray(buffer_data(rets[4]), (3, LC), np.float32)
     sq_out = carray(buffer_data(rets[5]), (1,), np.float32)
     if skipped(g, flags[1]):
         sq_out[0] = np.float32(-1.0)
         return as_pointer(0)
-    sq = matrix_step(g, p, m, v, fac_r, fac_c, d0, net, OVER_GRAD, 1.0, 0.0,
+    sq = matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, OVER_GRAD, 1.0, 0.0,
                      np.empty((1, 1), np.float32))  # ``out`` is unused in mode OVER_GRAD
     sq_out[0] = np.float32(sq)
     return as_pointer(0)
 
 
 def _conv(frame_address):  # noqa: ANN001, ANN202
-    """Operands: grad, param (O, I, kh, kw), m (3, O, I, kh, kw), v, rf (3, O,
-    G), cf (3, I, G), term_r (8, O, G), term_c (8, I, G), [ok] (int32), the packed net
-    (``G`` = kh kw); results: raw direction (O, I, kh, kw), m, v (aliasing
-    grad and the state operands). The kernel views the row-major tensors as
-    (O, I, G). The PyTorch front end's ``grouped`` pass, in the same block
-    order, with the direction written over the gradient; with ``ok`` zero (a
-    skipped tensor), a zero direction and the state untouched."""
-    args, rets = call_buffers(frame_address, 10, 3)
+    """Operands: grad, param (O, I, kh, kw), m (3, O, I, kh, kw), v, fac_r,
+    fac_c (3, L, kh, kw), [rows_first, skip] (int32), the packed net;
+    results: raw direction (O, I, kh, kw), m, v, fac_r, fac_c (aliasing grad
+    and the state operands), and 0 (1,). The pass sequence is
+    :func:`celo2.kernels.cpu.conv_step` on the row-major tensors viewed as
+    (O, I, G = kh kw), with the direction written over the gradient. ``skip``
+    as in :func:`_matrix` (the last result then -1)."""
+    args, rets = call_buffers(frame_address, 8, 6)
     if args.size == 0:
         return as_pointer(0)
     O, I, G = window_dims(args[0])  # noqa: E741
     g = carray(buffer_data(rets[0]), (O, I, G), np.float32)  # grad's buffer, where the direction goes
     p = carray(buffer_data(args[1]), (O, I, G), np.float32)
-    rf = carray(buffer_data(args[4]), (3, O, G), np.float32)
-    cf = carray(buffer_data(args[5]), (3, I, G), np.float32)
-    term_r = carray(buffer_data(args[6]), (8, O, G), np.float32)
-    term_c = carray(buffer_data(args[7]), (8, I, G), np.float32)
-    net = carray(buffer_data(args[9]), (NET_SIZE,), np.float32)
+    flags = carray(buffer_data(args[6]), (2,), np.int32)
+    rows_first = flags[0] != 0
+    net = carray(buffer_data(args[7]), (NET_SIZE,), np.float32)
     m = carray(buffer_data(rets[1]), (3, O, I, G), np.float32)
     v = carray(buffer_data(rets[2]), (O, I, G), np.float32)
-    if carray(buffer_data(args[8]), (1,), np.int32)[0] == 0:
-        g.reshape(-1)[:] = np.float32(0.0)
+    LR = O if rows_first else I
+    LC = I if rows_first else O
+    fac_r = carray(buffer_data(rets[3]), (3, LR, G), np.float32)
+    fac_c = carray(buffer_data(rets[4]), (3, LC, G), np.float32)
+    flag_out = carray(buffer_data(rets[5]), (1,), np.float32)
+    if skipped(g, flags[1]):
+        flag_out[0] = np.float32(-1.0)
         return as_pointer(0)
-    W = net[W_EL[0]:W_EL[1]].reshape(W_EL_SHAPE).copy()
-    per, nblk = blocks(O)
-    # Contiguous copies: a slice types as any-layout, which the kernel's loops index more slowly.
-    grouped(0, nblk, g, p, m, v, MOMENTUM_W, rf, cf, term_r, term_c, W, net[W1[0]:W1[1]].copy().reshape(H, H),
-            net[B1[0]:B1[1]].copy(), net[W2[0]:W2[1]].copy(), net[B2[0]], OVER_GRAD, np.float32(1.0),
-            np.float32(0.0), per, np.empty((1, 1, 1), np.float32))
-    return as_pointer(0)
-
-
-def _conv_stats(frame_address):  # noqa: ANN001, ANN202
-    """Operand: grad (O, I, kh, kw); results: grad (aliasing the operand,
-    untouched), sums of ``clip(g)^2`` over I (O, kh, kw) and over O (I, kh,
-    kw): the PyTorch front end's ``group_grad_stats`` pass, in the same
-    block order."""
-    args, rets = call_buffers(frame_address, 1, 3)
-    if args.size == 0:
-        return as_pointer(0)
-    O, I, G = window_dims(args[0])  # noqa: E741
-    g = carray(buffer_data(args[0]), (O, I, G), np.float32)
-    row_sum = carray(buffer_data(rets[1]), (O, G), np.float32)
-    col_sum = carray(buffer_data(rets[2]), (I, G), np.float32)
-    per, nblk = blocks(O)
-    col_part = np.empty((nblk, I, G), np.float32)
-    group_grad_stats(0, nblk, g, per, row_sum, col_part)
-    col_sum[:, :] = col_part.sum(0)
+    conv_step(g, p, m, v, fac_r, fac_c, rows_first, net, OVER_GRAD, 1.0, 0.0,
+              np.empty((1, 1, 1), np.float32))  # ``out`` is unused in mode OVER_GRAD
+    flag_out[0] = np.float32(0.0)
     return as_pointer(0)
 
 
@@ -218,8 +192,8 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
     """Operands: grad, param (n,), m (3, n), v (n,), fac (3, n), [skip]
     (int32), the packed net; results: raw direction (n,), m, v, fac (aliasing
     grad and the state operands), sum of squares of the direction (1,). The
-    pass sequence is :func:`celo2.kernels.cpu.vector_step`, the PyTorch front
-    end's too. ``skip`` as in :func:`_matrix`."""
+    pass sequence is :func:`celo2.kernels.cpu.vector_step`. ``skip`` as in
+    :func:`_matrix`."""
     args, rets = call_buffers(frame_address, 7, 5)
     if args.size == 0:
         return as_pointer(0)
@@ -243,4 +217,3 @@ with kernels.no_interleave():  # the kernels' loops compile as ensure_compiled c
     matrix_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_matrix)
     conv_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv)
     vector_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_vector)
-    conv_stats_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv_stats)

@@ -1,163 +1,36 @@
-"""Celo2 as optax transformations, built from optax's own combinators."""
+"""Celo2 as optax transformations, built from optax's own combinators.
+
+:func:`scale_by_celo2` is the rule (like ``optax.scale_by_adam``);
+:func:`celo2` partitions the parameters between the rule and AdamW (like
+``optax.contrib.muon``), :func:`celo2_base` runs the rule on every tensor.
+The per-tensor step is :mod:`celo2.optax.functional`; the non-finite policy's
+combinators are :mod:`celo2.optax.nonfinite`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from celo2.hardware import ns_dtype_name, resolve_ns_dtype_name
+from celo2.optax import cpu_ffi
+from celo2.optax.functional import guarded_tensor_step, tensor_step
+from celo2.optax.nonfinite import (PerTensorSkipState, counters, nonfinite_steps, skip_nonfinite_per_tensor,
+                                   zero_skipped_updates)
+from celo2.optax.state import ScaleByCelo2State, init_tensor_state, theta_to_jax
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
-from celo2.optax.rule import (TensorState, finite, guarded_tensor_step, init_tensor_state, keep_if, tensor_step,
-                              theta_to_jax)
+
+__all__ = [
+    "scale_by_celo2", "celo2", "celo2_base", "ScaleByCelo2State", "PerTensorSkipState", "nonfinite_steps",
+    "skip_nonfinite_per_tensor", "zero_skipped_updates", "default_param_labels", "routing_table",
+]
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 ThetaLike = Union[Theta, Mapping[str, Any], str, None]
-
-
-class ScaleByCelo2State(NamedTuple):
-    """State of :func:`scale_by_celo2`.
-
-    Attributes:
-        count: Updates done (int32 scalar).
-        tensors: Per-parameter accumulators (a pytree shaped like the params).
-        nonfinite_steps: Per-parameter int32 counts of steps skipped for a non-finite
-            gradient (see :func:`nonfinite_steps`); ``None`` in a state made without them.
-    """
-
-    count: jax.Array
-    tensors: Any
-    nonfinite_steps: Any = None
-
-
-class PerTensorSkipState(NamedTuple):
-    """State of :func:`skip_nonfinite_per_tensor`.
-
-    Attributes:
-        inner: The inner transformation's state per tensor (a pytree shaped like the params,
-            one inner state at each leaf).
-        nonfinite_steps: Per-tensor int32 counts of skipped steps.
-    """
-
-    inner: Any
-    nonfinite_steps: Any
-
-
-def _counters(params: Any) -> Any:
-    return jax.tree_util.tree_map(lambda _: jnp.zeros([], jnp.int32), params)
-
-
-def zero_skipped_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``inner``, with the whole update of every tensor that ``inner`` skipped
-    for a non-finite gradient set to zero (weight decay and learning rate
-    included), so that ``optax.apply_updates`` leaves that parameter as it was.
-
-    A tensor counts as skipped when its counter in the first
-    :class:`ScaleByCelo2State` or :class:`PerTensorSkipState` of ``inner``'s
-    state went up in this update (so the gradient is not read again: on the
-    CPU kernels a second reader would make XLA copy it).
-
-    Args:
-        inner: A transformation whose state holds such counters (a chain
-            starting with ``scale_by_celo2(nonfinite="skip")`` or
-            :func:`skip_nonfinite_per_tensor`, say).
-
-    Returns:
-        A transformation with ``inner``'s state.
-
-    Raises:
-        ValueError: At the first update, if ``inner``'s state holds no counters.
-    """
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        out, new_state = inner.update(updates, state, params)
-        before, after = _first_counters(state), _first_counters(new_state)
-        if after is None:
-            raise ValueError("zero_skipped_updates: the inner transformation keeps no non-finite counters")
-        if before is None:  # a state made before the counters existed
-            before = jax.tree_util.tree_map(jnp.zeros_like, after)
-        out = jax.tree_util.tree_map(lambda u, a, b: jnp.where(a == b, u, jnp.zeros_like(u)), out, after, before)
-        return out, new_state
-
-    return optax.GradientTransformation(inner.init, update_fn)
-
-
-def _counting_nodes(state: Any) -> list:
-    """The :class:`ScaleByCelo2State` / :class:`PerTensorSkipState` nodes of a state, in tree order."""
-    counting = (ScaleByCelo2State, PerTensorSkipState)
-    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, counting))
-    return [n for n in nodes if isinstance(n, counting) and n.nonfinite_steps is not None]
-
-
-def _first_counters(state: Any) -> Any:
-    nodes = _counting_nodes(state)
-    return nodes[0].nonfinite_steps if nodes else None
-
-
-def skip_nonfinite_per_tensor(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``inner`` run on each tensor alone, with its own state, skipped on
-    tensors whose gradient holds a NaN or +-inf (policy ``"skip"``,
-    :data:`celo2.rule.spec.NONFINITE_POLICIES`): their update is zero and
-    their whole inner state (step count included) stays bitwise as it was.
-
-    Args:
-        inner: An elementwise transformation such as ``optax.scale_by_adam``
-            (each tensor gets its own state, so its step count advances only
-            on the steps it takes, as in PyTorch's AdamW).
-
-    Returns:
-        A transformation with :class:`PerTensorSkipState`.
-    """
-
-    def init_fn(params: Any) -> PerTensorSkipState:
-        return PerTensorSkipState(jax.tree_util.tree_map(inner.init, params), _counters(params))
-
-    def update_fn(updates: Any, state: PerTensorSkipState, params: Any = None) -> tuple[Any, PerTensorSkipState]:
-        flat_g, treedef = jax.tree_util.tree_flatten(updates)
-        flat_s = treedef.flatten_up_to(state.inner)
-        flat_n = treedef.flatten_up_to(state.nonfinite_steps)
-        flat_p = treedef.flatten_up_to(params) if params is not None else [None] * len(flat_g)
-        outs, states, counts = [], [], []
-        for g, s, n, p in zip(flat_g, flat_s, flat_n, flat_p):
-            ok = finite(g)
-            u, new = inner.update(g, s, p)
-            outs.append(jnp.where(ok, u, jnp.zeros_like(u)))
-            states.append(keep_if(ok, new, s))
-            counts.append(n + jnp.logical_not(ok).astype(jnp.int32))
-        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-        return unflat(outs), PerTensorSkipState(unflat(states), unflat(counts))
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def nonfinite_steps(state: Any) -> dict[str, int]:
-    """Steps skipped for a non-finite gradient, per tensor, read from any
-    optimizer state built here (:func:`celo2`, :func:`celo2_base`,
-    :func:`scale_by_celo2`, nested in chains or partitions).
-
-    Reads the counters to the host (it synchronises): call it for logging.
-
-    Args:
-        state: The optimizer state (``opt.init(params)``, then updated).
-
-    Returns:
-        Tensor path (``jax.tree_util.keystr`` of its place in the params) ->
-        count, summed over the transformations that count it; always 0 under
-        ``nonfinite="propagate"``.
-    """
-    counts: dict[str, int] = {}
-    for node in _counting_nodes(state):
-        for path, n in jax.tree_util.tree_leaves_with_path(node.nonfinite_steps):
-            key = _path_name(path)
-            counts[key] = counts.get(key, 0) + int(n)
-    return counts
-
-
-def _is_tensor_state(x: Any) -> bool:
-    return isinstance(x, TensorState)
 
 
 def scale_by_celo2(
@@ -226,6 +99,8 @@ def scale_by_celo2(
     traced = _is_traced_mapping(theta)
     theta_tree = theta_to_jax(theta) if not traced else dict(theta)
     use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
+    # Packed once for every tensor and update (a traced theta is packed in its own trace, at construction).
+    net = cpu_ffi.pack_theta(theta_tree) if use_kernels else None
     ns_name = ns_dtype_name(ns_dtype)
     if ns_name == "auto":
         ns_name = "float32" if traced else resolve_ns_dtype_name("auto", jax.default_backend())
@@ -235,17 +110,18 @@ def scale_by_celo2(
         return ScaleByCelo2State(
             count=jnp.zeros([], jnp.int32),
             tensors=jax.tree_util.tree_map(init_tensor_state, params),
-            nonfinite_steps=_counters(params),
+            nonfinite_steps=counters(params),
         )
 
     def update_fn(updates: Any, state: ScaleByCelo2State, params: Any = None) -> tuple[Any, ScaleByCelo2State]:
         if params is None:
             raise ValueError("scale_by_celo2 needs the parameters: call update(grads, state, params)")
+        _refuse_float0("scale_by_celo2", updates)
         flat_g, treedef = jax.tree_util.tree_flatten(updates)
         flat_p = treedef.flatten_up_to(params)
         flat_s = treedef.flatten_up_to(state.tensors)
-        counters = state.nonfinite_steps if state.nonfinite_steps is not None else _counters(updates)
-        flat_n = treedef.flatten_up_to(counters)
+        counts_before = state.nonfinite_steps if state.nonfinite_steps is not None else counters(updates)
+        flat_n = treedef.flatten_up_to(counts_before)
         outs, new_states, counts = [], [], []
         for g, p, s, n in zip(flat_g, flat_p, flat_s, flat_n):
             if g is None:
@@ -254,10 +130,10 @@ def scale_by_celo2(
                 counts.append(n)
                 continue
             if skip:
-                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns)
+                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net)
                 n = n + jnp.logical_not(ok).astype(jnp.int32)
             else:
-                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns)
+                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net)
             outs.append(direction)
             new_states.append(new)
             counts.append(n)
@@ -274,8 +150,6 @@ def scale_by_celo2(
 
 
 def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool) -> bool:
-    from celo2.optax import cpu_ffi
-
     if cpu_kernels is None:
         if not traced_theta:
             cpu_ffi.warn_unsupported_once()
@@ -393,16 +267,16 @@ def celo2(
         ))
     else:
         adam = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
-    return optax.partition(
+    return _refusing_float0("celo2", optax.partition(
         {
             routing.LEARNED: _learned(
                 scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
                                ns_dtype=ns_dtype),
                 weight_decay, learning_rate, nonfinite),
-            routing.ADAM: adam,
+            routing.ADAM: in_float32(adam),
         },
         labels,
-    )
+    ))
 
 
 def _learned(rule: optax.GradientTransformation, weight_decay: float, learning_rate: ScalarOrSchedule,
@@ -441,7 +315,65 @@ def celo2_base(
     (``jax_enable_x64``) is updated in float64.
     """
     rule = scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels, nonfinite=nonfinite)
-    return _learned(rule, weight_decay, learning_rate, nonfinite)
+    return _refusing_float0("celo2_base", _learned(rule, weight_decay, learning_rate, nonfinite))
+
+
+def _half(x: Any) -> bool:
+    """Whether ``x`` is a floating-point array narrower than float32 (float16, bfloat16)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` on float32 copies of the half-precision (float16, bfloat16)
+    leaves: its state is made from, and its arithmetic done on, float32
+    parameters and gradients, and its updates come back in each gradient's
+    own dtype. Other leaves pass as they are.
+
+    AdamW's second moment of a half-precision parameter would underflow in
+    its dtype (a gradient of 1e-5 squares to zero in float16, and the bias
+    correction then divides by it); the PyTorch front end keeps float32
+    moments too.
+
+    Args:
+        inner: An elementwise transformation (the AdamW branch of :func:`celo2`).
+
+    Returns:
+        A transformation with ``inner``'s state type.
+    """
+    up = lambda x: x.astype(jnp.float32) if _half(x) else x  # noqa: E731
+
+    def init_fn(params: Any) -> Any:
+        return inner.init(jax.tree_util.tree_map(up, params))
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        wide_params = None if params is None else jax.tree_util.tree_map(up, params)
+        out, state = inner.update(jax.tree_util.tree_map(up, updates), state, wide_params)
+        out = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype) if _half(g) else u, out, updates)
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _refuse_float0(name: str, updates: Any) -> None:
+    """Raise, naming the leaf, when a gradient is ``float0`` (an integer or boolean parameter's)."""
+    for path, g in jax.tree_util.tree_leaves_with_path(updates):
+        if getattr(g, "dtype", None) == jax.dtypes.float0:
+            raise TypeError(
+                f"{name}: the gradient of {_path_name(path)} is float0, the gradient JAX gives an integer or boolean "
+                "parameter (jax.grad(..., allow_int=True)); celo2 updates floating-point parameters only. Leave "
+                "that leaf out of the parameters given to the optimizer, or route it to optax.set_to_zero() with "
+                "optax.partition.")
+
+
+def _refusing_float0(name: str, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, refusing ``float0`` gradients at ``update`` before anything is computed."""
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        _refuse_float0(name, updates)
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def routing_table(params: Any, param_labels: Any = None, adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> str:

@@ -1,67 +1,31 @@
-"""Fused CPU kernels for the rule on float32 matrices, vectors and conv kernels (Numba).
+"""The loops of the CPU kernels: each a pass over a tensor, compiled by Numba and vectorised by LLVM.
 
-Shared by both front ends: the PyTorch optimizer calls them on its tensors'
-NumPy views (with the thread helpers below), the JAX front end from inside a
-compiled step through an XLA custom call (:mod:`celo2.optax.cpu_ffi`).
+Each loop reads or writes a tensor once: every element's channels, both
+hidden layers and the direction are computed in registers, and the loop over
+a row is vectorised (the MLP then runs at the CPU's FMA peak). The loops that
+split a tensor take ``(lo, hi, ...)``, the row blocks they cover, and keep
+their partial sums per block (:func:`celo2.kernels.cpu.blocks`), so results
+do not depend on how blocks are spread over threads. Which loops a tensor
+takes, in which order, is :mod:`celo2.kernels.cpu._passes`.
 
-The chunked PyTorch path in :mod:`celo2.torch._chunked` spends most of a CPU step
-in ~40 elementwise passes and in 8x18 matrix products too small for BLAS.
-Here each pass over a tensor is one compiled loop: every element's channels,
-both hidden layers and the direction are computed in registers, and the loop
-over a row is vectorised by LLVM (the MLP then runs at the CPU's FMA peak).
-A matrix takes three passes per step:
-
-1. :func:`grad_stats`: the row and column sums of ``g^2`` (reads ``g`` only),
-   from which :func:`factors` (one call on row- and column-sized vectors)
-   folds the factored statistics and derives the Adafactor factors and the
-   rank-1 channels' share of the first layer;
-2. :func:`accumulate`: fold the clipped gradient into ``m`` and ``v`` and take
-   the sums of squares of all 18 per-element channels (the factored ones as
-   ``g^2 A_i^2 B_j^2``, without building them);
-3. :func:`direction`: channels -> MLP -> direction, then either written out,
-   only squared and summed (for the output RMS), or applied to the parameter.
-
-So Celo2Base never holds a matrix's direction: pass 3 runs twice (sum of
-squares, then apply) and the transient memory stays a few row vectors. Celo2
-writes the direction out, since Newton-Schulz needs it whole. Vectors (15
-channels, no factoring) take :func:`vector_accumulate`, then :func:`direction`
-as a one-row matrix. Conv kernels (O, I, kh, kw), normalised per (kh, kw)
-window, take :func:`group_grad_stats` and then :func:`grouped`, one fused pass
-per row of windows.
-
-Threads (a small pool; the kernels release the GIL): the optimizer hands
-whole tensors to threads when their step is kernels only (:func:`run_tensors`,
-Celo2-base and vectors), else row blocks of one kernel call are split
-(:func:`run_blocks`). Partial sums are per block, so results do not depend on
-the thread count. The kernels ask LLVM for 512-bit vectors
-(:func:`_wide_pipeline`), which AVX-512 CPUs run about 1.6x faster. Every constant comes from :mod:`celo2.rule.spec`
-(Numba freezes module globals at compile time); the channel order and the
-packed weights are :mod:`celo2.rule.layout`'s. The pass sequence of a matrix
-and of a vector (:data:`celo2.rule.layout.PASSES`) is written once, as
-:func:`matrix_step` and :func:`vector_step`, which both front ends call: the
-PyTorch host wrapper on whole tensors from its threads, the JAX front end's
-FFI handler from inside XLA. Compiled code is cached
-on disk, so only the first use after an install pays the compile (~30 s).
+Every constant comes from :mod:`celo2.rule.spec` and is frozen into the code
+by Numba; the channel order of the 18 per-element channels (``x0`` ...
+``x17`` below) and the packed weights are :mod:`celo2.rule.layout`'s. The MLP
+is written out unit by unit, once in :func:`direction` and once in
+:func:`grouped`: called as a function, or over arrays of hidden units, it
+left LLVM's vectoriser with stores it would not vectorise. Both copies are
+pinned to the layout's description by ``tests/kernels/test_cpu_mlp.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
-
 import numpy as np
 
+from celo2.kernels.cpu._compiler import AVAILABLE, kernel
 from celo2.rule import layout, spec
 
-try:  # Numba is optional: without it the PyTorch path runs everywhere.
+if AVAILABLE:
     import numba
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
-
-AVAILABLE = numba is not None
 
 _F = np.float32
 _GRAD_CLIP = _F(spec.GRAD_CLIP)
@@ -81,355 +45,14 @@ _ONE = _F(1.0)
 
 WRITE, SQUARES, APPLY, OVER_GRAD = (int(m) for m in (layout.DirectionMode.WRITE, layout.DirectionMode.SQUARES,
                                                     layout.DirectionMode.APPLY, layout.DirectionMode.OVER_GRAD))
-"""Modes of the direction kernels (:class:`celo2.rule.layout.DirectionMode`):
+"""Modes of the direction loops (:class:`celo2.rule.layout.DirectionMode`):
 write it out, only sum its squares, apply it, or write it over the gradient
 (each row once that row is read: the JAX front end's custom calls return the
 direction in the gradient's buffer)."""
 
-# Where each array lies in the packed weights (celo2.rule.layout.pack_theta);
-# Numba freezes these into the compiled step sequences.
-_NET = {name: (seg.offset, seg.stop) for name, seg in layout.SEGMENT.items()}
-_W_EL, _W_ROW, _W_COL, _B0, _W1, _B1, _W2, _B2 = (_NET[k] for k in ("w_el", "w_row", "w_col", "b0", "w1", "b1", "w2",
-                                                                    "b2"))
-_CH, _H = layout.MATRIX_CHANNELS, spec.HIDDEN_SIZE
-_VECTOR_CH = layout.VECTOR_CHANNELS
 MOMENTUM_W = (1.0 - np.asarray(spec.MOMENTUM_DECAYS, np.float32)).astype(np.float32)
 FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.float32)
-"""``1 - decay`` of the momenta and of the factored statistics, as the kernels take them."""
-
-PARALLEL_MIN_ELEMENTS = 1 << 16
-"""Smaller tensors run on the calling thread (a pool hand-off costs tens of us)."""
-
-
-def kernel_kind(shape: tuple[int, ...]) -> "str | None":
-    """Which kernels cover a tensor of this shape, in either front end:
-    ``"vector"`` (0-D or 1-D), ``"matrix"`` (2-D), ``"conv"`` (4-D, factored
-    over its two leading axes, both longer than 1), else ``None``."""
-    if len(shape) < 2:
-        return "vector"
-    if len(shape) == 2:
-        return "matrix"
-    if len(shape) == 4 and sorted(spec.factored_dims(shape)) == [0, 1] and shape[0] > 1 and shape[1] > 1:
-        return "conv"
-    return None
-
-
-def operand_shapes(kind: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """The shape each operand of a kernel kind must have, for a tensor of ``shape``.
-
-    The one description of the kernels' operands, read by both front ends'
-    host wrappers (:func:`check_operands`): the kernels index raw memory, so
-    an operand of any other shape would make them read or write out of bounds.
-
-    Args:
-        kind: ``"vector"``, ``"matrix"`` or ``"conv"`` (see :func:`kernel_kind`).
-        shape: The parameter's shape.
-
-    Returns:
-        Operand name -> shape: ``grad`` and ``param`` (the kernel's view of the
-        tensor: a vector flat, a matrix as is, a conv kernel ``(O, I, kh,
-        kw)``), the state ``m``, ``v``, ``fac_r`` (and ``fac_c`` unless a
-        vector), and for a conv kernel the per-step operands ``rf``, ``cf``
-        (Adafactor factors) and ``term_r``, ``term_c`` (rank-1 channels' share
-        of the first layer), whose windows are flattened to ``G = kh kw``.
-
-    Raises:
-        ValueError: If ``kind`` does not cover ``shape``.
-    """
-    if kernel_kind(tuple(shape)) != kind:
-        raise ValueError(f"celo2 CPU kernels: a tensor of shape {tuple(shape)} is not a {kind!r} kernel's")
-    if kind == "vector":
-        n = 1
-        for s in shape:
-            n *= s
-        return {"grad": (n,), "param": (n,), "m": (3, n), "v": (n,), "fac_r": (3, n)}
-    d1, d0 = spec.factored_dims(shape)
-    without = lambda axis: tuple(s for i, s in enumerate(shape) if i != axis)  # noqa: E731
-    shapes = {"grad": tuple(shape), "param": tuple(shape), "m": (3, *shape), "v": tuple(shape),
-              "fac_r": (3, *without(d0)), "fac_c": (3, *without(d1))}
-    if kind == "conv":
-        O, I, kh, kw = shape  # noqa: E741
-        G = kh * kw
-        shapes.update(rf=(3, O, G), cf=(3, I, G), term_r=(8, O, G), term_c=(8, I, G))
-    return shapes
-
-
-def check_operands(kind: str, shape: tuple[int, ...], arrays: "dict[str, object]", *, contiguous: bool = True) -> None:
-    """Refuse operands the kernels cannot take safely, before any kernel runs.
-
-    Args:
-        kind: The kernel kind (see :func:`operand_shapes`).
-        shape: The parameter's shape.
-        arrays: Operand name (a key of :func:`operand_shapes`) -> array (NumPy,
-            or anything with ``shape`` and ``dtype``, a JAX tracer say).
-        contiguous: Also require C-contiguous NumPy arrays (default ``True``;
-            ``False`` where the caller's layout is fixed by XLA).
-
-    Raises:
-        ValueError: Naming the first operand whose shape, dtype (float32) or
-            layout is not what the kernel kind takes.
-    """
-    expected = operand_shapes(kind, shape)
-    for name, x in arrays.items():
-        got = tuple(x.shape)
-        if got != expected[name] or np.dtype(x.dtype) != np.float32:
-            raise ValueError(f"celo2 CPU kernels: {name} has shape {got} and dtype {x.dtype}, expected "
-                             f"{expected[name]} float32 for a tensor of shape {tuple(shape)} (is the "
-                             f"optimizer state from another model, or the parameter resized?)")
-        if contiguous and isinstance(x, np.ndarray) and not x.flags.c_contiguous:
-            raise ValueError(f"celo2 CPU kernels: {name} (shape {got}) is not C-contiguous")
-
-
-def blocks(rows: int) -> tuple[int, int]:
-    """(rows per block, number of blocks): at least 16 rows and at most 64
-    blocks, so per-block column partials stay under 1/16 of the matrix."""
-    per = max(16, -(-rows // 64))
-    return per, -(-rows // per)
-
-
-_POOL: "ThreadPoolExecutor | None" = None
-_POOL_WORKERS = 0
-_POOL_PID = 0  # a forked child (a DataLoader worker, say) has none of the parent's threads
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The shared pool, with at least ``threads - 1`` workers (the caller is the other)."""
-    global _POOL, _POOL_WORKERS, _POOL_PID
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_WORKERS < threads - 1 or _POOL_PID != os.getpid():
-            _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="celo2-cpu")
-            _POOL_WORKERS, _POOL_PID = threads - 1, os.getpid()
-        return _POOL
-
-
-_LOCAL = threading.local()
-"""``serial``: set while a thread runs its share of :func:`run_tensors` (no nested hand-offs)."""
-
-
-def run_blocks(kernel, nblk: int, elements: int, *args) -> None:  # noqa: ANN001
-    """``kernel(lo, hi, *args)`` over blocks ``0:nblk``, split evenly over
-    ``torch.get_num_threads()`` threads (Numba's own parallel layers were no
-    good here: its OpenMP layer left workers spinning, which stalled
-    PyTorch's next operations 8x on a loaded 2-core machine, and its
-    workqueue layer costs ~0.5 ms per launch). Inside :func:`run_tensors`
-    the whole call runs on the calling thread."""
-    import torch
-
-    ensure_compiled(kernel, (0, nblk, *args))
-    threads = min(torch.get_num_threads(), nblk)
-    if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS or getattr(_LOCAL, "serial", False):
-        kernel(0, nblk, *args)
-        return
-    pool = _pool(threads)
-    bounds = [nblk * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
-    kernel(bounds[0], bounds[1], *args)
-    for f in futures:
-        f.result()
-
-
-def run_tensors(tasks: "list[tuple[int, Callable[[], None]]]") -> None:
-    """Run ``(cost, task)`` pairs, each a whole tensor's step, spread over
-    ``torch.get_num_threads()`` threads: one hand-off per thread and step
-    instead of one per kernel call (a worker's wake-up on a virtual machine
-    costs a good share of a small kernel), and one tensor's Python glue
-    overlaps another's kernels. Tensors go to the least loaded thread,
-    largest first; each tensor's arithmetic is the same on any thread, so
-    results do not depend on the split. An exception reaches the caller
-    once every thread has stopped (a share stops at its failing tensor, as
-    the plain loop would), so no thread is still writing when it does."""
-    import torch
-
-    threads = min(torch.get_num_threads(), len(tasks))
-    if threads <= 1 or getattr(_LOCAL, "serial", False):
-        for _, task in tasks:
-            task()
-        return
-    shares: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
-    loads = [0] * threads
-    for cost, task in sorted(tasks, key=lambda t: -t[0]):
-        i = loads.index(min(loads))
-        shares[i].append(task)
-        loads[i] += cost
-
-    def run_share(share: "list[Callable[[], None]]") -> None:
-        _LOCAL.serial = True
-        try:
-            for task in share:
-                task()
-        finally:
-            _LOCAL.serial = False
-
-    pool = _pool(threads)
-    futures = [pool.submit(run_share, share) for share in shares[1:]]
-    error = None
-    try:
-        run_share(shares[0])
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the workers
-        error = exc
-    for f in futures:
-        try:
-            f.result()
-        except BaseException as exc:  # noqa: BLE001
-            error = error or exc
-    if error is not None:
-        raise error
-
-
-NONFINITE_BLOCK = 1 << 16
-"""Elements per block of :func:`all_finite`."""
-
-
-def all_finite(x: np.ndarray) -> bool:
-    """Whether a C-contiguous float32 array holds no NaN or +-inf (one read,
-    split over threads like the kernels; a host check, for CPU arrays).
-
-    Args:
-        x: The array (a gradient's NumPy view).
-
-    Returns:
-        ``True`` when every element is finite.
-
-    Raises:
-        ValueError: If ``x`` is not a C-contiguous float32 array.
-    """
-    if np.dtype(x.dtype) != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"all_finite: expected a C-contiguous float32 array, got {x.dtype} (shape {x.shape})")
-    bits = x.reshape(-1).view(np.uint32)
-    nblk = -(-bits.shape[0] // NONFINITE_BLOCK)
-    if nblk == 0:
-        return True
-    out = np.empty(nblk, np.int64)
-    run_blocks(nonfinite_blocks, nblk, bits.shape[0], bits, NONFINITE_BLOCK, out)
-    return not out.any()
-
-
-_READY: set = set()
-
-
-@contextlib.contextmanager
-def no_interleave():
-    """Compile what runs inside without LLVM's loop interleaving.
-
-    With the default of 4 interleaved copies of a vectorised loop, the MLP's
-    26 live vectors per copy spilled to the stack on every element (measured
-    1.5x slower). LLVM options are process-wide, so the option is set under
-    Numba's compiler lock and reset after; no other code is compiled with it.
-    """
-    import llvmlite.binding as llvm
-    from numba.core.compiler_lock import global_compiler_lock
-
-    with global_compiler_lock:
-        llvm.set_option("celo2", "-force-vector-interleave=1")
-        try:
-            yield
-        finally:
-            llvm.set_option("celo2", "-force-vector-interleave=0")  # 0: LLVM's own choice again
-
-
-def ensure_compiled(kernel, args: tuple) -> None:  # noqa: ANN001
-    """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
-    cache) before its first call, under :func:`no_interleave`."""
-    if kernel in _READY:
-        return
-    with no_interleave():
-        if kernel in _READY:
-            return
-        kernel.compile(tuple(numba.typeof(a) for a in args))
-        _READY.add(kernel)
-
-
-NOALIAS = False
-"""Whether the kernels were compiled with their arrays marked non-aliasing."""
-
-
-def _wide_pipeline():  # noqa: ANN202
-    """A Numba compiler pipeline whose functions ask LLVM for 512-bit vectors.
-
-    On CPUs with AVX-512, LLVM's default tuning keeps loops at 256 bits; the
-    direction kernel is bound by its FMAs and by registers (the unrolled MLP
-    keeps 26 vectors live), and 512-bit code gives it twice the lanes and the
-    32 vector registers. The request is the function attribute
-    ``"prefer-vector-width"="512"`` on our kernels only (the process-wide
-    alternative, Numba's ``NUMBA_CPU_FEATURES``, would retune every Numba
-    user in the process); without AVX-512 it changes nothing. Built on
-    Numba's documented custom-pipeline hook plus its lowering class; ``None``
-    (plain pipeline) if a Numba release moves those.
-    """
-    try:
-        from llvmlite import ir
-        from numba.core import lowering
-        from numba.core.compiler import CompilerBase, DefaultPassBuilder
-        from numba.core.compiler_machinery import register_pass
-        from numba.core.typed_passes import NativeLowering
-
-        class WideAttributes(ir.values.FunctionAttributes):
-            def __bool__(self) -> bool:  # printed even when no other attribute is set
-                return True
-
-            def _to_list(self, ret_type):  # noqa: ANN001, ANN202
-                return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
-
-        class WideLower(lowering.Lower):
-            def setup_function(self, fndesc):  # noqa: ANN001, ANN202
-                super().setup_function(fndesc)
-                attrs = WideAttributes()
-                for name in self.function.attributes:
-                    attrs.add(name)
-                self.function.attributes = attrs
-
-        @register_pass(mutates_CFG=True, analysis_only=False)
-        class WideNativeLowering(NativeLowering):
-            _name = "celo2_wide_native_lowering"
-
-            @property
-            def lowering_class(self):  # noqa: ANN202
-                return WideLower
-
-        class WideCompiler(CompilerBase):
-            def define_pipelines(self):  # noqa: ANN202
-                pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
-                if not any(p is NativeLowering for p, _ in pm.passes):
-                    raise RuntimeError("no NativeLowering pass to replace")
-                pm.passes = [(WideNativeLowering if p is NativeLowering else p, d) for p, d in pm.passes]
-                pm.finalize()
-                return [pm]
-
-        return WideCompiler
-    except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipeline
-        return None
-
-
-_WIDE_PIPELINE = _wide_pipeline() if AVAILABLE else None
-WIDE = _WIDE_PIPELINE is not None
-"""Whether the kernels ask for 512-bit vectors (see :func:`_wide_pipeline`)."""
-
-
-def _kernel(fn, cache: bool = True):  # noqa: ANN001, ANN202
-    """Compile ``fn`` the way the loops vectorise.
-
-    ``error_model="numpy"`` drops the division-by-zero checks whose early
-    exits stop LLVM's vectoriser; marking the array arguments ``noalias`` (as
-    Numba does for its own parallel loops, through a compiler flag its public
-    API does not expose) spares the runtime overlap checks that LLVM gives up
-    on past a handful of arrays. Without the flag the kernels stay correct,
-    about 5x slower. No kernel is ever given overlapping arrays.
-    """
-    global NOALIAS
-    options = {"pipeline_class": _WIDE_PIPELINE} if WIDE else {}
-    dispatcher = numba.njit(fastmath=True, cache=cache, nogil=True, error_model="numpy", **options)(fn)
-    compiler = getattr(dispatcher, "_compiler", None)
-    customize = getattr(compiler, "_customize_flags", None)
-    if customize is not None:
-        def with_noalias(flags):  # noqa: ANN001, ANN202
-            flags = customize(flags)
-            flags.noalias = True
-            return flags
-
-        compiler._customize_flags = with_noalias
-        NOALIAS = True
-    return dispatcher
+"""``1 - decay`` of the momenta and of the factored statistics, as the loops take them."""
 
 
 if AVAILABLE:
@@ -446,7 +69,7 @@ if AVAILABLE:
                 W[c, h] = np.float32(np.float64(w_el[c, h]) * inv)
         return W
 
-    @_kernel
+    @kernel
     def nonfinite_blocks(lo, hi, bits, per, out):  # noqa: ANN001
         """Blocks ``lo:hi`` (``per`` elements each) of a float32 array seen as
         ``uint32`` ``bits``: ``out[blk]`` is 1 when one of its elements is NaN or
@@ -461,7 +84,7 @@ if AVAILABLE:
                 e = max(e, bits[j] & mask)
             out[blk] = 1 if e == mask else 0
 
-    @_kernel
+    @kernel
     def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
         """Pass 1 on blocks ``lo:hi``: row sums and per-block column sums of ``clip(g)^2``."""
         R, C = graw.shape
@@ -478,7 +101,7 @@ if AVAILABLE:
                     cp[j] += g2
                 row_sum[i] = rs
 
-    @_kernel
+    @kernel
     def factors(fac_r, fac_c, sum_r, sum_c, n_r, n_c, wf, w_row, w_col, b0, rf, cf, term_r, term_c):  # noqa: ANN001
         """A matrix's factored statistics and what the passes read from them,
         in one call instead of some 30 small tensor operations.
@@ -523,7 +146,7 @@ if AVAILABLE:
                 for h in range(8):
                     term[h] += b0[h]
 
-    @_kernel
+    @kernel
     def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, per, sums_part):  # noqa: ANN001
         """Pass 2 on blocks ``lo:hi``: fold ``g`` into ``m`` (3, R, C) and ``v`` (R, C) in place and
         take the sums of squares of all 18 per-element channels, in fast-path
@@ -571,7 +194,7 @@ if AVAILABLE:
                 s[15] += u0 * A2[0, i]; s[16] += u1 * A2[1, i]; s[17] += u2 * A2[2, i]  # noqa: E702
             sums_part[blk] = s
 
-    @_kernel
+    @kernel
     def direction(lo, hi, graw, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out, sq_part):  # noqa: ANN001
         """Pass 3 on blocks ``lo:hi``. ``W`` (18, 8): first layer with the input
         RMS folded in, rows in fast-path channel order; ``A`` (3, R) / ``B``
@@ -664,19 +287,19 @@ if AVAILABLE:
                     row[j] = d
                     row_sq += d * d
                 sq += row_sq
-                if mode == 0:
+                if mode == WRITE:
                     o = out[i]
                     for j in range(C):
                         o[j] = row[j]
-                elif mode == 2:
+                elif mode == APPLY:
                     for j in range(C):
                         pr[j] = decay * pr[j] + step * row[j]
-                elif mode == 3:
+                elif mode == OVER_GRAD:
                     for j in range(C):
                         gr[j] = row[j]
             sq_part[blk] = sq
 
-    @_kernel
+    @kernel
     def vector_accumulate(graw, p, m, v, fac, wm, wf, factor, sums):  # noqa: ANN001
         """A vector's accumulators (``m``, ``v`` and the full second moments
         ``fac``, each ``(3, n)`` or ``(n,)``) in place, its Adafactor-style
@@ -729,7 +352,7 @@ if AVAILABLE:
             s[14] += g2 * r
         sums[:] = s
 
-    @_kernel
+    @kernel
     def group_grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
         """For an (O, I, G) tensor (a conv kernel with its window flattened):
         ``row_sum`` (O, G) = sums of ``clip(g)^2`` over I, and per-block
@@ -750,7 +373,53 @@ if AVAILABLE:
                         rs[e] += g2
                         ci[e] += g2
 
-    @_kernel
+    @kernel
+    def group_factors(fac_r, fac_c, sum_r, sum_c, n_r, n_c, wf, w_row, w_col, b0, rf, cf, term_r, term_c):  # noqa: ANN001
+        """:func:`factors` for a tensor normalised per window of ``G`` elements
+        (a conv kernel seen as (O, I, G)): the statistics ``fac_r`` / ``fac_c``
+        are (3, L, G) and their sums of ``clip(g)^2`` ``sum_r`` / ``sum_c`` (L,
+        G). The row factor divides the row statistic by its mean over ``L`` at
+        each window position; the rank-1 channels are normalised to unit RMS
+        over each window's ``G`` elements. Writes ``rf`` / ``cf`` (3, L, G)
+        and ``term_r`` (8, L, G, with ``b0``) / ``term_c`` (8, L, G)."""
+        for stat, total, n, w, factor, term, is_row in ((fac_r, sum_r, n_r, w_row, rf, term_r, True),
+                                                        (fac_c, sum_c, n_c, w_col, cf, term_c, False)):
+            L = stat.shape[1]
+            G = stat.shape[2]
+            inv_n = _ONE / _F(n)
+            term[:, :, :] = _ZERO
+            for k in range(3):
+                s = stat[k]
+                acc = np.zeros(G, np.float64)
+                for i in range(L):
+                    for e in range(G):
+                        x = s[i, e] + wf[k] * ((total[i, e] * inv_n + _FACTORED_EPS) - s[i, e])
+                        s[i, e] = x
+                        acc[e] += x
+                f = factor[k]
+                for i in range(L):
+                    sq = 0.0
+                    sq_r = 0.0
+                    for e in range(G):
+                        x = s[i, e]
+                        sq += x * x
+                        sq_r += _ONE / (x + _RSQRT_EPS)
+                    norm = _F(1.0 / np.sqrt(sq / G + _INPUT_NORM_EPS))
+                    norm_r = _F(1.0 / np.sqrt(sq_r / G + _INPUT_NORM_EPS))
+                    for e in range(G):
+                        x = s[i, e]
+                        # rf: safe_rsqrt of the statistic over its mean; cf: of the statistic.
+                        y = x / (_F(acc[e] / L) + _ROW_MEAN_EPS) if is_row else x
+                        f[i, e] = _ONE / np.sqrt(max(y, _SAFE_RSQRT_FLOOR))
+                        a = x * norm
+                        r = norm_r / np.sqrt(x + _RSQRT_EPS)
+                        for h in range(8):
+                            term[h, i, e] += w[k, h] * a + w[3 + k, h] * r
+            if is_row:
+                for h in range(8):
+                    term[h] += b0[h]
+
+    @kernel
     def grouped(lo, hi, graw, p, m, v, wm, RF, CF, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out):  # noqa: ANN001
         """The rule on an (O, I, G) tensor whose normalisation groups are its
         (o, i) windows of G elements (a conv kernel, factored over O and I).
@@ -893,10 +562,10 @@ if AVAILABLE:
                          + w2[4] * u4 + w2[5] * u5 + w2[6] * u6 + w2[7] * u7)
                     D[j] = d
                 for i in range(I):
-                    if mode == 0:
+                    if mode == WRITE:
                         for e in range(G):
                             out[o, i, e] = D[i * G + e]
-                    elif mode == 3:
+                    elif mode == OVER_GRAD:
                         for e in range(G):
                             graw[o, i, e] = D[i * G + e]
                     else:
@@ -906,94 +575,3 @@ if AVAILABLE:
                         s = step / np.sqrt(dsq / G + _OUTPUT_NORM_EPS)
                         for e in range(G):
                             p[o, i, e] = decay * p[o, i, e] + s * D[i * G + e]
-
-
-if AVAILABLE:
-    # The serial pass sequences of a matrix and of a vector, called whole by both front ends.
-    blocks_jit = numba.njit(cache=True, nogil=True)(blocks)
-
-    @numba.njit(cache=True, nogil=True)
-    def finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """The direction pass (one, or for ``APPLY`` the squares first, then the
-        scaled application); returns the sum of the direction's squares."""
-        R = g.shape[0]
-        per, nblk = blocks_jit(R)
-        # Contiguous copies (a slice types as any-layout, which the kernels' loops index more slowly).
-        W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
-        b1 = net[_B1[0]:_B1[1]].copy()
-        w2 = net[_W2[0]:_W2[1]].copy()
-        b2 = net[_B2[0]]
-        sq_part = np.empty(nblk, np.float64)
-        if mode != APPLY:
-            direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, _ONE, _ZERO, per, out, sq_part)
-            return sq_part.sum()
-        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, SQUARES, _ONE, _ZERO, per, out, sq_part)
-        sq = sq_part.sum()
-        scale = 1.0 / np.sqrt(sq / g.size + spec.OUTPUT_NORM_EPS)
-        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, APPLY, np.float32(decay),
-                  np.float32(-lr * scale), per, out, sq_part)
-        return sq
-
-    @numba.njit(cache=True, nogil=True)
-    def matrix_step(g, p, m, v, fac_r, fac_c, d0, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 matrix's step, serially: the passes of
-        :data:`celo2.rule.layout.PASSES` (gradient statistics, factors,
-        accumulate, direction) over the blocks of :func:`blocks`, so the
-        numbers are those of any split over threads.
-
-        Args: ``g``, ``p`` (R, C); ``m`` (3, R, C) and ``v`` (R, C), updated in
-        place; ``fac_r``, ``fac_c`` (3, L), the factored statistics, updated in
-        place; ``d0``, the axis the row statistic averages over
-        (:func:`celo2.rule.spec.factored_dims`); ``net``, the packed weights
-        (:func:`celo2.rule.layout.pack_theta`); ``mode`` of the direction pass:
-        ``WRITE`` into ``out`` (R, C), ``OVER_GRAD`` into ``g``, or ``APPLY``
-        (its squares first, then ``p <- decay p - lr d / rms(d)``); ``decay``
-        and ``lr`` (float64), read by ``APPLY`` only.
-
-        Returns: the sum of the direction's squares (float64)."""
-        R, C = g.shape
-        per, nblk = blocks_jit(R)
-        row_sum = np.empty(R, np.float32)
-        col_part = np.empty((nblk, C), np.float32)
-        grad_stats(0, nblk, g, per, row_sum, col_part)
-        col_sum = col_part.sum(0)
-        rf = np.empty_like(fac_r)
-        cf = np.empty_like(fac_c)
-        term_r = np.empty((_H, fac_r.shape[1]), np.float32)
-        term_c = np.empty((_H, fac_c.shape[1]), np.float32)
-        w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(6, _H)
-        w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(6, _H)
-        b0 = net[_B0[0]:_B0[1]].copy()
-        wf, wm = FACTORED_W, MOMENTUM_W
-        # The row statistic averages over d0: it runs along the rows when d0 is the column axis.
-        if d0 == 1:
-            factors(fac_r, fac_c, row_sum, col_sum, C, R, wf, w_row, w_col, b0, rf, cf, term_r, term_c)
-            A, B, TR, TC = rf, cf, term_r, term_c
-        else:
-            factors(fac_r, fac_c, col_sum, row_sum, R, C, wf, w_row, w_col, b0, rf, cf, term_r, term_c)
-            A, B, TR, TC = cf, rf, term_c, term_r
-        sums_part = np.empty((nblk, _CH), np.float64)
-        accumulate(0, nblk, g, p, m, v, wm, A * A, B * B, per, sums_part)
-        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums_part.sum(0), R * C)
-        return finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out)
-
-    @numba.njit(cache=True, nogil=True)
-    def vector_step(g, p, m, v, fac, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 vector's step, serially: the accumulator pass (its
-        full-size statistic folded, its factor derived), then the matrix
-        direction pass on it as one row. Arguments as :func:`matrix_step`, with
-        ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n).
-
-        Returns: the sum of the direction's squares (float64)."""
-        n = g.shape[0]
-        wf, wm = FACTORED_W, MOMENTUM_W
-        factor = np.empty((3, n), np.float32)
-        sums = np.empty(_VECTOR_CH, np.float64)
-        vector_accumulate(g, p, m, v, fac, wm, wf, factor, sums)
-        # Rows of fac_m stay zero in W: vectors lack those channels.
-        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, n)
-        A = np.ones((3, 1), np.float32)
-        TR = net[_B0[0]:_B0[1]].copy().reshape(_H, 1)
-        TC = np.zeros((_H, n), np.float32)
-        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
-                      net, mode, decay, lr, out)

@@ -1,0 +1,184 @@
+"""How the CPU kernels are compiled: Numba options, LLVM options and the wide-vector pipeline.
+
+The loops (:mod:`celo2.kernels.cpu._loops`) are compiled with :func:`kernel`,
+which asks for the code that LLVM vectorises well: no division-by-zero
+checks, arrays marked non-aliasing, 512-bit vectors where the CPU has them;
+and under :func:`no_interleave`, which keeps the unrolled MLP in registers.
+Nothing here knows what the kernels compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+try:  # Numba is optional: without it the PyTorch path runs everywhere.
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+AVAILABLE: bool = numba is not None
+"""Whether Numba is installed (else no kernel exists)."""
+
+
+@contextlib.contextmanager
+def no_interleave() -> Iterator[None]:
+    """Compile what runs inside without LLVM's loop interleaving.
+
+    With LLVM's default of 4 interleaved copies of a vectorised loop, the
+    MLP's 26 live vectors per copy spill to the stack on every element. LLVM
+    options are process-wide, so the option is set under Numba's compiler
+    lock and reset after; no other code is compiled with it.
+    """
+    import llvmlite.binding as llvm
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        llvm.set_option("celo2", "-force-vector-interleave=1")
+        try:
+            yield
+        finally:
+            llvm.set_option("celo2", "-force-vector-interleave=0")  # 0: LLVM's own choice again
+
+
+_READY: set = set()
+
+
+def ensure_compiled(kernel: Any, args: tuple) -> None:
+    """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
+    cache) before its first call, under :func:`no_interleave`.
+
+    Args:
+        kernel: A Numba dispatcher.
+        args: Arguments of the types it will be called with.
+    """
+    if kernel in _READY:
+        return
+    with no_interleave():
+        if kernel in _READY:
+            return
+        kernel.compile(tuple(numba.typeof(a) for a in args))
+        _READY.add(kernel)
+
+
+def _wide_pipeline() -> Any:
+    """A Numba compiler pipeline whose functions ask LLVM for 512-bit vectors.
+
+    On CPUs with AVX-512, LLVM's default tuning keeps loops at 256 bits; the
+    direction kernel is bound by its FMAs and by registers (the unrolled MLP
+    keeps 26 vectors live), and 512-bit code gives it twice the lanes and the
+    32 vector registers. The request is the function attribute
+    ``"prefer-vector-width"="512"`` on our kernels only (the process-wide
+    alternative, Numba's ``NUMBA_CPU_FEATURES``, would retune every Numba
+    user in the process); without AVX-512 it changes nothing. Built on
+    Numba's documented custom-pipeline hook plus its lowering class; ``None``
+    (plain pipeline) if a Numba release moves those.
+    """
+    try:
+        from llvmlite import ir
+        from numba.core import lowering
+        from numba.core.compiler import CompilerBase, DefaultPassBuilder
+        from numba.core.compiler_machinery import register_pass
+        from numba.core.typed_passes import NativeLowering
+
+        class WideAttributes(ir.values.FunctionAttributes):
+            def __bool__(self) -> bool:  # printed even when no other attribute is set
+                return True
+
+            def _to_list(self, ret_type):  # noqa: ANN001, ANN202
+                return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
+
+        class WideLower(lowering.Lower):
+            def setup_function(self, fndesc):  # noqa: ANN001, ANN202
+                super().setup_function(fndesc)
+                attrs = WideAttributes()
+                for name in self.function.attributes:
+                    attrs.add(name)
+                self.function.attributes = attrs
+
+        @register_pass(mutates_CFG=True, analysis_only=False)
+        class WideNativeLowering(NativeLowering):
+            _name = "celo2_wide_native_lowering"
+
+            @property
+            def lowering_class(self):  # noqa: ANN202
+                return WideLower
+
+        class WideCompiler(CompilerBase):
+            def define_pipelines(self):  # noqa: ANN202
+                pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+                if not any(p is NativeLowering for p, _ in pm.passes):
+                    raise RuntimeError("no NativeLowering pass to replace")
+                pm.passes = [(WideNativeLowering if p is NativeLowering else p, d) for p, d in pm.passes]
+                pm.finalize()
+                return [pm]
+
+        return WideCompiler
+    except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipeline
+        return None
+
+
+_WIDE_PIPELINE = _wide_pipeline() if AVAILABLE else None
+WIDE: bool = _WIDE_PIPELINE is not None
+"""Whether the kernels ask for 512-bit vectors (see :func:`_wide_pipeline`)."""
+
+
+def _noalias_hook(dispatcher: Any) -> "Callable[[Any], Any] | None":
+    """Numba's per-dispatcher flag hook, where this Numba release has it (a private name of Numba's)."""
+    return getattr(getattr(dispatcher, "_compiler", None), "_customize_flags", None)
+
+
+def _has_noalias_hook() -> bool:
+    if not AVAILABLE:
+        return False
+
+    def probe(x):  # noqa: ANN001, ANN202
+        return x
+
+    return _noalias_hook(numba.njit(probe)) is not None
+
+
+NOALIAS: bool = _has_noalias_hook()
+"""Whether the kernels are compiled with their arrays marked non-aliasing (see :func:`kernel`)."""
+
+
+def kernel(fn: Callable, cache: bool = True) -> Any:
+    """Compile ``fn`` the way the loops vectorise.
+
+    ``error_model="numpy"`` drops the division-by-zero checks whose early
+    exits stop LLVM's vectoriser; marking the array arguments ``noalias`` (as
+    Numba does for its own parallel loops, through a compiler flag its public
+    API does not expose) spares the runtime overlap checks that LLVM gives up
+    on past a handful of arrays. Without the flag the kernels stay correct,
+    and slower. No kernel is ever given overlapping arrays.
+
+    Args:
+        fn: The Python function of a loop.
+        cache: Cache the compiled code on disk (default ``True``).
+
+    Returns:
+        Its Numba dispatcher (compiled lazily, on first call or by :func:`ensure_compiled`).
+    """
+    options = {"pipeline_class": _WIDE_PIPELINE} if WIDE else {}
+    dispatcher = numba.njit(fastmath=True, cache=cache, nogil=True, error_model="numpy", **options)(fn)
+    customize = _noalias_hook(dispatcher)
+    if customize is not None:
+        def with_noalias(flags):  # noqa: ANN001, ANN202
+            flags = customize(flags)
+            flags.noalias = True
+            return flags
+
+        dispatcher._compiler._customize_flags = with_noalias
+    return dispatcher
+
+
+def serial(fn: Callable) -> Any:
+    """Compile a pass sequence (a function that calls the loops): cached, releasing the GIL.
+
+    Args:
+        fn: The Python function.
+
+    Returns:
+        Its Numba dispatcher.
+    """
+    return numba.njit(cache=True, nogil=True)(fn)

@@ -1,0 +1,215 @@
+"""The pass sequences of the CPU kernels: a whole tensor's step as one compiled call.
+
+Each kind of tensor (:func:`celo2.kernels.cpu.kernel_kind`) has its sequence
+written once here, and both front ends call it: the PyTorch front end on its
+tensors' NumPy views (whole tensors handed to threads by
+:func:`celo2.kernels.cpu.run_tensors`), the JAX front end from inside a
+compiled step through its XLA FFI handler. The sequences run serially over
+the row blocks of :func:`celo2.kernels.cpu.blocks`, so the numbers are those
+of any split of the same loops over threads.
+
+* A matrix (:func:`matrix_step`) takes the passes of
+  :data:`celo2.rule.layout.PASSES`: the gradient's row and column sums of
+  squares, the factored statistics with their factors and rank-1 terms, the
+  accumulators with the channels' sums of squares, and the direction.
+* A vector (:func:`vector_step`) folds its unfactored statistics in one pass,
+  then takes the matrix's direction pass as one row.
+* A conv kernel (:func:`conv_step`), seen as ``(O, I, G)`` with ``G = kh kw``
+  and normalised per window: the gradient's sums over ``I`` and ``O``, the
+  factored statistics per window position, then one fused pass per row of
+  windows.
+
+In the direction pass's modes (:class:`celo2.rule.layout.DirectionMode`)
+``WRITE`` and ``OVER_GRAD`` leave the raw direction (before Newton-Schulz and
+the output RMS) to the caller; ``APPLY`` updates the parameter in place with
+the output RMS of the tensor (matrices, vectors) or of each window (conv
+kernels), so the direction is never held.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from celo2.kernels.cpu._compiler import AVAILABLE, serial
+from celo2.kernels.cpu._loops import APPLY, FACTORED_W, MOMENTUM_W, SQUARES
+from celo2.kernels.cpu._operands import blocks
+from celo2.kernels.cpu._threads import run_blocks
+from celo2.rule import layout, spec
+
+if AVAILABLE:
+    from celo2.kernels.cpu._loops import (accumulate, direction, factors, grad_stats, group_factors, group_grad_stats,
+                                          grouped, nonfinite_blocks, normalised_first_layer, vector_accumulate)
+
+# Where each array lies in the packed weights (celo2.rule.layout.pack_theta);
+# Numba freezes these into the compiled sequences.
+_NET = {name: (seg.offset, seg.stop) for name, seg in layout.SEGMENT.items()}
+_W_EL, _W_ROW, _W_COL, _B0, _W1, _B1, _W2, _B2 = (_NET[k] for k in ("w_el", "w_row", "w_col", "b0", "w1", "b1", "w2",
+                                                                    "b2"))
+_CH, _H, _RANK1 = layout.MATRIX_CHANNELS, spec.HIDDEN_SIZE, layout.RANK1_CHANNELS
+_VECTOR_CH = layout.VECTOR_CHANNELS
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+if AVAILABLE:
+    blocks_jit = serial(blocks)
+
+    @serial
+    def finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """The direction pass of a matrix or vector (one, or for ``APPLY`` the
+        squares first, then the scaled application); returns the sum of the
+        direction's squares."""
+        R = g.shape[0]
+        per, nblk = blocks_jit(R)
+        # Contiguous copies (a slice types as any-layout, which the loops index more slowly).
+        W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
+        b1 = net[_B1[0]:_B1[1]].copy()
+        w2 = net[_W2[0]:_W2[1]].copy()
+        b2 = net[_B2[0]]
+        sq_part = np.empty(nblk, np.float64)
+        if mode != APPLY:
+            direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, _ONE, _ZERO, per, out, sq_part)
+            return sq_part.sum()
+        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, SQUARES, _ONE, _ZERO, per, out, sq_part)
+        sq = sq_part.sum()
+        scale = 1.0 / np.sqrt(sq / g.size + spec.OUTPUT_NORM_EPS)
+        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, APPLY, np.float32(decay),
+                  np.float32(-lr * scale), per, out, sq_part)
+        return sq
+
+    @serial
+    def matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """One float32 matrix's step, serially: the passes of
+        :data:`celo2.rule.layout.PASSES` over the blocks of :func:`blocks`.
+
+        Args: ``g``, ``p`` (R, C); ``m`` (3, R, C) and ``v`` (R, C), updated in
+        place; ``fac_r``, ``fac_c`` (3, L), the factored statistics, updated in
+        place; ``rows_first``, whether the row statistic holds one value per
+        row (:func:`celo2.kernels.cpu.rows_first`; the axis ``d0`` it averages
+        over, 1 or 0, reads the same); ``net``, the packed weights
+        (:func:`celo2.rule.layout.pack_theta`); ``mode`` of the direction pass:
+        ``WRITE`` into ``out`` (R, C), ``OVER_GRAD`` into ``g``, or ``APPLY``
+        (its squares first, then ``p <- decay p - lr d / rms(d)``); ``decay``
+        and ``lr`` (float64), read by ``APPLY`` only.
+
+        Returns: the sum of the direction's squares (float64)."""
+        R, C = g.shape
+        per, nblk = blocks_jit(R)
+        row_sum = np.empty(R, np.float32)
+        col_part = np.empty((nblk, C), np.float32)
+        grad_stats(0, nblk, g, per, row_sum, col_part)
+        col_sum = col_part.sum(0)
+        rf = np.empty_like(fac_r)
+        cf = np.empty_like(fac_c)
+        term_r = np.empty((_H, fac_r.shape[1]), np.float32)
+        term_c = np.empty((_H, fac_c.shape[1]), np.float32)
+        w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
+        w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
+        b0 = net[_B0[0]:_B0[1]].copy()
+        if rows_first:  # the row statistic averages over the columns
+            factors(fac_r, fac_c, row_sum, col_sum, C, R, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
+            A, B, TR, TC = rf, cf, term_r, term_c
+        else:
+            factors(fac_r, fac_c, col_sum, row_sum, R, C, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
+            A, B, TR, TC = cf, rf, term_c, term_r
+        sums_part = np.empty((nblk, _CH), np.float64)
+        accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums_part.sum(0), R * C)
+        return finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out)
+
+    @serial
+    def vector_step(g, p, m, v, fac, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """One float32 vector's step, serially: the accumulator pass (its
+        full-size statistic folded, its factor derived), then the matrix
+        direction pass on it as one row. Arguments as :func:`matrix_step`, with
+        ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n).
+
+        Returns: the sum of the direction's squares (float64)."""
+        n = g.shape[0]
+        factor = np.empty((3, n), np.float32)
+        sums = np.empty(_VECTOR_CH, np.float64)
+        vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)
+        # Rows of fac_m stay zero in W: vectors lack those channels.
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, n)
+        A = np.ones((3, 1), np.float32)
+        TR = net[_B0[0]:_B0[1]].copy().reshape(_H, 1)
+        TC = np.zeros((_H, n), np.float32)
+        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
+                      net, mode, decay, lr, out)
+
+    @serial
+    def conv_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+        """One float32 conv kernel's step, serially, seen as ``(O, I, G)``
+        (``G = kh kw``, the same memory) and normalised per (o, i) window:
+        the sums of ``clip(g)^2`` over ``I`` and over ``O``, the factored
+        statistics with their factors and rank-1 terms per window position,
+        then one fused pass per row of windows (accumulators, channels, MLP,
+        direction) over the blocks of :func:`blocks`.
+
+        Args: ``g``, ``p`` (O, I, G); ``m`` (3, O, I, G) and ``v`` (O, I, G),
+        updated in place; ``fac_r``, ``fac_c`` (3, L, G), the factored
+        statistics, updated in place (``L`` is ``O`` for the statistic that
+        averages over ``I``); ``rows_first``, whether ``fac_r`` runs along
+        ``O`` (:func:`celo2.kernels.cpu.rows_first`; ``d0``, 1 or 0, reads the
+        same); ``net``, the packed weights; ``mode``: ``WRITE`` the raw
+        direction into ``out`` (O, I, G), ``OVER_GRAD`` into ``g``, or
+        ``APPLY`` ``p <- decay p - lr d / rms(d)`` with each window's RMS;
+        ``decay`` and ``lr`` (float64), read by ``APPLY`` only.
+
+        Returns: 0.0 (float64; the normalisation is per window, so there is
+        no tensor-wide sum of squares to return)."""
+        O, I, G = g.shape  # noqa: E741
+        per, nblk = blocks_jit(O)
+        sum_over_i = np.empty((O, G), np.float32)
+        col_part = np.empty((nblk, I, G), np.float32)
+        group_grad_stats(0, nblk, g, per, sum_over_i, col_part)
+        sum_over_o = col_part.sum(0)
+        rf = np.empty_like(fac_r)
+        cf = np.empty_like(fac_c)
+        term_r = np.empty((_H, fac_r.shape[1], G), np.float32)
+        term_c = np.empty((_H, fac_c.shape[1], G), np.float32)
+        w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
+        w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
+        b0 = net[_B0[0]:_B0[1]].copy()
+        if rows_first:  # the row statistic averages over I and runs along O
+            group_factors(fac_r, fac_c, sum_over_i, sum_over_o, I, O, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
+                          term_c)
+            RF, CF, TR, TC = rf, cf, term_r, term_c
+        else:
+            group_factors(fac_r, fac_c, sum_over_o, sum_over_i, O, I, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
+                          term_c)
+            RF, CF, TR, TC = cf, rf, term_c, term_r
+        W = net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H)
+        W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
+        b1 = net[_B1[0]:_B1[1]].copy()
+        w2 = net[_W2[0]:_W2[1]].copy()
+        grouped(0, nblk, g, p, m, v, MOMENTUM_W, RF, CF, TR, TC, W, W1, b1, w2, net[_B2[0]], mode, np.float32(decay),
+                np.float32(-lr), per, out)
+        return 0.0
+
+
+NONFINITE_BLOCK = 1 << 16
+"""Elements per block of :func:`all_finite`."""
+
+
+def all_finite(x: np.ndarray, threads: "int | None" = None) -> bool:
+    """Whether a C-contiguous float32 array holds no NaN or +-inf (one read,
+    split over threads like the kernels; a host check, for CPU arrays).
+
+    Args:
+        x: The array (a gradient's NumPy view).
+        threads: At most this many threads (default :func:`celo2.kernels.cpu.default_threads`).
+
+    Returns:
+        ``True`` when every element is finite.
+
+    Raises:
+        ValueError: If ``x`` is not a C-contiguous float32 array.
+    """
+    if np.dtype(x.dtype) != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"all_finite: expected a C-contiguous float32 array, got {x.dtype} (shape {x.shape})")
+    bits = x.reshape(-1).view(np.uint32)
+    nblk = -(-bits.shape[0] // NONFINITE_BLOCK)
+    if nblk == 0:
+        return True
+    out = np.empty(nblk, np.int64)
+    run_blocks(nonfinite_blocks, nblk, bits.shape[0], bits, NONFINITE_BLOCK, out, threads=threads)
+    return not out.any()
