@@ -20,11 +20,9 @@ import numpy as np
 import torch
 
 from celo2.kernels import cpu as cpu_kernels
-from celo2.rule import layout
 from celo2.rule.state import factoring, work_shape
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Apply, Options, finish
-from celo2.torch.backends import torch as chunked
 
 AVAILABLE: bool = cpu_kernels.AVAILABLE
 """Whether Numba is installed (else this backend takes no tensor)."""
@@ -65,8 +63,8 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         param: The parameter (non-empty).
         orthogonalize: Newton-Schulz on matrices and conv windows.
         apply: ``(lr, weight_decay)`` to update the parameter in place, or ``None``.
-        raw: With ``apply=None``, return a matrix's or vector's raw direction
-            (before Newton-Schulz and the output RMS).
+        raw: With ``apply=None``, return the raw direction (before Newton-Schulz and the
+            output RMS).
 
     Returns:
         As :func:`celo2.torch.backends.torch.run`.
@@ -77,30 +75,35 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     k = kind(state, grad, param)
     shape = work_shape(param.shape)
     g, p = grad.detach().reshape(shape), param.detach().reshape(shape)
-    if k == "conv":
-        return _conv(theta, state, g, p, param, orthogonalize, apply)
     arrays = {"grad": g.numpy(), "param": p.numpy(), "m": state["m"].numpy(), "v": state["v"].numpy(),
               "fac_r": state["fac_r"].numpy()}
     if k == "vector":
         step = cpu_kernels.vector_step
         args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], theta.net_numpy())
         orthogonalize = False
+        kernel_shape = (1, arrays["grad"].size)
     else:
         arrays["fac_c"] = state["fac_c"].numpy()
-        step = cpu_kernels.matrix_step
         args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], arrays["fac_c"],
                 factoring(shape).d0, theta.net_numpy())
+        if k == "matrix":
+            step, kernel_shape = cpu_kernels.matrix_step, shape
+        else:  # a conv kernel (O, I, kh, kw), seen as (O, I, kh kw): the same memory
+            step = cpu_kernels.conv_step
+            O, I, G = shape[0], shape[1], shape[2] * shape[3]  # noqa: E741
+            args = (args[0].reshape(O, I, G), args[1].reshape(O, I, G), args[2].reshape(3, O, I, G),
+                    args[3].reshape(O, I, G), args[4].reshape(3, -1, G), args[5].reshape(3, -1, G), *args[6:])
+            kernel_shape = (O, I, G)
     cpu_kernels.check_operands(k, shape, arrays)
-    rows, cols = (1, arrays["grad"].size) if k == "vector" else shape
     if apply is not None and not orthogonalize:
         # Celo2-base and vectors: the direction is never held (its squares first, then applied).
         lr, wd = apply
         lr = float(lr)
-        full = args + (cpu_kernels.APPLY, 1.0 - lr * wd, lr, np.empty((1, 1), np.float32))
+        full = args + (cpu_kernels.APPLY, 1.0 - lr * wd, lr, np.empty((1,) * len(kernel_shape), np.float32))
         cpu_kernels.ensure_compiled(step, full)
         step(*full)
         return None
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    out = torch.empty(kernel_shape, dtype=torch.float32)
     full = args + (cpu_kernels.WRITE, 1.0, 0.0, out.numpy())
     cpu_kernels.ensure_compiled(step, full)
     step(*full)
@@ -111,58 +114,10 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     return None if d is None else d.reshape(param.shape)
 
 
-def _rows_cols(pair, rows_first: bool, width: int, rows: int, cols: int,  # noqa: ANN001
-               *inner: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(row-varying, column-varying)`` NumPy views of a pair of broadcast
-    tensors: the first of ``pair`` has a size-1 axis at ``d0``, the second at
-    ``d1``; the first varies along the rows when ``d0`` is the column axis
-    (``rows_first``). Decided by the axes, not the sizes, which tie when a
-    dimension is 1."""
-    r, c = pair if rows_first else pair[::-1]
-    return r.reshape(width, rows, *inner).numpy(), c.reshape(width, cols, *inner).numpy()
-
-
-def _conv(theta: TorchTheta, state: dict[str, torch.Tensor], g: torch.Tensor, p: torch.Tensor, param: torch.Tensor,
-          orthogonalize: bool, apply: Optional[tuple[object, float]]) -> Optional[torch.Tensor]:
-    """The step of one float32 CPU conv kernel (O, I, kh, kw), factored over O
-    and I, normalised per (kh, kw) window: a pass for the factored
-    statistics, then one fused pass per window (``grouped`` in
-    :mod:`celo2.kernels.cpu`)."""
-    k = cpu_kernels
-    shape = tuple(g.shape)
-    f = factoring(shape)
-    t = chunked.ChunkedTensor(theta.layout(), state, g, p, f, 1 << 30)
-    O, I = shape[:2]  # noqa: E741
-    G = shape[2] * shape[3]
-    k.check_operands("conv", shape, {"grad": t.g.numpy(), "param": t.p.numpy(), "m": t.m.numpy(),
-                                     "v": t.v.numpy(), "fac_r": t.fac_r.numpy(), "fac_c": t.fac_c.numpy()})
-    gv, pv = t.g.numpy().reshape(O, I, G), t.p.numpy().reshape(O, I, G)
-    m, v = t.m.numpy().reshape(3, O, I, G), t.v.numpy().reshape(O, I, G)
-    per, nblk = k.blocks(O)
-    row_sum = np.empty((O, G), np.float32)
-    col_part = np.empty((nblk, I, G), np.float32)
-    k.run_blocks(k.group_grad_stats, nblk, t.numel, gv, per, row_sum, col_part)
-    sum_over = {1: torch.from_numpy(row_sum), 0: torch.from_numpy(col_part.sum(0))}
-    t.fold_factored(sum_over[f.d0], sum_over[f.d1])
-    chunked.run_local(t.prepare())
-    rows_first = f.d0 == 1  # the row statistic varies along O when d0 is I
-    RF, CF = _rows_cols((t.rf, t.cf), rows_first, 3, O, I, G)
-    TR, TC = _rows_cols(t.terms, rows_first, 8, O, I, G)
-    net = layout.unpack(theta.net_numpy())
-    write = orthogonalize or apply is None
-    if write:
-        out = torch.empty(shape, dtype=torch.float32)
-        dest, decay, step = out.numpy().reshape(O, I, G), 1.0, 0.0
-    else:
-        lr, wd = apply
-        dest, decay, step = np.empty((1, 1, 1), np.float32), 1.0 - float(lr) * wd, -float(lr)
-    k.run_blocks(k.grouped, nblk, t.numel, gv, pv, m, v, k.MOMENTUM_W, RF, CF, TR, TC, net["w_el"], net["w1"],
-                 net["b1"], net["w2"], net["b2"][0], k.APPLY if not write else k.WRITE, np.float32(decay),
-                 np.float32(step), per, dest)
-    if not write:
-        return None
-    d = finish(out, orthogonalize=orthogonalize, param=param, apply=apply)
-    return None if d is None else d.reshape(param.shape)
+def _raw_into(box: list, theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
+              param: torch.Tensor) -> None:
+    """A tensor's raw direction appended to ``box`` (a task for a worker thread)."""
+    box.append(run(theta, state, grad, param, True, None, raw=True))
 
 
 class NumbaBackend:
@@ -190,13 +145,18 @@ class NumbaBackend:
               options: Options) -> list[Optional[torch.Tensor]]:
         """:func:`run` with ``apply`` on each tensor (see :meth:`celo2.torch.backends.Backend.apply`)."""
         tasks = []
+        held: list[tuple[torch.Tensor, list]] = []  # conv kernels under Celo2: Newton-Schulz on this thread
         for p, g, st in zip(params, grads, states):
             if orthogonalize and p.ndim >= 2:
-                run(theta, st, g, p, orthogonalize, apply)
+                box: list = []
+                tasks.append((p.numel(), partial(_raw_into, box, theta, st, g, p)))
+                held.append((p, box))
             else:
                 tasks.append((p.numel(), partial(run, theta, st, g, p, orthogonalize, apply)))
         if tasks:
-            cpu_kernels.run_tensors(tasks)
+            cpu_kernels.run_tensors(tasks, threads=torch.get_num_threads())
+        for p, box in held:
+            finish(box[0], orthogonalize=True, param=p, apply=apply)
         return [None] * len(params)
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -214,7 +174,8 @@ class NumbaBackend:
         def task(j: int) -> None:
             out[j] = (run(theta, states[j], grads[j], params[j], True, None, raw=True), None)
 
-        cpu_kernels.run_tensors([(p.numel(), partial(task, j)) for j, p in enumerate(params)])
+        cpu_kernels.run_tensors([(p.numel(), partial(task, j)) for j, p in enumerate(params)],
+                                threads=torch.get_num_threads())
         return out
 
     def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
