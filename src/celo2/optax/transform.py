@@ -55,7 +55,7 @@ def scale_by_celo2(
             everywhere (needed to differentiate through the update); ``True``: on, and an error if
             Numba is missing. Other platforms always compile the XLA formulation, and so do
             tensors that may be split across devices (``NamedSharding`` over several devices:
-            :func:`celo2.optax.rule.may_be_split`), whose directions come back split like them.
+            :func:`celo2.optax.state.may_be_split`), whose directions come back split like them.
         nonfinite: ``"skip"`` (default) gives a tensor whose gradient holds a NaN or +-inf a zero
             direction, keeps its accumulators bitwise, and counts it in ``state.nonfinite_steps``
             (int32 per tensor; read with :func:`nonfinite_steps`); decided inside the jitted update
