@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-LOWER = ("celo2.rule", "celo2.kernels", "celo2.data")
+LOWER = ("celo2.rule", "celo2.kernels", "celo2.data", "celo2.theta_files")
 """Layers that know nothing of the front ends and applications above them."""
 UPPER = ("celo2.torch", "celo2.optax", "celo2.metatrain", "celo2.eval", "celo2.cli")
 
@@ -167,6 +167,13 @@ def test_lower_layers_import_nothing_above_them(layer):
     arrows = sorted(f"{name} -> {target}" for name, scan in SCANS.items() if _in(name, (layer,))
                     for target in scan.targets if _in(target, UPPER))
     assert not arrows, "arrows up out of " + layer + ":\n" + "\n".join(arrows)
+
+
+def test_the_rule_reads_no_theta_files():
+    """Theta files and the Hub sit above ``celo2.rule`` (``celo2.theta_files`` builds on ``Theta``), never inside it."""
+    arrows = sorted(f"{name} -> {target}" for name, scan in SCANS.items() if _in(name, ("celo2.rule",))
+                    for target in scan.targets if _in(target, ("celo2.theta_files",)))
+    assert not arrows, "arrows from the rule up into its files:\n" + "\n".join(arrows)
 
 
 def test_no_private_names_across_modules():

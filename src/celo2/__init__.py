@@ -5,8 +5,11 @@ demand, so neither framework is needed to load or convert a theta);
 ``celo2.load_theta`` / ``celo2.save_theta`` handle the meta-parameters.
 """
 
-from celo2.rule.theta import Theta, ThetaError, ThetaNotFoundError, load_theta, save_theta
+from celo2.rule.theta import Theta, ThetaError
+from celo2.theta_files import ThetaNotFoundError, default_theta_path, load_theta, save_theta
 
 __version__ = "0.1.0"
 
-__all__ = ["Theta", "ThetaError", "ThetaNotFoundError", "load_theta", "save_theta", "__version__"]
+__all__ = [
+    "Theta", "ThetaError", "ThetaNotFoundError", "default_theta_path", "load_theta", "save_theta", "__version__",
+]

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
 import celo2
-import celo2.rule.theta as theta_module
+import celo2.theta_files as theta_module
 from celo2.cli.main import main
 
 REFERENCE_THETA = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "celo2_official_theta.state"

@@ -99,6 +99,7 @@ def test_the_parser_reads_google_sections() -> None:
 MODULES = [
     "celo2",
     "celo2.rule",
+    "celo2.theta_files",
     "celo2.optax",
     "celo2.torch",
 ]
@@ -114,7 +115,7 @@ def test_public_names_document_every_parameter(module_name: str) -> None:
         f"  {name}: {', '.join(missing)}" for name, missing in sorted(gaps.items()))
 
 
-DOCTEST_MODULES = ["celo2.rule.theta", "celo2.rule.routing", "celo2.optax.transform"]
+DOCTEST_MODULES = ["celo2.rule.theta", "celo2.theta_files", "celo2.rule.routing", "celo2.optax.transform"]
 
 
 @pytest.mark.parametrize("module_name", DOCTEST_MODULES)

@@ -280,7 +280,7 @@ def _flax_expectation(theta, data: bytes, mutated: bytes, changed: list[int], sp
 def build_cases(out: Path, seeds: list[Path]) -> list[dict]:
     """Write every fuzz case under ``out``; the manifest entries say what loading each may give."""
     import celo2
-    from celo2.rule.theta import save_theta
+    from celo2.theta_files import save_theta
 
     rng = np.random.default_rng(SEED)
     shipped = celo2.load_theta()
@@ -323,7 +323,8 @@ def _write(path: Path, data: bytes) -> Path:
 # -- the child: load every case, record the outcome ------------------------------------------------------------
 def run_cases(manifest: Path) -> None:
     """Load each case of the manifest; the case's index goes to PROGRESS before it is loaded."""
-    from celo2.rule.theta import ThetaError, ThetaNotFoundError, load_theta
+    from celo2.rule.theta import ThetaError
+    from celo2.theta_files import ThetaNotFoundError, load_theta
 
     cases = json.loads(manifest.read_text())
     progress = manifest.with_suffix(".progress")
@@ -360,7 +361,8 @@ if __name__ == "__main__":
 import pytest  # noqa: E402  (the child above needs only numpy and celo2)
 
 import celo2  # noqa: E402
-from celo2.rule.theta import ThetaError, load_theta, save_theta  # noqa: E402
+from celo2.rule.theta import ThetaError  # noqa: E402
+from celo2.theta_files import load_theta, save_theta  # noqa: E402
 
 SRC = Path(celo2.__file__).resolve().parents[1]
 
@@ -401,7 +403,7 @@ def test_nested_ext_bomb_is_a_theta_error_not_a_crash(tmp_path):
     bomb = tmp_path / "bomb.state"
     bomb.write_bytes(nested_ext_bomb(300))  # about 1.2 KB; segfaulted the loader before the nesting bound
     code = (
-        "import sys\nfrom celo2.rule.theta import ThetaError, load_theta\n"
+        "import sys\nfrom celo2.rule.theta import ThetaError\nfrom celo2.theta_files import load_theta\n"
         "try:\n    load_theta(sys.argv[1])\nexcept ThetaError as exc:\n    print(exc)\n"
     )
     done = _child(["-c", code, str(bomb)], timeout=120)
@@ -489,7 +491,7 @@ def test_oversized_files_are_refused_before_they_are_read(tmp_path):
 
 
 def test_shipped_theta_is_checked_against_its_record(monkeypatch, tmp_path, random_theta):
-    import celo2.rule.theta as theta_module
+    import celo2.theta_files as theta_module
 
     shipped = load_theta()
     assert shipped.checksum() == shipped.metadata["theta_sha256"]

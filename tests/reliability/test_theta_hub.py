@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import celo2
-from celo2.rule.theta import ThetaError, load_theta, save_theta
+from celo2.rule.theta import ThetaError
+from celo2.theta_files import load_theta, save_theta
 
 pytest.importorskip("huggingface_hub")
 
@@ -30,7 +31,8 @@ FAST_S = 10.0
 
 _LOAD = """
 import json, sys
-from celo2.rule.theta import ThetaError, load_theta
+from celo2.rule.theta import ThetaError
+from celo2.theta_files import load_theta
 try:
     theta = load_theta(sys.argv[1])
 except ThetaError as exc:

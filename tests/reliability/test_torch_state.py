@@ -211,7 +211,7 @@ def case_kernels_refuse_wrong_operands():
     import torch
 
     from celo2.kernels import cpu as cpu_kernels
-    from celo2.rule.theta import load_theta
+    from celo2.theta_files import load_theta
     from celo2.torch import functional, rule
 
     if not functional.USE_CPU_KERNELS:

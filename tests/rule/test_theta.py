@@ -9,7 +9,8 @@ import pytest
 
 import celo2
 from celo2.rule import spec
-from celo2.rule.theta import ThetaError, ThetaNotFoundError, load_theta, save_theta
+from celo2.rule.theta import ThetaError
+from celo2.theta_files import ThetaNotFoundError, load_theta, save_theta
 
 
 def test_three_published_formats_hold_the_same_numbers(reference_dir):
@@ -153,7 +154,7 @@ def test_empty_and_missing_files(tmp_path):
 
 
 def test_default_theta_missing_explains_how_to_get_one(monkeypatch, tmp_path):
-    import celo2.rule.theta as theta_module
+    import celo2.theta_files as theta_module
 
     monkeypatch.setattr(theta_module, "default_theta_path", lambda: tmp_path / "absent.state")
     with pytest.raises(ThetaNotFoundError, match="meta-train"):
@@ -161,7 +162,7 @@ def test_default_theta_missing_explains_how_to_get_one(monkeypatch, tmp_path):
 
 
 def test_default_theta_reads_the_shipped_file_and_metadata(monkeypatch, tmp_path, random_theta):
-    import celo2.rule.theta as theta_module
+    import celo2.theta_files as theta_module
 
     path = save_theta(random_theta, tmp_path / "celo2_theta.state")
     path.with_suffix(".json").write_text(json.dumps({"iterations": 5}))

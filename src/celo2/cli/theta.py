@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     from celo2.rule import spec
-    from celo2.rule.theta import ThetaError, ThetaNotFoundError, load_theta
+    from celo2.rule.theta import ThetaError
+    from celo2.theta_files import ThetaNotFoundError, load_theta
 
     try:
         theta = load_theta(args.path)
@@ -51,7 +52,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from celo2.rule.theta import ThetaError, ThetaNotFoundError, load_theta, save_theta
+    from celo2.rule.theta import ThetaError
+    from celo2.theta_files import ThetaNotFoundError, load_theta, save_theta
 
     try:
         theta = load_theta(args.source)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from celo2.rule.theta import Theta, ThetaError, ThetaNotFoundError, load_theta
+from celo2.rule.theta import Theta, ThetaError
+from celo2.theta_files import ThetaNotFoundError, load_theta
 
 SHIPPED_LABEL = "shipped"
 """The theta spec that names the project's shipped theta (``load_theta()``)."""

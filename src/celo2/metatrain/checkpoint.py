@@ -26,7 +26,8 @@ import numpy as np
 
 from celo2._io import atomic_write_bytes, atomic_write_group
 from celo2.metatrain.config import MetaTrainConfig
-from celo2.rule.theta import Theta, theta_to_flax_bytes
+from celo2.rule.theta import Theta
+from celo2.theta_files.formats import theta_to_flax_bytes
 
 CHECKPOINT_FORMAT = "celo2-metatrain-v1"
 #: Config keys a resumed run may change (they do not alter what is computed).

@@ -25,7 +25,8 @@ import numpy as np
 from celo2._io import atomic_write_bytes
 from celo2.metatrain.config import ConfigError, MetaTrainConfig
 from celo2.metatrain.tasks import TaskData, load_task_data
-from celo2.rule.theta import Theta, load_theta
+from celo2.rule.theta import Theta
+from celo2.theta_files import load_theta
 
 DEFAULT_TRUNCATIONS = 400
 """Truncations per run stream: 400 x 50 = 20,000 inner steps, about 30 inner

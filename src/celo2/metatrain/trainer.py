@@ -77,7 +77,8 @@ from celo2.metatrain.run_folder import (
     stderr,
 )
 from celo2.metatrain.tasks import TaskData, load_task_data
-from celo2.rule.theta import Theta, load_theta, save_theta
+from celo2.rule.theta import Theta
+from celo2.theta_files import load_theta, save_theta
 
 
 @dataclass

@@ -18,7 +18,8 @@ import numpy as np
 
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
-from celo2.rule.theta import Theta, load_theta
+from celo2.rule.theta import Theta
+from celo2.theta_files import load_theta
 
 ThetaTree = Mapping[str, jax.Array]
 """Theta key -> float32 array (concrete or traced)."""

@@ -1,21 +1,14 @@
-"""The Celo2 update rule, independent of any framework: its constants and its theta."""
+"""The Celo2 update rule, independent of any framework: its constants and its weights.
+
+Reading and writing theta files, the shipped theta and ``hf://`` downloads
+live one layer up, in :mod:`celo2.theta_files`.
+"""
 
 from celo2.rule import spec
-from celo2.rule.theta import (
-    Theta,
-    ThetaError,
-    ThetaNotFoundError,
-    default_theta_path,
-    load_theta,
-    save_theta,
-)
+from celo2.rule.theta import Theta, ThetaError
 
 __all__ = [
     "spec",
     "Theta",
     "ThetaError",
-    "ThetaNotFoundError",
-    "default_theta_path",
-    "load_theta",
-    "save_theta",
 ]

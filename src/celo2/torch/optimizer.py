@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from celo2.rule import routing, spec
-from celo2.rule.theta import Theta, load_theta
+from celo2.rule.theta import Theta
+from celo2.theta_files import load_theta
 from celo2.torch import _adamw, _checkpoint, _sharded
 from celo2.torch import functional as F
 from celo2.torch._checkpoint import COUNTER_KEY, TensorEntry
