@@ -20,8 +20,9 @@ shape (conv kernels ``(O, I, kh, kw)`` as much as ``(3, 3, 4, 8)`` or a
 column) runs the same kernels. An element's statistic indices follow from its
 flat index by integer division.
 
-**Passes** (:data:`celo2.rule.layout.PASSES`). A factored tensor's direction
-takes 7 launches:
+**Passes** (docs/architecture.md, "The passes of a fused step": the four
+passes, with the reductions between them that the GPU launches apart). A
+factored tensor's direction takes 7 launches:
 
 1. a zeroed ``int32`` non-finite flag (``torch.zeros``);
 2. ``_grad_stats``: reads ``g`` once; sums of ``clip(g)^2`` over ``SL``

@@ -1,4 +1,4 @@
-"""How every fused backend sees the rule: channel order, weight packing and passes.
+"""How every fused backend sees the rule: channel order, weight packing and direction modes.
 
 :mod:`celo2.rule.spec` says *what* the rule computes. This module says how the
 fused implementations (the Numba CPU kernels, the Triton GPU kernels and the
@@ -14,9 +14,11 @@ description instead of restating it:
   (:data:`PACKED`): the first-layer rows of the per-element, row and column
   channels, ``b0``, ``w1`` as ``(in, out)``, ``b1``, and the direction output's
   column of ``w2`` and entry of ``b2``.
-* **Passes.** A tensor whose normalisation group spans it whole (a matrix or a
-  vector) takes the passes of :data:`PASSES`, in order; the direction pass runs
-  in one of the :class:`DirectionMode` modes.
+* **Direction modes.** What the last pass of a fused step does with the
+  direction it computes (:class:`DirectionMode`): write it, sum its squares,
+  apply it, or write it over the gradient. The passes themselves are code, in
+  :mod:`celo2.kernels.cpu` and :mod:`celo2.kernels.triton`; docs/architecture.md
+  ("The passes of a fused step") names them.
 """
 
 from __future__ import annotations
@@ -202,32 +204,3 @@ class DirectionMode(enum.IntEnum):
     SQUARES = 1
     APPLY = 2
     OVER_GRAD = 3
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One pass of a backend over a tensor.
-
-    Attributes:
-        name: the pass's name, as the backends call it.
-        reads: what it reads.
-        writes: what it writes.
-    """
-
-    name: str
-    reads: str
-    writes: str
-
-
-PASSES: tuple[Pass, ...] = (
-    Pass("grad_stats", "g", "row and column sums of clip(g)^2 (per block, summed after)"),
-    Pass("factors", "the factored statistics and those sums",
-         "the folded statistics, the Adafactor factors and the rank-1 channels' share of the first layer"),
-    Pass("accumulate", "g, p, m, v and the factors",
-         "m and v in place, and the sums of squares of the per-element channels"),
-    Pass("direction", "g, p, m, v, the factors and the first layer scaled by the input RMS",
-         "the direction, in one DirectionMode"),
-)
-"""The passes of a matrix step (a vector skips ``grad_stats`` and ``factors``:
-its accumulate pass folds the unfactored statistic and yields its factor). The
-output RMS, and Newton-Schulz for Celo2, follow the direction pass."""

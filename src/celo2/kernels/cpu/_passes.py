@@ -8,10 +8,12 @@ compiled step through its XLA FFI handler. The sequences run serially over
 the row blocks of :func:`celo2.kernels.cpu.blocks`, so the numbers are those
 of any split of the same loops over threads.
 
-* A matrix (:func:`matrix_step`) takes the passes of
-  :data:`celo2.rule.layout.PASSES`: the gradient's row and column sums of
-  squares, the factored statistics with their factors and rank-1 terms, the
-  accumulators with the channels' sums of squares, and the direction.
+* A matrix (:func:`matrix_step`) takes four passes, the loops of
+  :mod:`celo2.kernels.cpu._loops` of the same names (docs/architecture.md,
+  "The passes of a fused step"): ``grad_stats``, the gradient's row and column
+  sums of squares; ``factors``, the factored statistics with their factors and
+  rank-1 terms; ``accumulate``, the accumulators with the channels' sums of
+  squares; and ``direction``.
 * A vector (:func:`vector_step`) folds its unfactored statistics in one pass,
   then takes the matrix's direction pass as one row.
 * A conv kernel (:func:`conv_step`), seen as ``(O, I, G)`` with ``G = kh kw``
@@ -77,8 +79,8 @@ if AVAILABLE:
 
     @serial
     def matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 matrix's step, serially: the passes of
-        :data:`celo2.rule.layout.PASSES` over the blocks of :func:`blocks`.
+        """One float32 matrix's step, serially: the passes ``grad_stats``,
+        ``factors``, ``accumulate`` and ``direction`` over the blocks of :func:`blocks`.
 
         Args: ``g``, ``p`` (R, C); ``m`` (3, R, C) and ``v`` (R, C), updated in
         place; ``fac_r``, ``fac_c`` (3, L), the factored statistics, updated in
