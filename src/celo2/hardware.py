@@ -16,8 +16,9 @@ NS_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
 BF16_CPU_FLAGS: frozenset[str] = frozenset({"amx_bf16", "avx512_bf16"})
 """``/proc/cpuinfo`` flags of CPUs whose matrix units multiply bfloat16 natively
-(Intel AMX, AVX512-BF16): oneDNN's bfloat16 products run several times faster
-than float32 there, while elsewhere bfloat16 is emulated and slower."""
+(Intel AMX, AVX512-BF16): there oneDNN's bfloat16 products run on the matrix
+units and outpace float32, while elsewhere bfloat16 is emulated and costs more
+than float32."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -187,7 +187,7 @@ if AVAILABLE:
     # (as the tests load it) could not call them. Reductions pass the standard
     # library's combine functions to ``tl.reduce``: the interpreter recognises
     # those and reduces with NumPy (any other combine function it runs element
-    # by element, some 100x slower).
+    # by element in Python).
     _SUM_COMBINE = tl.standard._sum_combine
     _MAX_COMBINE = tl.standard._elementwise_max
 

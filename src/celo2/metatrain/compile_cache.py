@@ -1,7 +1,8 @@
 """Compiled meta-training iterations, shared by trainers of equal configurations in one process.
 
-Compiling the iteration takes XLA 10-30 s on a CPU; a resumed run, or a second trainer in the same
-process, reuses the first one's executable. Both caches keep the 8 most recent entries.
+XLA compiles the whole PES iteration before it first runs, which delays a run's start; a resumed run,
+or a second trainer in the same process, reuses the first one's executable. Both caches keep the 8
+most recent entries.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def state_shardings(pes, mesh):
 def jitted_iteration(pes, mesh, inner_optimizer) -> Callable:
     """One jitted iteration per computation, shared by trainers of equal configs.
 
-    Compiling the iteration takes XLA 10-30 s on a CPU; a resumed run, or a
-    second trainer in the same process, reuses the first one's executable.
+    XLA compiles the whole iteration before it first runs; a resumed run, or
+    a second trainer in the same process, reuses the first one's executable.
     """
     import jax
 

@@ -193,9 +193,9 @@ as the default ``1.5 ln 10`` is for 10 classes (a byte model starts at ``ln 256 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published recipe: 4 x 8 x 2 x 50 = 3,200 inner steps per iteration.
     "paper": {},
-    # Sized for 2 CPU cores: 4 x 4 x 2 x 50 = 1,600 inner steps per iteration, about 0.3 s
-    # there (two host devices), so 10,000 iterations fit in an hour with room for a busier
-    # machine. Half the paper's pairs and the predecessor's outer learning rate buy more,
+    # Sized for 2 CPU cores (two host devices): 4 x 4 x 2 x 50 = 1,600 inner steps per iteration,
+    # so that 10,000 iterations fit in about an hour with room for a busier machine
+    # (docs/performance.md, "Measurements behind design choices"). Half the paper's pairs and the predecessor's outer learning rate buy more,
     # noisier outer steps in the time.
     "cpu": {
         "tasks": ("mnist", "fashion-mnist", "digits", "synthetic"),
@@ -215,8 +215,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 500,
     },
     # The tiny causal byte transformer on the standard library's docstrings, one family:
-    # 1 x 4 x 2 x 50 = 400 inner steps per iteration. Batches of 8 windows of 32 bytes keep an
-    # inner step near 3-4 ms of one core; 2,000 iterations take about an hour on 2 busy cores.
+    # 1 x 4 x 2 x 50 = 400 inner steps per iteration. Batches of 8 windows of 32 bytes keep
+    # the inner step small enough that 2,000 iterations fit in about an hour on 2 CPU cores.
     "cpu-text": {
         "tasks": ("text-docstrings",),
         "batch_size": 8,

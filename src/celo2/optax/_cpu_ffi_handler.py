@@ -1,7 +1,7 @@
 """The XLA FFI handler of :mod:`celo2.optax.cpu_ffi`, as a Numba ``cfunc``.
 
-Imported on first use only: compiling it takes about 20 s the first time
-after an install (Numba then loads it from its disk cache). It reads XLA's C
+Imported on first use only: Numba compiles it the first time after an
+install, the longest part of a first CPU step, then loads it from its disk cache. It reads XLA's C
 structs by word offset; the layouts are those of ``xla/ffi/api/c_api.h``
 (API 0.1 and later) on a 64-bit ABI. The operands' shapes and dtypes are
 checked on the Python side (:mod:`celo2.optax.cpu_ffi`) before any call.

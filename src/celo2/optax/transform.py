@@ -50,7 +50,8 @@ def scale_by_celo2(
             ``False``: Celo2-base).
         cpu_kernels: On CPU, run float32 vectors, matrices and conv kernels through the fused
             Numba kernels (an XLA custom call, :mod:`celo2.optax.cpu_ffi`) instead of XLA's own
-            loop; same numbers to float32 rounding, about 3x faster, but not differentiable.
+            loop (compiled without FMAs and at 256 bits); same numbers to float32 rounding,
+            faster, but not differentiable.
             ``None`` (default): on when Numba is installed and theta is not traced; ``False``: XLA
             everywhere (needed to differentiate through the update); ``True``: on, and an error if
             Numba is missing. Other platforms always compile the XLA formulation, and so do

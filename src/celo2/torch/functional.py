@@ -19,7 +19,7 @@ Backends (``backend=``), one module each under :mod:`celo2.torch.backends`:
 * ``"numba"``: :mod:`celo2.torch.backends.numba`, the chunked path for the rest;
 * ``"torch"``: the chunked path (:mod:`celo2.torch.backends.torch`) everywhere;
 * ``"reference"``: the formula spelled out (:mod:`celo2.torch.backends.reference`;
-  about 30x the tensor in memory, for checking).
+  every channel at full size, for checking).
 
 The environment variable ``CELO2_CPU_KERNELS=0`` (read at import, deprecated:
 use ``backend="torch"``) keeps ``"auto"`` off the Numba kernels.

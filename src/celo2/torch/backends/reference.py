@@ -1,7 +1,8 @@
 """The rule exactly as the spec states it, in PyTorch (``backend="reference"``).
 
 All 30 channels are built at full size, normalised, then fed to the MLP. It
-is short, obviously right, and costs about 30x the tensor in memory; every
+is short, obviously right, and holds every channel and hidden unit as a
+full-size tensor, dozens of copies of the parameter in memory; every
 fused backend is tested against it. It takes every tensor, orthogonalises
 its own directions (always in float32) and never gates non-finite values.
 """
