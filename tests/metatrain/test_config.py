@@ -5,6 +5,7 @@ import math
 import pytest
 
 from celo2.metatrain import ConfigError, MetaTrainConfig, PRESETS, parse_set, preset
+from celo2.metatrain.config import BYTE_META_LOSS_CLIP
 
 
 def test_paper_preset_is_the_published_recipe():
@@ -34,7 +35,7 @@ def test_cpu_photos_preset_swaps_the_generated_families_for_the_photo_ones():
 
 
 def test_unknown_preset_is_named():
-    with pytest.raises(ConfigError, match="'nope'.*paper, cpu, cpu-photos, smoke"):
+    with pytest.raises(ConfigError, match="'nope'.*paper, cpu, cpu-photos, cpu-text, cpu-conv, smoke"):
         preset("nope")
 
 
@@ -69,4 +70,18 @@ def test_round_trip_through_json():
     import json
 
     assert MetaTrainConfig.from_dict(json.loads(c.to_json())) == c
-    assert set(PRESETS) == {"paper", "cpu", "cpu-photos", "smoke"}
+    assert set(PRESETS) == {"paper", "cpu", "cpu-photos", "cpu-text", "cpu-conv", "smoke"}
+
+
+def test_family_presets_train_one_model_each():
+    """cpu-text and cpu-conv name families of one model (a run trains one model) and say what they cost."""
+    from celo2.metatrain.tasks import get_task_family
+
+    for name, model_kind in (("cpu-text", "text"), ("cpu-conv", "conv")):
+        c = preset(name)
+        models = {repr(get_task_family(t).model) for t in c.tasks}
+        assert len(models) == 1, (name, models)
+        assert all(t.startswith(model_kind) for t in c.tasks)
+    assert preset("cpu-text").meta_loss_clip == BYTE_META_LOSS_CLIP
+    assert preset("cpu-text").inner_steps_per_iteration == 400
+    assert preset("cpu-conv").inner_steps_per_iteration == 1200
