@@ -35,11 +35,6 @@ class Gate:
     ``ok`` is false (``torch.where``: bitwise either way, no host
     synchronisation) and counts the skipped step.
 
-    A CPU gradient outside ``torch.compile`` is checked on the host first
-    (there is no device to wait for): a finite one needs no copies, so the
-    guard costs one read of the gradient instead of a copy of the tensor and
-    its state; a non-finite one is copied and restored as above.
-
     Args:
         p: The parameter (its ``grad`` is checked unless ``ok`` is given).
         state: The tensors to restore with it.
@@ -49,20 +44,13 @@ class Gate:
 
     def __init__(self, p: torch.Tensor, state: list[torch.Tensor], counter: torch.Tensor,
                  ok: Optional[torch.Tensor] = None) -> None:
-        self.counter = counter
-        self.tensors = [p.detach(), *state]
-        if ok is None and p.grad.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and grad_finite(p.grad):
-            self.ok = None  # finite, known on the host: nothing to restore or count
-            self.saved = []
-            return
         self.ok = torch.isfinite(p.grad).all() if ok is None else ok.to(torch.bool)
+        self.tensors = [p.detach(), *state]
         self.saved = [t.clone() for t in self.tensors]
+        self.counter = counter
 
     def close(self) -> None:
         """Restore where the gradient was not finite and count the step."""
-        if self.ok is None:
-            return
         for t, old in zip(self.tensors, self.saved):
             t.copy_(torch.where(self.ok, t, old))
         self.counter.add_(self.ok.logical_not().to(self.counter.dtype))
