@@ -85,45 +85,58 @@ if AVAILABLE:
             out[blk] = 1 if e == mask else 0
 
     @kernel
-    def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
-        """Pass 1 on blocks ``lo:hi``: row sums and per-block column sums of ``clip(g)^2``."""
-        R, C = graw.shape
+    def grad_stats(lo, hi, graw, j0, j1, per, row_sum, col_part):  # noqa: ANN001
+        """Pass 1 on blocks ``lo:hi``, columns ``j0:j1``: adds the rows' sums of
+        ``clip(g)^2`` over those columns to ``row_sum`` and writes each
+        block's column sums into ``col_part[blk, :j1 - j0]``."""
+        R = graw.shape[0]
+        C = j1 - j0
         for blk in range(lo, hi):
             cp = col_part[blk]
             cp[:] = _ZERO
             for i in range(blk * per, min(R, (blk + 1) * per)):
                 rs = _ZERO
-                gr = graw[i]
+                gr = graw[i, j0:j1]
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
                     g2 = g * g
                     rs += g2
                     cp[j] += g2
-                row_sum[i] = rs
+                row_sum[i] += rs
 
     @kernel
-    def fold_statistic(stat, total, n, wf, moments):  # noqa: ANN001
-        """Fold the sums of ``clip(g)^2`` ``total`` (L,), over the ``n``
-        entries each value of a factored statistic averages, into ``stat``
-        (3, L) in place; writes ``moments`` (3, 3) float32, per row ``k``: the
-        statistic's mean, the inverse RMS of the statistic and of its
-        ``rsqrt(. + eps)`` (what :func:`factor_terms` reads)."""
-        L = stat.shape[1]
+    def fold_statistic(stat, total, j0, j1, n, wf, parts):  # noqa: ANN001
+        """Fold the sums of ``clip(g)^2`` ``total`` (>= j1 - j0,), over the
+        ``n`` entries each value of a factored statistic averages, into
+        entries ``j0:j1`` of ``stat`` (3, L) in place, and add, per row ``k``,
+        the sums of the folded values, of their squares and of their
+        ``1 / (. + eps)`` to ``parts`` (3, 3) float64 (:func:`statistic_moments`
+        makes them the moments :func:`factor_terms` reads)."""
         inv_n = _ONE / _F(n)
         for k in range(3):
-            s = stat[k]
+            s = stat[k, j0:j1]
             acc = 0.0
             sq = 0.0
             sq_r = 0.0
-            for i in range(L):
+            for i in range(j1 - j0):
                 x = s[i] + wf[k] * ((total[i] * inv_n + _FACTORED_EPS) - s[i])
                 s[i] = x
                 acc += x
                 sq += x * x
                 sq_r += _ONE / (x + _RSQRT_EPS)
-            moments[k, 0] = _F(acc / L)
-            moments[k, 1] = _F(1.0 / np.sqrt(sq / L + _INPUT_NORM_EPS))
-            moments[k, 2] = _F(1.0 / np.sqrt(sq_r / L + _INPUT_NORM_EPS))
+            parts[k, 0] += acc
+            parts[k, 1] += sq
+            parts[k, 2] += sq_r
+
+    @kernel
+    def statistic_moments(parts, L, moments):  # noqa: ANN001
+        """A folded statistic's moments (3, 3) float32 from the sums ``parts``
+        of :func:`fold_statistic` over its ``L`` entries, per row ``k``: its
+        mean, the inverse RMS of the statistic and of its ``rsqrt(. + eps)``."""
+        for k in range(3):
+            moments[k, 0] = _F(parts[k, 0] / L)
+            moments[k, 1] = _F(1.0 / np.sqrt(parts[k, 1] / L + _INPUT_NORM_EPS))
+            moments[k, 2] = _F(1.0 / np.sqrt(parts[k, 2] / L + _INPUT_NORM_EPS))
 
     @kernel
     def factor_terms(stat, j0, j1, moments, w, b0, is_row, factor, term):  # noqa: ANN001

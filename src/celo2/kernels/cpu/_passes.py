@@ -39,7 +39,8 @@ from celo2.rule import layout, spec
 if AVAILABLE:
     from celo2.kernels.cpu._loops import (accumulate, direction, factor_terms, fold_statistic, grad_stats,
                                           group_factors, group_grad_stats, grouped, nonfinite_blocks,
-                                          normalised_first_layer, vector_accumulate, vector_factors)
+                                          normalised_first_layer, statistic_moments, vector_accumulate,
+                                          vector_factors)
 
 # Where each array lies in the packed weights (celo2.rule.layout.pack_theta);
 # Numba freezes these into the compiled sequences.
@@ -129,32 +130,38 @@ if AVAILABLE:
         Returns: the sum of the direction's squares (float64)."""
         R, C = g.shape
         per, nblk = blocks_jit(R)
-        row_sum = np.empty(R, np.float32)
-        col_part = np.empty((nblk, C), np.float32)
-        grad_stats(0, nblk, g, per, row_sum, col_part)
-        col_sum = col_part[0] if nblk == 1 else col_part.sum(0)
+        width = min(C, COLUMN_CHUNK)
         w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
         w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
         b0 = net[_B0[0]:_B0[1]].copy()
-        moments_r = np.empty((3, 3), np.float32)
-        moments_c = np.empty((3, 3), np.float32)
-        # The row statistic (fac_r) averages over the columns when rows_first, else over the rows.
-        if rows_first:
-            fold_statistic(fac_r, row_sum, C, FACTORED_W, moments_r)
-            fold_statistic(fac_c, col_sum, R, FACTORED_W, moments_c)
-        else:
-            fold_statistic(fac_r, col_sum, R, FACTORED_W, moments_r)
-            fold_statistic(fac_c, row_sum, C, FACTORED_W, moments_c)
+        # The row statistic (fac_r) averages over the columns (one value per
+        # row) when rows_first, else over the rows; the other one runs along
+        # the columns and is folded a chunk of columns at a time.
+        along_cols = fac_c if rows_first else fac_r
+        along_rows = fac_r if rows_first else fac_c
+        row_sum = np.zeros(R, np.float32)
+        col_part = np.empty((nblk, width), np.float32)
+        parts_cols = np.zeros((3, 3), np.float64)
+        parts_rows = np.zeros((3, 3), np.float64)
+        for j0 in range(0, C, COLUMN_CHUNK):
+            j1 = min(C, j0 + COLUMN_CHUNK)
+            grad_stats(0, nblk, g, j0, j1, per, row_sum, col_part)
+            col_sum = col_part[0] if nblk == 1 else col_part.sum(0)
+            fold_statistic(along_cols, col_sum, j0, j1, R, FACTORED_W, parts_cols)
+        fold_statistic(along_rows, row_sum, 0, R, C, FACTORED_W, parts_rows)
+        moments_cols = np.empty((3, 3), np.float32)
+        moments_rows = np.empty((3, 3), np.float32)
+        statistic_moments(parts_cols, C, moments_cols)
+        statistic_moments(parts_rows, R, moments_rows)
         A = np.empty((3, R), np.float32)
         TR = np.empty((_H, R), np.float32)
         if rows_first:
-            factor_terms(fac_r, 0, R, moments_r, w_row, b0, True, A, TR)
-            columns = (fac_c, moments_c, w_col, b0, False, False)
+            factor_terms(fac_r, 0, R, moments_rows, w_row, b0, True, A, TR)
+            columns = (fac_c, moments_cols, w_col, b0, False, False)
         else:
-            factor_terms(fac_c, 0, R, moments_c, w_col, b0, False, A, TR)
-            columns = (fac_r, moments_r, w_row, b0, True, False)
+            factor_terms(fac_c, 0, R, moments_rows, w_col, b0, False, A, TR)
+            columns = (fac_r, moments_cols, w_row, b0, True, False)
         A2 = A * A
-        width = min(C, COLUMN_CHUNK)
         B = np.empty((3, width), np.float32)
         TC = np.empty((_H, width), np.float32)
         B2 = np.empty((3, width), np.float32)
