@@ -11,9 +11,13 @@ of any split of the same loops over threads.
 * A matrix (:func:`matrix_step`) takes the passes of
   :data:`celo2.rule.layout.PASSES`: the gradient's row and column sums of
   squares, the factored statistics with their factors and rank-1 terms, the
-  accumulators with the channels' sums of squares, and the direction.
+  accumulators with the channels' sums of squares, and the direction. Each
+  pass runs over the columns a chunk of :data:`COLUMN_CHUNK` at a time, the
+  column factors and rank-1 terms made per chunk, so the scratch along the
+  columns stays a few chunks however wide the matrix (a ``(1, n)`` one too).
 * A vector (:func:`vector_step`) folds its unfactored statistics in one pass,
-  then takes the matrix's direction pass as one row.
+  then takes the matrix's direction pass as one row, its factors made from
+  the folded statistics a chunk at a time.
 * A conv kernel (:func:`conv_step`), seen as ``(O, I, G)`` with ``G = kh kw``
   and normalised per window: the gradient's sums over ``I`` and ``O``, the
   factored statistics per window position, then one fused pass per row of
