@@ -155,3 +155,13 @@ def test_compare_table_reports_each_folders_best_cell_and_refuses_a_task_twice(t
     assert "| muon / adamw |" in text
     twice = _run([str(BENCH / "compare_table.py"), "mlp", "mlp"], tmp_path)
     assert twice.returncode == 2 and "task 'mlp' is in both" in twice.stderr
+
+
+def test_step_memory_measures_every_case(tmp_path):
+    out = tmp_path / "step_memory.json"
+    res = _run([str(BENCH / "step_memory.py"), "--quick", "--optimizers", "Celo2Base", "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["backend"], tuple(r["shape"])) for r in rows} == {
+        (b, s) for b in ("auto", "torch") for s in ((1 << 20,), (1, 1 << 20), (1024, 1024))}
+    assert all(r["transient_bytes"] >= 0 and r["seconds"] > 0 for r in rows)

@@ -85,73 +85,111 @@ if AVAILABLE:
             out[blk] = 1 if e == mask else 0
 
     @kernel
-    def grad_stats(lo, hi, graw, per, row_sum, col_part):  # noqa: ANN001
-        """Pass 1 on blocks ``lo:hi``: row sums and per-block column sums of ``clip(g)^2``."""
-        R, C = graw.shape
+    def grad_stats(lo, hi, graw, j0, j1, per, row_sum, col_part):  # noqa: ANN001
+        """Pass 1 on blocks ``lo:hi``, columns ``j0:j1``: adds the rows' sums of
+        ``clip(g)^2`` over those columns to ``row_sum`` and writes each
+        block's column sums into ``col_part[blk, :j1 - j0]``."""
+        R = graw.shape[0]
+        C = j1 - j0
         for blk in range(lo, hi):
             cp = col_part[blk]
             cp[:] = _ZERO
             for i in range(blk * per, min(R, (blk + 1) * per)):
                 rs = _ZERO
-                gr = graw[i]
+                gr = graw[i, j0:j1]
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
                     g2 = g * g
                     rs += g2
                     cp[j] += g2
-                row_sum[i] = rs
+                row_sum[i] += rs
 
     @kernel
-    def factors(fac_r, fac_c, sum_r, sum_c, n_r, n_c, wf, w_row, w_col, b0, rf, cf, term_r, term_c):  # noqa: ANN001
-        """A matrix's factored statistics and what the passes read from them,
-        in one call instead of some 30 small tensor operations.
+    def fold_statistic(stat, total, j0, j1, n, wf, parts):  # noqa: ANN001
+        """Fold the sums of ``clip(g)^2`` ``total`` (>= j1 - j0,), over the
+        ``n`` entries each value of a factored statistic averages, into
+        entries ``j0:j1`` of ``stat`` (3, L) in place, and add, per row ``k``,
+        the sums of the folded values, of their squares and of their
+        ``1 / (. + eps)`` to ``parts`` (3, 3) float64 (:func:`statistic_moments`
+        makes them the moments :func:`factor_terms` reads)."""
+        inv_n = _ONE / _F(n)
+        for k in range(3):
+            s = stat[k, j0:j1]
+            acc = 0.0
+            sq = 0.0
+            sq_r = 0.0
+            for i in range(j1 - j0):
+                x = s[i] + wf[k] * ((total[i] * inv_n + _FACTORED_EPS) - s[i])
+                s[i] = x
+                acc += x
+                sq += x * x
+                sq_r += _ONE / (x + _RSQRT_EPS)
+            parts[k, 0] += acc
+            parts[k, 1] += sq
+            parts[k, 2] += sq_r
 
-        Folds the sums of ``clip(g)^2`` (``sum_r`` over the ``n_r`` entries
-        each row statistic averages, ``sum_c`` likewise) into ``fac_r`` /
-        ``fac_c`` (3, L) in place; writes the Adafactor factors ``rf`` (row
-        statistic over its mean) and ``cf`` (3, L); and the share of the first
-        layer of the 12 rank-1 channels (each statistic and its
-        ``rsqrt(. + eps)``, normalised to unit RMS): ``term_r`` (8, L), with
-        ``b0`` added, and ``term_c`` (8, L)."""
-        for stat, total, n, w, factor, term, is_row in ((fac_r, sum_r, n_r, w_row, rf, term_r, True),
-                                                        (fac_c, sum_c, n_c, w_col, cf, term_c, False)):
-            L = stat.shape[1]
-            inv_n = _ONE / _F(n)
-            term[:, :] = _ZERO
-            for k in range(3):
-                s = stat[k]
-                acc = 0.0
-                sq = 0.0
-                sq_r = 0.0
-                for i in range(L):
-                    x = s[i] + wf[k] * ((total[i] * inv_n + _FACTORED_EPS) - s[i])
-                    s[i] = x
-                    acc += x
-                    sq += x * x
-                    sq_r += _ONE / (x + _RSQRT_EPS)
-                mean = _F(acc / L)
-                norm = _F(1.0 / np.sqrt(sq / L + _INPUT_NORM_EPS))
-                norm_r = _F(1.0 / np.sqrt(sq_r / L + _INPUT_NORM_EPS))
-                f = factor[k]
-                for i in range(L):
-                    x = s[i]
-                    # rf: safe_rsqrt of the statistic over its mean; cf: of the statistic.
-                    y = x / (mean + _ROW_MEAN_EPS) if is_row else x
-                    f[i] = _ONE / np.sqrt(max(y, _SAFE_RSQRT_FLOOR))
-                    a = x * norm
-                    r = norm_r / np.sqrt(x + _RSQRT_EPS)
-                    for h in range(8):
-                        term[h, i] += w[k, h] * a + w[3 + k, h] * r
-            if is_row:
+    @kernel
+    def statistic_moments(parts, L, moments):  # noqa: ANN001
+        """A folded statistic's moments (3, 3) float32 from the sums ``parts``
+        of :func:`fold_statistic` over its ``L`` entries, per row ``k``: its
+        mean, the inverse RMS of the statistic and of its ``rsqrt(. + eps)``."""
+        for k in range(3):
+            moments[k, 0] = _F(parts[k, 0] / L)
+            moments[k, 1] = _F(1.0 / np.sqrt(parts[k, 1] / L + _INPUT_NORM_EPS))
+            moments[k, 2] = _F(1.0 / np.sqrt(parts[k, 2] / L + _INPUT_NORM_EPS))
+
+    @kernel
+    def factor_terms(stat, j0, j1, moments, w, b0, is_row, factor, term):  # noqa: ANN001
+        """What the passes read from entries ``j0:j1`` of a folded factored
+        statistic ``stat`` (3, L) with its ``moments`` (:func:`fold_statistic`):
+        the Adafactor factors into ``factor[:, :j1 - j0]`` (the row statistic
+        over its mean when ``is_row``, else the statistic, through
+        ``safe_rsqrt``) and the share of the first layer of its 6 rank-1
+        channels (each statistic and its ``rsqrt(. + eps)`` at unit RMS, rows
+        ``w`` (6, 8)) into ``term[:, :j1 - j0]`` (8, .), with ``b0`` added when
+        ``is_row``. A range of entries at a time, so a long statistic needs no
+        full-length scratch."""
+        width = j1 - j0
+        term[:, :width] = _ZERO
+        for k in range(3):
+            s = stat[k, j0:j1]
+            mean = moments[k, 0]
+            norm = moments[k, 1]
+            norm_r = moments[k, 2]
+            f = factor[k]
+            for i in range(width):
+                x = s[i]
+                # rf: safe_rsqrt of the statistic over its mean; cf: of the statistic.
+                y = x / (mean + _ROW_MEAN_EPS) if is_row else x
+                f[i] = _ONE / np.sqrt(max(y, _SAFE_RSQRT_FLOOR))
+                a = x * norm
+                r = norm_r / np.sqrt(x + _RSQRT_EPS)
                 for h in range(8):
-                    term[h] += b0[h]
+                    term[h, i] += w[k, h] * a + w[3 + k, h] * r
+        if is_row:
+            for h in range(8):
+                term[h, :width] += b0[h]
 
     @kernel
-    def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, per, sums_part):  # noqa: ANN001
-        """Pass 2 on blocks ``lo:hi``: fold ``g`` into ``m`` (3, R, C) and ``v`` (R, C) in place and
-        take the sums of squares of all 18 per-element channels, in fast-path
-        order; ``A2`` (3, R) / ``B2`` (3, C) are the squared Adafactor factors."""
-        R, C = graw.shape
+    def vector_factors(fac, j0, j1, factor):  # noqa: ANN001
+        """A vector's Adafactor-style factors ``rsqrt(fac + eps)`` of entries
+        ``j0:j1`` of its full second moments ``fac`` (3, n) into
+        ``factor[:, :j1 - j0]``, as :func:`vector_accumulate` takes them."""
+        for k in range(3):
+            a = fac[k, j0:j1]
+            f = factor[k]
+            for j in range(j1 - j0):
+                f[j] = _ONE / np.sqrt(max(a[j] + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
+
+    @kernel
+    def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, j0, j1, per, sums_part):  # noqa: ANN001
+        """Pass 2 on blocks ``lo:hi``, columns ``j0:j1``: fold ``g`` into ``m``
+        (3, R, C) and ``v`` (R, C) in place and take the sums of squares of all
+        18 per-element channels over those columns, in fast-path order; ``A2``
+        (3, R) / ``B2`` (3, >= j1 - j0) are the squared Adafactor factors (``B2``
+        of those columns)."""
+        R = graw.shape[0]
+        C = j1 - j0
         Q0 = B2[0]; Q1 = B2[1]; Q2 = B2[2]  # noqa: E702
         for blk in range(lo, hi):
             s = np.zeros(18, np.float64)
@@ -159,7 +197,8 @@ if AVAILABLE:
                 s0 = _ZERO; s1 = _ZERO; s2 = _ZERO; s3 = _ZERO; s4 = _ZERO; s5 = _ZERO  # noqa: E702
                 s6 = _ZERO; s7 = _ZERO; s8 = _ZERO; s9 = _ZERO; s10 = _ZERO; s11 = _ZERO  # noqa: E702
                 t0 = _ZERO; t1 = _ZERO; t2 = _ZERO; u0 = _ZERO; u1 = _ZERO; u2 = _ZERO  # noqa: E702
-                gr = graw[i]; vr = v[i]; pr = p[i]; m0r = m[0, i]; m1r = m[1, i]; m2r = m[2, i]  # noqa: E702
+                gr = graw[i, j0:j1]; vr = v[i, j0:j1]; pr = p[i, j0:j1]  # noqa: E702
+                m0r = m[0, i, j0:j1]; m1r = m[1, i, j0:j1]; m2r = m[2, i, j0:j1]  # noqa: E702
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
                     m0 = m0r[j] + wm[0] * (g - m0r[j])
@@ -195,11 +234,13 @@ if AVAILABLE:
             sums_part[blk] = s
 
     @kernel
-    def direction(lo, hi, graw, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out, sq_part):  # noqa: ANN001
-        """Pass 3 on blocks ``lo:hi``. ``W`` (18, 8): first layer with the input
-        RMS folded in, rows in fast-path channel order; ``A`` (3, R) / ``B``
-        (3, C): Adafactor factors along rows / columns; ``TR`` (8, R) (with
-        ``b0``) / ``TC`` (8, C): the rank-1 channels' share of the first layer.
+    def direction(lo, hi, graw, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, j0, j1, per, out,  # noqa: ANN001
+                  sq_part):
+        """Pass 3 on blocks ``lo:hi``, columns ``j0:j1``. ``W`` (18, 8): first
+        layer with the input RMS folded in, rows in fast-path channel order;
+        ``A`` (3, R) / ``B`` (3, >= j1 - j0): Adafactor factors along rows /
+        of those columns; ``TR`` (8, R) (with ``b0``) / ``TC`` (8, >= j1 - j0):
+        the rank-1 channels' share of the first layer.
         ``W1`` (8, 8) is ``(in, out)``. Mode WRITE: ``out = d``; APPLY: ``p =
         decay p + step d``; OVER_GRAD: ``graw = d`` (``out`` unused). Every
         mode leaves the per-block sums of ``d^2`` in ``sq_part``.
@@ -208,7 +249,8 @@ if AVAILABLE:
         each row's directions go to a row buffer before the mode's store: a
         helper function or a store under a branch in the hot loop stopped
         LLVM's vectoriser."""
-        R, C = graw.shape
+        R = graw.shape[0]
+        C = j1 - j0
         row = np.empty(C, np.float32)
         # 1-D rows: indexing them lets LLVM see unit strides (2-D and 3-D
         # indexing left it gathering element by element).
@@ -220,7 +262,8 @@ if AVAILABLE:
                 a0 = A[0, i]; a1 = A[1, i]; a2 = A[2, i]  # noqa: E702
                 t0 = TR[0, i]; t1 = TR[1, i]; t2 = TR[2, i]; t3 = TR[3, i]  # noqa: E702
                 t4 = TR[4, i]; t5 = TR[5, i]; t6 = TR[6, i]; t7 = TR[7, i]  # noqa: E702
-                gr = graw[i]; vr = v[i]; pr = p[i]; m0r = m[0, i]; m1r = m[1, i]; m2r = m[2, i]  # noqa: E702
+                gr = graw[i, j0:j1]; vr = v[i, j0:j1]; pr = p[i, j0:j1]  # noqa: E702
+                m0r = m[0, i, j0:j1]; m1r = m[1, i, j0:j1]; m2r = m[2, i, j0:j1]  # noqa: E702
                 row_sq = _ZERO
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
@@ -288,7 +331,7 @@ if AVAILABLE:
                     row_sq += d * d
                 sq += row_sq
                 if mode == WRITE:
-                    o = out[i]
+                    o = out[i, j0:j1]
                     for j in range(C):
                         o[j] = row[j]
                 elif mode == APPLY:
@@ -300,14 +343,13 @@ if AVAILABLE:
             sq_part[blk] = sq
 
     @kernel
-    def vector_accumulate(graw, p, m, v, fac, wm, wf, factor, sums):  # noqa: ANN001
+    def vector_accumulate(graw, p, m, v, fac, wm, wf, sums):  # noqa: ANN001
         """A vector's accumulators (``m``, ``v`` and the full second moments
-        ``fac``, each ``(3, n)`` or ``(n,)``) in place, its Adafactor-style
-        factors ``rsqrt(fac + eps)`` into ``factor`` (3, n), and the sums of
-        squares of its 15 channels into ``sums``. Its direction is then
-        :func:`direction` on the ``(1, n)`` matrix with these factors as the
-        column factors, unit row factors and zero weights for the three
-        channels vectors lack."""
+        ``fac``, each ``(3, n)`` or ``(n,)``) in place and the sums of squares
+        of its 15 channels into ``sums``. Its direction is then
+        :func:`direction` on the ``(1, n)`` matrix with its factors
+        (:func:`vector_factors`) as the column factors, unit row factors and
+        zero weights for the three channels vectors lack."""
         s = np.zeros(15, np.float64)
         for j in range(graw.shape[0]):
             g = min(max(graw[j], -_GRAD_CLIP), _GRAD_CLIP)
@@ -343,9 +385,6 @@ if AVAILABLE:
             f0 = _ONE / np.sqrt(max(a0 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
             f1 = _ONE / np.sqrt(max(a1 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
             f2 = _ONE / np.sqrt(max(a2 + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
-            factor[0, j] = f0
-            factor[1, j] = f1
-            factor[2, j] = f2
             s[11] += g2 * f0 * f0
             s[12] += g2 * f1 * f1
             s[13] += g2 * f2 * f2

@@ -8,14 +8,16 @@ compiled step through its XLA FFI handler. The sequences run serially over
 the row blocks of :func:`celo2.kernels.cpu.blocks`, so the numbers are those
 of any split of the same loops over threads.
 
-* A matrix (:func:`matrix_step`) takes four passes, the loops of
-  :mod:`celo2.kernels.cpu._loops` of the same names (docs/architecture.md,
-  "The passes of a fused step"): ``grad_stats``, the gradient's row and column
-  sums of squares; ``factors``, the factored statistics with their factors and
-  rank-1 terms; ``accumulate``, the accumulators with the channels' sums of
-  squares; and ``direction``.
+* A matrix (:func:`matrix_step`) takes four passes (docs/architecture.md,
+  "The passes of a fused step"): the gradient's row and column sums of
+  squares; the factored statistics with their factors and rank-1 terms; the
+  accumulators with the channels' sums of squares; and the direction. Each
+  pass runs over the columns a chunk of :data:`COLUMN_CHUNK` at a time, the
+  column factors and rank-1 terms made per chunk, so the scratch along the
+  columns stays a few chunks however wide the matrix (a ``(1, n)`` one too).
 * A vector (:func:`vector_step`) folds its unfactored statistics in one pass,
-  then takes the matrix's direction pass as one row.
+  then takes the matrix's direction pass as one row, its factors made from
+  the folded statistics a chunk at a time.
 * A conv kernel (:func:`conv_step`), seen as ``(O, I, G)`` with ``G = kh kw``
   and normalised per window: the gradient's sums over ``I`` and ``O``, the
   factored statistics per window position, then one fused pass per row of
@@ -39,8 +41,10 @@ from celo2.kernels.cpu._threads import run_blocks
 from celo2.rule import layout, spec
 
 if AVAILABLE:
-    from celo2.kernels.cpu._loops import (accumulate, direction, factors, grad_stats, group_factors, group_grad_stats,
-                                          grouped, nonfinite_blocks, normalised_first_layer, vector_accumulate)
+    from celo2.kernels.cpu._loops import (accumulate, direction, factor_terms, fold_statistic, grad_stats,
+                                          group_factors, group_grad_stats, grouped, nonfinite_blocks,
+                                          normalised_first_layer, statistic_moments, vector_accumulate,
+                                          vector_factors)
 
 # Where each array lies in the packed weights (celo2.rule.layout.pack_theta);
 # Numba freezes these into the compiled sequences.
@@ -51,15 +55,35 @@ _CH, _H, _RANK1 = layout.MATRIX_CHANNELS, spec.HIDDEN_SIZE, layout.RANK1_CHANNEL
 _VECTOR_CH = layout.VECTOR_CHANNELS
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
 
+COLUMN_CHUNK = 1 << 16
+"""Columns per chunk of the accumulator and direction passes of a matrix or
+vector: their column factors and rank-1 terms are made a chunk at a time, so
+a wide matrix or a long vector needs about ``12 COLUMN_CHUNK`` float32 of
+column scratch, not 12 per column. Narrower tensors take one chunk."""
+
 if AVAILABLE:
     blocks_jit = serial(blocks)
 
     @serial
-    def finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+    def fill_columns(stat, moments, w, b0, is_row, is_vector, j0, j1, B, TC):  # noqa: ANN001, ANN202
+        """Columns ``j0:j1``'s factors into ``B`` and rank-1 terms into ``TC``:
+        a vector's from its full second moments ``stat`` (``TC`` stays zero:
+        vectors have no rank-1 channels), a matrix's from its column
+        statistic ``stat`` with its ``moments`` (:func:`factor_terms`)."""
+        if is_vector:
+            vector_factors(stat, j0, j1, B)
+        else:
+            factor_terms(stat, j0, j1, moments, w, b0, is_row, B, TC)
+
+    @serial
+    def finish(g, p, m, v, A, TR, B, TC, filled, columns, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
         """The direction pass of a matrix or vector (one, or for ``APPLY`` the
-        squares first, then the scaled application); returns the sum of the
-        direction's squares."""
-        R = g.shape[0]
+        squares first, then the scaled application), a chunk of
+        :data:`COLUMN_CHUNK` columns at a time; ``columns``, the arguments of
+        :func:`fill_columns` before the range, fill each chunk's factors ``B``
+        and rank-1 terms ``TC``, which already hold the chunk starting at
+        column ``filled``. Returns the sum of the direction's squares."""
+        R, C = g.shape
         per, nblk = blocks_jit(R)
         # Contiguous copies (a slice types as any-layout, which the loops index more slowly).
         W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
@@ -67,20 +91,35 @@ if AVAILABLE:
         w2 = net[_W2[0]:_W2[1]].copy()
         b2 = net[_B2[0]]
         sq_part = np.empty(nblk, np.float64)
-        if mode != APPLY:
-            direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, _ONE, _ZERO, per, out, sq_part)
-            return sq_part.sum()
-        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, SQUARES, _ONE, _ZERO, per, out, sq_part)
-        sq = sq_part.sum()
-        scale = 1.0 / np.sqrt(sq / g.size + spec.OUTPUT_NORM_EPS)
-        direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, APPLY, np.float32(decay),
-                  np.float32(-lr * scale), per, out, sq_part)
+        sq = 0.0
+        step = _ZERO
+        for pass_index in range(2 if mode == APPLY else 1):
+            pass_mode = mode if mode != APPLY else (SQUARES if pass_index == 0 else APPLY)
+            if pass_mode == APPLY:
+                scale = 1.0 / np.sqrt(sq / g.size + spec.OUTPUT_NORM_EPS)
+                step = np.float32(-lr * scale)
+            pass_decay = np.float32(decay) if pass_mode == APPLY else _ONE
+            total = 0.0
+            for j0 in range(0, C, COLUMN_CHUNK):
+                j1 = min(C, j0 + COLUMN_CHUNK)
+                if j0 != filled:
+                    fill_columns(columns[0], columns[1], columns[2], columns[3], columns[4], columns[5], j0, j1, B,
+                                 TC)
+                    filled = j0
+                direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, pass_mode, pass_decay, step, j0, j1,
+                          per, out, sq_part)
+                total += sq_part.sum()
+            if pass_mode != APPLY:
+                sq = total
         return sq
 
     @serial
     def matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 matrix's step, serially: the passes ``grad_stats``,
-        ``factors``, ``accumulate`` and ``direction`` over the blocks of :func:`blocks`.
+        """One float32 matrix's step, serially: the four passes (gradient sums,
+        factors, accumulators, direction) over the blocks of :func:`blocks`,
+        the accumulator and direction passes a chunk of :data:`COLUMN_CHUNK`
+        columns at a time (the column factors and rank-1 terms are made per
+        chunk, so a wide matrix needs no scratch as large as itself).
 
         Args: ``g``, ``p`` (R, C); ``m`` (3, R, C) and ``v`` (R, C), updated in
         place; ``fac_r``, ``fac_c`` (3, L), the factored statistics, updated in
@@ -95,47 +134,78 @@ if AVAILABLE:
         Returns: the sum of the direction's squares (float64)."""
         R, C = g.shape
         per, nblk = blocks_jit(R)
-        row_sum = np.empty(R, np.float32)
-        col_part = np.empty((nblk, C), np.float32)
-        grad_stats(0, nblk, g, per, row_sum, col_part)
-        col_sum = col_part.sum(0)
-        rf = np.empty_like(fac_r)
-        cf = np.empty_like(fac_c)
-        term_r = np.empty((_H, fac_r.shape[1]), np.float32)
-        term_c = np.empty((_H, fac_c.shape[1]), np.float32)
+        width = min(C, COLUMN_CHUNK)
         w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
         w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
         b0 = net[_B0[0]:_B0[1]].copy()
-        if rows_first:  # the row statistic averages over the columns
-            factors(fac_r, fac_c, row_sum, col_sum, C, R, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
-            A, B, TR, TC = rf, cf, term_r, term_c
+        # The row statistic (fac_r) averages over the columns (one value per
+        # row) when rows_first, else over the rows; the other one runs along
+        # the columns and is folded a chunk of columns at a time.
+        along_cols = fac_c if rows_first else fac_r
+        along_rows = fac_r if rows_first else fac_c
+        row_sum = np.zeros(R, np.float32)
+        col_part = np.empty((nblk, width), np.float32)
+        parts_cols = np.zeros((3, 3), np.float64)
+        parts_rows = np.zeros((3, 3), np.float64)
+        for j0 in range(0, C, COLUMN_CHUNK):
+            j1 = min(C, j0 + COLUMN_CHUNK)
+            grad_stats(0, nblk, g, j0, j1, per, row_sum, col_part)
+            col_sum = col_part[0] if nblk == 1 else col_part.sum(0)
+            fold_statistic(along_cols, col_sum, j0, j1, R, FACTORED_W, parts_cols)
+        fold_statistic(along_rows, row_sum, 0, R, C, FACTORED_W, parts_rows)
+        moments_cols = np.empty((3, 3), np.float32)
+        moments_rows = np.empty((3, 3), np.float32)
+        statistic_moments(parts_cols, C, moments_cols)
+        statistic_moments(parts_rows, R, moments_rows)
+        A = np.empty((3, R), np.float32)
+        TR = np.empty((_H, R), np.float32)
+        if rows_first:
+            factor_terms(fac_r, 0, R, moments_rows, w_row, b0, True, A, TR)
+            columns = (fac_c, moments_cols, w_col, b0, False, False)
         else:
-            factors(fac_r, fac_c, col_sum, row_sum, R, C, FACTORED_W, w_row, w_col, b0, rf, cf, term_r, term_c)
-            A, B, TR, TC = cf, rf, term_c, term_r
+            factor_terms(fac_c, 0, R, moments_rows, w_col, b0, False, A, TR)
+            columns = (fac_r, moments_cols, w_row, b0, True, False)
+        A2 = A * A
+        B = np.empty((3, width), np.float32)
+        TC = np.empty((_H, width), np.float32)
+        B2 = np.empty((3, width), np.float32)
         sums_part = np.empty((nblk, _CH), np.float64)
-        accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A * A, B * B, per, sums_part)
-        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums_part.sum(0), R * C)
-        return finish(g, p, m, v, A, B, TR, TC, W, net, mode, decay, lr, out)
+        sums = np.zeros(_CH, np.float64)
+        j0 = 0
+        for j0 in range(0, C, COLUMN_CHUNK):
+            j1 = min(C, j0 + COLUMN_CHUNK)
+            fill_columns(columns[0], columns[1], columns[2], columns[3], columns[4], columns[5], j0, j1, B, TC)
+            for k in range(3):
+                for j in range(j1 - j0):
+                    B2[k, j] = B[k, j] * B[k, j]
+            accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A2, B2, j0, j1, per, sums_part)
+            sums += sums_part.sum(0)
+        W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, R * C)
+        return finish(g, p, m, v, A, TR, B, TC, j0, columns, W, net, mode, decay, lr, out)
 
     @serial
     def vector_step(g, p, m, v, fac, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
         """One float32 vector's step, serially: the accumulator pass (its
-        full-size statistic folded, its factor derived), then the matrix
-        direction pass on it as one row. Arguments as :func:`matrix_step`, with
+        full-size statistic folded), then the matrix direction pass on it as
+        one row, its factors made a chunk of :data:`COLUMN_CHUNK` entries at a
+        time (:func:`celo2.kernels.cpu._loops.vector_factors`). Arguments as :func:`matrix_step`, with
         ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n).
 
         Returns: the sum of the direction's squares (float64)."""
         n = g.shape[0]
-        factor = np.empty((3, n), np.float32)
         sums = np.empty(_VECTOR_CH, np.float64)
-        vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, factor, sums)
+        vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, sums)
         # Rows of fac_m stay zero in W: vectors lack those channels.
         W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, n)
         A = np.ones((3, 1), np.float32)
         TR = net[_B0[0]:_B0[1]].copy().reshape(_H, 1)
-        TC = np.zeros((_H, n), np.float32)
-        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, factor, TR, TC, W,
-                      net, mode, decay, lr, out)
+        width = min(n, COLUMN_CHUNK)
+        B = np.empty((3, width), np.float32)
+        TC = np.zeros((_H, width), np.float32)
+        unused = np.empty((3, 3), np.float32)
+        columns = (fac, unused, unused, TR[:, 0].copy(), False, True)
+        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, TR, B, TC, -1,
+                      columns, W, net, mode, decay, lr, out)
 
     @serial
     def conv_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
