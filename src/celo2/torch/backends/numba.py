@@ -77,13 +77,15 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     g, p = grad.detach().reshape(shape), param.detach().reshape(shape)
     arrays = {"grad": g.numpy(), "param": p.numpy(), "m": state["m"].numpy(), "v": state["v"].numpy(),
               "fac_r": state["fac_r"].numpy()}
+    if k != "vector":
+        arrays["fac_c"] = state["fac_c"].numpy()
+    cpu_kernels.check_operands(k, shape, arrays)  # before any view of them is taken
     if k == "vector":
         step = cpu_kernels.vector_step
         args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], theta.net_numpy())
         orthogonalize = False
         kernel_shape = (1, arrays["grad"].size)
     else:
-        arrays["fac_c"] = state["fac_c"].numpy()
         args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], arrays["fac_c"],
                 factoring(shape).d0, theta.net_numpy())
         if k == "matrix":
@@ -94,7 +96,6 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
             args = (args[0].reshape(O, I, G), args[1].reshape(O, I, G), args[2].reshape(3, O, I, G),
                     args[3].reshape(O, I, G), args[4].reshape(3, -1, G), args[5].reshape(3, -1, G), *args[6:])
             kernel_shape = (O, I, G)
-    cpu_kernels.check_operands(k, shape, arrays)
     if apply is not None and not orthogonalize:
         # Celo2-base and vectors: the direction is never held (its squares first, then applied).
         lr, wd = apply
