@@ -275,10 +275,13 @@ if AVAILABLE:
     @triton.jit
     def _to_bfloat16(x):
         """float32 -> bfloat16 rounded to nearest even, in integer arithmetic (what the GPU's
-        conversion does; the interpreter's conversion truncates). NaN and inf stay NaN and inf."""
+        conversion does; the interpreter's conversion truncates). Inf stays inf; every NaN bit
+        pattern stays NaN (its sign and top payload bits kept, the quiet bit set): rounding would
+        carry a NaN's all-ones payload into the sign, 0x7FFFFFFF (the GPUs' NaN) becoming -0.0."""
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        quiet_nan = (bits >> 16) | 0x0040
+        return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
