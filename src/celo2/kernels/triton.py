@@ -88,6 +88,7 @@ fixed when this module is first imported (:data:`INTERPRETED`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -893,14 +894,58 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1)
 
 
+def check_scalar(value: Scalar, name: str, device: torch.device) -> None:
+    """Refuse an ``lr`` or weight decay the kernels cannot read where they run.
+
+    A 0-d tensor is read by the kernels on the parameter's device; one on another
+    device (a CPU tensor for a CUDA parameter included) is refused rather than
+    copied: a copy from pageable host memory synchronises with the host every step.
+
+    Args:
+        value: a Python number, or a tensor of one element.
+        name: what it is, for the message (``"lr"``, ``"weight_decay"``).
+        device: the parameter's device.
+
+    Raises:
+        ValueError: a tensor of more than one element, or one on another device than ``device``
+            (the message names both devices).
+    """
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a Python float or a 0-d tensor on {device}; got a tensor of shape "
+                         f"{tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is a tensor on {value.device} but the parameter is on {device}: pass a Python "
+                         f"float or put {name} on the parameter's device ({name}.to({str(device)!r})); the "
+                         f"kernels read it there and never copy it from another device, which would synchronise")
+
+
 def _scalar(x: Scalar, name: str, device: torch.device) -> tuple[torch.Tensor | None, float]:
     """``(pointer, value)`` for a kernel: a 0-d tensor is read on the device, a float passed by value."""
+    check_scalar(x, name, device)
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1 or x.device != device:
-            raise ValueError(f"{name} must be a Python float or a 0-d tensor on {device}; got shape "
-                             f"{tuple(x.shape)} on {x.device}")
         return x.detach().reshape(()), 0.0
     return None, float(x)
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the kernels launch in, so that they run on the parameter's device.
+
+    Triton launches on the current CUDA device and its current stream; a
+    parameter on another GPU of the process makes its device current for the
+    launches (and its current stream theirs). Elsewhere (CPU tensors under the
+    interpreter) nothing changes.
+
+    Args:
+        device: the parameter's device (a CUDA device carries its index).
+
+    Returns:
+        ``torch.cuda.device(device)`` for a CUDA device, else a context that does nothing.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -1035,14 +1080,15 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
         KeyError: a state entry is missing.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(work_shape(param.shape))
-    prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
-    out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
-    if geo.fused:
-        _fused_pass(prep, WRITE, out)
-    else:
-        _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
-    return out, prep.ok
+    with launch_device(param.device):
+        geo = _geometry(work_shape(param.shape))
+        prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
+        out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
+        if geo.fused:
+            _fused_pass(prep, WRITE, out)
+        else:
+            _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
+        return out, prep.ok
 
 
 def _writable_flat(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -1075,28 +1121,29 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
 
     Raises:
         As :func:`direction`; ValueError also for an ``lr`` or ``weight_decay`` tensor that is not
-        a single value on the device.
+        a single value on the parameter's device (:func:`check_scalar`), before anything is written.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(work_shape(param.shape))
-    flat, copied = _writable_flat(param)
-    _scalar(lr, "lr", param.device)
-    _scalar(weight_decay, "weight_decay", param.device)
-    prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
-    if geo.fused:
-        _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
+    check_scalar(lr, "lr", param.device)
+    check_scalar(weight_decay, "weight_decay", param.device)
+    with launch_device(param.device):
+        geo = _geometry(work_shape(param.shape))
+        flat, copied = _writable_flat(param)
+        prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
+        if geo.fused:
+            _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
+            if copied:
+                param.detach().copy_(flat.view(param.shape))
+            return prep.ok
+        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
+        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
+        _direction_pass(prep, SQUARES, sq, sq, sq)
+        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, prep.flag, prep.ok, 1, spec.OUTPUT_NORM_EPS,
+                       skip_nonfinite, False)
+        _direction_pass(prep, APPLY, sq, sq, scale, lr, weight_decay)
         if copied:
             param.detach().copy_(flat.view(param.shape))
         return prep.ok
-    sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-    scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-    _direction_pass(prep, SQUARES, sq, sq, sq)
-    _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, prep.flag, prep.ok, 1, spec.OUTPUT_NORM_EPS,
-                   skip_nonfinite, False)
-    _direction_pass(prep, APPLY, sq, sq, scale, lr, weight_decay)
-    if copied:
-        param.detach().copy_(flat.view(param.shape))
-    return prep.ok
 
 
 def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scalar, weight_decay: Scalar) -> None:
@@ -1124,21 +1171,22 @@ def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scala
                          f"{tuple(d.shape)} on {d.device}")
     if ok.numel() != 1 or ok.device != param.device:
         raise ValueError(f"ok must be a 0-d tensor on {param.device}; got shape {tuple(ok.shape)} on {ok.device}")
-    geo = _geometry(shape)
     lr_ptr, lr_val = _scalar(lr, "lr", param.device)
     wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", param.device)
-    flat, copied = _writable_flat(param)
-    dflat = _flat(d)
-    sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-    scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-    okv = ok.detach().reshape(())
-    common = dict(BG=geo.bg, BL=geo.bl, num_warps=8)
-    _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
-                           MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
-    _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
-    _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
-                           okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
-                           MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-                           P_KIND=_param_kind(param.dtype), **common)
-    if copied:
-        param.detach().copy_(flat.view(param.shape))
+    with launch_device(param.device):
+        geo = _geometry(shape)
+        flat, copied = _writable_flat(param)
+        dflat = _flat(d)
+        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
+        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
+        okv = ok.detach().reshape(())
+        common = dict(BG=geo.bg, BL=geo.bl, num_warps=8)
+        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
+                               MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
+        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
+        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
+                               okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
+                               MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
+                               P_KIND=_param_kind(param.dtype), **common)
+        if copied:
+            param.detach().copy_(flat.view(param.shape))
