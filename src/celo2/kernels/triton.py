@@ -271,7 +271,7 @@ if AVAILABLE:
         """``h + (x * inv_c) w_el[c]``: channel ``c`` normalised by its group's RMS, into the first layer."""
         s = tl.load(_row(inv_ptr, c, G) + grp, mask=gmask, other=0.0)
         w = tl.load(net_ptr + _W_EL + c * _H + tl.arange(0, _H))
-        return h + (x * s[:, None])[:, :, None] * w[None, None, :]
+        return h + (x * s[:, None])[None, :, :] * w[:, None, None]
 
     @triton.jit
     def _to_bfloat16(x):
@@ -639,13 +639,15 @@ if AVAILABLE:
         applies it with the output RMS of the tile's groups (each group whole in the tile)."""
         rv = tl.rsqrt(v + _RSQRT_EPS)
         hidx = tl.arange(0, _H)
+        # The hidden axis leads ``(H, BG, BL)``: each thread holds every hidden unit of its elements, so the
+        # layers' sums over it stay within the thread.
         if FACTORED:
-            hoff = hidx[None, None, :].to(tl.int64)
-            m3 = mask[:, :, None]
-            h = (tl.load(t_lo + hoff * n_lo + ilo[:, :, None], mask=m3, other=0.0)
-                 + tl.load(t_hi + hoff * n_hi + ihi[:, :, None], mask=m3, other=0.0))
+            hoff = hidx[:, None, None].to(tl.int64)
+            m3 = mask[None, :, :]
+            h = (tl.load(t_lo + hoff * n_lo + ilo[None, :, :], mask=m3, other=0.0)
+                 + tl.load(t_hi + hoff * n_hi + ihi[None, :, :], mask=m3, other=0.0))
         else:
-            h = tl.full([BG, BL, _H], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
+            h = tl.full([_H, BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[:, None, None]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, _clip(g, _FEATURE_CLIP), _CH_CLIP, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, p, _CH_P, inv_ptr, G, grp, gmask, net_ptr)
@@ -669,7 +671,7 @@ if AVAILABLE:
         d = tl.full([BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B2)
         for j in tl.static_range(_H):
             w1 = tl.load(net_ptr + _W1 + hidx * _H + j)  # column j of w1 (in, out)
-            u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[None, None, :], 2))
+            u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[:, None, None], 0))
             d += tl.load(net_ptr + _W2 + j) * u
         if MODE == 0:
             tl.store(out_ptr + n, tl.where(_where_ok(mask, flag_ptr, SKIP), d, 0.0), mask=mask)
@@ -761,6 +763,13 @@ class _Geometry:
     def fused(self) -> bool:
         """Whether each group fits one tile: accumulate, input RMS and direction then take one launch."""
         return self.nlb == 1
+
+    @property
+    def warps(self) -> int:
+        """Warps per program of the element passes: two elements of a tile per thread (4 to 16 warps).
+        The direction pass holds every hidden unit of its elements in the thread's registers; at two
+        elements per thread it needs no more than 128 registers (four spilled at 255)."""
+        return max(4, min(16, self.bg * self.bl // 64))
 
     @property
     def programs(self) -> int:
@@ -1012,7 +1021,7 @@ def _prepare(net: torch.Tensor, state: Mapping[str, torch.Tensor], g: torch.Tens
         ints = (N, G, L, nlb, 1, 1, 1, 1, 1, 1)
     if not geo.fused:
         _accumulate[(geo.programs,)](g, p, m, v, fac, f_lo, f_hi, flag, part, *ints,
-                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=8)
+                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
         _launch_reduce(part, inv, G, nlb, L, flag, ok, nch, spec.INPUT_NORM_EPS, skip, True)
     return _Prepared(geo, (g, p, m, v, fac, f_lo, f_hi, t_lo, t_hi, inv, net, flag), ints, flag, ok, skip, part, nch)
 
@@ -1029,7 +1038,7 @@ def _fused_pass(prep: _Prepared, mode: int, out: torch.Tensor, lr: Scalar = 0.0,
         *args[:9], prep.part, *args[9:], prep.ok, out, prep.flag if lr_ptr is None else lr_ptr, lr_val,
         prep.flag if wd_ptr is None else wd_ptr, wd_val, *ints,
         FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, NCH=prep.nch, LR_T=lr_ptr is not None,
-        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
+        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
 
 
 def _launch_reduce(part: torch.Tensor, out: torch.Tensor, G: int, nlb: int, L: int, flag: torch.Tensor,
@@ -1049,7 +1058,7 @@ def _direction_pass(prep: _Prepared, mode: int, out: torch.Tensor, sq: torch.Ten
         *prep.args, out, sq, scale, prep.flag if lr_ptr is None else lr_ptr, lr_val,
         prep.flag if wd_ptr is None else wd_ptr, wd_val, *prep.ints,
         FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
+        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
 
 
 def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor, *,
@@ -1180,7 +1189,7 @@ def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scala
         sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
         scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
         okv = ok.detach().reshape(())
-        common = dict(BG=geo.bg, BL=geo.bl, num_warps=8)
+        common = dict(BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
         _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
                                MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
         _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
