@@ -155,3 +155,13 @@ def test_compare_table_reports_each_folders_best_cell_and_refuses_a_task_twice(t
     assert "| muon / adamw |" in text
     twice = _run([str(BENCH / "compare_table.py"), "mlp", "mlp"], tmp_path)
     assert twice.returncode == 2 and "task 'mlp' is in both" in twice.stderr
+
+
+def test_triton_resources_prints_registers_and_spills_of_compiled_kernels(tmp_path):
+    pytest.importorskip("triton")
+    res = _run([str(BENCH / "triton_resources.py"), "--quick", "--targets", "sm_90", "--max-compiles", "2",
+                "--json", str(tmp_path / "out.json")], tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert len(rows) == 2 and all(r["target"] == "sm_90" and r["registers"] > 0 for r in rows)
+    assert "regs" in res.stdout and "spill" in res.stdout and "factored direction passes" in res.stdout

@@ -791,7 +791,9 @@ def _geometry(shape: tuple[int, ...]) -> _Geometry:
     L = shape[-2] * shape[-1] if nd >= 3 else numel
     G = numel // L
     bl = min(_pow2(L), TILE)
-    bg = min(TILE // bl, _pow2(G))
+    # A tile of several groups holds half as many elements: its per-group sums and scales take registers
+    # of their own, and at TILE elements the direction pass would spill.
+    bg = min(max(1, TILE // (2 * bl)), _pow2(G))
     common = dict(shape=shape, numel=numel, groups=G, group_len=L, bg=bg, bl=bl, nlb=-(-L // bl))
     f = factoring(shape)
     if f is None:
