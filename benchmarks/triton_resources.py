@@ -48,7 +48,7 @@ import os
 # functions the kernels pass) are decorated for compilation, as the compiled copy needs them; the
 # kernels' module, imported later, runs interpreted (it calls no Triton helper itself, so it can).
 os.environ["TRITON_INTERPRET"] = "0"
-import triton  # noqa: E402,F401
+import triton  # noqa: E402
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -298,8 +298,6 @@ def supported_targets() -> list[str]:
 
 
 def _cuobjdump() -> Path:
-    import triton
-
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -337,7 +335,6 @@ def _occupancy(target: str, registers: int, num_warps: int) -> float:
 
 def compile_usage(compiled: ModuleType, launch: Launch, target: str, cache: bool = True) -> Usage:
     """Compile ``launch`` for ``target`` (or read the cached result) and read its resources."""
-    import triton
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 

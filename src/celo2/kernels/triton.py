@@ -80,6 +80,10 @@ is updated through that copy and copied back; state must be contiguous, shaped
 by :func:`celo2.rule.state.state_shapes` (as the front end's ``init_tensor_state`` makes it). Element indices are
 64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
+**Devices.** Every launch runs on the parameter's device (:func:`launch_device`
+makes it the current CUDA device around the launches); ``lr`` and weight decay
+are Python floats or 0-d tensors on that device (:func:`check_scalar`).
+
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
 ``TRITON_INTERPRET`` when a kernel is decorated, so the interpreter mode is
