@@ -421,7 +421,8 @@ def representative(launches: list[Launch]) -> list[Launch]:
 
 
 def run(targets: list[str], quick: bool, max_compiles: int | None, cache: bool,
-        log: Callable[[str], None] = print) -> tuple[list[Usage], list[str], list[Launch]]:
+        log: Callable[[str], None] = print,
+        kernels: tuple[str, ...] = KERNELS) -> tuple[list[Usage], list[str], list[Launch]]:
     """Record, compile and check; returns every result, the problems found and every launch recorded."""
     compiled = _load_compiled_copy()
     with Recorder(compiled) as recorder:
@@ -432,6 +433,7 @@ def run(targets: list[str], quick: bool, max_compiles: int | None, cache: bool,
         launches = representative(launches)
         log(f"{len(launches)} representative configurations compiled")
     launches.sort(key=lambda l: (l.kernel, l.describe()))
+    launches = [l for l in launches if l.kernel in kernels]
     if max_compiles is not None:
         launches = launches[:max_compiles]
     results, problems = [], []
@@ -461,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=None,
                         help="sm_80 sm_90 sm_100 gfx942 (default: all supported; --quick: sm_80 sm_90)")
     parser.add_argument("--max-compiles", type=int, default=None, help="compile at most this many configurations")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS,
+                        help="compile these kernels only (default: all)")
     parser.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring cached results")
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     args = parser.parse_args(argv)
@@ -470,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--targets: {unknown} not supported by this Triton (it compiles for {available})")
     start = time.perf_counter()
-    results, problems, recorded = run(targets, args.quick, args.max_compiles, not args.no_cache)
+    results, problems, recorded = run(targets, args.quick, args.max_compiles, not args.no_cache,
+                                      kernels=tuple(args.kernels))
     for line in table(results):
         print(line)
     worst = {}
