@@ -165,3 +165,13 @@ def test_step_memory_measures_every_case(tmp_path):
     assert {(r["backend"], tuple(r["shape"])) for r in rows} == {
         (b, s) for b in ("auto", "torch") for s in ((1 << 20,), (1, 1 << 20), (1024, 1024))}
     assert all(r["transient_bytes"] >= 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_triton_resources_prints_registers_and_spills_of_compiled_kernels(tmp_path):
+    pytest.importorskip("triton")
+    res = _run([str(BENCH / "triton_resources.py"), "--quick", "--targets", "sm_90", "--max-compiles", "2",
+                "--json", str(tmp_path / "out.json")], tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert len(rows) == 2 and all(r["target"] == "sm_90" and r["registers"] > 0 for r in rows)
+    assert "regs" in res.stdout and "spill" in res.stdout and "factored direction passes" in res.stdout

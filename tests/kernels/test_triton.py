@@ -339,3 +339,88 @@ def test_module_imports_without_triton(monkeypatch):
     assert not module.AVAILABLE and not module.INTERPRETED and not module.supports(param)
     with pytest.raises(RuntimeError, match="not installed"):
         module.direction(torch.zeros(layout.NET_SIZE), rule.init_tensor_state(param), param, param)
+
+
+def test_lr_and_weight_decay_on_another_device_are_refused_naming_both(tk, net):
+    """A 0-d ``lr`` or weight decay on another device than the parameter (here ``meta`` against the
+    CPU, as a CPU tensor against a CUDA parameter) is refused before anything is written."""
+    gen = torch.Generator().manual_seed(4)
+    param = torch.randn(6, 5, generator=gen)
+    grad = torch.randn(6, 5, generator=gen)
+    state = rule.init_tensor_state(param)
+    before = param.clone()
+    elsewhere = torch.tensor(0.01, device="meta")
+    with pytest.raises(ValueError, match=r"lr is a tensor on meta but the parameter is on cpu"):
+        tk.apply_step(net, state, grad, param, elsewhere, 0.0)
+    with pytest.raises(ValueError, match=r"weight_decay is a tensor on meta but the parameter is on cpu"):
+        tk.apply_step(net, state, grad, param, 0.01, elsewhere)
+    assert torch.equal(param, before) and int(state["m"].abs().sum()) == 0
+    d, ok = tk.direction(net, state, grad, param)
+    with pytest.raises(ValueError, match=r"lr is a tensor on meta but the parameter is on cpu.*lr\.to\('cpu'\)"):
+        tk.apply_held(param, d, ok, elsewhere, 0.0)
+    assert torch.equal(param, before)
+    with pytest.raises(ValueError, match="weight_decay is a tensor on cuda:1 but the parameter is on cpu"):
+        tk.check_scalar(_FakeDeviceTensor(), "weight_decay", torch.device("cpu"))
+    tk.check_scalar(0.5, "lr", torch.device("cuda", 1))  # a float is read by value anywhere
+    tk.check_scalar(torch.tensor(0.5), "lr", torch.device("cpu"))
+
+
+class _FakeDeviceTensor(torch.Tensor):
+    """A one-element tensor that reports a second GPU as its device (no GPU needed to check the message)."""
+
+    def __new__(cls):  # noqa: D102
+        return torch.Tensor._make_subclass(cls, torch.tensor(0.1))
+
+    @property
+    def device(self):  # noqa: D102
+        return torch.device("cuda", 1)
+
+
+def test_launches_go_to_the_parameters_device(tk):
+    """Triton launches on the current CUDA device: the kernels make the parameter's device current
+    around their launches (a parameter on a second GPU); on the CPU nothing changes."""
+    ctx = tk.launch_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert tk.launch_device(torch.device("cuda", 0)).idx == 0
+    with tk.launch_device(torch.device("cpu")):
+        pass
+
+
+def test_launches_run_inside_the_parameters_device_context(tk, net, monkeypatch):
+    """Every entry point launches inside :func:`launch_device` of its parameter."""
+    import contextlib
+
+    entered: list[torch.device] = []
+    depth = [0]
+    launched_outside: list[str] = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    class _Watched:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            if depth[0] == 0:
+                launched_outside.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(tk, "launch_device", recording)
+    for name in ("_grad_stats", "_flag_pass", "_stat_reduce", "_factors", "_accumulate", "_reduce_groups",
+                 "_direction", "_fused", "_held"):
+        monkeypatch.setattr(tk, name, _Watched(getattr(tk, name), name))
+    for shape in [(37,), (40, 30), (1500,), (5, 3, 3, 3)]:
+        param = torch.randn(shape)
+        state = rule.init_tensor_state(param)
+        d, ok = tk.direction(net, state, torch.randn(shape), param)
+        tk.apply_step(net, state, torch.randn(shape), param, 0.01, 0.0)
+        tk.apply_held(param, d, ok, 0.01, 0.0)
+    assert not launched_outside, launched_outside
+    assert entered and all(dev == torch.device("cpu") for dev in entered)

@@ -85,3 +85,21 @@ def test_triton_backend_agrees_skips_and_launches_a_fixed_number():
     res = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.strip().endswith("ok")
+
+
+def test_lr_on_another_device_is_refused_before_a_launch():
+    """The backend checks ``lr`` and weight decay against every parameter's device before its first
+    launch, naming both devices."""
+    from celo2.torch.backends import triton as triton_backend
+
+    if not triton_backend.available():
+        pytest.skip("the Triton kernels do not import")
+    import torch
+
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    triton_backend.check_apply(params, (0.1, torch.tensor(0.0)))
+    with pytest.raises(ValueError, match="lr is a tensor on meta but the parameter is on cpu"):
+        triton_backend.check_apply(params, (torch.tensor(0.1, device="meta"), 0.0))
+    with pytest.raises(ValueError, match="weight_decay is a tensor on meta"):
+        triton_backend.BACKEND.apply_held(params, [torch.zeros(3), torch.zeros(2, 2)], [None, None],
+                                          (0.1, torch.tensor(0.0, device="meta")))

@@ -81,6 +81,10 @@ is updated through that copy and copied back; state must be contiguous, shaped
 by :func:`celo2.rule.state.state_shapes` (as the front end's ``init_tensor_state`` makes it). Element indices are
 64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
+**Devices.** Every launch runs on the parameter's device (:func:`launch_device`
+makes it the current CUDA device around the launches); ``lr`` and weight decay
+are Python floats or 0-d tensors on that device (:func:`check_scalar`).
+
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
 ``TRITON_INTERPRET`` when a kernel is decorated, so the interpreter mode is
@@ -89,6 +93,7 @@ fixed when this module is first imported (:data:`INTERPRETED`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -271,15 +276,18 @@ if AVAILABLE:
         """``h + (x * inv_c) w_el[c]``: channel ``c`` normalised by its group's RMS, into the first layer."""
         s = tl.load(_row(inv_ptr, c, G) + grp, mask=gmask, other=0.0)
         w = tl.load(net_ptr + _W_EL + c * _H + tl.arange(0, _H))
-        return h + (x * s[:, None])[:, :, None] * w[None, None, :]
+        return h + (x * s[:, None])[None, :, :] * w[:, None, None]
 
     @triton.jit
     def _to_bfloat16(x):
         """float32 -> bfloat16 rounded to nearest even, in integer arithmetic (what the GPU's
-        conversion does; the interpreter's conversion truncates). NaN and inf stay NaN and inf."""
+        conversion does; the interpreter's conversion truncates). Inf stays inf; every NaN bit
+        pattern stays NaN (its sign and top payload bits kept, the quiet bit set): rounding would
+        carry a NaN's all-ones payload into the sign, 0x7FFFFFFF (the GPUs' NaN) becoming -0.0."""
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        quiet_nan = (bits >> 16) | 0x0040
+        return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
@@ -636,13 +644,15 @@ if AVAILABLE:
         applies it with the output RMS of the tile's groups (each group whole in the tile)."""
         rv = tl.rsqrt(v + _RSQRT_EPS)
         hidx = tl.arange(0, _H)
+        # The hidden axis leads ``(H, BG, BL)``: each thread holds every hidden unit of its elements, so the
+        # layers' sums over it stay within the thread.
         if FACTORED:
-            hoff = hidx[None, None, :].to(tl.int64)
-            m3 = mask[:, :, None]
-            h = (tl.load(t_lo + hoff * n_lo + ilo[:, :, None], mask=m3, other=0.0)
-                 + tl.load(t_hi + hoff * n_hi + ihi[:, :, None], mask=m3, other=0.0))
+            hoff = hidx[:, None, None].to(tl.int64)
+            m3 = mask[None, :, :]
+            h = (tl.load(t_lo + hoff * n_lo + ilo[None, :, :], mask=m3, other=0.0)
+                 + tl.load(t_hi + hoff * n_hi + ihi[None, :, :], mask=m3, other=0.0))
         else:
-            h = tl.full([BG, BL, _H], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[None, None, :]
+            h = tl.full([_H, BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[:, None, None]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, _clip(g, _FEATURE_CLIP), _CH_CLIP, inv_ptr, G, grp, gmask, net_ptr)
         h = _channel(h, p, _CH_P, inv_ptr, G, grp, gmask, net_ptr)
@@ -666,7 +676,7 @@ if AVAILABLE:
         d = tl.full([BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B2)
         for j in tl.static_range(_H):
             w1 = tl.load(net_ptr + _W1 + hidx * _H + j)  # column j of w1 (in, out)
-            u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[None, None, :], 2))
+            u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[:, None, None], 0))
             d += tl.load(net_ptr + _W2 + j) * u
         if MODE == 0:
             tl.store(out_ptr + n, tl.where(_where_ok(mask, flag_ptr, SKIP), d, 0.0), mask=mask)
@@ -760,6 +770,13 @@ class _Geometry:
         return self.nlb == 1
 
     @property
+    def warps(self) -> int:
+        """Warps per program of the element passes: two elements of a tile per thread (4 to 16 warps).
+        The direction pass holds every hidden unit of its elements in the thread's registers; at two
+        elements per thread it needs no more than 128 registers (four spilled at 255)."""
+        return max(4, min(16, self.bg * self.bl // 64))
+
+    @property
     def programs(self) -> int:
         return -(-self.groups // self.bg) * self.nlb
 
@@ -779,7 +796,9 @@ def _geometry(shape: tuple[int, ...]) -> _Geometry:
     L = shape[-2] * shape[-1] if nd >= 3 else numel
     G = numel // L
     bl = min(_pow2(L), TILE)
-    bg = min(TILE // bl, _pow2(G))
+    # A tile of several groups holds half as many elements: its per-group sums and scales take registers
+    # of their own, and at TILE elements the direction pass would spill.
+    bg = min(max(1, TILE // (2 * bl)), _pow2(G))
     common = dict(shape=shape, numel=numel, groups=G, group_len=L, bg=bg, bl=bl, nlb=-(-L // bl))
     f = factoring(shape)
     if f is None:
@@ -891,14 +910,58 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1)
 
 
+def check_scalar(value: Scalar, name: str, device: torch.device) -> None:
+    """Refuse an ``lr`` or weight decay the kernels cannot read where they run.
+
+    A 0-d tensor is read by the kernels on the parameter's device; one on another
+    device (a CPU tensor for a CUDA parameter included) is refused rather than
+    copied: a copy from pageable host memory synchronises with the host every step.
+
+    Args:
+        value: a Python number, or a tensor of one element.
+        name: what it is, for the message (``"lr"``, ``"weight_decay"``).
+        device: the parameter's device.
+
+    Raises:
+        ValueError: a tensor of more than one element, or one on another device than ``device``
+            (the message names both devices).
+    """
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a Python float or a 0-d tensor on {device}; got a tensor of shape "
+                         f"{tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is a tensor on {value.device} but the parameter is on {device}: pass a Python "
+                         f"float or put {name} on the parameter's device ({name}.to({str(device)!r})); the "
+                         f"kernels read it there and never copy it from another device, which would synchronise")
+
+
 def _scalar(x: Scalar, name: str, device: torch.device) -> tuple[torch.Tensor | None, float]:
     """``(pointer, value)`` for a kernel: a 0-d tensor is read on the device, a float passed by value."""
+    check_scalar(x, name, device)
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1 or x.device != device:
-            raise ValueError(f"{name} must be a Python float or a 0-d tensor on {device}; got shape "
-                             f"{tuple(x.shape)} on {x.device}")
         return x.detach().reshape(()), 0.0
     return None, float(x)
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the kernels launch in, so that they run on the parameter's device.
+
+    Triton launches on the current CUDA device and its current stream; a
+    parameter on another GPU of the process makes its device current for the
+    launches (and its current stream theirs). Elsewhere (CPU tensors under the
+    interpreter) nothing changes.
+
+    Args:
+        device: the parameter's device (a CUDA device carries its index).
+
+    Returns:
+        ``torch.cuda.device(device)`` for a CUDA device, else a context that does nothing.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -965,7 +1028,7 @@ def _prepare(net: torch.Tensor, state: Mapping[str, torch.Tensor], g: torch.Tens
         ints = (N, G, L, nlb, 1, 1, 1, 1, 1, 1)
     if not geo.fused:
         _accumulate[(geo.programs,)](g, p, m, v, fac, f_lo, f_hi, flag, part, *ints,
-                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=8)
+                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
         _launch_reduce(part, inv, G, nlb, L, flag, ok, nch, spec.INPUT_NORM_EPS, skip, True)
     return _Prepared(geo, (g, p, m, v, fac, f_lo, f_hi, t_lo, t_hi, inv, net, flag), ints, flag, ok, skip, part, nch)
 
@@ -982,7 +1045,7 @@ def _fused_pass(prep: _Prepared, mode: int, out: torch.Tensor, lr: Scalar = 0.0,
         *args[:9], prep.part, *args[9:], prep.ok, out, prep.flag if lr_ptr is None else lr_ptr, lr_val,
         prep.flag if wd_ptr is None else wd_ptr, wd_val, *ints,
         FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, NCH=prep.nch, LR_T=lr_ptr is not None,
-        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
+        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
 
 
 def _launch_reduce(part: torch.Tensor, out: torch.Tensor, G: int, nlb: int, L: int, flag: torch.Tensor,
@@ -1002,7 +1065,7 @@ def _direction_pass(prep: _Prepared, mode: int, out: torch.Tensor, sq: torch.Ten
         *prep.args, out, sq, scale, prep.flag if lr_ptr is None else lr_ptr, lr_val,
         prep.flag if wd_ptr is None else wd_ptr, wd_val, *prep.ints,
         FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=8)
+        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
 
 
 def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor, *,
@@ -1033,14 +1096,15 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
         KeyError: a state entry is missing.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(work_shape(param.shape))
-    prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
-    out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
-    if geo.fused:
-        _fused_pass(prep, WRITE, out)
-    else:
-        _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
-    return out, prep.ok
+    with launch_device(param.device):
+        geo = _geometry(work_shape(param.shape))
+        prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
+        out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
+        if geo.fused:
+            _fused_pass(prep, WRITE, out)
+        else:
+            _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
+        return out, prep.ok
 
 
 def _writable_flat(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -1073,28 +1137,29 @@ def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Te
 
     Raises:
         As :func:`direction`; ValueError also for an ``lr`` or ``weight_decay`` tensor that is not
-        a single value on the device.
+        a single value on the parameter's device (:func:`check_scalar`), before anything is written.
     """
     _check_operands(net, state, grad, param)
-    geo = _geometry(work_shape(param.shape))
-    flat, copied = _writable_flat(param)
-    _scalar(lr, "lr", param.device)
-    _scalar(weight_decay, "weight_decay", param.device)
-    prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
-    if geo.fused:
-        _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
+    check_scalar(lr, "lr", param.device)
+    check_scalar(weight_decay, "weight_decay", param.device)
+    with launch_device(param.device):
+        geo = _geometry(work_shape(param.shape))
+        flat, copied = _writable_flat(param)
+        prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
+        if geo.fused:
+            _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
+            if copied:
+                param.detach().copy_(flat.view(param.shape))
+            return prep.ok
+        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
+        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
+        _direction_pass(prep, SQUARES, sq, sq, sq)
+        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, prep.flag, prep.ok, 1, spec.OUTPUT_NORM_EPS,
+                       skip_nonfinite, False)
+        _direction_pass(prep, APPLY, sq, sq, scale, lr, weight_decay)
         if copied:
             param.detach().copy_(flat.view(param.shape))
         return prep.ok
-    sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-    scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-    _direction_pass(prep, SQUARES, sq, sq, sq)
-    _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, prep.flag, prep.ok, 1, spec.OUTPUT_NORM_EPS,
-                   skip_nonfinite, False)
-    _direction_pass(prep, APPLY, sq, sq, scale, lr, weight_decay)
-    if copied:
-        param.detach().copy_(flat.view(param.shape))
-    return prep.ok
 
 
 def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scalar, weight_decay: Scalar) -> None:
@@ -1122,21 +1187,22 @@ def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scala
                          f"{tuple(d.shape)} on {d.device}")
     if ok.numel() != 1 or ok.device != param.device:
         raise ValueError(f"ok must be a 0-d tensor on {param.device}; got shape {tuple(ok.shape)} on {ok.device}")
-    geo = _geometry(shape)
     lr_ptr, lr_val = _scalar(lr, "lr", param.device)
     wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", param.device)
-    flat, copied = _writable_flat(param)
-    dflat = _flat(d)
-    sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-    scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-    okv = ok.detach().reshape(())
-    common = dict(BG=geo.bg, BL=geo.bl, num_warps=8)
-    _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
-                           MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
-    _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
-    _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
-                           okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
-                           MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-                           P_KIND=_param_kind(param.dtype), **common)
-    if copied:
-        param.detach().copy_(flat.view(param.shape))
+    with launch_device(param.device):
+        geo = _geometry(shape)
+        flat, copied = _writable_flat(param)
+        dflat = _flat(d)
+        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
+        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
+        okv = ok.detach().reshape(())
+        common = dict(BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
+        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
+                               MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
+        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
+        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
+                               okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
+                               MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
+                               P_KIND=_param_kind(param.dtype), **common)
+        if copied:
+            param.detach().copy_(flat.view(param.shape))

@@ -7,6 +7,7 @@ on first use only, so ``import celo2.torch`` never imports Triton; Triton reads
 ``TRITON_INTERPRET`` then, and with ``TRITON_INTERPRET=1`` the kernels run on
 CPU tensors through its interpreter.
 
+The kernels launch on each parameter's device (not the current CUDA device).
 Each call is a graph break under ``torch.compile`` (``torch.compiler.disable``):
 the kernels launch eagerly inside a compiled training step.
 """
@@ -64,6 +65,23 @@ def apply_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Te
     return kernels().apply_step(theta.net, state, grad, param, lr, weight_decay, skip_nonfinite=skip_nonfinite)
 
 
+def check_apply(params: Sequence[torch.Tensor], apply: Apply) -> None:
+    """Refuse an ``lr`` or weight decay tensor on another device than any of ``params``.
+
+    Args:
+        params: the parameters about to step.
+        apply: ``(lr, weight_decay)``, each a float or a 0-d tensor on the parameters' device.
+
+    Raises:
+        ValueError: naming the value, its device and the parameter's
+            (:func:`celo2.kernels.triton.check_scalar`).
+    """
+    module = kernels()
+    for device in {p.device for p in params}:
+        for value, name in zip(apply, ("lr", "weight_decay")):
+            module.check_scalar(value, name, device)
+
+
 class TritonBackend:
     """The :class:`celo2.torch.backends.Backend` of the Triton kernels.
 
@@ -86,8 +104,14 @@ class TritonBackend:
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
               options: Options) -> list[Optional[torch.Tensor]]:
-        """:func:`apply_step` on each tensor; the flags it returns."""
+        """:func:`apply_step` on each tensor; the flags it returns.
+
+        Raises:
+            ValueError: ``lr`` or weight decay a tensor on another device than a parameter (checked
+                for every tensor before the first launch).
+        """
         lr, weight_decay = apply
+        check_apply(params, apply)
         return [apply_step(theta, st, g, p, lr, weight_decay, skip) for p, g, st in zip(params, grads, states)]
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -105,7 +129,12 @@ class TritonBackend:
 
     def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
                    oks: Sequence[Optional[torch.Tensor]], apply: Apply) -> None:
-        """:func:`apply_held` on each, where its flag is set."""
+        """:func:`apply_held` on each, where its flag is set.
+
+        Raises:
+            ValueError: as :meth:`apply` (before the first launch).
+        """
+        check_apply(params, apply)
         for param, d, ok in zip(params, directions, oks):
             apply_held(param, d, ok, *apply)
 
