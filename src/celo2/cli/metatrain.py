@@ -11,7 +11,8 @@ from pathlib import Path
 from celo2.cli.main import positive_int, seed_int
 
 DESCRIPTION = """\
-Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
+Meta-train the Celo2 theta with PES (spec section 3) on task families: MLPs and conv nets on
+images, a tiny causal transformer on bytes.
 
   celo2 meta-train --preset smoke --out runs/smoke          # ~1 min (compiling), built-in data
   celo2 meta-train --preset cpu --data-dir DATA --out runs/cpu
@@ -20,7 +21,9 @@ Meta-train the Celo2 theta with PES (spec section 3) on 8x8 image-MLP tasks.
   celo2 meta-train score shipped published=theta.state --data-dir DATA   # thetas on the meta-loss
 
 Presets: paper (the published recipe), cpu (sized for 2 CPU cores), cpu-photos (cpu
-with the photo families of celo2.data.photos for digits and synthetic), smoke.
+with the photo families of celo2.data.photos for digits and synthetic), cpu-text (the
+byte transformer on the standard library's docstrings), cpu-conv (the conv net on
+images the bench never evaluates), smoke.
 Any setting can be changed with --set key=value (see --print-config for keys).
 'score' runs every theta, unperturbed, on the same inner runs of the preset's
 tasks and reports the meta-loss (mean clipped training loss per inner step)
