@@ -96,15 +96,7 @@ def test_adam_branch_equals_torch_adamw(random_theta):
     lr, mult, wd = 1e-3, 20.0, 0.1
     opt = Celo2([{"params": ours, "branch": "adam"}], lr=lr, weight_decay=wd, adam_lr_mult=mult, theta=random_theta)
     adamw = torch.optim.AdamW(ref, lr=lr * mult, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        for p, q in zip(ours, ref):
-            grad = torch.randn(p.shape, generator=g)
-            p.grad, q.grad = grad.clone(), grad.clone()
-        opt.step()
-        adamw.step()
-    for p, q in zip(ours, ref):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    _assert_steps_bitwise_alike(opt, ours, adamw, ref)
 
 
 def test_learned_branch_applies_decoupled_weight_decay(random_theta):
@@ -250,6 +242,20 @@ def test_small_model_trains_with_the_published_theta(published_theta, cls):
 
 
 # --- every API path checks what the constructor checks ------------------------------
+def _assert_steps_bitwise_alike(opt, ours, reference, ref, steps: int = 10) -> None:
+    """Step ``opt`` (on ``ours``) and ``reference`` (on ``ref``) with the same random gradients; the
+    parameters must end bitwise equal."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        reference.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def _snapshot(opt):
     params = [p for g in opt.param_groups for p in g["params"]]
     return ([p.detach().clone() for p in params],
@@ -474,15 +480,7 @@ def test_adam_branch_with_tensor_lr_is_torch_capturable_adamw(random_theta, monk
     monkeypatch.setattr(torch_adam, "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
     adamw = torch.optim.AdamW(ref, lr=lr * mult, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd, capturable=True,
                               foreach=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        for p, q in zip(ours, ref):
-            grad = torch.randn(p.shape, generator=g)
-            p.grad, q.grad = grad.clone(), grad.clone()
-        opt.step()
-        adamw.step()
-    for p, q in zip(ours, ref):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    _assert_steps_bitwise_alike(opt, ours, adamw, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
