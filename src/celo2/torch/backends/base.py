@@ -37,12 +37,37 @@ class Options:
     workspace: Any = None
 
 
+@dataclass(frozen=True)
+class StateRounding:
+    """How a step stores bfloat16 state (:mod:`celo2.rule.rounding`); ``None`` in its place means float32 state.
+
+    Every accumulator the step writes is computed in float32 and rounded to
+    bfloat16 stochastically, with the random bits of
+    :func:`celo2.rule.rounding.stream_key` / :func:`celo2.rule.rounding.random_bits`
+    so that every backend stores the same bits.
+
+    Attributes:
+        seed: The optimizer's rounding seed (``0 <= seed < 2**32``).
+        steps: Per tensor (parallel to the step's lists), a 0-d ``torch.int64`` tensor on the
+            parameter's device: the tensor's step count after this step (1 at the first). A tensor, so
+            that a step reads no value on the host and can be captured in a CUDA graph; a CPU
+            backend may read it.
+        tensors: Per tensor, its index in the optimizer's order (the counter's ``tensor`` field).
+    """
+
+    seed: int
+    steps: Sequence[torch.Tensor]
+    tensors: Sequence[int]
+
+
 class Backend(Protocol):
     """What :func:`celo2.torch.functional.celo2` asks of a backend.
 
     Every method takes parallel lists (parameters, gradients, states) of
     non-empty tensors that :meth:`takes` accepted, all on one device, and
-    updates the states in place. Parameters are read-only except in
+    updates the states in place. With ``rounding`` (a :class:`StateRounding`)
+    the accumulators are ``torch.bfloat16`` tensors, read as float32 and
+    written with stochastic rounding; without it they are float32. Parameters are read-only except in
     :meth:`apply` and :meth:`apply_held`.
 
     Attributes:
@@ -65,7 +90,7 @@ class Backend(Protocol):
 
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
-              options: Options) -> list[Optional[torch.Tensor]]:
+              options: Options, rounding: Optional[StateRounding] = None) -> list[Optional[torch.Tensor]]:
         """The whole step of each tensor, ``p <- p (1 - lr wd) - lr * direction`` in place.
 
         Returns:
@@ -75,13 +100,14 @@ class Backend(Protocol):
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
-                   options: Options) -> list[torch.Tensor]:
+                   options: Options, rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
         """Each tensor's finished direction (float32, unit RMS over the last two axes, the parameter's shape);
         no non-finite check."""
 
     def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
-            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+            options: Options, rounding: Optional[StateRounding] = None,
+            ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Each tensor's raw direction, before Newton-Schulz and the output RMS.
 
         Returns:
