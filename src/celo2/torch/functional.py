@@ -23,6 +23,12 @@ Backends (``backend=``), one module each under :mod:`celo2.torch.backends`:
 
 The environment variable ``CELO2_CPU_KERNELS=0`` (read at import, deprecated:
 use ``backend="torch"``) keeps ``"auto"`` off the Numba kernels.
+
+State dtype: a backend steps only tensors whose accumulators are of one of
+its ``state_dtypes`` (bfloat16 state with a
+:class:`~celo2.torch.backends.base.StateRounding`, float32 without):
+``"auto"`` skips the others, and an explicitly named backend whose own
+class does not store the dtype is refused (:func:`check_backend`).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, work_shape
 from celo2.torch._nonfinite import Gate, count_skipped, grad_finite
 from celo2.torch._state import TorchTheta
-from celo2.torch.backends.base import Backend, Options, finish
+from celo2.torch.backends.base import Backend, Options, StateRounding, finish
 from celo2.torch.backends import numba as numba_backend
 from celo2.torch.backends import reference as reference_backend
 from celo2.torch.backends import torch as chunked
@@ -86,22 +92,29 @@ _MISSING: dict[str, str] = {
 }
 
 
-def check_backend(backend: str) -> str:
-    """``backend`` if it names a backend this installation can run.
+def check_backend(backend: str, state_dtype: torch.dtype = torch.float32) -> str:
+    """``backend`` if it names a backend this installation can run with state of ``state_dtype``.
 
     Args:
         backend: One of :data:`BACKENDS`.
+        state_dtype: The accumulators' dtype (``torch.float32`` or ``torch.bfloat16``).
 
     Returns:
         ``backend`` unchanged.
 
     Raises:
-        ValueError: An unknown name, ``"triton"`` without Triton or ``"numba"`` without Numba.
+        ValueError: An unknown name, ``"triton"`` without Triton or ``"numba"`` without Numba, or a named
+            backend that does not store ``state_dtype`` (naming both).
     """
     if backend not in BACKENDS:
         raise ValueError(f"invalid backend={backend!r}: expected one of {BACKENDS}")
     if not _INSTALLED.get(backend, lambda: True)():
         raise ValueError(_MISSING[backend])
+    if backend != "auto" and state_dtype not in _REQUESTED[backend][0].state_dtypes:
+        stores = ", ".join(str(d).removeprefix("torch.") for d in _REQUESTED[backend][0].state_dtypes)
+        able = [name for name, bs in _REQUESTED.items() if state_dtype in bs[0].state_dtypes]
+        raise ValueError(f"backend={backend!r} does not support state_dtype={str(state_dtype).removeprefix('torch.')}"
+                         f" (it stores {stores} state): use backend='auto' or one of {able}")
     return backend
 
 
@@ -129,7 +142,8 @@ def candidates(backend: str, param: torch.Tensor) -> tuple[Backend, ...]:
 
 
 def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> Backend:
-    """The backend that steps this tensor: the first of :func:`candidates` that takes it.
+    """The backend that steps this tensor: the first of :func:`candidates` that stores its state's dtype
+    and takes it.
 
     Args:
         backend: The requested one (see the module doc).
@@ -140,8 +154,9 @@ def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param
     Returns:
         A :class:`celo2.torch.backends.Backend`.
     """
+    dtype = state["m"].dtype
     for b in candidates(backend, param):
-        if b.takes(state, grad, param):
+        if dtype in b.state_dtypes and b.takes(state, grad, param):
             return b
     raise AssertionError("the chunked path takes every tensor")
 
@@ -188,6 +203,25 @@ def _checked_ns_dtype(ns_dtype: str | torch.dtype) -> str:
         return ns_dtype_name(ns_dtype)
 
 
+def _state_dtype(state: dict[str, torch.Tensor], rounding: Optional[StateRounding], where: str) -> torch.dtype:
+    """The dtype of ``state``'s accumulators, checked against ``rounding`` (given exactly for bfloat16)."""
+    dtype = state["m"].dtype if "m" in state else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{where}: accumulators of dtype {dtype}; state is float32 or bfloat16")
+    if (dtype == torch.bfloat16) != (rounding is not None):
+        raise ValueError(f"{where}: bfloat16 accumulators need rounding= (a StateRounding) and float32 ones take "
+                         f"none; got {dtype} state with rounding={'given' if rounding is not None else None}")
+    return dtype
+
+
+def _rounding_kw(rounding: Optional[StateRounding], indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """The ``rounding=`` keyword of a backend call on the tensors at ``indices`` (none for float32 state, so
+    that a backend that stores float32 only is called as before)."""
+    if rounding is None:
+        return {}
+    return {"rounding": rounding if indices is None else rounding.select(indices)}
+
+
 def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool) -> bool:
     """Whether Newton-Schulz takes this tensor's raw direction whole (batched with others)."""
     ndim = len(work_shape(param.shape))
@@ -197,7 +231,8 @@ def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool) -> bool:
 # -- one tensor ----------------------------------------------------------------------------
 def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
                 orthogonalize: bool, *, chunk_elements: Optional[int] = None, backend: str = "auto",
-                ns_dtype: str | torch.dtype = torch.float32) -> torch.Tensor:
+                ns_dtype: str | torch.dtype = torch.float32,
+                rounding: Optional[StateRounding] = None) -> torch.Tensor:
     """One step of the rule on one tensor: update ``state`` in place and return the direction.
 
     Args:
@@ -210,22 +245,26 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
         backend: See the module doc (default ``"auto"``).
         ns_dtype: Newton-Schulz's dtype (default float32; ``"auto"`` as in :class:`~celo2.torch.Celo2`;
             the reference formula always multiplies in float32).
+        rounding: For bfloat16 accumulators, the tensor's rounding (lists of one); ``None`` for float32.
 
     Returns:
         The direction: float32, unit RMS over the last two axes, the parameter's shape.
 
     Raises:
-        ValueError: An unknown ``backend`` or ``ns_dtype`` (before ``state`` is written).
+        ValueError: An unknown ``backend`` or ``ns_dtype``, or ``rounding`` that does not fit the state's
+            dtype (before ``state`` is written).
     """
-    check_backend(backend)
+    check_backend(backend, _state_dtype(state, rounding, "tensor_step()"))
     _checked_ns_dtype(ns_dtype)
     if param.numel() == 0:
         return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
     b = pick(backend, state, grad, param)
     options = Options(chunk_elements)
+    kw = _rounding_kw(rounding)
     if not _is_held(b, param, orthogonalize):
-        return b.directions(theta, [param], [grad], [state], orthogonalize=orthogonalize, options=options)[0]
-    d, _ = b.raw(theta, [param], [grad], [state], skip=False, options=options)[0]
+        return b.directions(theta, [param], [grad], [state], orthogonalize=orthogonalize, options=options,
+                            **kw)[0]
+    d, _ = b.raw(theta, [param], [grad], [state], skip=False, options=options, **kw)[0]
     d = newton_schulz(d, dtype=resolve_ns_dtype(ns_dtype, param.device), inplace=True)
     return finish(d).reshape(param.shape)
 
@@ -233,7 +272,7 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
 def apply_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
                orthogonalize: bool, lr: Any, weight_decay: float, *, chunk_elements: Optional[int] = None,
                workspace: Optional[chunked.Workspace] = None, backend: str = "auto",
-               ns_dtype: str | torch.dtype = torch.float32) -> None:
+               ns_dtype: str | torch.dtype = torch.float32, rounding: Optional[StateRounding] = None) -> None:
     """The optimizer's step on one tensor, ``p <- p (1 - lr wd) - lr * direction`` in place.
 
     Arguments as :func:`tensor_step`, plus ``lr`` (a float or a 0-d tensor),
@@ -242,7 +281,7 @@ def apply_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Te
     """
     celo2([param], [grad], [state], theta=theta, lr=lr, weight_decay=weight_decay, orthogonalize=orthogonalize,
           backend=backend, ns_dtype=ns_dtype, nonfinite="propagate", chunk_elements=chunk_elements,
-          workspace=workspace)
+          workspace=workspace, rounding=rounding)
 
 
 # -- many tensors ---------------------------------------------------------------------------
@@ -250,7 +289,8 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
           *, theta: TorchTheta | Callable[[torch.device], TorchTheta], lr: Any, weight_decay: float,
           orthogonalize: bool, backend: str = "auto", ns_dtype: str | torch.dtype = "auto",
           nonfinite: str = spec.NONFINITE_DEFAULT, counters: Optional[Sequence[torch.Tensor]] = None,
-          chunk_elements: Optional[int] = None, workspace: Optional[chunked.Workspace] = None) -> None:
+          chunk_elements: Optional[int] = None, workspace: Optional[chunked.Workspace] = None,
+          rounding: Optional[StateRounding] = None) -> None:
     """The rule's step on every tensor, in place: ``p <- p (1 - lr wd) - lr * direction``.
 
     Args:
@@ -272,12 +312,21 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
         counters: Per tensor, a 0-d integer tensor counting skipped steps (needed with ``"skip"``).
         chunk_elements: Elements per chunk of the chunked path (default its own).
         workspace: Chunk scratch reused across tensors.
+        rounding: With bfloat16 accumulators (every state's), how each write is rounded (lists parallel to
+            ``params``); ``None`` for float32 accumulators.
 
     Raises:
-        ValueError: An unknown ``backend``, ``ns_dtype`` or ``nonfinite``, or
-            ``counters`` missing under ``"skip"``; raised before anything is written.
+        ValueError: An unknown ``backend``, ``ns_dtype`` or ``nonfinite``, a backend that does not store
+            the state's dtype, accumulators of mixed or other dtypes, ``rounding`` given for float32 state
+            or missing for bfloat16, or ``counters`` missing under ``"skip"``; raised before anything is
+            written.
     """
-    check_backend(backend)
+    live = [st for p, st in zip(params, states) if p.numel()]
+    dtypes = {st["m"].dtype for st in live}
+    if len(dtypes) > 1:
+        raise ValueError(f"celo2(): the states' accumulators mix dtypes {sorted(map(str, dtypes))}: one call "
+                         f"steps one state dtype")
+    check_backend(backend, _state_dtype(live[0], rounding, "celo2()") if live else torch.float32)
     spec.check_nonfinite_policy(nonfinite)
     _checked_ns_dtype(ns_dtype)
     skip = nonfinite == "skip"
@@ -307,12 +356,12 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
     for (b, device), idx in stepped.items():
         oks = b.apply(theta_of(device), [params[i] for i in idx], [grads[i] for i in idx],
                       [states[i] for i in idx], orthogonalize=orthogonalize, apply=apply, skip=skip,
-                      options=options)
+                      options=options, **_rounding_kw(rounding, idx))
         if skip and b.gates_nonfinite:
             for i, ok in zip(idx, oks):
                 count_skipped(counters[i], ok)
     if held:
-        _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters, options)
+        _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters, options, rounding)
     for gate in gates:
         gate.close()
 
@@ -340,7 +389,7 @@ def _by_backend(members: Sequence[tuple[int, Backend]]) -> dict[Backend, list[in
 
 
 def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters,  # noqa: ANN001
-                options) -> None:  # noqa: ANN001
+                options, rounding) -> None:  # noqa: ANN001
     """Raw directions a wave at a time (:func:`_wave_elements`; each backend given the wave's tensors it
     steps), Newton-Schulz on each batch of the wave (:func:`~celo2.torch.ns.plan_batches`, per device and
     dtype), then each tensor finished by its backend."""
@@ -358,7 +407,7 @@ def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, co
             oks: dict[int, Optional[torch.Tensor]] = {}
             for b, idx in _by_backend([m for batch in members for m in batch]).items():
                 raws = b.raw(theta, [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx],
-                             skip=skip, options=options)
+                             skip=skip, options=options, **_rounding_kw(rounding, idx))
                 for i, (d, ok) in zip(idx, raws):
                     dirs[i], oks[i] = d, ok
             for batch_members in members:

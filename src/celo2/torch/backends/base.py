@@ -15,6 +15,7 @@ import torch
 
 from celo2.rule import spec
 from celo2.rule.state import work_shape
+from celo2.torch._rounding import TensorRounding
 from celo2.torch._state import TorchTheta
 from celo2.torch.ns import newton_schulz
 
@@ -59,6 +60,20 @@ class StateRounding:
     steps: Sequence[torch.Tensor]
     tensors: Sequence[int]
 
+    def tensor(self, j: int) -> TensorRounding:
+        """The rounding of the ``j``-th tensor of the lists."""
+        return TensorRounding(self.seed, self.steps[j], self.tensors[j])
+
+    def select(self, indices: Sequence[int]) -> "StateRounding":
+        """The rounding of the tensors at ``indices`` of the lists, as lists of their own (for a backend given
+        those tensors)."""
+        return StateRounding(self.seed, [self.steps[j] for j in indices], [self.tensors[j] for j in indices])
+
+
+def tensor_rounding(rounding: Optional[StateRounding], j: int) -> Optional[TensorRounding]:
+    """The ``j``-th tensor's rounding, or ``None`` for float32 state."""
+    return None if rounding is None else rounding.tensor(j)
+
 
 class Backend(Protocol):
     """What :func:`celo2.torch.functional.celo2` asks of a backend.
@@ -75,10 +90,14 @@ class Backend(Protocol):
         gates_nonfinite: Whether it checks gradients for NaN and +-inf itself
             (on the device, returning a flag per tensor), so the caller wraps
             none of its tensors in a :class:`celo2.torch._nonfinite.Gate`.
+        state_dtypes: The dtypes of state it reads and writes (``torch.float32``, and ``torch.bfloat16``
+            where it takes ``rounding``); :func:`celo2.torch.functional.pick` gives it no tensor whose
+            state is of another dtype.
     """
 
     name: str
     gates_nonfinite: bool
+    state_dtypes: tuple[torch.dtype, ...]
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Whether this backend can step this tensor (dtype, device, layout, shape)."""

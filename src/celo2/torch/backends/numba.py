@@ -132,6 +132,7 @@ class NumbaBackend:
 
     name = "numba"
     gates_nonfinite = False
+    state_dtypes = (torch.float32,)
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Whether :func:`kind` names a kernel for this tensor."""

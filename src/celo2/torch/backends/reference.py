@@ -5,6 +5,8 @@ is short, obviously right, and holds every channel and hidden unit as a
 full-size tensor, dozens of copies of the parameter in memory; every
 fused backend is tested against it. It takes every tensor, orthogonalises
 its own directions (always in float32) and never gates non-finite values.
+With bfloat16 state it steps a float32 copy of the accumulators and stores
+them rounded (:mod:`celo2.torch._rounding`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Optional, Sequence
 import torch
 
 from celo2.rule import spec
-from celo2.rule.state import factoring, work_shape
+from celo2.rule.state import STATE_KEYS, factoring, work_shape
+from celo2.torch import _rounding
 from celo2.torch._state import TorchTheta
-from celo2.torch.backends.base import Apply, Options, apply_update
+from celo2.torch.backends.base import Apply, Options, StateRounding, apply_update, tensor_rounding
 
 
 def _decays(values: tuple[float, ...], ndim: int, like: torch.Tensor) -> torch.Tensor:
@@ -102,6 +105,7 @@ def reference_tensor_step(
     grad: torch.Tensor,
     param: torch.Tensor,
     orthogonalize: bool,
+    rounding: Optional[_rounding.TensorRounding] = None,
 ) -> torch.Tensor:
     """The rule exactly as the spec states it (full-size channels): update
     ``state`` in place and return the direction (unit RMS over the last two
@@ -114,10 +118,17 @@ def reference_tensor_step(
         grad: The gradient (any float dtype, the parameter's shape).
         param: The parameter.
         orthogonalize: Newton-Schulz on tensors of two or more dims.
+        rounding: With bfloat16 accumulators, their seed, step and index: the step runs on float32 copies
+            (its direction is float32 state's) and stores them rounded; ``None`` for float32 state.
 
     Returns:
         The direction.
     """
+    if rounding is not None:
+        work = _rounding.working_copy(state, STATE_KEYS)
+        direction = reference_tensor_step(theta, work, grad, param, orthogonalize)
+        _rounding.store_state(state, work, rounding, STATE_KEYS)
+        return direction
     shape = param.shape
     work = work_shape(shape)
     g = grad.detach().to(torch.float32).reshape(work).clamp(-spec.GRAD_CLIP, spec.GRAD_CLIP)
@@ -164,6 +175,7 @@ class ReferenceBackend:
 
     name = "reference"
     gates_nonfinite = False
+    state_dtypes = (torch.float32, torch.bfloat16)
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Every tensor."""
@@ -175,21 +187,22 @@ class ReferenceBackend:
 
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
-              options: Options) -> list[Optional[torch.Tensor]]:
+              options: Options, rounding: Optional[StateRounding] = None) -> list[Optional[torch.Tensor]]:
         """Each direction, applied (see :meth:`celo2.torch.backends.Backend.apply`)."""
         for d, param in zip(self.directions(theta, params, grads, states, orthogonalize=orthogonalize,
-                                            options=options), params):
+                                            options=options, rounding=rounding), params):
             shape = work_shape(param.shape)
             apply_update(param, 0, shape[0], d.reshape(shape), apply, None)
         return [None] * len(params)
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
-                   options: Options) -> list[torch.Tensor]:
+                   options: Options, rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
         """:func:`reference_tensor_step` of each tensor."""
-        return [reference_tensor_step(theta, st, g, p, orthogonalize) for p, g, st in zip(params, grads, states)]
+        return [reference_tensor_step(theta, st, g, p, orthogonalize, tensor_rounding(rounding, j))
+                for j, (p, g, st) in enumerate(zip(params, grads, states))]
 
-    def raw(self, theta, params, grads, states, *, skip, options):  # noqa: ANN001, ANN201
+    def raw(self, theta, params, grads, states, *, skip, options, rounding=None):  # noqa: ANN001, ANN201
         """Not offered (:meth:`gives_raw` is false)."""
         raise NotImplementedError("the reference backend finishes its own directions")
 

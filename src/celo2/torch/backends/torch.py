@@ -28,6 +28,12 @@ RMS (and Newton-Schulz) is known; nothing else of full size is allocated.
 The step never moves a value to the host (no ``.item()``, no data-dependent
 Python branch), so it runs asynchronously on accelerators and traces under
 ``torch.compile``.
+
+bfloat16 state: :func:`run` steps a float32 copy of one tensor's
+accumulators (16 bytes per element of that tensor, freed when its step
+ends), so the arithmetic and the direction are float32 state's, then stores
+each accumulator rounded (:func:`celo2.torch._rounding.store_state`: a block
+at a time, each block with its offset into the whole accumulator).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from typing import Generator, Optional, Protocol, Sequence
 import torch
 
 from celo2.rule import layout, spec
-from celo2.rule.state import Factoring, factoring, work_shape
+from celo2.rule.state import STATE_KEYS, Factoring, factoring, work_shape
+from celo2.torch import _rounding
 from celo2.torch._state import ChunkedWeights, TorchTheta
-from celo2.torch.backends.base import Apply, Options, finish, group_sumsq
+from celo2.torch.backends.base import Apply, Options, StateRounding, finish, group_sumsq, tensor_rounding
 from celo2.torch.backends.reference import safe_rsqrt
 from celo2.torch.ns import newton_schulz
 
@@ -375,14 +382,22 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
         chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
         factored: Optional[Factoring] = None, top: bool = True,
-        shard: Optional[Reduction] = None) -> Optional[torch.Tensor]:
+        shard: Optional[Reduction] = None,
+        rounding: Optional[_rounding.TensorRounding] = None) -> Optional[torch.Tensor]:
     """One tensor's step on the chunked path (:func:`steps`, its partial sums completed by ``shard.sum_``).
 
-    Arguments as :func:`steps`.
+    Arguments as :func:`steps`, and ``rounding``: with bfloat16 accumulators (a whole tensor's, not a
+    shard's), their seed, step and index; the step runs on float32 copies and stores them rounded.
 
     Returns:
         The direction (float32, the parameter's shape), the raw direction, or ``None``.
     """
+    if rounding is not None:
+        work = _rounding.working_copy(state, STATE_KEYS)
+        out = run(theta, work, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
+                  workspace=workspace, factored=factored, top=top, shard=shard)
+        _rounding.store_state(state, work, rounding, STATE_KEYS)
+        return out
     box: dict = {}
     for partial in steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
                          workspace=workspace, factored=factored, top=top, shard=shard, box=box):
@@ -562,6 +577,7 @@ class TorchBackend:
 
     name = "torch"
     gates_nonfinite = False
+    state_dtypes = (torch.float32, torch.bfloat16)
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Every tensor."""
@@ -573,26 +589,29 @@ class TorchBackend:
 
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
-              options: Options) -> list[Optional[torch.Tensor]]:
+              options: Options, rounding: Optional[StateRounding] = None) -> list[Optional[torch.Tensor]]:
         """:func:`run` with ``apply`` on each tensor (see :meth:`celo2.torch.backends.Backend.apply`)."""
-        for p, g, st in zip(params, grads, states):
+        for j, (p, g, st) in enumerate(zip(params, grads, states)):
             run(theta, st, g, p, orthogonalize, apply, chunk_elements=options.chunk_elements,
-                workspace=options.workspace)
+                workspace=options.workspace, rounding=tensor_rounding(rounding, j))
         return [None] * len(params)
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
-                   options: Options) -> list[torch.Tensor]:
+                   options: Options, rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
         """:func:`run` without ``apply`` on each tensor."""
         return [run(theta, st, g, p, orthogonalize, None, chunk_elements=options.chunk_elements,
-                    workspace=options.workspace) for p, g, st in zip(params, grads, states)]
+                    workspace=options.workspace, rounding=tensor_rounding(rounding, j))
+                for j, (p, g, st) in enumerate(zip(params, grads, states))]
 
     def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
-            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+            options: Options, rounding: Optional[StateRounding] = None,
+            ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Each matrix's raw direction (``ok`` is ``None``: the caller gates)."""
         return [(run(theta, st, g, p, True, None, raw=True, chunk_elements=options.chunk_elements,
-                     workspace=options.workspace), None) for p, g, st in zip(params, grads, states)]
+                     workspace=options.workspace, rounding=tensor_rounding(rounding, j)), None)
+                for j, (p, g, st) in enumerate(zip(params, grads, states))]
 
     def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
                    oks: Sequence[Optional[torch.Tensor]], apply: Apply) -> None:
