@@ -14,8 +14,12 @@ Arithmetic, picked once per call from the hyperparameters' types:
   read on the host (``torch.optim.adam`` tests ``weight_decay != 0`` and passes
   ``value=-step_size`` as a number, both host reads of a tensor).
 
-Precision: the moments and the step count are float32 whatever the
-parameter's dtype. A half-precision parameter is stepped on a float32 copy
+Precision: the moments (with ``state_dtype=float32``) and the step count are
+float32 whatever the parameter's dtype. With ``state_dtype=bfloat16`` the
+moments are stored in bfloat16: the arithmetic runs on float32 copies and
+stores them rounded stochastically (:mod:`celo2.torch._rounding`; slots
+``exp_avg`` and ``exp_avg_sq``, a shard with its elements' indices in the
+whole tensor). A half-precision parameter is stepped on a float32 copy
 and rounded once; a float64 parameter takes the float32 update computed on a
 zero parameter and applies it, and the weight decay, in float64, so it is
 never rounded through float32.
@@ -29,18 +33,22 @@ that every rank skips alike.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch.optim.adam import adam as torch_adam
 
-from celo2.torch import _sharded
+from celo2.torch import _rounding, _sharded
 from celo2.torch import functional as F
 from celo2.torch._sharded import DTensor
+from celo2.torch.backends.base import StateRounding
 
 STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "step")
-"""The state of one AdamW tensor: the two moments (float32, the parameter's
-shape) and the step count (a 0-d float32 tensor)."""
+"""The state of one AdamW tensor: the two moments (the state dtype, the
+parameter's shape) and the step count (a 0-d float32 tensor)."""
+
+MOMENT_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+"""The moments: the entries stored in the state dtype."""
 
 
 def state_shapes(shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
@@ -56,16 +64,16 @@ def state_shapes(shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
     return {"exp_avg": shape, "exp_avg_sq": shape, "step": ()}
 
 
-def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zero moments (float32, laid out like ``p``) and a zero step count on the CPU.
+def init_state(p: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Zero moments (of ``dtype``, the state dtype, laid out like ``p``) and a zero step count on the CPU.
 
     The step count moves to ``p``'s device where the step needs it there
     (:func:`step`).
     """
     return {
         "step": torch.tensor(0.0, dtype=torch.float32),
-        "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
+        "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
     }
 
 
@@ -75,7 +83,8 @@ def uses_tensor_hyperparameters(group: Mapping[str, Any]) -> bool:
 
 
 def step(group: Mapping[str, Any], params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
-         counters: Sequence[torch.Tensor], shardings: Mapping[torch.Tensor, _sharded.Sharding]) -> None:
+         counters: Sequence[torch.Tensor], shardings: Mapping[torch.Tensor, _sharded.Sharding],
+         rounding: Optional[StateRounding] = None) -> None:
     """AdamW at ``adam_lr_mult * lr`` on ``params``, in place, under the group's non-finite policy.
 
     Args:
@@ -85,6 +94,8 @@ def step(group: Mapping[str, Any], params: Sequence[torch.Tensor], states: Seque
         states: Their states (:func:`init_state`).
         counters: Their 0-d integer counters of skipped steps.
         shardings: How each DTensor of ``params`` is sharded.
+        rounding: With bfloat16 moments, how each write is rounded (lists parallel to ``params``);
+            ``None`` for float32 moments.
     """
     skip = group["nonfinite"] == "skip"
     on_device = uses_tensor_hyperparameters(group)  # the step counts join the device arithmetic
@@ -111,9 +122,20 @@ def step(group: Mapping[str, Any], params: Sequence[torch.Tensor], states: Seque
             gated.append(p)
             gates.append(F.Gate(p, [state[k] for k in STATE_KEYS], counter))
     state_of = dict(zip(params, states))
-    _run(group, host, state_of, capturable=False)
-    _run(group, [p for p in gated if p.device.type == "cpu"], state_of, capturable=False)
-    _run(group, [p for p in gated if p.device.type != "cpu"], state_of, capturable=True)
+    work_of = state_of
+    if rounding is not None:
+        work_of = {p: _rounding.working_copy(st, MOMENT_KEYS) for p, st in state_of.items()}
+    _run(group, host, work_of, capturable=False)
+    _run(group, [p for p in gated if p.device.type == "cpu"], work_of, capturable=False)
+    _run(group, [p for p in gated if p.device.type != "cpu"], work_of, capturable=True)
+    if rounding is not None:
+        stepped = set(host) | set(gated)
+        for j, p in enumerate(params):
+            if p in stepped:
+                layout = shardings[p].block_origin if isinstance(p, DTensor) else None
+                _rounding.store_state({k: _sharded.local(state_of[p][k]) for k in MOMENT_KEYS},
+                                      {k: _sharded.local(work_of[p][k]) for k in MOMENT_KEYS},
+                                      rounding.tensor(j), MOMENT_KEYS, layout)
     for gate in gates:
         gate.close()
 

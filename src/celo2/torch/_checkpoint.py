@@ -9,9 +9,14 @@ what loading changes beyond ``torch.optim.Optimizer.load_state_dict``.
   is the per-tensor part, also run on the live state before each step.
 * :class:`Migration`: taken before the load, applied after it: settings a
   state saved before they existed lacks keep this optimizer's values, the
-  settings that depend on the machine (``backend``, ``ns_dtype``) stay this
-  optimizer's, accumulators stay float32 whatever the parameter dtype, and
-  counters stay int32.
+  settings that depend on the machine (``backend``, ``ns_dtype``) and the
+  state dtype stay this optimizer's, and the saved accumulators are
+  converted to that state dtype whatever the parameter dtype
+  (:func:`converted_accumulators`, checked before anything loads): bfloat16
+  to float32 exactly, float32 to bfloat16 rounded to nearest-even (a
+  deterministic conversion, done once), a value that would overflow the
+  target refused; counters stay int32, and the rounding step counter is
+  kept for bfloat16 state and dropped for float32.
 * :func:`lay_out_state`: a loaded state laid out like its parameter for
   DTensor parameters (a whole tensor becomes this rank's block, a DTensor
   with other placements is redistributed) and gathered whole for plain ones.
@@ -27,17 +32,27 @@ import torch
 
 from celo2.rule import routing
 from celo2.rule import state as rule_state
-from celo2.torch import _adamw, _sharded
+from celo2.torch import _adamw, _rounding, _sharded
 from celo2.torch._sharded import DTensor
 
 COUNTER_KEY = "nonfinite_steps"
 """The per-tensor state entry counting steps skipped for a non-finite gradient (0-d int32)."""
+ROUNDING_STEP_KEY = "rounding_step"
+"""The per-tensor state entry of bfloat16 state counting the tensor's steps, the ``step`` of its stochastic
+rounding (0-d int64 on the parameter's device; skipped steps count too)."""
+COUNTER_KEYS: tuple[str, ...] = (COUNTER_KEY, ROUNDING_STEP_KEY)
+"""The per-tensor integer counters beside the branch's own state."""
 ALGORITHM_KEYS: tuple[str, ...] = ("branch", "orthogonalize", "nonfinite")
 """Param-group settings that select the algorithm: a saved state must agree on them."""
 MACHINE_KEYS: tuple[str, ...] = ("backend", "ns_dtype")
 """Param-group settings that depend on the machine: kept from this optimizer when a state loads."""
-FLOAT32_STATE_KEYS: tuple[str, ...] = (*rule_state.STATE_KEYS, "exp_avg", "exp_avg_sq")
-"""Accumulators kept float32 whatever the parameter's dtype."""
+KEPT_KEYS: tuple[str, ...] = (*MACHINE_KEYS, "state_dtype")
+"""Param-group settings kept from this optimizer when a state loads: the machine's, and the state dtype (the
+saved accumulators are converted to it)."""
+DEFAULTED_KEYS: tuple[str, ...] = (*ALGORITHM_KEYS, "rounding_seed")
+"""Param-group settings that a state saved before they existed lacks: they keep this optimizer's values."""
+ACCUMULATOR_KEYS: tuple[str, ...] = (*rule_state.STATE_KEYS, *_adamw.MOMENT_KEYS)
+"""Accumulators stored in the param group's state dtype whatever the parameter's dtype."""
 
 
 class TensorEntry(NamedTuple):
@@ -56,7 +71,7 @@ def expected_shapes(branch: str, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pstate: Mapping[str, Any],
-                       error: type[Exception] = ValueError) -> None:
+                       error: type[Exception] = ValueError, state_dtype: Optional[torch.dtype] = None) -> None:
     """Refuse a tensor's saved or current state whose keys, shapes or dtypes do not fit ``p``.
 
     Args:
@@ -66,12 +81,14 @@ def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pst
         p: The parameter.
         pstate: Its state.
         error: The exception class raised.
+        state_dtype: The dtype the accumulators must have (a live state), or ``None`` for any floating
+            dtype (a saved state, converted when it loads).
 
     Raises:
         error: Naming the parameter and the entry that does not fit.
     """
     expected = expected_shapes(branch, p)
-    keys = set(pstate) - {COUNTER_KEY}
+    keys = set(pstate) - set(COUNTER_KEYS)
     if keys != set(expected):
         raise error(f"{where}: the state of {label} has {sorted(keys)}, the {branch!r} branch keeps "
                     f"{sorted(expected)}; nothing was changed")
@@ -83,10 +100,16 @@ def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pst
         if tuple(t.shape) != shape:
             raise error(f"{where}: state {key!r} of {label} has shape {tuple(t.shape)}, expected {shape} "
                         f"for a parameter of shape {tuple(p.shape)}; nothing was changed")
-    counter = pstate.get(COUNTER_KEY)
-    if counter is not None and (not isinstance(counter, torch.Tensor) or counter.ndim != 0
-                                or counter.is_floating_point() or counter.is_complex()):
-        raise error(f"{where}: state {COUNTER_KEY!r} of {label} must be a 0-d integer tensor; nothing was changed")
+        if state_dtype is not None and key in ACCUMULATOR_KEYS and t.dtype != state_dtype:
+            raise error(f"{where}: state {key!r} of {label} is {t.dtype}, but its param group's state_dtype is "
+                        f"{state_dtype} (a setting changed after the state was made: convert the state by "
+                        f"loading a state_dict into an optimizer built with the new state_dtype); nothing was "
+                        f"changed")
+    for name in COUNTER_KEYS:
+        counter = pstate.get(name)
+        if counter is not None and (not isinstance(counter, torch.Tensor) or counter.ndim != 0
+                                    or counter.is_floating_point() or counter.is_complex()):
+            raise error(f"{where}: state {name!r} of {label} must be a 0-d integer tensor; nothing was changed")
 
 
 def variant(group: Mapping[str, Any]) -> str:
@@ -140,8 +163,68 @@ def loaded_settings(group: Mapping[str, Any], saved_group: Mapping[str, Any]) ->
     """The settings a param group will hold once ``saved_group`` is loaded into it (parameters aside)."""
     settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
     settings.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
-    settings.update({k: group[k] for k in MACHINE_KEYS})
+    settings.update({k: group[k] for k in KEPT_KEYS})
     return settings
+
+
+def convert_accumulator(t: torch.Tensor, dtype: torch.dtype, device: torch.device, where: str, label: str,
+                        key: str) -> torch.Tensor:
+    """A saved accumulator as a new tensor of the state dtype on ``device``.
+
+    bfloat16 to float32 is exact; a wider dtype to bfloat16 (or float64 to float32) rounds to nearest-even.
+
+    Args:
+        t: The saved tensor (any floating dtype; a DTensor keeps its placements).
+        dtype: The state dtype.
+        device: The parameter's device.
+        where: The operation, for the message.
+        label: The parameter's name.
+        key: The accumulator's key.
+
+    Returns:
+        The converted copy.
+
+    Raises:
+        ValueError: A finite value beyond ``dtype``'s range (it would become an infinity), naming the
+            parameter and key.
+    """
+    out = t.to(device=device, dtype=dtype, copy=True)
+    src, dst = _sharded.local(t), _sharded.local(out)
+    if torch.finfo(dtype).max < torch.finfo(src.dtype).max:
+        overflow = torch.isfinite(src.to(dst.device)) & ~torch.isfinite(dst)
+        if bool(overflow.any()):
+            worst = float(src.to(dst.device)[overflow].abs().max())
+            raise ValueError(f"{where}: state {key!r} of {label} holds {worst:.6g}, beyond the range of "
+                             f"{dtype} (the state dtype it would load into); nothing was loaded")
+    return out
+
+
+def converted_accumulators(where: str, param_groups: Sequence[Mapping[str, Any]],
+                           entries: Sequence[Sequence[TensorEntry]], state_dict: Mapping[str, Any],
+                           ) -> dict[Any, dict[str, torch.Tensor]]:
+    """Every saved accumulator converted to its param group's state dtype (:func:`convert_accumulator`),
+    before anything loads.
+
+    Args:
+        where: The operation, for messages.
+        param_groups: The optimizer's param groups (their ``state_dtype``).
+        entries: Per group, its parameters as :class:`TensorEntry`.
+        state_dict: The (checked) saved state.
+
+    Returns:
+        Saved parameter id -> accumulator key -> converted tensor.
+
+    Raises:
+        ValueError: From :func:`convert_accumulator`.
+    """
+    out: dict[Any, dict[str, torch.Tensor]] = {}
+    for group, sg, members in zip(param_groups, state_dict["param_groups"], entries):
+        dtype = _rounding.state_dtype(group["state_dtype"])
+        for entry, pid in zip(members, sg["params"]):
+            pstate = state_dict["state"].get(pid) or {}
+            out[pid] = {key: convert_accumulator(t, dtype, entry.param.device, where, entry.label, key)
+                        for key, t in pstate.items() if key in ACCUMULATOR_KEYS and isinstance(t, torch.Tensor)}
+    return out
 
 
 @dataclass
@@ -154,31 +237,41 @@ class Migration:
     machine: list[dict[str, Any]]
     saved: Mapping[Any, Mapping[str, Any]]
     id_to_param: dict[Any, torch.Tensor]
+    converted: Mapping[Any, Mapping[str, torch.Tensor]]
+    bfloat16: dict[Any, bool]
 
     @classmethod
-    def before(cls, param_groups: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any]) -> "Migration":
-        """What to restore, read from the optimizer's groups and the (checked) ``state_dict``."""
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    def before(cls, param_groups: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any],
+               converted: Mapping[Any, Mapping[str, torch.Tensor]]) -> "Migration":
+        """What to restore, read from the optimizer's groups and the (checked) ``state_dict``, with the
+        accumulators already converted (:func:`converted_accumulators`)."""
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = chain.from_iterable(g["params"] for g in param_groups)
-        return cls(kept=[{k: g[k] for k in ALGORITHM_KEYS} for g in param_groups],
-                   machine=[{k: g[k] for k in MACHINE_KEYS} for g in param_groups],
-                   saved=state_dict["state"], id_to_param=dict(zip(saved_ids, params)))
+        bfloat16 = {pid: _rounding.state_dtype(g["state_dtype"]) == torch.bfloat16
+                    for g, sg in zip(param_groups, state_dict["param_groups"]) for pid in sg["params"]}
+        return cls(kept=[{k: g[k] for k in DEFAULTED_KEYS} for g in param_groups],
+                   machine=[{k: g[k] for k in KEPT_KEYS} for g in param_groups],
+                   saved=state_dict["state"], id_to_param=dict(zip(saved_ids, params)), converted=converted,
+                   bfloat16=bfloat16)
 
     def after(self, param_groups: Sequence[dict[str, Any]], state: Mapping[torch.Tensor, dict[str, Any]]) -> None:
-        """Restore the kept settings, the counters' dtype and the float32 accumulators."""
+        """Restore the kept settings, the counters' dtype and the converted accumulators."""
         for group, settings, here in zip(param_groups, self.kept, self.machine):
             for key, value in settings.items():
                 group.setdefault(key, value)
             group.update(here)
         for pid, pstate in self.saved.items():
             p = self.id_to_param.get(pid)
-            if p is not None and COUNTER_KEY in pstate:  # cast to the parameter's dtype by PyTorch's loader
-                state[p][COUNTER_KEY] = pstate[COUNTER_KEY].to(device=p.device, dtype=torch.int32, copy=True)
-            if p is None or p.dtype == torch.float32:
+            if p is None:
                 continue
-            for key in FLOAT32_STATE_KEYS:
-                if key in pstate and isinstance(pstate[key], torch.Tensor):
-                    state[p][key] = pstate[key].to(device=p.device, dtype=torch.float32, copy=True)
+            if COUNTER_KEY in pstate:  # cast to the parameter's dtype by PyTorch's loader
+                state[p][COUNTER_KEY] = pstate[COUNTER_KEY].to(device=p.device, dtype=torch.int32, copy=True)
+            if ROUNDING_STEP_KEY in pstate and self.bfloat16.get(pid):
+                state[p][ROUNDING_STEP_KEY] = pstate[ROUNDING_STEP_KEY].to(device=p.device, dtype=torch.int64,
+                                                                           copy=True)
+            else:
+                state[p].pop(ROUNDING_STEP_KEY, None)
+            state[p].update(self.converted.get(pid, {}))
 
 
 def lay_out_state(state: dict[str, Any], p: torch.Tensor, sharding: Optional[_sharded.Sharding],
@@ -196,7 +289,7 @@ def lay_out_state(state: dict[str, Any], p: torch.Tensor, sharding: Optional[_sh
         adam: Whether ``p`` is on the AdamW branch (its moments are laid out like ``p``).
     """
     for key, t in list(state.items()):
-        if key in ("step", COUNTER_KEY) or not isinstance(t, torch.Tensor):
+        if key in ("step", *COUNTER_KEYS) or not isinstance(t, torch.Tensor):
             continue
         if not isinstance(p, DTensor):
             if isinstance(t, DTensor):

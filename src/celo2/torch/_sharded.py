@@ -22,6 +22,10 @@ one process would compute for the whole tensor:
   only the whole matrices it owns in the current wave.
 * Under ``nonfinite="skip"`` the finite flag is reduced across the shards,
   so that every rank skips the same tensors.
+* bfloat16 state: each rank steps a float32 copy of its blocks and stores
+  them rounded with its elements' flat indices in the whole accumulators
+  (:meth:`Sharding.block_origin`), so that sharded and unsharded runs store
+  the same bits.
 
 No step moves a value to the host: the plans depend on shapes only, and the
 collectives take device tensors.
@@ -45,9 +49,10 @@ except ImportError:  # a PyTorch build without torch.distributed: no parameter i
     Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
+from celo2.torch import _rounding
 from celo2.torch._nonfinite import Gate
 from celo2.torch._state import TorchTheta
-from celo2.torch.backends.base import apply_update, finish
+from celo2.torch.backends.base import StateRounding, apply_update, finish
 from celo2.torch.backends import torch as chunked
 from celo2.torch.comm import COMM
 from celo2.torch.ns import batch_member_limit, newton_schulz_many, resolve_ns_dtype, waves
@@ -132,15 +137,37 @@ class Sharding:
         return tuple(Shard(axis) if (i == self.mesh_dim and axis is not None) else Replicate()
                      for i in range(len(self.placements)))
 
-    def new_state(self, key: str, global_shape: tuple[int, ...], device: torch.device) -> DTensor:
-        """Zeros for accumulator ``key`` as a DTensor laid out by :meth:`state_placements`."""
+    def new_state(self, key: str, global_shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> DTensor:
+        """Zeros of ``dtype`` for accumulator ``key`` as a DTensor laid out by :meth:`state_placements`."""
         axis = self.state_axis(key)
         local = list(global_shape)
         if axis is not None:
             local[axis] = self.sizes[self.group_rank]
-        return DTensor.from_local(torch.zeros(local, dtype=torch.float32, device=device), self.mesh,
+        return DTensor.from_local(torch.zeros(local, dtype=dtype, device=device), self.mesh,
                                   self.state_placements(key), run_check=False, shape=torch.Size(global_shape),
                                   stride=contiguous_strides(global_shape))
+
+    def block_origin(self, key: str, block: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where this rank's block of accumulator ``key`` lies: the whole accumulator's shape and the block's
+        first index on each axis (a :data:`celo2.torch._rounding.Layout`; the AdamW branch's moments are laid
+        out like the parameter).
+
+        Args:
+            key: A rule accumulator (:data:`celo2.rule.state.STATE_KEYS`), ``"exp_avg"`` or ``"exp_avg_sq"``.
+            block: This rank's block of it.
+
+        Returns:
+            ``(whole shape, starts)``.
+        """
+        axis = self.state_axis(key)
+        if axis is None:
+            return tuple(block.shape), (0,) * block.ndim
+        whole = list(block.shape)
+        whole[axis] = sum(self.sizes)
+        starts = [0] * block.ndim
+        starts[axis] = self.offsets[self.group_rank]
+        return tuple(whole), tuple(starts)
 
     def local_block(self, key: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's block of a whole (unsharded) accumulator ``key``."""
@@ -242,9 +269,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def init_state(p: DTensor, sharding: Sharding) -> dict[str, DTensor]:
-    """Zeroed accumulators of the learned rule for a DTensor parameter, laid out with it."""
-    return {key: sharding.new_state(key, shape, p.device) for key, shape in state_shapes(p.shape).items()}
+def init_state(p: DTensor, sharding: Sharding, dtype: torch.dtype = torch.float32) -> dict[str, DTensor]:
+    """Zeroed accumulators (of ``dtype``) of the learned rule for a DTensor parameter, laid out with it."""
+    return {key: sharding.new_state(key, shape, p.device, dtype) for key, shape in state_shapes(p.shape).items()}
 
 
 def finite_flags(grads: Sequence[torch.Tensor], sharding: Sharding) -> list[torch.Tensor]:
@@ -356,7 +383,7 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
           shardings: Sequence[Sharding], *, theta: Callable[[torch.device], TorchTheta], lr: Any,
           weight_decay: float, orthogonalize: bool, ns_dtype: str | torch.dtype, skip: bool,
           counters: Sequence[torch.Tensor], workspace: Optional[chunked.Workspace] = None,
-          chunk_elements: Optional[int] = None) -> None:
+          chunk_elements: Optional[int] = None, rounding: Optional[StateRounding] = None) -> None:
     """The rule's step on sharded DTensor parameters, in place (see the module doc).
 
     Every rank of each parameter's shard group must call this with the same
@@ -376,6 +403,8 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
         counters: Per parameter, its count of skipped steps.
         workspace: Chunk scratch.
         chunk_elements: Elements per chunk of the chunked path.
+        rounding: With bfloat16 accumulators, how each write is rounded (lists parallel to ``params``);
+            ``None`` for float32.
     """
     apply = (lr, weight_decay)
     groups: dict[Any, list[int]] = {}  # shard group -> its tensors (each group's collectives go together)
@@ -388,9 +417,12 @@ def celo2(params: Sequence[DTensor], grads: Sequence[DTensor], states: Sequence[
 
     def steps_of(i: int, raw: bool, box: Optional[dict] = None) -> chunked.Partials:
         p_loc, g_loc, st_loc = locals_of(i)
-        return chunked.steps(theta(p_loc.device), st_loc, g_loc, p_loc, orthogonalize or raw,
-                              None if raw else apply, raw=raw, shard=shardings[i], chunk_elements=chunk_elements,
-                              workspace=workspace, box=box)
+        work = st_loc if rounding is None else _rounding.working_copy(st_loc, STATE_KEYS)
+        yield from chunked.steps(theta(p_loc.device), work, g_loc, p_loc, orthogonalize or raw,
+                                 None if raw else apply, raw=raw, shard=shardings[i], chunk_elements=chunk_elements,
+                                 workspace=workspace, box=box)
+        if rounding is not None:
+            _rounding.store_state(st_loc, work, rounding.tensor(i), STATE_KEYS, shardings[i].block_origin)
 
     gates = []
     for members in groups.values():

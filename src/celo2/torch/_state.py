@@ -1,7 +1,7 @@
 """The rule's weights and per-tensor state as PyTorch tensors.
 
-Accumulators are float32 whatever the parameter dtype, shaped and keyed by
-:mod:`celo2.rule.state` (shared with the JAX front end). The weights come
+Accumulators are float32 (or bfloat16, with ``state_dtype=bfloat16``) whatever
+the parameter dtype, shaped and keyed by :mod:`celo2.rule.state` (shared with the JAX front end). The weights come
 as the published arrays (for the reference formula) and as the packed vector
 of :mod:`celo2.rule.layout` (for the fused backends), from which the chunked
 path's slices are cut.
@@ -126,14 +126,15 @@ class ChunkedWeights:
         )
 
 
-def init_tensor_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
+def init_tensor_state(param: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Zeroed accumulators for one parameter.
 
     Args:
         param: The parameter (its shape and device are used).
+        dtype: The state dtype (``torch.float32`` or ``torch.bfloat16``).
 
     Returns:
-        :data:`celo2.rule.state.STATE_KEYS` -> float32 zeros of :func:`celo2.rule.state.state_shapes`.
+        :data:`celo2.rule.state.STATE_KEYS` -> zeros of :func:`celo2.rule.state.state_shapes`.
     """
-    return {key: torch.zeros(s, dtype=torch.float32, device=param.device)
+    return {key: torch.zeros(s, dtype=dtype, device=param.device)
             for key, s in state_shapes(param.shape).items()}

@@ -17,9 +17,10 @@ import torch
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 from celo2.theta_files import load_theta
-from celo2.torch import _adamw, _checkpoint, _sharded
+from celo2.torch import _adamw, _checkpoint, _rounding, _sharded
 from celo2.torch import functional as F
-from celo2.torch._checkpoint import COUNTER_KEY, TensorEntry
+from celo2.torch._checkpoint import COUNTER_KEY, ROUNDING_STEP_KEY, TensorEntry
+from celo2.torch.backends.base import StateRounding
 from celo2.torch.backends.torch import Workspace
 from celo2.torch._sharded import DTensor
 from celo2.torch._state import TorchTheta, init_tensor_state
@@ -79,6 +80,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         nonfinite: str,
         backend: str,
         ns_dtype: str | torch.dtype,
+        state_dtype: str | torch.dtype,
+        rounding_seed: int,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -92,9 +95,12 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             nonfinite=nonfinite,
             backend=backend,
             ns_dtype=ns_dtype,
+            state_dtype=state_dtype,
+            rounding_seed=rounding_seed,
         )
         self._check_settings(defaults, "")
         defaults["adam_betas"] = tuple(adam_betas)
+        self._normalise(defaults)
         self.adam_name_pattern = adam_name_pattern
         self._shardings: dict[torch.Tensor, _sharded.Sharding] = {}
         super().__init__(params, defaults)  # every group through add_param_group, so checked alike
@@ -130,7 +136,14 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._normalise(group)
         self._shardings.update(shardings)
+
+    @staticmethod
+    def _normalise(settings: dict[str, Any]) -> None:
+        """The checked ``state_dtype`` as a torch dtype and ``rounding_seed`` as an int, in place."""
+        settings["state_dtype"] = _rounding.state_dtype(settings["state_dtype"])
+        settings["rounding_seed"] = _rounding.check_seed(settings["rounding_seed"])
 
     @staticmethod
     def _check_choices(settings: dict[str, Any], where: str) -> None:
@@ -143,8 +156,12 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}invalid branch={settings['branch']!r}: expected one of {BRANCHES}")
         try:
             spec.check_nonfinite_policy(settings["nonfinite"])
+            dtype = _rounding.state_dtype(settings["state_dtype"])
+            _rounding.check_seed(settings["rounding_seed"])
             if settings["backend"] not in F.BACKENDS:
                 F.check_backend(settings["backend"])  # raises, naming the backends
+            if dtype != torch.float32 and settings["backend"] != "auto":
+                F.check_backend(settings["backend"], dtype)  # a backend that stores the state dtype
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
 
@@ -215,6 +232,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                              f"copies kept it): build the optimizer again with its theta and load the old one's "
                              f"state_dict()")
         had_differentiable = "differentiable" in state["defaults"]
+        for settings in (state["defaults"], *state["param_groups"]):  # pickled before bfloat16 state
+            settings.setdefault("state_dtype", torch.float32)
+            settings.setdefault("rounding_seed", 0)
         super().__setstate__(state)
         if not had_differentiable:  # torch.optim adds it to a copy; the original has none
             self.defaults.pop("differentiable", None)
@@ -300,7 +320,16 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         settings must pass the constructor's checks; on any mismatch
         nothing is loaded. Accumulators are kept float32 whatever the
         parameter dtype. A state saved before ``nonfinite`` existed keeps this
-        optimizer's setting. For DTensor parameters each state is laid out like
+        optimizer's setting.
+
+        State dtype: the saved accumulators are converted to this optimizer's
+        ``state_dtype`` (each param group's): bfloat16 to float32 exactly,
+        float32 to bfloat16 rounded to nearest-even (once, deterministically;
+        later writes round stochastically). A finite value beyond the target's
+        range is refused, naming the parameter and key. ``rounding_seed`` and
+        the per-tensor ``rounding_step`` counters are restored from the saved
+        state (a state saved before they existed keeps this optimizer's seed),
+        so a bfloat16 run resumes bitwise. For DTensor parameters each state is laid out like
         its parameter: a whole (single-process) tensor becomes this rank's
         block, and a DTensor with other placements is redistributed (a
         collective: every rank loads together).
@@ -321,7 +350,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                                      f"{where}: param group {gi} of the saved state: ")
             except ValueError as exc:
                 raise ValueError(f"{exc}; nothing was loaded") from None
-        migration = _checkpoint.Migration.before(self.param_groups, state_dict)
+        converted = _checkpoint.converted_accumulators(where, self.param_groups, self._entries(), state_dict)
+        migration = _checkpoint.Migration.before(self.param_groups, state_dict, converted)
         super().load_state_dict(state_dict)
         migration.after(self.param_groups, self.state)
         for gi, group in enumerate(self.param_groups):
@@ -357,13 +387,14 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
+        order = self._order()
         for group, entries in plan:
             learned = [p for p, branch in entries if branch != routing.ADAM]
             adam_params = [p for p, branch in entries if branch == routing.ADAM]
             if learned:
-                self._learned_step(group, learned)
+                self._learned_step(group, learned, order)
             if adam_params:
-                self._adam_step(group, adam_params)
+                self._adam_step(group, adam_params, order)
         return loss
 
     def _plan(self) -> list[tuple[dict[str, Any], list[tuple[torch.Tensor, str]]]]:
@@ -393,7 +424,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 if isinstance(p, DTensor) or isinstance(p.grad, DTensor):
                     self._check_dtensor(me, gi, group, i, p, branch, state)
                 if state:
-                    _checkpoint.check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError)
+                    _checkpoint.check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError,
+                                                   _rounding.state_dtype(group["state_dtype"]))
                 entries.append((p, branch))
             plan.append((group, entries))
         return plan
@@ -416,7 +448,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                                f"{tuple(p.placements)}: they must be laid out alike (redistribute the gradient); "
                                f"nothing was changed")
         for key, t in (state or {}).items():
-            if key in ("step", COUNTER_KEY):
+            if key in ("step", COUNTER_KEY, ROUNDING_STEP_KEY):
                 continue
             want = sh.state_placements(key) if branch != routing.ADAM else tuple(p.placements)
             if not isinstance(t, DTensor) or tuple(t.placements) != want:
@@ -431,24 +463,52 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             state[COUNTER_KEY] = torch.zeros((), dtype=torch.int32, device=p.device)
         return state[COUNTER_KEY]
 
-    def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _rounding(self, group: dict[str, Any], params: list[torch.Tensor],
+                  order: dict[torch.Tensor, int]) -> Optional[StateRounding]:
+        """For bfloat16 state, each tensor's step counter (advanced by one on its device, no host
+        synchronisation) with the group's seed and the tensors' indices in the optimizer's order; ``None``
+        for float32 state."""
+        if _rounding.state_dtype(group["state_dtype"]) != torch.bfloat16:
+            return None
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if ROUNDING_STEP_KEY not in state:
+                state[ROUNDING_STEP_KEY] = torch.zeros((), dtype=torch.int64, device=_sharded.local(p).device)
+            steps.append(state[ROUNDING_STEP_KEY])
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in steps:
+            by_device.setdefault(t.device, []).append(t)
+        for ts in by_device.values():
+            torch._foreach_add_(ts, 1)
+        return StateRounding(int(group["rounding_seed"]), steps, [order[p] for p in params])
+
+    def _order(self) -> dict[torch.Tensor, int]:
+        """Each parameter's index in the optimizer's order (the param groups' parameters in order)."""
+        return {p: k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor], order: dict[torch.Tensor, int]) -> None:
         """AdamW on the group's tensors (:func:`celo2.torch._adamw.step`)."""
+        dtype = _rounding.state_dtype(group["state_dtype"])
         for p in params:
             if not self.state[p]:
-                self.state[p].update(_adamw.init_state(p))
+                self.state[p].update(_adamw.init_state(p, dtype))
         counters = [self._counter(self.state[p], p) for p in params]
-        _adamw.step(group, params, [self.state[p] for p in params], counters, self._shardings)
+        _adamw.step(group, params, [self.state[p] for p in params], counters, self._shardings,
+                    self._rounding(group, params, order))
 
-    def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor], order: dict[torch.Tensor, int]) -> None:
         """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
         states, sharded = [], []
+        dtype = _rounding.state_dtype(group["state_dtype"])
         for p in params:
             state = self.state[p]
             if not state:
                 sh = self._shardings.get(p) if isinstance(p, DTensor) else None
-                state.update(init_tensor_state(p) if sh is None else _sharded.init_state(p, sh))
+                state.update(init_tensor_state(p, dtype) if sh is None else _sharded.init_state(p, sh, dtype))
             self._counter(state, p)
             states.append(state)
+        rounding = self._rounding(group, params, order)
         workspace = None
         if params and not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
             workspace = self._workspace_by_device.setdefault(params[0].device, Workspace())
@@ -461,12 +521,13 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             F.celo2([_sharded.local(params[j]) for j in plain], [_sharded.local(params[j].grad) for j in plain],
                     [{k: _sharded.local(v) for k, v in states[j].items()} for j in plain], backend=group["backend"],
                     nonfinite=group["nonfinite"], counters=[states[j][COUNTER_KEY] for j in plain],
-                    workspace=workspace, **kw)
+                    workspace=workspace, rounding=None if rounding is None else rounding.select(plain), **kw)
         if sharded:
             _sharded.celo2([params[j] for j in sharded], [params[j].grad for j in sharded],
                            [states[j] for j in sharded], [self._shardings[params[j]] for j in sharded],
                            skip=group["nonfinite"] == "skip", counters=[states[j][COUNTER_KEY] for j in sharded],
-                           workspace=workspace, **kw)
+                           workspace=workspace, rounding=None if rounding is None else rounding.select(sharded),
+                           **kw)
 
 
 def _number(value: Any, key: str, where: str) -> float:
@@ -507,9 +568,29 @@ _POLICY_DOC = """
     :mod:`celo2.torch._sharded` and the "Distributed training" guide). Other
     layouts raise a ``ValueError`` naming the parameter and its placements.
 
-    Dtypes: accumulators are float32 whatever the parameter dtype; a float64
-    parameter is updated in float64 (``lr=0`` leaves it exactly unchanged);
-    bfloat16 / float16 parameters combine the update in float32 and round once.
+    Dtypes: accumulators are of the state dtype (``state_dtype``: float32 by
+    default) whatever the parameter dtype; a float64 parameter is updated in
+    float64 (``lr=0`` leaves it exactly unchanged); bfloat16 / float16
+    parameters combine the update in float32 and round once.
+
+    bfloat16 state (``state_dtype=torch.bfloat16``): every accumulator of
+    both branches (the rule's momenta, second moment and factored
+    statistics, AdamW's two moments) is stored in bfloat16, 2 bytes instead
+    of 4. The arithmetic, and so the step's direction, is float32 state's;
+    each write rounds stochastically with bits hashed from
+    ``(rounding_seed, step, tensor, slot, element)``
+    (:mod:`celo2.rule.rounding`), so the rounding is unbiased (a momentum
+    with decay 0.999 does not stall as under round-to-nearest), a run
+    repeats bitwise, and a resumed run continues bitwise. ``step`` is
+    ``state[p]["rounding_step"]`` (a 0-d int64 tensor on the parameter's
+    device, advanced on the device each step the tensor has a gradient,
+    skipped steps included) and ``tensor`` the parameter's index over all
+    param groups in order. Both settings live in the param groups (each
+    group may have its own) and in :meth:`state_dict`; a group's
+    ``state_dtype`` may not change once its state exists (the step refuses
+    it: convert through :meth:`load_state_dict`). ``backend="auto"`` picks,
+    per tensor, a backend that stores the dtype; a named backend that does
+    not is refused.
 
     Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
     (``weights_only=False``) of the optimizer keep its theta, routing and
@@ -564,11 +645,18 @@ class Celo2(_LearnedOptimizer):
             and CPUs with AMX or AVX512-BF16; float32 elsewhere),
             ``torch.float32`` or ``torch.bfloat16``. The matrices sharing a
             shape are orthogonalised together, one batched chain per group.
+        state_dtype: The dtype of the optimizer state: ``torch.float32``
+            (default) or ``torch.bfloat16`` (or their names; see "bfloat16
+            state" below).
+        rounding_seed: The seed of bfloat16 state's stochastic rounding, an
+            integer in ``[0, 2**32)`` (default 0).
 
     Raises:
         ValueError: For a negative or non-finite ``lr``, ``weight_decay``,
             ``adam_lr_mult`` or ``adam_eps``, betas outside [0, 1), an unknown
-            ``branch``, ``nonfinite``, ``backend`` or ``ns_dtype``, a backend
+            ``branch``, ``nonfinite``, ``backend``, ``ns_dtype`` or
+            ``state_dtype``, a ``rounding_seed`` outside ``[0, 2**32)``, a
+            backend that does not store ``state_dtype``, a backend
             this installation lacks (Triton, Numba), a key of another optimizer
             that would change the algorithm (``maximize=True``, ``betas``, ...:
             :data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
@@ -593,6 +681,8 @@ class Celo2(_LearnedOptimizer):
         nonfinite: str = spec.NONFINITE_DEFAULT,
         backend: str = "auto",
         ns_dtype: str | torch.dtype = "auto",
+        state_dtype: str | torch.dtype = torch.float32,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -609,6 +699,8 @@ class Celo2(_LearnedOptimizer):
             nonfinite=nonfinite,
             backend=backend,
             ns_dtype=ns_dtype,
+            state_dtype=state_dtype,
+            rounding_seed=rounding_seed,
         )
 
 
@@ -624,10 +716,14 @@ class Celo2Base(_LearnedOptimizer):
         foreach: Unused by the rule (kept for the shared machinery; default ``None``).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
         backend: As :class:`Celo2`'s (default ``"auto"``).
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, as :class:`Celo2`'s.
+        rounding_seed: As :class:`Celo2`'s (default 0).
 
     Raises:
         ValueError: For a negative or non-finite ``lr`` or ``weight_decay``, an
-            unknown ``nonfinite`` or ``backend``, a backend this installation
+            unknown ``nonfinite``, ``backend`` or ``state_dtype``, a
+            ``rounding_seed`` outside ``[0, 2**32)``, a backend that does not
+            store ``state_dtype``, a backend this installation
             lacks, a key of another optimizer that would change the algorithm
             (:data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
             DTensor parameter laid out in a way the rule cannot step; param
@@ -644,6 +740,8 @@ class Celo2Base(_LearnedOptimizer):
         foreach: bool | None = None,
         nonfinite: str = spec.NONFINITE_DEFAULT,
         backend: str = "auto",
+        state_dtype: str | torch.dtype = torch.float32,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -660,6 +758,8 @@ class Celo2Base(_LearnedOptimizer):
             nonfinite=nonfinite,
             backend=backend,
             ns_dtype="auto",
+            state_dtype=state_dtype,
+            rounding_seed=rounding_seed,
         )
 
 
