@@ -487,12 +487,44 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         """Each parameter's index in the optimizer's order (the param groups' parameters in order)."""
         return {p: k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, branch: str) -> dict[str, torch.Tensor]:
+        """The state a parameter's first step creates: its branch's accumulators in the group's state dtype,
+        laid out like it, and its counters."""
+        dtype = _rounding.state_dtype(group["state_dtype"])
+        sh = self._shardings.get(p) if isinstance(p, DTensor) else None
+        if branch == routing.ADAM:
+            state = _adamw.init_state(p, dtype)
+        else:
+            state = init_tensor_state(p, dtype) if sh is None else _sharded.init_state(p, sh, dtype)
+        device = _sharded.local(p).device
+        state[COUNTER_KEY] = torch.zeros((), dtype=torch.int32, device=device)
+        if dtype == torch.bfloat16:
+            state[ROUNDING_STEP_KEY] = torch.zeros((), dtype=torch.int64, device=device)
+        return state
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state per parameter, counted from its state tensors.
+
+        A parameter not stepped yet counts the state its first step creates
+        (built on its device without stepping, so a model on the ``meta``
+        device can be counted). A DTensor's state counts this rank's blocks.
+
+        Returns:
+            Parameter name (``group<g>.param<i>`` without names) -> bytes.
+        """
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                state = self.state.get(p) or self._new_state(group, p, self._branch(group, i, p))
+                out[self._label(gi, group, i)] = sum(_sharded.local(t).numel() * t.element_size()
+                                                     for t in state.values() if isinstance(t, torch.Tensor))
+        return out
+
     def _adam_step(self, group: dict[str, Any], params: list[torch.Tensor], order: dict[torch.Tensor, int]) -> None:
         """AdamW on the group's tensors (:func:`celo2.torch._adamw.step`)."""
-        dtype = _rounding.state_dtype(group["state_dtype"])
         for p in params:
             if not self.state[p]:
-                self.state[p].update(_adamw.init_state(p, dtype))
+                self.state[p].update(self._new_state(group, p, routing.ADAM))
         counters = [self._counter(self.state[p], p) for p in params]
         _adamw.step(group, params, [self.state[p] for p in params], counters, self._shardings,
                     self._rounding(group, params, order))
@@ -500,12 +532,10 @@ class _LearnedOptimizer(torch.optim.Optimizer):
     def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor], order: dict[torch.Tensor, int]) -> None:
         """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
         states, sharded = [], []
-        dtype = _rounding.state_dtype(group["state_dtype"])
         for p in params:
             state = self.state[p]
             if not state:
-                sh = self._shardings.get(p) if isinstance(p, DTensor) else None
-                state.update(init_tensor_state(p, dtype) if sh is None else _sharded.init_state(p, sh, dtype))
+                state.update(self._new_state(group, p, routing.LEARNED))
             self._counter(state, p)
             states.append(state)
         rounding = self._rounding(group, params, order)

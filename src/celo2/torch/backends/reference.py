@@ -17,7 +17,7 @@ import torch
 
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, work_shape
-from celo2.torch import _rounding
+from celo2.torch._rounding import TensorRounding, store_state, working_copy
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Apply, Options, StateRounding, apply_update, tensor_rounding
 
@@ -105,7 +105,7 @@ def reference_tensor_step(
     grad: torch.Tensor,
     param: torch.Tensor,
     orthogonalize: bool,
-    rounding: Optional[_rounding.TensorRounding] = None,
+    rounding: Optional[TensorRounding] = None,
 ) -> torch.Tensor:
     """The rule exactly as the spec states it (full-size channels): update
     ``state`` in place and return the direction (unit RMS over the last two
@@ -125,9 +125,9 @@ def reference_tensor_step(
         The direction.
     """
     if rounding is not None:
-        work = _rounding.working_copy(state, STATE_KEYS)
+        work = working_copy(state, STATE_KEYS)
         direction = reference_tensor_step(theta, work, grad, param, orthogonalize)
-        _rounding.store_state(state, work, rounding, STATE_KEYS)
+        store_state(state, work, rounding, STATE_KEYS)
         return direction
     shape = param.shape
     work = work_shape(shape)

@@ -45,7 +45,7 @@ import torch
 
 from celo2.rule import layout, spec
 from celo2.rule.state import STATE_KEYS, Factoring, factoring, work_shape
-from celo2.torch import _rounding
+from celo2.torch._rounding import TensorRounding, store_state, working_copy
 from celo2.torch._state import ChunkedWeights, TorchTheta
 from celo2.torch.backends.base import Apply, Options, StateRounding, finish, group_sumsq, tensor_rounding
 from celo2.torch.backends.reference import safe_rsqrt
@@ -383,7 +383,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         chunk_elements: Optional[int] = None, workspace: Optional[Workspace] = None,
         factored: Optional[Factoring] = None, top: bool = True,
         shard: Optional[Reduction] = None,
-        rounding: Optional[_rounding.TensorRounding] = None) -> Optional[torch.Tensor]:
+        rounding: Optional[TensorRounding] = None) -> Optional[torch.Tensor]:
     """One tensor's step on the chunked path (:func:`steps`, its partial sums completed by ``shard.sum_``).
 
     Arguments as :func:`steps`, and ``rounding``: with bfloat16 accumulators (a whole tensor's, not a
@@ -393,10 +393,10 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         The direction (float32, the parameter's shape), the raw direction, or ``None``.
     """
     if rounding is not None:
-        work = _rounding.working_copy(state, STATE_KEYS)
+        work = working_copy(state, STATE_KEYS)
         out = run(theta, work, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
                   workspace=workspace, factored=factored, top=top, shard=shard)
-        _rounding.store_state(state, work, rounding, STATE_KEYS)
+        store_state(state, work, rounding, STATE_KEYS)
         return out
     box: dict = {}
     for partial in steps(theta, state, grad, param, orthogonalize, apply, raw=raw, chunk_elements=chunk_elements,
