@@ -1,0 +1,449 @@
+"""bfloat16 optimizer state in the PyTorch front end (issue 28): the torch rounding against the NumPy
+reference bit for bit, no stall of the slowest momentum, the same bits from every backend, the bytes of
+state per parameter, checkpoints (resume, conversions, errors) and the settings' checks."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from celo2.eval.models import GPT
+from celo2.kernels import cpu as cpu_kernels
+from celo2.rule import rounding as R
+from celo2.rule.state import STATE_KEYS
+from celo2.torch import Celo2, Celo2Base, _rounding
+from celo2.torch import functional as F
+from celo2.torch._state import TorchTheta, init_tensor_state
+from celo2.torch.backends.base import StateRounding
+from celo2.torch.backends.reference import reference_tensor_step
+from celo2.torch.backends import triton as triton_backend
+
+ROOT = Path(__file__).resolve().parents[2]
+BF16 = torch.bfloat16
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bit patterns as uint16."""
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+# -- the hash and the rounding, against celo2.rule.rounding ---------------------------------------
+def test_torch_hash_gives_the_pinned_answers():
+    assert _rounding.mix32(torch.arange(4)).tolist() == [0, 2261973619, 229111015, 3983417082]
+    assert _rounding.stream_keys(0, torch.tensor(1), 0, [1]).tolist() == [2196780706]
+    assert _rounding.stream_keys(7, torch.tensor(3), 2, [4]).tolist() == [1714008317]
+    key = _rounding.stream_keys(0, torch.tensor(1), 0, [1])[0]
+    assert _rounding.random_bits(key, torch.arange(6)).tolist() == [33593, 61936, 20718, 62055, 56476, 5043]
+    sample = torch.arange(1 << 16, dtype=torch.int64) * 40503
+    np.testing.assert_array_equal(_rounding.mix32(sample).numpy(), R.mix32(sample.numpy()).astype(np.int64))
+
+
+def test_keys_take_the_step_modulo_2_32_and_every_slot_at_once():
+    step = torch.tensor(2**32 + 5, dtype=torch.int64)
+    slots = list(R.SLOTS.values())
+    got = _rounding.stream_keys(2**32 - 1, step, 9, slots).tolist()
+    assert got == [R.stream_key(2**32 - 1, 5, 9, s) for s in slots]
+
+
+def _awkward_values(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))).astype(np.float32)
+    special = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFF800001, 0x7F800000, 0xFF800000,
+                        0x00000001, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F80FFFF], dtype=np.uint32)
+    x[: len(special)] = special.view(np.float32)
+    return x
+
+
+def test_store_equals_the_numpy_reference_bit_for_bit():
+    x = _awkward_values(3 * 37 * 53, 0).reshape(3, 37, 53)
+    want = R.stochastic_round(x, seed=11, step=6, tensor=4, slot="m")
+    key = _rounding.TensorRounding(11, torch.tensor(6), 4).keys(["m"])["m"]
+    for chunk in (1 << 20, 500, 7):  # whole, row blocks, blocks inside one row
+        out = torch.empty(x.shape, dtype=BF16)
+        _rounding.store(out, torch.from_numpy(x), key, chunk_elements=chunk)
+        np.testing.assert_array_equal(bits(out), want, err_msg=f"chunk {chunk}")
+
+
+def test_a_block_uses_its_elements_indices_in_the_whole_accumulator():
+    x = _awkward_values(3 * 20 * 9, 1).reshape(3, 20, 9)
+    want = R.stochastic_round(x, seed=3, step=2, tensor=1, slot="fac_r")
+    key = _rounding.TensorRounding(3, torch.tensor(2), 1).keys(["fac_r"])["fac_r"]
+    whole = torch.zeros(x.shape, dtype=BF16)
+    block = whole[:, 7:15]  # a shard along axis 1: not contiguous in the whole tensor
+    _rounding.store(block, torch.from_numpy(x[:, 7:15]), key, whole=x.shape, starts=(0, 7, 0), chunk_elements=10)
+    np.testing.assert_array_equal(bits(whole[:, 7:15]), want[:, 7:15])
+    assert not bits(whole[:, :7]).any() and not bits(whole[:, 15:]).any()
+
+
+# -- no stall -----------------------------------------------------------------------------------
+def _constant_gradient_run(store, steps: int = 3000) -> torch.Tensor:
+    """The reference step under a constant gradient, its accumulators stored by ``store(state, work, step)``
+    after every step; returns the float32 momentum of decay 0.999 (m[2])."""
+    theta = TorchTheta.from_theta(__import__("celo2").Theta.init(seed=0))
+    g = torch.Generator().manual_seed(0)
+    grad = torch.rand((8, 16), generator=g) + 0.5
+    param = torch.zeros(8, 16)
+    state = init_tensor_state(param, BF16 if store else torch.float32)
+    for step in range(1, steps + 1):
+        work = _rounding.working_copy(state, STATE_KEYS) if store else state
+        reference_tensor_step(theta, work, grad, param, False)
+        if store:
+            store(state, work, step)
+    return state["m"][2].to(torch.float32)
+
+
+def test_bfloat16_momentum_does_not_stall_where_round_to_nearest_does():
+    """Constant gradient, 3,000 steps: the mean beta-0.999 momentum of stochastically rounded bfloat16
+    state is within 2% of float32 state's; rounded to nearest it stalls far below (outside 2%)."""
+    def stochastic(state, work, step):
+        _rounding.store_state(state, work, _rounding.TensorRounding(0, torch.tensor(step), 0), STATE_KEYS)
+
+    def nearest(state, work, step):
+        for k in STATE_KEYS:
+            state[k].copy_(work[k].to(BF16))
+
+    want = _constant_gradient_run(None).mean()
+    sr = _constant_gradient_run(stochastic).mean()
+    rtn = _constant_gradient_run(nearest).mean()
+    assert abs(sr / want - 1) < 0.02, (float(sr), float(want))
+    assert abs(rtn / want - 1) > 0.02, (float(rtn), float(want))
+
+
+# -- every backend stores the same bits ----------------------------------------------------------
+SHAPES = [(12, 20), (20, 12), (33,), (6, 5, 3, 3), (3, 4, 10)]
+STEPS = 6
+SEED = 1234
+
+
+def _tensors() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(STEPS)]
+    return params, grads
+
+
+def bfloat16_states(backend: str, device: str = "cpu") -> list[dict[str, np.ndarray]]:
+    """Celo2Base with bfloat16 state on ``backend``, six steps of fixed gradients (the state depends on
+    them only): every accumulator's bits."""
+    import celo2
+
+    params, grads = _tensors()
+    params = [nn.Parameter(p.detach().to(device)) for p in params]
+    opt = Celo2Base(params, lr=1e-2, theta=celo2.Theta.init(seed=0), backend=backend, state_dtype="bfloat16",
+                    rounding_seed=SEED)
+    for step in range(STEPS):
+        for p, g in zip(params, grads[step]):
+            p.grad = g.to(device)
+        opt.step()
+    return [{k: bits(opt.state[p][k].cpu()) for k in STATE_KEYS} for p in params]
+
+
+def _expected_states() -> list[dict[str, np.ndarray]]:
+    """The same six steps spelled out: the reference formula on float32 copies, then the NumPy reference
+    rounding."""
+    import celo2
+
+    theta = TorchTheta.from_theta(celo2.Theta.init(seed=0))
+    params, grads = _tensors()
+    states = [init_tensor_state(p, torch.float32) for p in params]
+    for step in range(STEPS):
+        for i, (p, st) in enumerate(zip(params, states)):
+            reference_tensor_step(theta, st, grads[step][i], p.detach(), False)
+            for k in STATE_KEYS:
+                stored = R.stochastic_round(st[k].numpy(), seed=SEED, step=step + 1, tensor=i, slot=k)
+                st[k] = torch.from_numpy(R.bfloat16_to_float32(stored))
+    return [{k: bits(st[k].to(BF16)) for k in STATE_KEYS} for st in states]
+
+
+TRITON_CHILD = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_state_dtype as T
+torch.save(T.bfloat16_states("triton", "cuda" if torch.cuda.is_available() else "cpu"), sys.argv[2])
+'''
+
+_LANDS = pytest.mark.skip(reason="bfloat16 state lands in that backend's branch")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("numba", marks=_LANDS),
+                                     pytest.param("triton", marks=_LANDS)])
+def test_every_backend_stores_the_same_bits_over_six_steps(backend, tmp_path):
+    if backend == "numba" and not cpu_kernels.AVAILABLE:
+        pytest.skip("Numba is not installed")
+    if backend == "triton":
+        if not triton_backend.available():
+            pytest.skip("Triton is not installed")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TRITON_INTERPRET="1")
+        out = tmp_path / "states.pt"
+        res = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(Path(__file__).parent), str(out)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-4000:]
+        got = torch.load(out, weights_only=False)
+    else:
+        got = bfloat16_states(backend)
+    for shape, g, w in zip(SHAPES, got, _expected_states()):
+        for k in STATE_KEYS:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=f"{backend}: {k} of {shape}")
+
+
+# -- bytes of state per parameter -----------------------------------------------------------------
+def _bench_gpt(device: str = "cpu") -> GPT:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT(256, 64, 64, 2, 4)  # the bench's GPT (celo2.eval.tasks SUITES["full"]["gpt"])
+
+
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
+def test_bfloat16_state_costs_at_most_8_5_bytes_per_parameter(cls):
+    model = _bench_gpt()
+    n = sum(p.numel() for p in model.parameters())
+    per = {}
+    for dtype in ("float32", "bfloat16"):
+        opt = cls(model.named_parameters(), state_dtype=dtype)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        counted = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
+        assert counted == sum(opt.state_bytes().values())
+        per[dtype] = counted / n
+    assert per["bfloat16"] <= 8.5, per
+    assert per["float32"] > 13.5, per  # the float32 state this halves
+    meta = cls(_bench_gpt("meta").named_parameters(), state_dtype="bfloat16")  # counted without a step
+    assert sum(meta.state_bytes().values()) / n == per["bfloat16"]
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x, y = _data(step)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        out += [t.clone() for _, t in sorted(opt.state[p].items())]
+    return out
+
+
+def _bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _saved(opt: torch.optim.Optimizer) -> dict:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
+def test_resume_from_a_checkpoint_is_bitwise_an_uninterrupted_run(cls, random_theta):
+    kw = dict(lr=1e-2, theta=random_theta, state_dtype=torch.bfloat16, rounding_seed=99)
+    whole = _model()
+    opt = cls(whole.named_parameters(), **kw)
+    _train(whole, opt, range(6))
+
+    first = _model()
+    opt1 = cls(first.named_parameters(), **kw)
+    _train(first, opt1, range(3))
+    saved, weights = _saved(opt1), copy.deepcopy(first.state_dict())
+    second = _model()
+    second.load_state_dict(weights)
+    opt2 = cls(second.named_parameters(), **dict(kw, rounding_seed=0))  # the seed comes from the checkpoint
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["rounding_seed"] == 99
+    _train(second, opt2, range(3, 6))
+    assert _bitwise_equal(_snapshot(second, opt2), _snapshot(whole, opt))
+    assert all(int(opt.state[p]["rounding_step"]) == 6 for p in whole.parameters())
+
+
+def test_the_seed_changes_the_bits_and_copies_step_alike(random_theta):
+    states = {}
+    for seed in (0, 1):
+        model = _model()
+        opt = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16", rounding_seed=seed)
+        _train(model, opt, range(2))
+        states[seed] = (model, opt)
+    (m0, o0), (m1, o1) = states[0], states[1]
+    assert not torch.equal(o0.state[m0[0].weight]["m"], o1.state[m1[0].weight]["m"])
+    for clone in (copy.deepcopy((m0, o0)), pickle.loads(pickle.dumps((m0, o0)))):
+        _train(*clone, range(2, 4))
+    _train(m0, o0, range(2, 4))
+    assert _bitwise_equal(_snapshot(*clone), _snapshot(m0, o0))
+
+
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
+def test_float32_state_loads_into_bfloat16_rounded_to_nearest_and_back_exactly(cls, random_theta):
+    model = _model()
+    opt32 = cls(model.named_parameters(), lr=1e-2, theta=random_theta)
+    _train(model, opt32, range(2))
+    saved32 = _saved(opt32)
+    opt16 = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
+    opt16.load_state_dict(saved32)
+    assert opt16.param_groups[0]["state_dtype"] == BF16
+    for p in model.parameters():
+        for k, t in opt32.state[p].items():
+            if t.is_floating_point() and k != "step":
+                assert opt16.state[p][k].dtype == BF16
+                assert torch.equal(opt16.state[p][k], t.to(BF16)), k
+        assert "rounding_step" not in opt16.state[p]
+    _train(model, opt16, range(2, 3))  # the counter starts where the state was converted
+    assert all(int(opt16.state[p]["rounding_step"]) == 1 for p in model.parameters())
+
+    saved16 = _saved(opt16)
+    back = cls(model.named_parameters(), lr=1e-2, theta=random_theta)
+    back.load_state_dict(saved16)
+    for p in model.parameters():
+        for k, t in opt16.state[p].items():
+            if t.dtype == BF16:
+                assert back.state[p][k].dtype == torch.float32 and torch.equal(back.state[p][k], t.float()), k
+        assert "rounding_step" not in back.state[p]
+    _train(model, back, range(3, 4))
+
+
+def test_a_value_beyond_bfloat16_is_refused_naming_tensor_and_key_with_nothing_loaded(random_theta):
+    model = _model()
+    opt32 = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta)
+    _train(model, opt32, range(1))
+    saved = _saved(opt32)
+    saved["state"][2]["v"][0, 0] = 3.3999e38  # finite in float32, beyond bfloat16's largest finite value
+    opt16 = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
+    _train(model, opt16, range(1))
+    before = _snapshot(model, opt16)
+    with pytest.raises(ValueError, match=r"state 'v' of 2\.weight holds 3\.3999e\+38, beyond the range of "
+                                         r"torch\.bfloat16.*nothing was loaded"):
+        opt16.load_state_dict(saved)
+    assert _bitwise_equal(_snapshot(model, opt16), before)
+
+
+def test_a_state_saved_before_the_settings_existed_keeps_this_optimizers_seed(random_theta):
+    model = _model()
+    opt = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta)
+    _train(model, opt, range(1))
+    saved = _saved(opt)
+    for g in saved["param_groups"]:
+        del g["state_dtype"], g["rounding_seed"]
+    other = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16", rounding_seed=5)
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["rounding_seed"] == 5 and other.param_groups[0]["state_dtype"] == BF16
+
+
+def test_changing_a_groups_state_dtype_under_its_state_is_refused_before_any_write(random_theta):
+    model = _model()
+    opt = Celo2(model.named_parameters(), lr=1e-2, theta=random_theta)
+    _train(model, opt, range(1))
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    before = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"state 'm' of 0\.weight is torch\.float32, but its param group's "
+                                           r"state_dtype is torch\.bfloat16"):
+        _train(model, opt, range(1, 2))
+    assert _bitwise_equal(_snapshot(model, opt), before)
+
+
+# -- settings, backends, non-finite gradients -------------------------------------------------------
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
+def test_settings_are_checked_and_kept_per_group(cls):
+    model = _model()
+    for bad, match in [(dict(state_dtype="float16"), "state_dtype must be one of float32, bfloat16; got 'float16'"),
+                       (dict(state_dtype=torch.float64), "got torch.float64"),
+                       (dict(rounding_seed=2**32), r"invalid rounding_seed=4294967296"),
+                       (dict(rounding_seed=-1), r"invalid rounding_seed=-1"),
+                       (dict(rounding_seed=1.5), r"invalid rounding_seed=1\.5"),
+                       (dict(rounding_seed=True), r"invalid rounding_seed=True")]:
+        with pytest.raises(ValueError, match=match):
+            cls(model.parameters(), **bad)
+    opt = cls([{"params": list(model[0].parameters())},
+               {"params": list(model[2].parameters()), "state_dtype": "bfloat16", "rounding_seed": 3}])
+    assert opt.param_groups[0]["state_dtype"] == torch.float32 and opt.param_groups[1]["state_dtype"] == BF16
+    assert opt.state_dict()["param_groups"][1]["rounding_seed"] == 3
+    with pytest.raises(ValueError, match="param group 2: state_dtype must be one of"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], "state_dtype": "int8"})
+    assert len(opt.param_groups) == 2
+    _train(model, opt, range(1))
+    assert opt.state[model[0].weight]["m"].dtype == torch.float32
+    assert all(t.dtype == BF16 for k, t in opt.state[model[2].weight].items() if k in STATE_KEYS)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_a_named_backend_without_bfloat16_state_is_refused_by_name(backend):
+    from celo2.torch.backends import numba as numba_backend
+
+    if (backend == "numba" and not cpu_kernels.AVAILABLE) or (backend == "triton" and not triton_backend.available()):
+        pytest.skip(f"{backend} is not installed")
+    named = {"numba": numba_backend.BACKEND, "triton": triton_backend.BACKEND}[backend]
+    if BF16 in named.state_dtypes:
+        pytest.skip(f"{backend} stores bfloat16 state in this checkout")
+    with pytest.raises(ValueError, match=f"backend='{backend}' does not support state_dtype=bfloat16"):
+        Celo2(_model().parameters(), state_dtype="bfloat16", backend=backend)
+
+
+def test_auto_picks_a_backend_that_stores_the_state_dtype():
+    p, g = torch.zeros(8, 8), torch.zeros(8, 8)
+    for dtype in (torch.float32, BF16):
+        for backend in ("auto", "torch", "reference"):
+            assert dtype in F.pick(backend, init_tensor_state(p, dtype), g, p).state_dtypes, (dtype, backend)
+    if cpu_kernels.AVAILABLE and F.USE_CPU_KERNELS:
+        assert F.resolve("auto", init_tensor_state(p), g, p) == "numba"
+
+
+def test_functional_step_refuses_rounding_that_does_not_fit_the_state(random_theta):
+    theta = TorchTheta.from_theta(random_theta)
+    p, g = torch.zeros(4, 4), torch.ones(4, 4)
+    state = init_tensor_state(p, BF16)
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(ValueError, match="bfloat16 accumulators need rounding="):
+        F.celo2([p], [g], [state], theta=theta, lr=0.1, weight_decay=0.0, orthogonalize=False,
+                nonfinite="propagate")
+    assert all(torch.equal(state[k], before[k]) for k in state) and not p.any()
+    rounding = StateRounding(0, [torch.ones((), dtype=torch.int64)], [0])
+    with pytest.raises(ValueError, match="float32 ones take none"):
+        F.celo2([p], [g], [init_tensor_state(p)], theta=theta, lr=0.1, weight_decay=0.0, orthogonalize=False,
+                nonfinite="propagate", rounding=rounding)
+    F.celo2([p], [g], [state], theta=theta, lr=0.1, weight_decay=0.0, orthogonalize=False,
+            nonfinite="propagate", rounding=rounding)
+    assert state["m"].dtype == BF16 and state["m"].any() and p.any()
+
+
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
+def test_a_skipped_step_leaves_bfloat16_state_bitwise_unchanged(cls, random_theta):
+    model = _model()
+    opt = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
+    _train(model, opt, range(2))
+    x, y = _data(2)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    for p in (model[0].weight, model[0].bias):
+        p.grad[0] = float("nan")
+    keep = {p: [p.detach().clone()] + [t.clone() for k, t in opt.state[p].items()
+                                       if k not in ("nonfinite_steps", "rounding_step")]
+            for p in (model[0].weight, model[0].bias)}
+    moved = model[2].weight.detach().clone()
+    opt.step()
+    for p, old in keep.items():
+        now = [p.detach()] + [t for k, t in opt.state[p].items() if k not in ("nonfinite_steps", "rounding_step")]
+        assert _bitwise_equal(now, old)
+        assert int(opt.state[p]["nonfinite_steps"]) == 1 and int(opt.state[p]["rounding_step"]) == 3
+    assert not torch.equal(model[2].weight.detach(), moved)
