@@ -35,10 +35,24 @@ TENSORS = [
 NAN_AT = (3, "layer.w_cols", (4, 8))  # step, tensor, element: a NaN in one shard of rank 1 only
 
 
-def make_optimizer(kind: str, named: Any) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, named: Any, state_dtype: str = "float32") -> torch.optim.Optimizer:
     if kind == "celo2":
-        return Celo2(named, ns_dtype=torch.float32, **OPTIONS)
-    return Celo2Base(named, **OPTIONS)
+        return Celo2(named, ns_dtype=torch.float32, state_dtype=state_dtype, **OPTIONS)
+    return Celo2Base(named, state_dtype=state_dtype, **OPTIONS)
+
+
+def state_bits(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every bfloat16 accumulator of ``params`` (whole tensors, gathered from DTensors) as int16 bit patterns,
+    keyed ``name/key``."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in params.items():
+        for key, t in opt.state[p].items():
+            if t.dtype == torch.bfloat16:
+                whole = t.full_tensor() if isinstance(t, DTensor) else t
+                out[f"{name}/{key}"] = whole.detach().clone().view(torch.int16)
+    return out
 
 
 def full_tensors() -> dict[str, torch.Tensor]:
@@ -54,17 +68,18 @@ def full_grad(name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
     return grad
 
 
-def oracle_placements(kind: str) -> dict[str, torch.Tensor]:
-    """One process: the tensors of :data:`TENSORS` after :data:`STEPS` steps."""
+def oracle_placements(kind: str, state_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """One process: the tensors of :data:`TENSORS` after :data:`STEPS` steps (with bfloat16 state, its bits
+    too)."""
     params = {k: nn.Parameter(v) for k, v in full_tensors().items()}
-    opt = make_optimizer(kind, list(params.items()))
+    opt = make_optimizer(kind, list(params.items()), state_dtype)
     for step in range(STEPS):
         for name, shape, _ in TENSORS:
             params[name].grad = full_grad(name, shape, step)
         opt.step()
     out = {k: v.detach().clone() for k, v in params.items()}
     out["nonfinite_steps"] = torch.tensor(opt.nonfinite_steps()[NAN_AT[1]])
-    return out
+    return {**out, **state_bits(opt, params)}
 
 
 class Net(nn.Module):
@@ -99,9 +114,9 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int 
         opt.step()
 
 
-def oracle_net(kind: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
+def oracle_net(kind: str, steps: int = STEPS, state_dtype: str = "float32") -> dict[str, torch.Tensor]:
     model = make_net()
-    opt = make_optimizer(kind, model.named_parameters())
+    opt = make_optimizer(kind, model.named_parameters(), state_dtype)
     train(model, opt, range(steps))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -150,14 +165,14 @@ def _own_block(full: torch.Tensor, mesh, code: str):  # noqa: ANN001, ANN202
                               stride=full.stride())
 
 
-def rank_placements(kind: str, world: int) -> dict[str, torch.Tensor]:
+def rank_placements(kind: str, world: int, state_dtype: str = "float32") -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import distribute_tensor
 
     by_shape = {shape: _mesh_for(shape, world) for shape in ("R", "R,R")}  # a 1-D and a (1, world) mesh
     meshes = {code: by_shape["R,R" if "," in code else "R"] for _, _, code in TENSORS}
     params = {name: nn.Parameter(distribute_tensor(full_tensors()[name], meshes[code], _placements(code)))
               for name, _, code in TENSORS}
-    opt = make_optimizer(kind, list(params.items()))
+    opt = make_optimizer(kind, list(params.items()), state_dtype)
     rank = dist.get_rank()
     for step in range(STEPS):
         for name, shape, code in TENSORS:
@@ -168,7 +183,7 @@ def rank_placements(kind: str, world: int) -> dict[str, torch.Tensor]:
         opt.step()
     out = {k: v.detach().full_tensor() for k, v in params.items()}
     out["nonfinite_steps"] = torch.tensor(opt.nonfinite_steps()[NAN_AT[1]])
-    return out
+    return {**out, **state_bits(opt, params)}
 
 
 def rank_fsdp(kind: str, world: int) -> dict[str, torch.Tensor]:
@@ -185,14 +200,15 @@ def rank_ddp(kind: str, world: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
-def rank_checkpoint(kind: str, world: int, folder: str, load: bool, steps: range) -> dict[str, torch.Tensor]:
+def rank_checkpoint(kind: str, world: int, folder: str, load: bool, steps: range,
+                    state_dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Train ``steps`` under FSDP2 on ``world`` ranks, loading the checkpoint in ``folder`` first
     (``load``) or saving one there after."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _shard(make_net(), world)
-    opt = make_optimizer(kind, model.named_parameters())
+    opt = make_optimizer(kind, model.named_parameters(), state_dtype)
     if load:
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}
@@ -202,7 +218,14 @@ def rank_checkpoint(kind: str, world: int, folder: str, load: bool, steps: range
     if not load:
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
-    return _full_state(model)
+    out = _full_state(model)
+    if state_dtype == "bfloat16":  # the loaded state kept its dtype and its step counters
+        kept = all(t.dtype == torch.bfloat16 for st in opt.state.values() for k, t in st.items()
+                   if k in ("m", "v", "fac_r", "fac_c", "exp_avg", "exp_avg_sq"))
+        counts = {int(st["rounding_step"]) for st in opt.state.values()}
+        out["bfloat16_kept"] = torch.tensor(kept)
+        out["rounding_steps"] = torch.tensor(sorted(counts))
+    return out
 
 
 def run_rank(rank: int, world: int, store: str, out: str, cases: list[tuple[str, tuple]]) -> None:

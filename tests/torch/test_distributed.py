@@ -44,11 +44,15 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     ck1, ck2 = str(tmp / "ck_world1"), str(tmp / "ck_world2")
     results = {}
-    results.update(spawn(tmp, 1, [("rank_checkpoint", (k, 1, ck1 + k, False, range(3))) for k in ("celo2", "base")],
-                         "save1"))
+    results.update(spawn(tmp, 1, [("rank_checkpoint", (k, 1, ck1 + k, False, range(3))) for k in ("celo2", "base")]
+                         + [("rank_checkpoint", (k, 1, ck1 + k + "16", False, range(3), "bfloat16"))
+                            for k in ("celo2", "base")], "save1"))
     cases = [(name, (k, 2)) for k in ("celo2", "base") for name in ("rank_placements", "rank_fsdp", "rank_ddp")]
+    cases += [("rank_placements", (k, 2, "bfloat16")) for k in ("celo2", "base")]
     cases += [("rank_bad_layouts", (2,))]
     cases += [("rank_checkpoint", (k, 2, ck1 + k, True, range(3, W.STEPS))) for k in ("celo2", "base")]
+    cases += [("rank_checkpoint", (k, 2, ck1 + k + "16", True, range(3, W.STEPS), "bfloat16"))
+              for k in ("celo2", "base")]
     cases += [("rank_checkpoint", (k, 2, ck2 + k, False, range(3))) for k in ("celo2", "base")]
     results.update(spawn(tmp, 2, cases, "world2"))
     results.update(spawn(tmp, 1, [("rank_checkpoint", (k, 1, ck2 + k, True, range(3, W.STEPS)))
@@ -64,6 +68,23 @@ def test_placements_match_one_process(runs, kind):
     want = W.oracle_placements(kind)
     assert int(want["nonfinite_steps"]) == 1
     assert_close(got, want, f"{kind} placements")
+
+
+@pytest.mark.parametrize("kind", ["celo2", "base"])
+def test_bfloat16_state_of_shards_is_bitwise_one_processs(runs, kind):
+    """bfloat16 state on the same placements: each shard rounds with its elements' indices in the whole
+    accumulator, so the gathered state equals one process's bit for bit (the gradients are fixed, so the
+    state does not depend on the parameters' float32 differences); the parameters agree as in float32."""
+    got = runs[0][f"rank_placements{(kind, 2, 'bfloat16')}"]
+    want = W.oracle_placements(kind, "bfloat16")
+    states = sorted(k for k in want if "/" in k)
+    assert any(k.endswith("/fac_r") for k in states) and any(k.endswith("/exp_avg") for k in states) == (
+        kind == "celo2")
+    assert set(got) == set(want)
+    for k in states:
+        assert torch.equal(got[k], want[k]), f"{kind}: {k} differs from one process's bits"
+    assert_close({k: v for k, v in got.items() if k not in states}, {k: v for k, v in want.items()
+                                                                      if k not in states}, f"{kind} bf16 params")
 
 
 @pytest.mark.parametrize("kind", ["celo2", "base"])
@@ -83,6 +104,17 @@ def test_checkpoint_reshards(runs, kind, saved_on, loaded_on):
     assert_close(got, W.oracle_net(kind), f"{kind} checkpoint {saved_on}->{loaded_on}")
     saved = results[f"rank_checkpoint{(kind, saved_on, folder, False, range(3))}"]
     assert_close(saved, W.oracle_net(kind, steps=3), f"{kind} before the checkpoint")
+
+
+@pytest.mark.parametrize("kind", ["celo2", "base"])
+def test_bfloat16_checkpoint_reshards(runs, kind):
+    """bfloat16 state saved by torch.distributed.checkpoint on one process after 3 steps, loaded on two
+    and trained on: still bfloat16, the step counters restored, the parameters one process's."""
+    results, ck1, _ = runs
+    got = dict(results[f"rank_checkpoint{(kind, 2, ck1 + kind + '16', True, range(3, W.STEPS), 'bfloat16')}"])
+    assert bool(got.pop("bfloat16_kept"))
+    assert got.pop("rounding_steps").tolist() == [W.STEPS]
+    assert_close(got, W.oracle_net(kind, state_dtype="bfloat16"), f"{kind} bfloat16 checkpoint 1->2")
 
 
 def test_unsupported_layouts_are_refused_by_name(runs):
