@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -53,6 +54,7 @@ def test_keys_take_the_step_modulo_2_32_and_every_slot_at_once():
     slots = list(R.SLOTS.values())
     got = _rounding.stream_keys(2**32 - 1, step, 9, slots).tolist()
     assert got == [R.stream_key(2**32 - 1, 5, 9, s) for s in slots]
+    assert _rounding.stream_keys(1, step, 2, [4, 1]).tolist() == [R.stream_key(1, 5, 2, s) for s in (4, 1)]
 
 
 def _awkward_values(n: int, seed: int) -> np.ndarray:
@@ -220,6 +222,21 @@ def test_bfloat16_state_costs_at_most_8_5_bytes_per_parameter(cls):
     assert per["float32"] > 13.5, per  # the float32 state this halves
     meta = cls(_bench_gpt("meta").named_parameters(), state_dtype="bfloat16")  # counted without a step
     assert sum(meta.state_bytes().values()) / n == per["bfloat16"]
+
+
+def test_step_memory_prints_the_state_table(tmp_path):
+    out = tmp_path / "state.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), "--state", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["model"], r["optimizer"], r["state_dtype"]): r for r in json.loads(out.read_text())}
+    assert rows[("GPT-2 124M", "AdamW", "float32")]["parameters"] == 124_439_808
+    for model in ("bench GPT", "GPT-2 124M"):
+        assert abs(rows[(model, "AdamW", "float32")]["bytes_per_parameter"] - 8.0) < 0.01
+        for cls in ("Celo2", "Celo2Base"):
+            assert rows[(model, cls, "bfloat16")]["bytes_per_parameter"] <= 8.5
+            assert rows[(model, cls, "bfloat16")]["state_bytes"] * 2 <= rows[(model, cls, "float32")]["state_bytes"] + 1e5
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ in ``[0, 2**32)`` and every multiplication modulo 2**32 is split into a
 2**49 and nothing overflows (``torch.uint32`` lacks multiplication and
 shifts on some devices). The results are bit for bit those of the NumPy
 reference, on every device, and the whole computation stays on the device:
-the step count is a 0-d tensor there, so nothing is read on the host and a
+the step count is a 0-d tensor there, and no tensor is copied from the host
+(the slots are made with ``arange``), so nothing is read on the host and a
 step can be captured in a CUDA graph.
 
 A step that stores bfloat16 state computes on a float32 copy of the
@@ -80,7 +81,11 @@ def stream_keys(seed: int, step: torch.Tensor, tensor: int, slots: Sequence[int]
     """
     k = mix32(step.to(torch.int64).bitwise_and(MASK32).bitwise_xor(int(rule_rounding.mix32(int(seed) & MASK32))))
     k = mix32(k.bitwise_xor_(int(tensor) & MASK32))
-    slot = torch.tensor([int(s) & MASK32 for s in slots], dtype=torch.int64, device=step.device)
+    slots = [int(s) & MASK32 for s in slots]
+    if slots == list(range(slots[0], slots[0] + len(slots))):  # a run: made on the device, no copy from the host
+        slot = torch.arange(slots[0], slots[0] + len(slots), dtype=torch.int64, device=step.device)
+    else:
+        slot = torch.stack([torch.full((), s, dtype=torch.int64, device=step.device) for s in slots])
     return mix32(slot.bitwise_xor_(k))
 
 
