@@ -318,8 +318,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         that select the algorithm (``branch``, ``orthogonalize``,
         ``nonfinite``) must agree with this optimizer's, and the saved
         settings must pass the constructor's checks; on any mismatch
-        nothing is loaded. Accumulators are kept float32 whatever the
-        parameter dtype. A state saved before ``nonfinite`` existed keeps this
+        nothing is loaded. Accumulators are kept in the state dtype whatever
+        the parameter dtype. A state saved before ``nonfinite`` existed keeps this
         optimizer's setting.
 
         State dtype: the saved accumulators are converted to this optimizer's
@@ -387,7 +387,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
-        order = self._order()
+        order = self._order() if any(_rounding.state_dtype(g["state_dtype"]) != torch.float32
+                                     for g, _ in plan) else {}
         for group, entries in plan:
             learned = [p for p, branch in entries if branch != routing.ADAM]
             adam_params = [p for p, branch in entries if branch == routing.ADAM]
@@ -463,8 +464,8 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             state[COUNTER_KEY] = torch.zeros((), dtype=torch.int32, device=p.device)
         return state[COUNTER_KEY]
 
-    def _rounding(self, group: dict[str, Any], params: list[torch.Tensor],
-                  order: dict[torch.Tensor, int]) -> Optional[StateRounding]:
+    def _state_rounding(self, group: dict[str, Any], params: list[torch.Tensor],
+                        order: dict[torch.Tensor, int]) -> Optional[StateRounding]:
         """For bfloat16 state, each tensor's step counter (advanced by one on its device, no host
         synchronisation) with the group's seed and the tensors' indices in the optimizer's order; ``None``
         for float32 state."""
@@ -527,7 +528,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 self.state[p].update(self._new_state(group, p, routing.ADAM))
         counters = [self._counter(self.state[p], p) for p in params]
         _adamw.step(group, params, [self.state[p] for p in params], counters, self._shardings,
-                    self._rounding(group, params, order))
+                    self._state_rounding(group, params, order))
 
     def _learned_step(self, group: dict[str, Any], params: list[torch.Tensor], order: dict[torch.Tensor, int]) -> None:
         """The learned rule on the group's tensors (:func:`celo2.torch.functional.celo2`)."""
@@ -538,7 +539,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                 state.update(self._new_state(group, p, routing.LEARNED))
             self._counter(state, p)
             states.append(state)
-        rounding = self._rounding(group, params, order)
+        rounding = self._state_rounding(group, params, order)
         workspace = None
         if params and not torch.compiler.is_compiling():  # traced: the compiler plans the scratch
             workspace = self._workspace_by_device.setdefault(params[0].device, Workspace())
