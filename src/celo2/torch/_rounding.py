@@ -31,8 +31,8 @@ from celo2.rule import rounding as rule_rounding
 MASK32: int = 0xFFFFFFFF
 """The low 32 bits."""
 
-ROUND_CHUNK_ELEMENTS: int = 1 << 20
-"""Elements rounded at once (bounds the int64 scratch of :func:`store` to a few tens of MB)."""
+ROUND_CHUNK_ELEMENTS: int = 1 << 16
+"""Elements rounded at once: the int64 scratch of :func:`store` (a few blocks of 512 KiB) stays in cache."""
 
 ROUNDED_KEYS: tuple[str, ...] = tuple(rule_rounding.SLOTS)
 """The accumulators stored in the state dtype: the rule's and the AdamW branch's moments."""
@@ -42,10 +42,23 @@ Layout = Callable[[str, torch.Tensor], tuple[tuple[int, ...], tuple[int, ...]]]
 each axis)`` (a shard of a sharded tensor; by default the block is the whole accumulator)."""
 
 
-def _mul32(x: torch.Tensor, multiplier: int) -> torch.Tensor:
-    """``x * multiplier`` modulo 2**32 for int64 ``x`` in ``[0, 2**32)``: the constant split in 16-bit halves."""
+def _mul32_(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """``x * multiplier`` modulo 2**32 in place, for int64 ``x`` in ``[0, 2**32)``: the constant split in
+    16-bit halves, so that no product exceeds 2**48."""
     hi, lo = multiplier >> 16, multiplier & 0xFFFF
-    return (x * lo).add_((x * hi).bitwise_and_(0xFFFF).bitwise_left_shift_(16)).bitwise_and_(MASK32)
+    high = (x * hi).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(lo).add_(high).bitwise_and_(MASK32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place on int64 values already in ``[0, 2**32)``."""
+    a, b = rule_rounding.MIX_MULTIPLIERS
+    s0, s1, s2 = rule_rounding.MIX_SHIFTS
+    x.bitwise_xor_(x >> s0)
+    _mul32_(x, a)
+    x.bitwise_xor_(x >> s1)
+    _mul32_(x, b)
+    return x.bitwise_xor_(x >> s2)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +70,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     Returns:
         A new int64 tensor, values in ``[0, 2**32)``.
     """
-    a, b = rule_rounding.MIX_MULTIPLIERS
-    s0, s1, s2 = rule_rounding.MIX_SHIFTS
-    x = x.to(torch.int64).bitwise_and(MASK32)
-    x.bitwise_xor_(x >> s0)
-    x = _mul32(x, a)
-    x.bitwise_xor_(x >> s1)
-    x = _mul32(x, b)
-    return x.bitwise_xor_(x >> s2)
+    return _mix32_(x.to(torch.int64).bitwise_and(MASK32))
 
 
 def stream_keys(seed: int, step: torch.Tensor, tensor: int, slots: Sequence[int]) -> torch.Tensor:
@@ -79,14 +85,14 @@ def stream_keys(seed: int, step: torch.Tensor, tensor: int, slots: Sequence[int]
     Returns:
         int64 keys, one per slot, on ``step``'s device.
     """
-    k = mix32(step.to(torch.int64).bitwise_and(MASK32).bitwise_xor(int(rule_rounding.mix32(int(seed) & MASK32))))
-    k = mix32(k.bitwise_xor_(int(tensor) & MASK32))
+    k = _mix32_(step.to(torch.int64).bitwise_and(MASK32).bitwise_xor_(int(rule_rounding.mix32(int(seed) & MASK32))))
+    k = _mix32_(k.bitwise_xor_(int(tensor) & MASK32))
     slots = [int(s) & MASK32 for s in slots]
     if slots == list(range(slots[0], slots[0] + len(slots))):  # a run: made on the device, no copy from the host
         slot = torch.arange(slots[0], slots[0] + len(slots), dtype=torch.int64, device=step.device)
     else:
         slot = torch.stack([torch.full((), s, dtype=torch.int64, device=step.device) for s in slots])
-    return mix32(slot.bitwise_xor_(k))
+    return _mix32_(slot.bitwise_xor_(k))
 
 
 def random_bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,7 @@ def random_bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns:
         int64 values in ``[0, 2**16)``, shaped like ``index``.
     """
-    return mix32(mix32(index).bitwise_xor_(key)).bitwise_right_shift_(16)
+    return _mix32_(mix32(index).bitwise_xor_(key)).bitwise_right_shift_(16)
 
 
 def round_to_bfloat16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
