@@ -18,8 +18,12 @@ holds no code: a submodule is named ``torch``, so a name ``torch`` here would
 be rebound to it.
 
 Adding a backend: write a module here with a ``BACKEND`` object that meets
-:class:`~celo2.torch.backends.base.Backend`, add it to :data:`celo2.torch.functional.BACKENDS` and to the
+:class:`~celo2.torch.backends.base.Backend` (its ``state_dtypes`` name the
+state dtypes it stores; with ``torch.bfloat16`` its state-writing methods
+take ``rounding=`` and store exactly the bits of :mod:`celo2.rule.rounding`),
+add it to :data:`celo2.torch.functional.BACKENDS` and to the
 fall-back order of ``"auto"`` in :func:`celo2.torch.functional.candidates`,
-and run ``tests/torch/test_backends.py`` and ``tests/rule/`` against it.
+and run ``tests/torch/test_backends.py``, ``tests/torch/test_state_dtype.py``
+and ``tests/rule/`` against it.
 """
 
