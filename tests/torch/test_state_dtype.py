@@ -234,7 +234,8 @@ def test_step_memory_prints_the_state_table(tmp_path):
         assert abs(rows[(model, "AdamW", "float32")]["bytes_per_parameter"] - 8.0) < 0.01
         for cls in ("Celo2", "Celo2Base"):
             assert rows[(model, cls, "bfloat16")]["bytes_per_parameter"] <= 8.5
-            assert rows[(model, cls, "bfloat16")]["state_bytes"] * 2 <= rows[(model, cls, "float32")]["state_bytes"] + 1e5
+            half, whole = rows[(model, cls, "bfloat16")]["state_bytes"], rows[(model, cls, "float32")]["state_bytes"]
+            assert 2 * half <= whole + 1e5  # the counters aside, half the bytes
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
