@@ -198,6 +198,27 @@ def test_every_backend_stores_the_same_bits_over_six_steps(backend, tmp_path):
             np.testing.assert_array_equal(g[k], w[k], err_msg=f"{backend}: {k} of {shape}")
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (33,), (3, 4, 10), (2, 3, 5, 4)])
+def test_one_tensor_steps_store_the_same_bits_in_small_chunks(shape, random_theta):
+    """functional.tensor_step with tiny chunks (leading slices, and slices recursed into) stores the
+    reference backend's bits; its direction is float32 state's."""
+    theta = TorchTheta.from_theta(random_theta)
+    g = torch.Generator().manual_seed(7)
+    param = torch.randn(shape, generator=g)
+    states = {b: init_tensor_state(param, BF16) for b in ("reference", "torch")}
+    for step in range(1, 4):
+        grad = torch.randn(shape, generator=g)
+        before = {k: v.float() for k, v in states["reference"].items()}  # what both read, as float32
+        rounding = StateRounding(3, [torch.tensor(step)], [2])
+        dirs = {b: F.tensor_step(theta, st, grad, param, True, chunk_elements=16, backend=b, rounding=rounding)
+                for b, st in states.items()}
+        for k in STATE_KEYS:
+            np.testing.assert_array_equal(bits(states["torch"][k]), bits(states["reference"][k]), err_msg=k)
+    want = F.tensor_step(theta, before, grad, param, True, backend="reference")
+    torch.testing.assert_close(dirs["reference"], want, rtol=0, atol=0)
+    torch.testing.assert_close(dirs["torch"], want, rtol=0, atol=2e-5)
+
+
 # -- bytes of state per parameter -----------------------------------------------------------------
 def _bench_gpt(device: str = "cpu") -> GPT:
     torch.manual_seed(0)
