@@ -120,3 +120,19 @@ def test_celo2_adam_lr_mult_reaches_the_adamw_branch(random_theta):
     assert {g["adam_lr_mult"] for g in one.param_groups} == {1.0}
     with pytest.raises(TypeError):
         O.build_optimizer("adamw", model, 1e-3, 0.0, adam_lr_mult=1.0)  # only Celo2 has the option
+
+
+def test_bfloat16_state_kinds_step_with_bfloat16_state_and_run_only_when_named(random_theta):
+    pytest.importorskip("celo2.torch")
+    assert "celo2-bf16" in O.OPTIMIZERS and "celo2-bf16" not in O.DEFAULT_SUITE_OPTIMIZERS
+    assert "celo2-base-bf16" not in O.DEFAULT_SUITE_OPTIMIZERS and "celo2" in O.DEFAULT_SUITE_OPTIMIZERS
+    torch.manual_seed(0)
+    model = T.MLP([784, 16, 10])
+    for name in ("celo2-bf16", "celo2-base-bf16"):
+        opt = O.build_optimizer(name, model, 1e-3, 0.1, theta=random_theta)
+        loss = model(torch.rand(4, 28, 28)).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dtypes = {t.dtype for s in opt.state.values() for k, t in s.items() if k in ("m", "v", "exp_avg")}
+        assert dtypes == {torch.bfloat16}, (name, dtypes)

@@ -51,11 +51,13 @@ SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "tasks": ["mlp", "cnn", "gpt", "vit", "autoencoder"],
-        "optimizers": list(opt_registry.OPTIMIZERS),
+        "optimizers": list(opt_registry.DEFAULT_SUITE_OPTIMIZERS),
         "seeds": 1,
         "grids": {
             "celo2": (1e-3, 1e-2, 3),
             "celo2-base": (1e-3, 1e-2, 3),
+            "celo2-bf16": (1e-3, 1e-2, 3),
+            "celo2-base-bf16": (1e-3, 1e-2, 3),
             "adamw": (10**-2.5, 10**-1.5, 3),
             "adam": (10**-2.5, 10**-1.5, 3),
             "sgd": (10**-1.5, 10**-0.5, 3),
@@ -64,7 +66,7 @@ SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "tasks": list(task_registry.TASKS),
-        "optimizers": list(opt_registry.OPTIMIZERS),
+        "optimizers": list(opt_registry.DEFAULT_SUITE_OPTIMIZERS),
         "seeds": 3,
         "grids": {k: (*v.lr_grid, 7) for k, v in opt_registry.OPTIMIZERS.items()},
     },
@@ -77,6 +79,8 @@ SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
         "grids": {
             "celo2": (10**-3.5, 10**-1.5, 5),
             "celo2-base": (10**-3.5, 10**-1.5, 5),
+            "celo2-bf16": (10**-3.5, 10**-1.5, 5),
+            "celo2-base-bf16": (10**-3.5, 10**-1.5, 5),
             "adamw": (1e-3, 1e-1, 5),
             "adam": (1e-3, 1e-1, 5),
             "sgd": (1e-2, 1.0, 5),

@@ -166,16 +166,29 @@ def make_muon(model: nn.Module, lr: float, weight_decay: float, theta: Any = Non
 
 
 def make_celo2(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
-               adam_lr_mult: float = spec.ADAM_LR_MULT) -> torch.optim.Optimizer:
+               adam_lr_mult: float = spec.ADAM_LR_MULT, state_dtype: str = "float32") -> torch.optim.Optimizer:
     from celo2.torch import Celo2
 
-    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta, adam_lr_mult=adam_lr_mult)
+    return Celo2(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta, adam_lr_mult=adam_lr_mult,
+                 state_dtype=state_dtype)
 
 
-def make_celo2_base(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
+def make_celo2_base(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
+                    state_dtype: str = "float32") -> torch.optim.Optimizer:
     from celo2.torch import Celo2Base
 
-    return Celo2Base(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta)
+    return Celo2Base(model.named_parameters(), lr=lr, weight_decay=weight_decay, theta=theta, state_dtype=state_dtype)
+
+
+def make_celo2_bf16(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
+                    adam_lr_mult: float = spec.ADAM_LR_MULT) -> torch.optim.Optimizer:
+    """Celo2 with bfloat16 state (stochastic rounding): the same rule, half the state memory."""
+    return make_celo2(model, lr, weight_decay, theta, adam_lr_mult, state_dtype="bfloat16")
+
+
+def make_celo2_base_bf16(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
+    """Celo2Base with bfloat16 state (stochastic rounding)."""
+    return make_celo2_base(model, lr, weight_decay, theta, state_dtype="bfloat16")
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,7 @@ class OptimizerInfo:
     uses_theta: bool
     description: str
     wd_grid: tuple[float, ...] = ()  # the weight decays a 2-D LR x WD search tries (see WD_GRID_*)
+    in_default_suites: bool = True  # False: run only when named (--optimizers), e.g. a state-dtype variant
 
 
 def log_grid(lo: float, hi: float, n: int) -> list[float]:
@@ -228,6 +242,12 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo("celo2-base", make_celo2_base, (1e-4, 1e-1), 0.1, True,
                       "Celo2-base: learned rule on every tensor, no orthogonalisation, no AdamW",
                       wd_grid=WD_GRID_DECOUPLED),
+        OptimizerInfo("celo2-bf16", make_celo2_bf16, (1e-4, 1e-1), 0.1, True,
+                      "Celo2 with bfloat16 state (stochastic rounding): the learned rule's accumulators and the "
+                      "AdamW branch's moments", wd_grid=WD_GRID_DECOUPLED, in_default_suites=False),
+        OptimizerInfo("celo2-base-bf16", make_celo2_base_bf16, (1e-4, 1e-1), 0.1, True,
+                      "Celo2-base with bfloat16 state (stochastic rounding)", wd_grid=WD_GRID_DECOUPLED,
+                      in_default_suites=False),
         OptimizerInfo("adamw", make_adamw, (1e-4, 1e-1), 0.1, False,
                       f"torch.optim.AdamW, betas {ADAM_BETAS}, decoupled weight decay", wd_grid=WD_GRID_DECOUPLED),
         OptimizerInfo("adam", make_adam, (1e-4, 1e-1), 0.0, False,
@@ -239,6 +259,10 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                       wd_grid=WD_GRID_DECOUPLED),
     ]
 }
+
+
+DEFAULT_SUITE_OPTIMIZERS: list[str] = [k for k, v in OPTIMIZERS.items() if v.in_default_suites]
+"""The kinds a suite runs when no ``--optimizers`` is given."""
 
 
 def optimizer_kind(name: str) -> str:
