@@ -33,6 +33,7 @@ _USER_ERRORS = {
     "celo2.rule.theta": ("ThetaError",),
     "celo2.rule.variant": ("VariantError",),
     "celo2.theta_files": ("ThetaNotFoundError",),
+    "celo2.theta_files.push": ("HubPushError",),
     "celo2.eval.theta_specs": ("ThetaSpecError",),
     "celo2.data.errors": ("DatasetNotFoundError", "DatasetFormatError", "DownloadError"),
     "celo2._runlock": ("RunFolderError",),
