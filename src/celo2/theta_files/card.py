@@ -156,7 +156,8 @@ def model_card(theta: Theta, repo_id: str, filename: str, *, run_metadata: Mappi
         lines += ["| field | this theta | published |", "| --- | --- | --- |"]
         lines += [f"| {d.split('=', 1)[0]} | {d.split('=', 1)[1].split(' (published ')[0]} | "
                   f"{d.split(' (published ')[1].rstrip(')')} |" for d in variant.differences()]
-    lines += ["", "```json", json.dumps(variant.to_dict(), indent=2), "```", "", "## Recipe", ""]
+    fields_json = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in variant.to_dict().items())
+    lines += ["", "```json", "{\n" + fields_json + "\n}", "```", "", "## Recipe", ""]
     record = dict(run_metadata or {})
     config = record.get("config", theta.metadata.get("config"))
     iterations = record.get("iterations", theta.metadata.get("iterations"))
