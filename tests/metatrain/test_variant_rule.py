@@ -59,7 +59,8 @@ def reference_step(variant, theta, state, grad, param, orthogonalize):
     v = variant.rms_decay * state["v"] + (1 - variant.rms_decay) * g * g
     gsq = g * g + 1e-30
     feats = {"g": g[None], "clip_g": np.clip(g, -0.1, 0.1)[None], "p": param[None], "m": m, "v": v[None],
-             "m_rsqrt_v": m * rsqrt(v + 1e-8), "rsqrt_v": rsqrt(v + 1e-8)[None], "g_rsqrt_v": (g * rsqrt(v + 1e-8))[None]}
+             "m_rsqrt_v": m * rsqrt(v + 1e-8), "rsqrt_v": rsqrt(v + 1e-8)[None],
+             "g_rsqrt_v": (g * rsqrt(v + 1e-8))[None]}
     if g.ndim == 1:
         r = bf[:, None] * state["r"] + (1 - bf[:, None]) * gsq
         c = state["c"]

@@ -202,7 +202,8 @@ def scale_by_variant(variant: RuleVariant, theta: ThetaTree, learning_rate: floa
             step = -learning_rate * (direction + weight_decay * p)
             outs.append(jnp.where(ok, step, jnp.zeros_like(step)))
             states.append(jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, s))
-        return jax.tree_util.tree_unflatten(treedef, outs), VariantRuleState(jax.tree_util.tree_unflatten(treedef, states))
+        new_state = VariantRuleState(jax.tree_util.tree_unflatten(treedef, states))
+        return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

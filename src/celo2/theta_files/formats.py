@@ -308,7 +308,8 @@ def _content_sha256(arrays: Mapping[str, np.ndarray], metadata_json: str, varian
 
 
 def _npz_text(raw: dict[str, np.ndarray], name: str, origin: str) -> str | None:
-    """Pop the 0-d string member ``name`` (``__format__``, ``__metadata__``, ``__sha256__``, ``__variant__``) if present."""
+    """Pop the 0-d string member ``name`` (``__format__``, ``__metadata__``, ``__sha256__``, ``__variant__``),
+    if present."""
     if name not in raw:
         return None
     value = raw.pop(name)
