@@ -91,6 +91,8 @@ def test_json_is_stable_and_round_trips():
         assert RuleVariant.from_json(variant.to_json()) == variant
         assert RuleVariant.from_dict(json.loads(json.dumps(variant.to_dict()))) == variant
     assert RuleVariant.from_dict({"hidden_width": 4}) == RuleVariant(hidden_width=4)  # the rest: published
+    numpy_typed = RuleVariant(hidden_width=np.int64(4), rms_decay=np.float32(0.5))
+    assert numpy_typed.to_json() == RuleVariant(hidden_width=4, rms_decay=0.5).to_json()
 
 
 def test_bad_records_are_named():

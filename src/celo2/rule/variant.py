@@ -116,6 +116,8 @@ class RuleVariant:
         self._validate()
         order = {n: i for i, n in enumerate(ALL_GROUPS)}
         object.__setattr__(self, "feature_groups", tuple(sorted(self.feature_groups, key=order.__getitem__)))
+        object.__setattr__(self, "hidden_width", int(self.hidden_width))
+        object.__setattr__(self, "hidden_layers", int(self.hidden_layers))
         object.__setattr__(self, "rms_decay", float(self.rms_decay))
         object.__setattr__(self, "momentum_decays", tuple(float(b) for b in self.momentum_decays))
         object.__setattr__(self, "factored_decays", tuple(float(b) for b in self.factored_decays))
