@@ -31,7 +31,9 @@ SUBCOMMANDS = {
 #: Modules defining exception types that mean bad input, and the names of those types.
 _USER_ERRORS = {
     "celo2.rule.theta": ("ThetaError",),
+    "celo2.rule.variant": ("VariantError",),
     "celo2.theta_files": ("ThetaNotFoundError",),
+    "celo2.theta_files.push": ("HubPushError",),
     "celo2.eval.theta_specs": ("ThetaSpecError",),
     "celo2.data.errors": ("DatasetNotFoundError", "DatasetFormatError", "DownloadError"),
     "celo2._runlock": ("RunFolderError",),

@@ -19,12 +19,16 @@ images, a tiny causal transformer on bytes.
   celo2 meta-train --out runs/cpu --resume                  # continue a killed run
   celo2 meta-train plot runs/cpu                            # meta-loss curve -> PNG
   celo2 meta-train score shipped published=theta.state --data-dir DATA   # thetas on the meta-loss
+  celo2 meta-train --preset cpu --set variant.hidden_width=4 --out runs/width4  # a rule variant
 
 Presets: paper (the published recipe), cpu (sized for 2 CPU cores), cpu-photos (cpu
 with the photo families of celo2.data.photos for digits and synthetic), cpu-text (the
 byte transformer on the standard library's docstrings), cpu-conv (the conv net on
 images the bench never evaluates), smoke.
-Any setting can be changed with --set key=value (see --print-config for keys).
+Any setting can be changed with --set key=value (see --print-config for keys); the rule
+itself with --set variant.FIELD=VALUE (hidden_width, hidden_layers, rms_decay,
+momentum_decays, factored_decays, feature_groups, output_norm, outputs: docs/meta-training.md,
+"Rule variants"). 'score' runs each theta with the rule variant its file records.
 'score' runs every theta, unperturbed, on the same inner runs of the preset's
 tasks and reports the meta-loss (mean clipped training loss per inner step)
 per task, with paired differences to the first theta: checkpoints or thetas

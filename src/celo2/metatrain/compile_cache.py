@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from celo2.rule import spec
 
 #: Config keys that do not change the compiled iteration (bookkeeping, init, data source).
 _NOT_COMPILED = ("iterations", "checkpoint_every", "data_dir", "metrics_format", "seed",
@@ -29,7 +28,7 @@ def state_shardings(pes, mesh):
 
     from celo2.metatrain.pes import PARTICLE_AXIS
 
-    template = jax.eval_shape(lambda: pes.init(np.zeros(spec.NUM_THETA_PARAMS, np.float32), 0))
+    template = jax.eval_shape(lambda: pes.init(np.zeros(pes.variant.num_theta_params, np.float32), 0))
     part = NamedSharding(mesh, PartitionSpec(PARTICLE_AXIS))
     rep = NamedSharding(mesh, PartitionSpec())
     shardings = jax.tree_util.tree_map(lambda _: rep, template)

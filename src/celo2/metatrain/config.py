@@ -2,7 +2,11 @@
 
 Every number of the recipe (spec section 3) is a field here so that a run
 folder's ``config.json`` says exactly what was trained, and every field can be
-changed from the command line with ``--set key=value``.
+changed from the command line with ``--set key=value``. The rule being trained
+is the nested field ``variant`` (a :class:`celo2.rule.variant.RuleVariant`,
+default the published rule), changed field by field with
+``--set variant.hidden_width=4`` or whole with ``--set 'variant={"rms_decay": 0.999}'``
+(fields left out keep the published values).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from celo2.rule import spec
+from celo2.rule.variant import PUBLISHED, RuleVariant, VariantError, parse_field
 
 AUGMENTATIONS = ("none", "global", "tensor", "parameter")
 INNER_OPTIMIZERS = ("celo2", "celo2-base", "adam")
@@ -84,14 +89,25 @@ class MetaTrainConfig:
     """Lay particles out over all JAX devices (``NamedSharding`` over a 1-D mesh)."""
     preset: str = "custom"
 
+    # --- the rule -----------------------------------------------------------
+    variant: RuleVariant = PUBLISHED
+    """The rule variant meta-trained (default the published rule); a mapping of its fields is accepted."""
+
     # ------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        if isinstance(self.variant, Mapping):
+            try:
+                object.__setattr__(self, "variant", RuleVariant.from_dict(self.variant))
+            except VariantError as exc:
+                raise ConfigError(f"meta-train config: variant: {exc}") from None
         self.validate()
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"meta-train config: {key}={getattr(self, key)!r}: {why}")
 
+        if not isinstance(self.variant, RuleVariant):
+            raise bad("variant", "must be a RuleVariant or a mapping of its fields")
         if not self.tasks:
             raise bad("tasks", "give at least one task family")
         from celo2.metatrain.tasks import task_families
@@ -162,10 +178,12 @@ class MetaTrainConfig:
         return self.num_particles * self.truncation_length
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """Every field as JSON-able values (tuples as lists, ``variant`` as the mapping of its fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in out.items():
             if isinstance(v, tuple):
                 out[k] = list(v)
+        out["variant"] = self.variant.to_dict()
         return out
 
     def to_json(self) -> str:
@@ -293,15 +311,59 @@ def _coerce(key: str, text: Any, current: Any, annotation: str) -> Any:
         raise ConfigError(f"meta-train config: {key}={text!r}: not a valid {annotation} ({exc})") from None
 
 
+VARIANT_PREFIX = "variant."
+"""``--set variant.FIELD=VALUE`` changes one field of the rule variant."""
+
+
+def _variant_value(value: Any) -> RuleVariant:
+    """``variant=...`` as given: a :class:`RuleVariant`, a mapping of fields, JSON text of one, or ``published``."""
+    if isinstance(value, RuleVariant):
+        return value
+    try:
+        if isinstance(value, str):
+            if value.strip().lower() in ("published", "default", ""):
+                return PUBLISHED
+            return RuleVariant.from_json(value, origin=f"variant={value!r}")
+        if isinstance(value, Mapping):
+            return RuleVariant.from_dict(value)
+    except VariantError as exc:
+        raise ConfigError(f"meta-train config: {exc}") from None
+    raise ConfigError(f"meta-train config: variant={value!r}: expected 'published', a JSON object of "
+                      "rule variant fields, or --set variant.FIELD=VALUE")
+
+
 def override(config: MetaTrainConfig, changes: Mapping[str, Any]) -> MetaTrainConfig:
-    """``config`` with ``changes`` (values may be strings, as from ``--set``)."""
+    """``config`` with ``changes`` (values may be strings, as from ``--set``).
+
+    Args:
+        config: The configuration to change.
+        changes: Key -> value. ``variant`` takes a whole rule variant (see :func:`_variant_value`);
+            ``variant.FIELD`` one field of it, applied after ``variant``.
+
+    Returns:
+        The new configuration.
+
+    Raises:
+        ConfigError: An unknown key or variant field, or a bad value; the message names it.
+    """
     types = {f.name: str(f.type) for f in fields(MetaTrainConfig)}
-    unknown = sorted(set(changes) - set(types))
+    plain = {k: v for k, v in changes.items() if not k.startswith(VARIANT_PREFIX)}
+    unknown = sorted(set(plain) - set(types))
     if unknown:
         raise ConfigError(
-            f"meta-train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(types)}"
+            f"meta-train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(types)} "
+            f"(and {VARIANT_PREFIX}FIELD for a field of the rule variant)"
         )
-    coerced = {k: _coerce(k, v, getattr(config, k), types[k]) for k, v in changes.items()}
+    coerced = {k: _coerce(k, v, getattr(config, k), types[k]) for k, v in plain.items() if k != "variant"}
+    variant = _variant_value(plain["variant"]) if "variant" in plain else config.variant
+    field_changes = {k[len(VARIANT_PREFIX):]: v for k, v in changes.items() if k.startswith(VARIANT_PREFIX)}
+    if field_changes:
+        try:
+            values = {name: parse_field(name, v) if isinstance(v, str) else v for name, v in field_changes.items()}
+            variant = dataclasses.replace(variant, **values)
+        except VariantError as exc:
+            raise ConfigError(f"meta-train config: {exc}") from None
+    coerced["variant"] = variant
     return dataclasses.replace(config, **coerced)
 
 
@@ -317,6 +379,6 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "AUGMENTATIONS", "ConfigError", "INNER_OPTIMIZERS", "MAX_SEED", "MetaTrainConfig", "PRESETS",
+    "AUGMENTATIONS", "ConfigError", "INNER_OPTIMIZERS", "MAX_SEED", "MetaTrainConfig", "PRESETS", "VARIANT_PREFIX",
     "override", "parse_set", "preset",
 ]

@@ -35,6 +35,7 @@ from celo2.metatrain.config import MetaTrainConfig
 from celo2.metatrain.task_models import ImageMLP, TaskModel
 from celo2.metatrain.tasks import model_of_families
 from celo2.rule import spec
+from celo2.rule.variant import PUBLISHED, RuleVariant
 
 PARTICLE_AXIS = "particles"
 """Name of the mesh axis the particle arrays are split over."""
@@ -57,17 +58,25 @@ class TrainerState(NamedTuple):
     """Everything a resumed run needs: theta, outer optimiser, inner runs, PES sums, key."""
 
     iteration: jax.Array  # int32 scalar: outer iterations done
-    theta: jax.Array  # float32[347], celo2.rule.spec.THETA_KEYS order (Theta.to_flat)
+    theta: jax.Array  # float32[n], the variant's theta keys in order (Theta.to_flat); 347 published
     outer_state: Any
     particles: Particles
-    accumulator: jax.Array  # (num_pairs, 347): per pair, the sum of eps since its run began
+    accumulator: jax.Array  # (num_pairs, n): per pair, the sum of eps since its run began
     key: jax.Array  # uint32[2]: root key; iteration keys are fold_in(key, iteration)
 
 
-def unflatten_theta(flat: jax.Array) -> dict:
-    """A flat theta (``Theta.to_flat`` order) as the dict of arrays the rule reads."""
+def unflatten_theta(flat: jax.Array, variant: RuleVariant = PUBLISHED) -> dict:
+    """A flat theta (``Theta.to_flat`` order) as the dict of arrays the rule reads.
+
+    Args:
+        flat: The values in ``variant.theta_keys`` order (may be traced).
+        variant: The rule variant (default the published rule).
+
+    Returns:
+        Theta key -> array of the variant's shape.
+    """
     out, offset = {}, 0
-    for key, shape in spec.theta_shapes().items():
+    for key, shape in variant.theta_shapes().items():
         n = math.prod(shape)
         out[key] = flat[offset:offset + n].reshape(shape)
         offset += n
@@ -134,6 +143,8 @@ def default_inner_optimizer(config: MetaTrainConfig, model: TaskModel | None = N
     called with a traced theta inside the vectorised unroll; ``celo2`` routes
     parameters by ``model.param_labels`` (default: the image MLP's, every
     weight matrix to the learned rule, as in the published meta-training).
+    A rule variant other than the published one (``config.variant``) runs in
+    :mod:`celo2.metatrain.variant_rule` with the same harness.
 
     Args:
         config: The run's configuration (``inner_optimizer``, ``inner_lr``, ...).
@@ -149,6 +160,13 @@ def default_inner_optimizer(config: MetaTrainConfig, model: TaskModel | None = N
         # Ignores theta: a baseline to check the pipeline (its PES gradient is zero).
         return lambda theta: optax.adamw(lr, b1=spec.ADAM_BETAS[0], b2=spec.ADAM_BETAS[1], eps=spec.ADAM_EPS,
                                              weight_decay=wd)
+    variant = config.variant
+    if not variant.is_published:
+        from celo2.metatrain.variant_rule import scale_by_variant, variant_celo2
+
+        if name == "celo2-base":
+            return lambda theta: scale_by_variant(variant, theta, lr, wd, orthogonalize=False)
+        return lambda theta: variant_celo2(variant, theta, lr, wd, mult, param_labels=labels)
     import celo2.optax as co
 
     if name == "celo2-base":
@@ -178,6 +196,7 @@ class PES:
                  in_dim: int | None = None, *, model: TaskModel | None = None,
                  input_shape: tuple[int, ...] | None = None):
         self.config = config
+        self.variant = config.variant
         self.num_tasks = num_tasks
         self.K = config.pairs_per_task
         self.num_pairs = num_tasks * self.K
@@ -232,7 +251,7 @@ class PES:
                 offset += size
         params = {n: weights[n] / scale[n] for n in names}
         length = self._length_from_uniform(u[-1])
-        opt_state = self.factory(unflatten_theta(theta)).init(params)
+        opt_state = self.factory(unflatten_theta(theta, self.variant)).init(params)
         return Particles(params, opt_state, scale, jnp.zeros((), jnp.int32), length)
 
     def _length_from_uniform(self, u: jax.Array) -> jax.Array:
@@ -246,7 +265,7 @@ class PES:
         return jax.tree_util.tree_map(lambda x: jnp.repeat(x, 2, axis=0), tree)
 
     def _perturbed(self, theta: jax.Array, eps: jax.Array) -> jax.Array:
-        """``theta + eps`` and ``theta - eps`` for every pair, as ``(P, 347)``."""
+        """``theta + eps`` and ``theta - eps`` for every pair, as ``(P, n)``."""
         sign = jnp.asarray(self.particle_sign)[:, None]
         return theta[None] + sign * self._pair_to_particles(eps)
 
@@ -260,8 +279,10 @@ class PES:
         """
         c = self.config
         theta = jnp.asarray(theta, jnp.float32).reshape(-1)
-        if theta.shape != (spec.NUM_THETA_PARAMS,):
-            raise ValueError(f"theta must have {spec.NUM_THETA_PARAMS} values, got {theta.shape}")
+        n = self.variant.num_theta_params
+        if theta.shape != (n,):
+            of = "" if self.variant.is_published else f" for rule variant {self.variant.label}"
+            raise ValueError(f"theta must have {n} values{of}, got {theta.shape}")
         key = jax.random.PRNGKey(seed)
         k_runs, k_off = jax.random.split(jax.random.fold_in(key, 0x5EED))
         pair_keys = jax.random.split(k_runs, self.num_pairs)
@@ -294,7 +315,7 @@ class PES:
         idx = jnp.swapaxes(idx, 0, 1)  # (T, n, B): scanned over T
 
         def one_particle(th, run: Particles, new: Particles, t_idx, b_idx):
-            th = unflatten_theta(th)
+            th = unflatten_theta(th, self.variant)
             done = run.step >= run.length
             opt = factory(th)
             run = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), new, run)

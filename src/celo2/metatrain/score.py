@@ -138,9 +138,14 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
     ``config.truncation_length`` steps; a stream starts a new inner run (fresh
     weights, scale and length, drawn from ``seed``) whenever one ends, as in
     meta-training. ``config``'s PES and outer-optimiser settings are unused.
+
+    Each theta runs the rule of its own variant (``theta.variant``, recorded in its
+    file), whatever ``config.variant`` says: thetas of different variants are scored
+    side by side on the same inner runs.
     """
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as PS
 
     from celo2.metatrain.pes import PARTICLE_AXIS, PES, clip_meta_loss, particle_mesh
 
@@ -156,7 +161,6 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
     data = data if data is not None else load_task_data(
         config.tasks, config.data_dir, config.image_size, config.num_classes)
     num_tasks = data.X.shape[0]
-    pes = PES(config, num_tasks, inner_optimizer, in_dim=data.X.shape[2])
     P = num_tasks * K
     mesh = particle_mesh(devices if devices is not None else jax.devices(), P) if config.shard else None
     root = jax.random.fold_in(jax.random.PRNGKey(seed), _SCORE_SALT)
@@ -172,41 +176,49 @@ def score_thetas(thetas: Mapping[str, Theta | str | None], config: MetaTrainConf
     def stream_keys(base, idx, slot):
         return jax.vmap(lambda j: jax.random.fold_in(base, 3 * j + slot))(idx)
 
-    def start(theta, zeros):  # zeros: one per stream, laid out as the streams are
-        idx = indices(zeros.shape[0])
-        runs = jax.vmap(lambda k: pes._draw_run(k, theta))(stream_keys(root, idx, 0))
-        if config.initial_offset_max > 0:
-            offsets = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.initial_offset_max, jnp.int32))(
-                stream_keys(root, idx, 1))
-            runs = runs._replace(step=offsets)
-        return runs
+    def compiled_for(variant):
+        """The jitted ``start`` and ``truncation`` of ``variant``'s rule."""
+        pes = PES(config.replace(variant=variant), num_tasks, inner_optimizer, in_dim=data.X.shape[2])
 
-    def truncation(theta, particles, total, i, X, y, sizes):
-        idx = indices(particles.step.shape[0])
-        base = jax.random.fold_in(root, i)
-        theta_p = jnp.broadcast_to(theta, idx.shape + theta.shape)
-        particles, losses, _ = pes._unroll(theta_p, particles, stream_keys(base, idx, 0), stream_keys(base, idx, 1),
-                                           idx // K, X, y, sizes)
-        return particles, total + jnp.sum(clip_meta_loss(losses, clip), axis=0)
+        def start(theta, zeros):  # zeros: one per stream, laid out as the streams are
+            idx = indices(zeros.shape[0])
+            runs = jax.vmap(lambda k: pes._draw_run(k, theta))(stream_keys(root, idx, 0))
+            if config.initial_offset_max > 0:
+                offsets = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.initial_offset_max, jnp.int32))(
+                    stream_keys(root, idx, 1))
+                runs = runs._replace(step=offsets)
+            return runs
+
+        def truncation(theta, particles, total, i, X, y, sizes):
+            idx = indices(particles.step.shape[0])
+            base = jax.random.fold_in(root, i)
+            theta_p = jnp.broadcast_to(theta, idx.shape + theta.shape)
+            particles, losses, _ = pes._unroll(theta_p, particles, stream_keys(base, idx, 0),
+                                               stream_keys(base, idx, 1), idx // K, X, y, sizes)
+            return particles, total + jnp.sum(clip_meta_loss(losses, clip), axis=0)
+
+        if mesh is not None:
+            part, rep = PS(PARTICLE_AXIS), PS()
+            start = jax.shard_map(start, mesh=mesh, in_specs=(rep, part), out_specs=part)
+            truncation = jax.shard_map(truncation, mesh=mesh, in_specs=(rep, part, part, rep, rep, rep, rep),
+                                       out_specs=(part, part))
+        return jax.jit(start), jax.jit(truncation)
 
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as PS
-
-        part, rep = PS(PARTICLE_AXIS), PS()
-        start = jax.shard_map(start, mesh=mesh, in_specs=(rep, part), out_specs=part)
-        truncation = jax.shard_map(truncation, mesh=mesh, in_specs=(rep, part, part, rep, rep, rep, rep),
-                                   out_specs=(part, part))
         # The data on every device once, not resharded at every call.
-        X, y, sizes = jax.device_put((data.X, data.y, data.sizes), NamedSharding(mesh, rep))
-        zeros = jax.device_put(np.zeros(P, np.float32), NamedSharding(mesh, part))
+        X, y, sizes = jax.device_put((data.X, data.y, data.sizes), NamedSharding(mesh, PS()))
+        zeros = jax.device_put(np.zeros(P, np.float32), NamedSharding(mesh, PS(PARTICLE_AXIS)))
     else:
         X, y, sizes = jax.device_put((data.X, data.y, data.sizes))
         zeros = jnp.zeros(P, jnp.float32)
-    start, truncation = jax.jit(start), jax.jit(truncation)
+    compiled: dict = {}
 
     scores = MetaLossScores(tuple(data.names), K, truncations, config.truncation_length, seed)
     for number, (label, theta) in enumerate(loaded.items(), 1):
         t0 = time.perf_counter()
+        if theta.variant not in compiled:
+            compiled[theta.variant] = compiled_for(theta.variant)
+        start, truncation = compiled[theta.variant]
         flat = jnp.asarray(theta.to_flat())
         particles, total = start(flat, zeros), zeros
         bar = None

@@ -66,7 +66,7 @@ from celo2.metatrain.checkpoint import (
     check_same_run,
 )
 from celo2.metatrain.compile_cache import COMPILED, jitted_iteration, state_shardings
-from celo2.metatrain.config import MetaTrainConfig
+from celo2.metatrain.config import ConfigError, MetaTrainConfig
 from celo2.metatrain.metrics import MetricsWriter, read_metrics, truncate_metrics
 from celo2.metatrain.run_folder import (
     DeferredInterrupt,
@@ -145,8 +145,21 @@ class MetaTrainer:
 
     # -- state -----------------------------------------------------------------------
     def initial_theta(self) -> Theta:
+        """The theta the run starts from: ``config.theta_init``'s file, else ``Theta.init(seed, variant)``.
+
+        Raises:
+            ConfigError: ``theta_init`` holds a theta of another rule variant than ``config.variant``.
+        """
         c = self.config
-        return load_theta(c.theta_init) if c.theta_init else Theta.init(c.seed)
+        if not c.theta_init:
+            return Theta.init(c.seed, c.variant)
+        theta = load_theta(c.theta_init)
+        if theta.variant != c.variant:
+            raise ConfigError(
+                f"theta_init={c.theta_init}: a theta of rule variant {theta.variant.label}, but the run trains "
+                f"{c.variant.label}; set the config's variant to the file's (--set 'variant={theta.variant.to_json()}') "
+                "or start from a theta of the run's variant")
+        return theta
 
     def init_state(self):
         import jax.numpy as jnp
@@ -176,9 +189,9 @@ class MetaTrainer:
         state, metrics = self._compiled(state, self._X, self._y, self._sizes)
         return state, {k: float(v) for k, v in metrics.items()}
 
-    @staticmethod
-    def theta_of(state) -> Theta:
-        return Theta.from_flat(np.asarray(state.theta, np.float32))
+    def theta_of(self, state) -> Theta:
+        """The state's theta, of the run's rule variant."""
+        return Theta.from_flat(np.asarray(state.theta, np.float32), variant=self.config.variant)
 
     # -- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self, state, run_dir: str | os.PathLike, extra: dict | None = None, *,
@@ -211,7 +224,7 @@ class MetaTrainer:
         """
         import jax
 
-        theta0 = Theta.init(0).to_flat()
+        theta0 = Theta.init(0, self.config.variant).to_flat()
         template = jax.eval_shape(lambda: self.pes.init(theta0, self.config.seed))
         state, meta = checkpoint.load_checkpoint(path, self.config, template)
         return self._place(state), meta

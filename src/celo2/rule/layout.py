@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from celo2.rule import spec
+from celo2.rule.variant import RuleVariant, require_published
 
 
 def _group_rows() -> dict[str, tuple[int, ...]]:
@@ -140,8 +141,8 @@ def pack_theta(theta: Mapping[str, Any], xp: Any = np) -> Any:
     """The weights the fused kernels read, as one float32 vector in :data:`PACKED` order.
 
     Args:
-        theta: a :class:`celo2.rule.theta.Theta` or any mapping with the
-            published keys (``w0__0`` ... ``b2``, weights ``(in, out)``).
+        theta: a :class:`celo2.rule.theta.Theta` of the published rule, or any
+            mapping with the published keys (``w0__0`` ... ``b2``, weights ``(in, out)``).
         xp: the array namespace to build it with: ``numpy`` (the default) or
             ``jax.numpy``, for a theta that may be traced (PES perturbs it
             inside ``jit``).
@@ -151,7 +152,13 @@ def pack_theta(theta: Mapping[str, Any], xp: Any = np) -> Any:
 
     Raises:
         KeyError: a published key is missing from ``theta``.
+        celo2.rule.variant.VariantNotSupportedError: ``theta`` belongs to a rule variant other
+            than the published one (its ``variant``); the message names how it differs. Variants
+            run in meta-training and scoring for now.
     """
+    variant = getattr(theta, "variant", None)
+    if isinstance(variant, RuleVariant):
+        require_published(variant, "celo2.rule.layout.pack_theta (the weights every fused backend reads)")
     f32 = xp.float32
     first = xp.concatenate([xp.asarray(theta[f"w0__{g.index}"], f32) for g in spec.FEATURE_GROUPS])
     parts = {

@@ -8,6 +8,16 @@
   plus a JSON metadata record and, from format ``celo2-theta-v2`` on, a SHA-256
   of the content); the published ``ff_mod_stack/...`` npz layout is read too.
 
+Every format records the rule variant a theta belongs to
+(:class:`celo2.rule.variant.RuleVariant`) when it is not the published one, as
+the variant's JSON text: beside ``ff_mod_stack`` in a ``.state``
+(:data:`VARIANT_KEY`), as the ``__variant__`` member of a ``.npz`` (format
+``celo2-theta-v3``, whose checksum covers it), as a ``state_dict`` entry of a
+``.pt`` (:data:`VARIANT_KEY`). A file without that record is the published
+rule, so a published theta's file is byte for byte what it was before variants
+existed. Reading builds the variant's shapes and checks every array against
+them.
+
 Every reader validates the complete set of keys, shapes and values before it
 returns (:func:`celo2.rule.theta.validated_arrays`), so a truncated or
 corrupted file raises :class:`~celo2.rule.theta.ThetaError` and never yields a
@@ -29,8 +39,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from celo2.rule import spec
-from celo2.rule.theta import PYLO_NAMES, Theta, ThetaError, validated_arrays
+from celo2.rule.theta import Theta, ThetaError, pylo_names, validated_arrays
+from celo2.rule.variant import PUBLISHED, RuleVariant, VariantError
 
 #: msgpack extension codes used by ``flax.serialization``.
 _FLAX_EXT_NDARRAY = 1
@@ -38,9 +48,13 @@ _FLAX_EXT_NATIVE_COMPLEX = 2
 _FLAX_EXT_NPSCALAR = 3
 #: Scope names of the authors' checkpoint: ``{"ff_mod_stack": {"~": {...}}}``.
 _FLAX_SCOPE = ("ff_mod_stack", "~")
-#: The project's ``.npz`` format: v2 carries ``__sha256__`` (see :func:`_content_sha256`); v1 files have none.
+#: The project's ``.npz`` format: v2 carries ``__sha256__`` (see :func:`_content_sha256`); v1 files have none;
+#: v3 is v2 plus the ``__variant__`` record of a rule variant other than the published one.
 _PROJECT_FORMAT = "celo2-theta-v2"
-_PROJECT_FORMATS_READ = ("celo2-theta-v1", _PROJECT_FORMAT)
+_VARIANT_FORMAT = "celo2-theta-v3"
+_PROJECT_FORMATS_READ = ("celo2-theta-v1", _PROJECT_FORMAT, _VARIANT_FORMAT)
+#: The key of a rule variant's JSON record in a flax ``.state`` (top level) and a PyLO ``.pt`` ``state_dict``.
+VARIANT_KEY = "celo2_variant"
 #: Largest theta file read. A theta is 347 floats (under 8 KiB in every format); the cap leaves room for metadata.
 MAX_FILE_BYTES = 4 << 20
 #: Most members of a ``.npz`` or ``.pt`` zip archive (a theta's ``.pt`` has 23 to 25, a celo2 ``.npz`` 22).
@@ -126,13 +140,26 @@ def theta_to_flax_bytes(theta: Theta) -> bytes:
         theta: The theta to serialise.
 
     Returns:
-        The msgpack bytes of ``{"ff_mod_stack": {"~": {key: array}}}`` in :data:`spec.THETA_KEYS` order.
+        The msgpack bytes of ``{"ff_mod_stack": {"~": {key: array}}}`` in ``theta.variant.theta_keys``
+        order, plus ``"celo2_variant": <JSON text>`` after it for a variant other than the published one.
     """
     import msgpack
 
-    inner = {k: np.ascontiguousarray(theta[k]) for k in spec.THETA_KEYS}
-    tree = {_FLAX_SCOPE[0]: {_FLAX_SCOPE[1]: inner}}
+    inner = {k: np.ascontiguousarray(theta.arrays[k]) for k in theta.variant.theta_keys}
+    tree: dict[str, Any] = {_FLAX_SCOPE[0]: {_FLAX_SCOPE[1]: inner}}
+    if not theta.variant.is_published:
+        tree[VARIANT_KEY] = theta.variant.to_json()
     return msgpack.packb(tree, default=_flax_ext_default, use_bin_type=True)
+
+
+def _variant_of_record(record: Any, origin: str) -> RuleVariant:
+    """The rule variant of a file's variant record (JSON text), as a :class:`ThetaError` when malformed."""
+    if not isinstance(record, str):
+        raise ThetaError(f"{origin}: the rule variant record {VARIANT_KEY} is not a JSON text")
+    try:
+        return RuleVariant.from_json(record, origin=f"{origin}: rule variant record")
+    except VariantError as exc:
+        raise ThetaError(str(exc)) from None
 
 
 def theta_from_flax_bytes(data: bytes, origin: str = "theta.state") -> Theta:
@@ -168,7 +195,8 @@ def theta_from_flax_bytes(data: bytes, origin: str = "theta.state") -> Theta:
         node = node[scope]
     if not isinstance(node, dict):
         raise ThetaError(f"{origin}: {'/'.join(_FLAX_SCOPE)} is not a mapping of arrays")
-    return Theta(validated_arrays(node, origin), {"source": origin})
+    variant = _variant_of_record(tree[VARIANT_KEY], origin) if VARIANT_KEY in tree else PUBLISHED
+    return Theta(validated_arrays(node, origin, variant), {"source": origin}, variant)
 
 
 # -- bounded readers shared by the file formats -------------------------------------------
@@ -263,14 +291,16 @@ def _npy_array(raw: bytes, what: str) -> np.ndarray:
 
 
 # -- the project's .npz ----------------------------------------------------------------
-def _content_sha256(arrays: Mapping[str, np.ndarray], metadata_json: str) -> str:
-    """The SHA-256 (hex) that format ``celo2-theta-v2`` stores in ``__sha256__``.
+def _content_sha256(arrays: Mapping[str, np.ndarray], metadata_json: str, variant: RuleVariant = PUBLISHED) -> str:
+    """The SHA-256 (hex) that formats ``celo2-theta-v2`` and ``-v3`` store in ``__sha256__``.
 
-    It covers the metadata JSON text and, for each key in :data:`spec.THETA_KEYS` order,
-    the key, the shape and the float32 little-endian values.
+    It covers the metadata JSON text, (v3) the variant's JSON text, and, for each key in
+    ``variant.theta_keys`` order, the key, the shape and the float32 little-endian values.
     """
     digest = hashlib.sha256(metadata_json.encode("utf-8") + b"\0")
-    for key in spec.THETA_KEYS:
+    if not variant.is_published:
+        digest.update(variant.to_json().encode("utf-8") + b"\0")
+    for key in variant.theta_keys:
         value = np.ascontiguousarray(arrays[key], dtype="<f4")
         digest.update(f"{key}{value.shape}\0".encode())
         digest.update(value.tobytes())
@@ -278,7 +308,8 @@ def _content_sha256(arrays: Mapping[str, np.ndarray], metadata_json: str) -> str
 
 
 def _npz_text(raw: dict[str, np.ndarray], name: str, origin: str) -> str | None:
-    """Pop the 0-d string member ``name`` (``__format__``, ``__metadata__``, ``__sha256__``) if present."""
+    """Pop the 0-d string member ``name`` (``__format__``, ``__metadata__``, ``__sha256__``, ``__variant__``),
+    if present."""
     if name not in raw:
         return None
     value = raw.pop(name)
@@ -295,17 +326,18 @@ def theta_to_npz_bytes(theta: Theta) -> bytes:
 
     Returns:
         A ``.npz`` of the arrays, ``__format__``, ``__metadata__`` (JSON) and ``__sha256__``
-        (of the metadata and the values, checked on reading).
+        (of the metadata and the values, checked on reading); for a variant other than the
+        published one, format ``celo2-theta-v3`` with its ``__variant__`` record (JSON, in the checksum).
     """
     metadata_json = json.dumps(theta.metadata, default=str)
+    variant = theta.variant
+    records = {"__format__": np.asarray(_PROJECT_FORMAT if variant.is_published else _VARIANT_FORMAT),
+               "__metadata__": np.asarray(metadata_json)}
+    if not variant.is_published:
+        records["__variant__"] = np.asarray(variant.to_json())
+    records["__sha256__"] = np.asarray(_content_sha256(theta.arrays, metadata_json, variant))
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        __format__=np.asarray(_PROJECT_FORMAT),
-        __metadata__=np.asarray(metadata_json),
-        __sha256__=np.asarray(_content_sha256(theta.arrays, metadata_json)),
-        **theta.arrays,
-    )
+    np.savez(buf, **records, **theta.arrays)
     return buf.getvalue()
 
 
@@ -318,19 +350,24 @@ def _load_npz(members: dict[str, bytes], origin: str) -> Theta:
     fmt = _npz_text(raw, "__format__", origin)
     metadata_json = _npz_text(raw, "__metadata__", origin)
     recorded = _npz_text(raw, "__sha256__", origin)
+    variant_json = _npz_text(raw, "__variant__", origin)
     if fmt is not None and fmt not in _PROJECT_FORMATS_READ:
         raise ThetaError(
             f"{origin}: theta format {fmt!r:.40}; this celo2 reads {', '.join(_PROJECT_FORMATS_READ)} "
             "(a newer celo2 may read it)"
         )
-    if fmt == _PROJECT_FORMAT and recorded is None:
+    if fmt in (_PROJECT_FORMAT, _VARIANT_FORMAT) and recorded is None:
         raise ThetaError(f"{origin}: format {fmt} without its __sha256__ record (the file is damaged)")
+    if (fmt == _VARIANT_FORMAT) != (variant_json is not None):
+        raise ThetaError(f"{origin}: format {fmt} {'without' if variant_json is None else 'with'} a __variant__ "
+                         f"record (only {_VARIANT_FORMAT} has one; the file is damaged)")
+    variant = PUBLISHED if variant_json is None else _variant_of_record(variant_json, origin)
     prefix = _FLAX_SCOPE[0] + "/"
     if raw and all(k.startswith(prefix) for k in raw):
         raw = {k[len(prefix):]: v for k, v in raw.items()}
-    arrays = validated_arrays(raw, origin)
+    arrays = validated_arrays(raw, origin, variant)
     if recorded is not None:
-        actual = _content_sha256(arrays, metadata_json or "")
+        actual = _content_sha256(arrays, metadata_json or "", variant)
         if actual != recorded:
             raise ThetaError(
                 f"{origin}: checksum mismatch (the file records sha256 {recorded[:16]}..., its content hashes "
@@ -345,7 +382,7 @@ def _load_npz(members: dict[str, bytes], origin: str) -> Theta:
         if not isinstance(metadata, dict):
             raise ThetaError(f"{origin}: the __metadata__ record is not a JSON object")
     metadata.setdefault("source", origin)
-    return Theta(arrays, metadata)
+    return Theta(arrays, metadata, variant)
 
 
 # -- PyLO's PyTorch state_dict ------------------------------------------------------------
@@ -371,9 +408,11 @@ def _load_pt(members: dict[str, bytes], origin: str) -> Theta:
         raise ThetaError(f"{origin}: not a readable PyTorch state_dict ({type(exc).__name__}: {exc!s:.200})") from exc
     if not isinstance(state, Mapping):
         raise ThetaError(f"{origin}: expected a state_dict mapping, got {type(state).__name__}")
+    variant = _variant_of_record(state[VARIANT_KEY], origin) if VARIANT_KEY in state else PUBLISHED
+    names = pylo_names(variant)
     arrays: dict[str, np.ndarray] = {}
-    for key, shape in spec.theta_shapes().items():
-        name = PYLO_NAMES[key]
+    for key, shape in variant.theta_shapes().items():
+        name = names[key]
         if name not in state:
             raise ThetaError(f"{origin}: missing state_dict key {name!r} (theta key {key!r})")
         value = state[name]
@@ -389,10 +428,10 @@ def _load_pt(members: dict[str, bytes], origin: str) -> Theta:
             raise ThetaError(f"{origin}: state_dict key {name!r} has dtype {value.dtype}, expected float")
         value = value.detach().cpu().float().numpy()
         arrays[key] = value.T if value.ndim == 2 else value
-    unknown = sorted(str(k) for k in set(state) - set(PYLO_NAMES.values()))
+    unknown = sorted(str(k) for k in set(state) - set(names.values()) - {VARIANT_KEY})
     if unknown:
         raise ThetaError(f"{origin}: unknown state_dict key(s) {', '.join(unknown)}")
-    return Theta(validated_arrays(arrays, origin), {"source": origin})
+    return Theta(validated_arrays(arrays, origin, variant), {"source": origin}, variant)
 
 
 
@@ -441,12 +480,16 @@ def theta_to_pylo_bytes(theta: Theta) -> bytes:
         theta: The theta to serialise.
 
     Returns:
-        The zip-based ``.pt`` bytes of :meth:`Theta.to_pylo_state_dict`; guarded by zip's CRC-32 only.
+        The zip-based ``.pt`` bytes of :meth:`Theta.to_pylo_state_dict` (plus ``"celo2_variant"``: the
+        variant's JSON text, for a variant other than the published one); guarded by zip's CRC-32 only.
     """
     import torch
 
+    state: dict[str, Any] = {k: torch.from_numpy(v) for k, v in theta.to_pylo_state_dict().items()}
+    if not theta.variant.is_published:
+        state[VARIANT_KEY] = theta.variant.to_json()
     buf = io.BytesIO()
-    torch.save({k: torch.from_numpy(v) for k, v in theta.to_pylo_state_dict().items()}, buf)
+    torch.save(state, buf)
     return buf.getvalue()
 
 

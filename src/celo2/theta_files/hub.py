@@ -4,7 +4,7 @@ The URL is checked offline first (:func:`parse_hub_url`); :func:`download_from_h
 then asks the Hub once, with a short timeout and no retries, and falls back to
 the local Hugging Face cache when the Hub does not answer, so an offline machine
 fails at once with a message that says how to get the file. ``huggingface_hub``
-is imported only here, on the first download.
+is imported only here, on the first download (and in :mod:`celo2.theta_files.push`, on a push).
 """
 
 from __future__ import annotations
@@ -120,4 +120,5 @@ def download_from_hub(url: str) -> str:
         return huggingface_hub.hf_hub_download(**request, etag_timeout=TIMEOUT_S)
     except Exception as exc:
         raise ThetaError(f"{url}: download failed ({type(exc).__name__}: {exc!s:.200}); {how}") from exc
+
 
