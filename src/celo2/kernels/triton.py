@@ -173,8 +173,9 @@ FIELDS: tuple[str, ...] = (
     "c", "nhb", "n_mean", "mean_s", "mean_q", "ng_lo", "len_lo", "ng_hi", "len_hi", "lo_is_row", "w_lo", "w_hi",
     # the row statistic's mean: its accumulator, sums, their partial count and length, 1 / its length
     "mean_stat", "mean_tot", "mean_parts", "mean_ns", "mean_inv",
-    # bfloat16 state: the tensor's index and its factored statistics' counter slots
-    "tensor", "slot_lo", "slot_hi",
+    # the member's index in the call (its flag and ``ok``); bfloat16 state: the tensor's index in the
+    # optimizer's order and its factored statistics' counter slots
+    "member", "tensor", "slot_lo", "slot_hi",
     # float32 constants as bit patterns
     "inv_sl", "inv_sh",
 )
@@ -297,11 +298,12 @@ if AVAILABLE:
     _T_MEAN_PARTS = _C(52)
     _T_MEAN_NS = _C(53)
     _T_MEAN_INV = _C(54)
-    _T_TENSOR = _C(55)
-    _T_SLOT_LO = _C(56)
-    _T_SLOT_HI = _C(57)
-    _T_INV_SL = _C(58)
-    _T_INV_SH = _C(59)
+    _T_MEMBER = _C(55)
+    _T_TENSOR = _C(56)
+    _T_SLOT_LO = _C(57)
+    _T_SLOT_HI = _C(58)
+    _T_INV_SL = _C(59)
+    _T_INV_SH = _C(60)
 
     # =============================================================================
     # Element helpers
@@ -407,11 +409,12 @@ if AVAILABLE:
 
     @triton.jit
     def _member(tab_ptr, pmap_ptr):
-        """``(t, local program, row of t in the table)`` of this program."""
+        """``(member's index in the call, program of that member, its row in the group's table)``."""
         pid = tl.program_id(0)
-        t = tl.load(pmap_ptr + 2 * pid)
+        r = tl.load(pmap_ptr + 2 * pid)
         local = tl.load(pmap_ptr + 2 * pid + 1)
-        return t, local, tab_ptr + t.to(tl.int64) * _W
+        row = tab_ptr + r.to(tl.int64) * _W
+        return tl.load(row + _T_MEMBER), local, row
 
     @triton.jit
     def _addr(row, k: tl.constexpr, DT: tl.constexpr):
@@ -1216,6 +1219,7 @@ def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], 
 
             for name, value in addresses[i].items():
                 put(name, value)
+            put("member", i)
             put("tensor", tensor_ids[i])
             N, G, L = geo.numel, geo.groups, geo.group_len
             for name, value in (("n", N), ("g_count", G), ("l", L), ("nlb", geo.nlb)):
