@@ -442,15 +442,17 @@ if AVAILABLE:
     @triton.jit
     def _stream_key(row, seed, slot, SBF: tl.constexpr):
         """:func:`celo2.rule.rounding.stream_key` of this member's accumulator ``slot``: the step read from
-        the member's device counter (0 for float32 state, where no key is used)."""
+        the member's device counter (0 for float32 state, where no key is used). ``seed`` and ``slot`` may
+        be compile-time constants (an integer argument equal to 1 is one), hence their sums with ``zero``."""
         if SBF:
-            step = tl.load(_addr(row, _T_STEP, tl.int64)).to(tl.uint32)
-            k = _mix32(seed.to(tl.uint32))
-            k = _mix32(k ^ step)
+            step = tl.load(_addr(row, _T_STEP, tl.int64))
+            zero = step * 0
+            k = _mix32((zero + seed).to(tl.uint32))
+            k = _mix32(k ^ step.to(tl.uint32))
             k = _mix32(k ^ tl.load(row + _T_TENSOR).to(tl.uint32))
-            return _mix32(k ^ slot.to(tl.uint32))
+            return _mix32(k ^ (zero + slot).to(tl.uint32))
         else:
-            return seed.to(tl.uint32) * 0
+            return tl.load(row + _T_TENSOR).to(tl.uint32) * 0
 
     @triton.jit
     def _load_state(ptr, idx, mask, other):
