@@ -652,7 +652,7 @@ if AVAILABLE:
         wr = tl.load(net_ptr + w_off + (3 + k) * _H + hidx)
         return term + a[:, None] * w[None, :] + r[:, None] * wr[None, :]
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _factors(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, net_ptr, seed, S_DT: tl.constexpr, SBF: tl.constexpr,
                  SKIP: tl.constexpr, BLOCK: tl.constexpr):
         """Axis 1 of the grid: 0 the lo statistic, 1 the hi statistic: folded in place (unless the flag is
@@ -746,7 +746,7 @@ if AVAILABLE:
     def _vector_factor(a):
         return tl.rsqrt(tl.maximum(a + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _accumulate(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, seed, G_DT: tl.constexpr, P_DT: tl.constexpr,
                     S_DT: tl.constexpr, SBF: tl.constexpr, FACTORED: tl.constexpr, SKIP: tl.constexpr,
                     BG: tl.constexpr, BL: tl.constexpr):
@@ -871,7 +871,7 @@ if AVAILABLE:
         else:
             tl.store(ok_ptr, tl.full([], 1.0, tl.float32))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _direction(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, out_ptr, net_ptr, seed, G_DT: tl.constexpr,
                    P_DT: tl.constexpr, S_DT: tl.constexpr, SBF: tl.constexpr, FACTORED: tl.constexpr,
                    SKIP: tl.constexpr, MODE: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
@@ -937,7 +937,7 @@ if AVAILABLE:
             d += tl.load(net_ptr + _W2 + j) * u
         return d
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _fused(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, oks_ptr, out_ptr, net_ptr, lr_ptr, lr, wd_ptr, wd, seed,
                G_DT: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr, SBF: tl.constexpr,
                FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr, NCH: tl.constexpr,
@@ -1141,6 +1141,7 @@ class _Plan:
     scratch: int
     out: int
     out_offsets: list[int]
+    staging: list[torch.Tensor]  # the host copies of the tables, alive until their copies are done
 
 
 class _Layout:
@@ -1160,11 +1161,56 @@ PLAN_CACHE_SIZE: int = 64
 """Plans (device tables of a call's tensors) kept per process, most recently used first."""
 
 
-def _program_map(counts: list[int], device: torch.device) -> torch.Tensor:
+ARENA_BYTES: int = 1 << 22
+"""Pinned host memory set aside (on the first CUDA call) for tables built while a CUDA graph is captured."""
+
+_ARENA: dict[str, Any] = {"buffer": None, "used": 0}
+_PINNED_PLANS: list["_Plan"] = []  # plans a captured graph reads: never dropped
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(values: np.ndarray, device: torch.device, keep: list) -> torch.Tensor:
+    """``values`` on ``device`` without a host synchronisation: on CUDA an asynchronous copy from pinned
+    memory (kept alive in ``keep``); while a CUDA graph is captured, from the pinned arena
+    (:data:`ARENA_BYTES`), so that the copy is a node of the graph that reads memory nothing reuses.
+
+    Raises:
+        RuntimeError: a table is built during a capture before any CUDA call outside one, or the arena is
+            full (the message says how to avoid both).
+    """
+    host = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type != "cuda":
+        return host.to(device)
+    if _capturing(device):
+        arena, nbytes = _ARENA["buffer"], host.numel() * host.element_size()
+        start = -(-_ARENA["used"] // 64) * 64
+        if arena is None or start + nbytes > arena.numel():
+            raise RuntimeError(
+                "celo2.kernels.triton: the device tables of these tensors must be built while a CUDA graph is "
+                "captured, and the pinned arena for that is "
+                + ("not set up (run one step outside the capture first)" if arena is None else "full")
+                + "; warm up with the same tensors before capturing (docs/cuda_graphs.md) or raise ARENA_BYTES")
+        _ARENA["used"] = start + nbytes
+        staged = arena[start:start + nbytes].view(host.dtype)
+        staged.copy_(host.view(-1))
+    else:
+        if _ARENA["buffer"] is None:
+            _ARENA["buffer"] = torch.empty(ARENA_BYTES, dtype=torch.uint8, pin_memory=True)
+        staged = host.pin_memory()
+    keep.append(staged)
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    out.copy_(staged.view(host.shape), non_blocking=True)
+    return out
+
+
+def _program_map(counts: list[int], device: torch.device, keep: list) -> torch.Tensor:
     """``(member, program of that member)`` of every program of a launch, as int32 pairs."""
     t = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     local = np.concatenate([np.arange(c, dtype=np.int32) for c in counts])
-    return torch.from_numpy(np.stack([t, local], axis=1).reshape(-1)).to(device)
+    return _to_device(np.stack([t, local], axis=1).reshape(-1), device, keep)
 
 
 def _group_members(kind: str, shapes: list[tuple[int, ...]], dtypes: list[tuple]) -> dict[tuple, list[int]]:
@@ -1183,6 +1229,7 @@ def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], 
     lay = _Layout()
     out = _Layout()
     out_offsets = [0] * len(shapes)
+    keep: list[torch.Tensor] = []
     groups = []
     for key, idx in _group_members(kind, shapes, dtypes).items():
         geos = [_geometry(shapes[i]) for i in idx]
@@ -1274,16 +1321,17 @@ def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], 
             counts["sred"].append(max(_cdiv(geo.n_mean, tiles["BO0"]), _cdiv(ng_lo, tiles["BO1"]),
                                       _cdiv(ng_hi, tiles["BO2"])))
             counts["fac"].append(_cdiv(max(n_lo, n_hi), _FACTORS_BLOCK))
-        grp.tab = torch.from_numpy(rows.reshape(-1)).to(device)
-        grp.pmaps = {name: _program_map(c, device) for name, c in counts.items()}
+        grp.tab = _to_device(rows.reshape(-1), device, keep)
+        grp.pmaps = {name: _program_map(c, device, keep) for name, c in counts.items()}
         groups.append(grp)
-    return _Plan(groups, len(shapes), lay.size, out.size, out_offsets)
+    return _Plan(groups, len(shapes), lay.size, out.size, out_offsets, keep)
 
 
 def _plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], dtypes: list[tuple],
           addresses: list[dict[str, int]], tensor_ids: list[int]) -> _Plan:
     """:func:`_build_plan`, cached on everything its tables hold (a plan is a pure function of its key:
-    tensors freed and reallocated at the same addresses with the same shapes reuse it correctly)."""
+    tensors freed and reallocated at the same addresses with the same shapes reuse it correctly). A plan
+    used while a CUDA graph is captured is kept for the life of the process."""
     key = (kind, str(device), tuple(shapes), tuple(dtypes), tuple(tuple(sorted(a.items())) for a in addresses),
            tuple(tensor_ids))
     plan = _PLAN_CACHE.get(key)
@@ -1294,6 +1342,8 @@ def _plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], dtypes
             _PLAN_CACHE.popitem(last=False)
     else:
         _PLAN_CACHE.move_to_end(key)
+    if _capturing(device) and all(p is not plan for p in _PINNED_PLANS):
+        _PINNED_PLANS.append(plan)  # a captured graph reads its tables at every replay
     return plan
 
 
