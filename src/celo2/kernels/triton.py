@@ -1538,7 +1538,8 @@ def _launch_prefix(grp: _Group, scr: torch.Tensor, flags: torch.Tensor, net: tor
         pm = grp.pmaps
         _grad_stats[(pm["stats"].numel() // 2,)](grp.tab, pm["stats"], scr, flags, G_DT=dt["G_DT"], BH=tiles["BH"],
                                                  BLL=tiles["BLL"], CHECK=skip)
-        _stat_reduce[(pm["sred"].numel() // 2, 3)](grp.tab, pm["sred"], scr, S_DT=dt["S_DT"],
+        # Six (BO, BS) accumulators per program: eight warps hold them without a spill.
+        _stat_reduce[(pm["sred"].numel() // 2, 3)](grp.tab, pm["sred"], scr, S_DT=dt["S_DT"], num_warps=8,
                                                    **{k: tiles[k] for k in ("BO0", "BS0", "BO1", "BS1", "BO2", "BS2")})
         _factors[(pm["fac"].numel() // 2, 2)](grp.tab, pm["fac"], scr, flags, net, seed, S_DT=dt["S_DT"],
                                               SBF=dt["SBF"], SKIP=skip, BLOCK=_FACTORS_BLOCK)
