@@ -1134,7 +1134,7 @@ class _Group:
 
 @dataclass
 class _Plan:
-    """A call's groups with their device tables, and the sizes of its scratch and output buffers."""
+    """A call's groups with their device tables, and the sizes of its scratch and direction buffers."""
 
     groups: list[_Group]
     members: int
@@ -1282,11 +1282,8 @@ def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], 
                 continue
             put("part", lay.take(nch * G * geo.nlb))
             put("inv", lay.take(nch * G))
-            if kind == "direction":
-                out_offsets[i] = out.take(N)
-                put("out", out_offsets[i])
-            else:
-                put("out", lay.take(N))  # a Celo2-base step's direction, in the scratch
+            out_offsets[i] = out.take(N)  # the raw direction (a Celo2-base step's: until it is applied)
+            put("out", out_offsets[i])
             counts["flag"].append(_cdiv(N, TILE))
             if not geo.factored:
                 continue
@@ -1569,7 +1566,7 @@ def _run(kind: str, net: torch.Tensor, states, grads, params, lr: Scalar, weight
         flags = torch.zeros(plan.members, dtype=torch.int32, device=device)
         oks = torch.empty(plan.members, **f32)
         scr = torch.empty(plan.scratch, **f32)
-        out = torch.empty(plan.out, **f32) if kind == "direction" else scr
+        out = torch.empty(plan.out, **f32)
         lr_ptr, lr_val = _scalar(lr, "lr", device)
         wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", device)
         lr_t, wd_t = lr_ptr is not None, wd_ptr is not None
@@ -1592,7 +1589,7 @@ def _run(kind: str, net: torch.Tensor, states, grads, params, lr: Scalar, weight
                              MODE=WRITE if kind == "direction" else SQUARES, **common)
             if kind == "apply":
                 _reduce(grp, scr, flags, oks, "sq", "scale", 1, spec.OUTPUT_NORM_EPS, skip, False)
-                _held[elem](grp.tab, grp.pmaps["elem"], scr, oks, scr, lr_arg, lr_val, wd_arg, wd_val,
+                _held[elem](grp.tab, grp.pmaps["elem"], scr, oks, out, lr_arg, lr_val, wd_arg, wd_val,
                             P_DT=dt["P_DT"], D_DT=tl.float32, HELD=False, MODE=APPLY, LR_T=lr_t, WD_T=wd_t,
                             P_KIND=dt["P_KIND"], BG=grp.bg, BL=grp.bl, num_warps=grp.warps)
         for param, flat in copies:
