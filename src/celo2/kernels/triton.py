@@ -1736,8 +1736,9 @@ def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Ten
     """:func:`direction_many` of one tensor (``rounding`` with one step and one tensor index).
 
     Returns:
-        ``(d, ok)`` as in :func:`direction_many`. 5 launches for a tensor of two or more dims, 4 for a
-        vector (3 and 2 when its groups fit one tile, see the module docstring), plus the flag's zeros.
+        ``(d, ok)`` as in :func:`direction_many`. 6 launches for a tensor of two or more dims, 4 for a
+        vector (4 and 2 when its groups fit one tile; a vector's flag pass only with the skip; see the
+        module docstring), plus the flags' zeros.
 
     Raises:
         As :func:`direction_many`.
