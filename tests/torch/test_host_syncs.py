@@ -44,14 +44,15 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.seen, self.paused = [], 0
+        self.seen, self.paused, self.cpu_only = [], 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if not self.paused:
             if name in self.READS:
-                self.seen.append(name)
+                if not (args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.cpu_only):
+                    self.seen.append(name)
             elif name in ("_to_copy", "copy_") and args and isinstance(args[0], torch.Tensor):
                 src = args[1] if name == "copy_" else args[0]
                 dst = args[0].device if name == "copy_" else torch.device(kwargs.get("device") or src.device)
@@ -59,6 +60,9 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
                     self.seen.append(name + " to cpu")
         return func(*args, **kwargs)
 
+with HostReads() as witness:  # the counter sees a host read
+    torch.tensor(1.0).item()
+assert witness.seen == ["_local_scalar_dense"], witness.seen
 theta = Theta.init(seed=0)
 results = []
 for cls in (Celo2, Celo2Base):
@@ -82,6 +86,11 @@ for cls in (Celo2, Celo2Base):
                 if step == 2 and nonfinite == "skip":
                     params[1].grad[3, 4] = float("nan")
                     params[2].grad[1] = float("inf")
+                if cls is Celo2 and not tensor_lr and step:
+                    # The AdamW branch steps CPU parameters with torch.optim.adam's non-capturable path, which
+                    # reads its step count (a CPU tensor) on the host; CUDA parameters take the capturable
+                    # path (celo2.torch._adamw), which keeps the count on the device and reads nothing.
+                    counter.cpu_only = {opt.state[params[2]]["step"].data_ptr()}
                 with launch_budget._count_launches(counter), counter:
                     opt.step()
                 if step:
