@@ -232,6 +232,18 @@ def record_steps(recorder: Recorder, full: bool) -> None:
                     groups = [{"params": params, "branch": "celo2"}] if cls is Celo2 else params
                     opt = cls(groups, lr=lr, weight_decay=wd, theta=theta, backend="triton", nonfinite=nonfinite)
                     opt.step()
+    # bfloat16 state (issue 28), through the kernels' own entry points: every kind of tensor in one call
+    from celo2.torch import rule
+
+    net_cpu = kernels.pack_net(theta, "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.randn(s).to(dtype) for s in shapes]
+        states = [{k: v.to(torch.bfloat16) for k, v in rule.init_tensor_state(p).items()} for p in params]
+        grads = [torch.randn_like(p) for p in params]
+        rounding = _Rounding(7, [torch.tensor(1) for _ in params], list(range(len(params))))
+        kernels.direction_many(net_cpu, states, grads, params, rounding=rounding)
+        kernels.apply_step_many(net_cpu, states, grads, params, torch.tensor(1e-3), torch.tensor(0.1),
+                                rounding=rounding)
     recorder.tags = {"gpt"}
     net = torch.empty(kernels.pack_net(theta, "cpu").shape, device="meta")
     from celo2.rule.state import state_shapes
@@ -244,6 +256,20 @@ def record_steps(recorder: Recorder, full: bool) -> None:
             d, ok = kernels.direction(net, state, grad, param)
             kernels.apply_held(param, d, ok, 1e-3, 0.1)
             kernels.apply_step(net, state, grad, param, torch.tensor(1e-3, device="meta"), 0.1)
+            # bfloat16 state: every accumulator store rounded stochastically (issue 28)
+            state16 = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in state_shapes(shape).items()}
+            rounding = _Rounding(12345, [torch.empty((), dtype=torch.int64, device="meta")], [0])
+            kernels.direction(net, state16, grad, param, rounding=rounding)
+            kernels.apply_step(net, state16, grad, param, torch.tensor(1e-3, device="meta"), 0.1, rounding=rounding)
+
+
+@dataclass
+class _Rounding:
+    """What the kernels read of ``celo2.torch.backends.base.StateRounding`` (bfloat16 state)."""
+
+    seed: int
+    steps: list
+    tensors: list
 
 
 @dataclass
@@ -392,12 +418,13 @@ def _tile_elements(launch: Launch) -> int:
 
 
 def _weight(launch: Launch) -> tuple:
-    """How hard a configuration is on the compiler: applying with a device-side ``lr`` and weight decay to
-    a bfloat16 parameter under the skip, with the fewest integers folded, counts as hardest (for the
-    light kernels, the largest tile first)."""
+    """How hard a configuration is on the compiler: storing bfloat16 state (stochastic rounding), applying
+    with a device-side ``lr`` and weight decay to a bfloat16 parameter under the skip, with the fewest
+    integers folded, counts as hardest (for the light kernels, the largest tile first)."""
     d = launch.declared
-    hard = (d.get("MODE", 0) in (2, 4), d.get("P_KIND", 0) == 2, d.get("LR_T", 0) + d.get("WD_T", 0),
-            bool(d.get("SKIP", d.get("CHECK", 0))), -len(launch.ones) - len(launch.div16))
+    hard = (bool(d.get("SBF", 0)), d.get("MODE", 0) in (2, 4), d.get("P_KIND", 0) == 2,
+            d.get("LR_T", 0) + d.get("WD_T", 0), bool(d.get("SKIP", d.get("CHECK", 0))),
+            -len(launch.ones) - len(launch.div16))
     return ((_tile_elements(launch),) if launch.kernel in LIGHT_KERNELS else ()) + hard
 
 

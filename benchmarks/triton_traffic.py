@@ -12,7 +12,8 @@ Accesses are split by address into two kinds:
 
 * **operands**: the full-size tensors a step must stream from device memory
   (gradient, parameter, ``m``, ``v``, a vector's full-size statistic, and
-  Celo2's held direction ``d``);
+  the direction a step writes and reads back: Celo2's held direction, and
+  Celo2-base's before it is applied with its output RMS);
 * **scratch**: the small per-tensor buffers (factored statistics, factors, the
   rank-1 first-layer terms, per-block partial sums, the flag). Per-element
   gathers from them count every lane, though on a GPU they are mostly cache
@@ -60,6 +61,7 @@ class Traffic:
     variant: str
     dtype: str
     shape: tuple[int, ...]
+    state_dtype: str
     operand_read: float
     operand_write: float
     scratch_read: float
@@ -93,13 +95,14 @@ class _Counter:
         self.stops = np.array([b for _, b in ranges], np.uint64)
 
     @contextlib.contextmanager
-    def full_size_allocations(self, shape: tuple[int, ...]) -> Iterator[None]:
-        """Count every tensor of ``shape`` allocated inside as an operand too (the held direction)."""
+    def full_size_allocations(self, numel: int) -> Iterator[None]:
+        """Count every tensor of ``numel`` elements (up to 15 more: the kernels pad buffers to 16) allocated
+        inside as an operand too: the buffer of the direction a step writes and reads back."""
         empty = torch.empty
 
         def watched(*size, **kwargs):  # noqa: ANN002, ANN003, ANN202
             t = empty(*size, **kwargs)
-            if tuple(t.shape) == tuple(shape):
+            if numel <= t.numel() < numel + 16:
                 self.tensors.append(t)
                 self._ranges()
             return t
@@ -144,7 +147,17 @@ class _Counter:
             builder.create_masked_load, builder.create_masked_store = load, store
 
 
-def measure(variant: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> Traffic:
+@dataclass
+class _Rounding:
+    """What the kernels read of ``celo2.torch.backends.base.StateRounding``."""
+
+    seed: int
+    steps: list
+    tensors: list
+
+
+def measure(variant: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0,
+            state_dtype: torch.dtype = torch.float32) -> Traffic:
     """Bytes per element of the second step of ``variant`` on a tensor of ``shape``.
 
     Args:
@@ -154,6 +167,7 @@ def measure(variant: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int 
         dtype: parameter and gradient dtype (state is float32).
         shape: the tensor's shape.
         seed: for the random parameter, gradients and theta.
+        state_dtype: ``torch.float32``, or ``torch.bfloat16`` (stored with stochastic rounding).
 
     Returns:
         The :class:`Traffic` of one step (the first step runs uncounted, so both see the same code).
@@ -174,24 +188,26 @@ def measure(variant: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int 
     gen = torch.Generator().manual_seed(seed)
     net = tk.pack_net(celo2.Theta.init(seed=seed), "cpu")
     param = (torch.randn(shape, generator=gen) * 0.5).to(dtype)
-    state = rule.init_tensor_state(param)
+    state = {k: v.to(state_dtype) for k, v in rule.init_tensor_state(param).items()}
+    rounding = _Rounding(seed, [torch.tensor(1)], [0]) if state_dtype == torch.bfloat16 else None
     counter = _Counter()
 
     def step(grad: torch.Tensor) -> None:
         if variant == "celo2-base":
-            tk.apply_step(net, state, grad, param, 0.01, 0.1)
+            tk.apply_step(net, state, grad, param, 0.01, 0.1, rounding=rounding)
         else:
-            d, ok = tk.direction(net, state, grad, param)
+            d, ok = tk.direction(net, state, grad, param, rounding=rounding)
             tk.apply_held(param, d, ok, 0.01, 0.1)
 
     step(torch.randn(shape, generator=gen).to(dtype))
     grad = torch.randn(shape, generator=gen).to(dtype)
     counter.track([grad, param, state["m"], state["v"]] + ([state["fac_r"]] if param.dim() < 2 else []))
-    with counter.installed(), counter.full_size_allocations(shape if shape else (1,)):
+    with counter.installed(), counter.full_size_allocations(math.prod(shape) if shape else 1):
         step(grad)
     totals = dict(counter.bytes)
     n = math.prod(shape) if shape else 1
-    return Traffic(variant, str(dtype).removeprefix("torch."), tuple(shape), *(totals[k] / n for k in (
+    return Traffic(variant, str(dtype).removeprefix("torch."), tuple(shape), str(state_dtype).removeprefix("torch."),
+                   *(totals[k] / n for k in (
         "operand_read", "operand_write", "scratch_read", "scratch_write")))
 
 
@@ -211,20 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES),
                         help="parameter and gradient dtypes (default: all)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--state-dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"],
+                        help="state dtypes (default: float32; bfloat16 is stored with stochastic rounding)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
     for variant in args.variants:
         print(f"\n{variant}: bytes per element per step (fused AdamW, float32: {ADAMW_BYTES})")
-        print(f"{'dtype':<9} {'shape':<12} {'read':>7} {'write':>7} {'total':>7} {'xAdamW':>7}   "
+        print(f"{'dtype':<9} {'state':<9} {'shape':<12} {'read':>7} {'write':>7} {'total':>7} {'xAdamW':>7}   "
               f"{'scratch read':>12} {'scratch write':>13}")
-        for dtype in args.dtypes:
-            for shape in args.shapes:
-                t = measure(variant, DTYPES[dtype], shape)
-                rows.append(t)
-                print(f"{t.dtype:<9} {'x'.join(map(str, shape)) or 'scalar':<12} {t.operand_read:7.1f} "
-                      f"{t.operand_write:7.1f} {t.operand_total:7.1f} {t.operand_total / ADAMW_BYTES:7.2f}   "
-                      f"{t.scratch_read:12.1f} {t.scratch_write:13.1f}", flush=True)
+        for state_dtype in args.state_dtypes:
+            for dtype in args.dtypes:
+                for shape in args.shapes:
+                    t = measure(variant, DTYPES[dtype], shape, state_dtype=DTYPES[state_dtype])
+                    rows.append(t)
+                    print(f"{t.dtype:<9} {t.state_dtype:<9} {'x'.join(map(str, shape)) or 'scalar':<12} "
+                          f"{t.operand_read:7.1f} "
+                          f"{t.operand_write:7.1f} {t.operand_total:7.1f} {t.operand_total / ADAMW_BYTES:7.2f}   "
+                          f"{t.scratch_read:12.1f} {t.scratch_write:13.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"adamw_bytes": ADAMW_BYTES,

@@ -424,3 +424,63 @@ def test_launches_run_inside_the_parameters_device_context(tk, net, monkeypatch)
         tk.apply_held(param, d, ok, 0.01, 0.0)
     assert not launched_outside, launched_outside
     assert entered and all(dev == torch.device("cpu") for dev in entered)
+
+
+# Several tensors of each kind in one call: vectors and matrices, groups within one tile and across several,
+# conv kernels, a 0-D tensor, and a bfloat16 parameter (a group of its own).
+MANY = [(37,), (24, 7), (40, 30), (1500,), (5, 3, 3, 3), (), (7, 24), (70, 40), (30,), (6, 5, 3, 3)]
+
+
+def _many(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) * 0.5 for s in MANY]
+    params[2] = params[2].to(torch.bfloat16)
+    grads = [torch.randn(s, generator=gen).to(p.dtype) for s, p in zip(MANY, params)]
+    return params, grads
+
+
+def test_many_tensors_in_one_call_equal_one_call_each(tk, net):
+    """direction_many, apply_step_many and apply_held_many give bitwise what one call per tensor gives,
+    whichever tensors share a launch; a non-finite gradient skips its own tensor only."""
+    params, grads = _many(0)
+    grads[1][3, 4] = float("nan")  # a fused factored group
+    grads[7][0, 0] = float("inf")  # a factored group across tiles
+    one = [p.clone() for p in params]
+    s_many = [rule.init_tensor_state(p) for p in params]
+    s_one = [rule.init_tensor_state(p) for p in params]
+    for step in range(2):
+        got = tk.direction_many(net, s_many, grads, params)
+        want = [tk.direction(net, s, g, p) for s, g, p in zip(s_one, grads, one)]
+        for k, ((d, ok), (d1, ok1)) in enumerate(zip(got, want)):
+            assert torch.equal(d, d1) and ok.item() == ok1.item() == (0.0 if k in (1, 7) else 1.0), k
+            assert all(torch.equal(s_many[k][key], s_one[k][key]) for key in s_many[k]), k
+        tk.apply_held_many(params, [d for d, _ in got], [ok for _, ok in got], 0.01, 0.1)
+        for p, (d, ok) in zip(one, want):
+            tk.apply_held(p, d, ok, 0.01, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(params, one))
+        oks = tk.apply_step_many(net, s_many, grads, params, 0.02, 0.1)
+        oks1 = [tk.apply_step(net, s, g, p, 0.02, 0.1) for s, g, p in zip(s_one, grads, one)]
+        assert [o.item() for o in oks] == [o.item() for o in oks1]
+        assert all(torch.equal(a, b) for a, b in zip(params, one))
+        assert all(torch.equal(a[key], b[key]) for a, b in zip(s_many, s_one) for key in a)
+
+
+def test_launches_per_call_depend_on_the_groups_only(tk, net, monkeypatch):
+    """The same kinds of tensor, two or four of each: the same launches; the device tables of a call
+    are built once and reused by the next call with the same tensors."""
+    counts: collections.Counter = collections.Counter()
+    for name in ("_grad_stats", "_flag_pass", "_stat_reduce", "_factors", "_accumulate", "_reduce_groups",
+                 "_direction", "_fused", "_held"):
+        monkeypatch.setattr(tk, name, _Counting(getattr(tk, name), counts, name))
+    seen = []
+    for copies in (1, 2):
+        params = [torch.randn(s) for s in MANY[:5] * copies]
+        states = [rule.init_tensor_state(p) for p in params]
+        grads = [torch.randn(p.shape) for p in params]
+        counts.clear()
+        tk.apply_step_many(net, states, grads, params, 0.01, 0.0)
+        seen.append(sum(counts.values()))
+        built = len(tk._PLAN_CACHE)
+        tk.apply_step_many(net, states, grads, params, 0.01, 0.0)
+        assert len(tk._PLAN_CACHE) == built  # the second call reuses the first call's tables
+    assert seen[0] == seen[1], seen

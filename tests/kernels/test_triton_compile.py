@@ -67,6 +67,7 @@ def test_the_recorded_launches_cover_every_kind_of_step(report):
     assert {(d["LR_T"], d["WD_T"]) for d in declared if "LR_T" in d} >= {(0, 0), (1, 1)}
     assert {d["FACTORED"] for d in declared if "FACTORED" in d} == {0, 1}
     assert {d["SKIP"] for d in declared if "SKIP" in d} == {0, 1}
+    assert {int(d["SBF"]) for d in declared if "SBF" in d} == {0, 1}  # float32 and bfloat16 state
     assert any("gpt" in r["tags"] for r in recorded) and any("steps" in r["tags"] for r in recorded)
     # widths that are not multiples of 16: factored direction passes whose later length is not specialised
     assert any(r["kernel"] in ("_direction", "_fused") and r["declared"].get("FACTORED") and "%16:" not in r["config"]

@@ -36,3 +36,18 @@ def test_traffic_is_counted_per_element(tmp_path):
             assert by[(variant, dtype, (24, 7))]["operand_read"] < by[(variant, dtype, (40, 30))]["operand_read"]
         assert by[(variant, "bfloat16", (40, 30))]["operand_read"] < by[(variant, "float32", (40, 30))]["operand_read"]
     assert "celo2-base: bytes per element per step" in res.stdout
+
+
+def test_a_celo2_base_step_of_a_matrix_moves_84_bytes_per_element_and_bfloat16_state_fewer(tmp_path):
+    """Groups across several tiles: the direction is written once and applied (not computed twice), the
+    state stored by the direction pass: 84 bytes per float32 element (96 before), 60 with bfloat16 state."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+    out = tmp_path / "traffic.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_traffic.py"), "--shapes", "40x30",
+                          "--dtypes", "float32", "--state-dtypes", "float32", "bfloat16", "--variants", "celo2-base",
+                          "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    by = {r["state_dtype"]: r for r in json.loads(out.read_text())["rows"]}
+    assert by["float32"]["operand_total"] == 84.0, by["float32"]
+    assert by["bfloat16"]["operand_total"] == 60.0, by["bfloat16"]

@@ -103,3 +103,41 @@ def test_lr_on_another_device_is_refused_before_a_launch():
     with pytest.raises(ValueError, match="weight_decay is a tensor on meta"):
         triton_backend.BACKEND.apply_held(params, [torch.zeros(3), torch.zeros(2, 2)], [None, None],
                                           (0.1, torch.tensor(0.0, device="meta")))
+
+
+ROUNDING_CHILD = r'''
+import torch
+from celo2.rule.theta import Theta
+from celo2.torch import rule
+from celo2.torch.backends import triton as triton_backend
+from celo2.torch.backends.base import Options, StateRounding
+from celo2.torch._state import TorchTheta
+theta = TorchTheta.from_theta(Theta.init(seed=0))
+kernels = triton_backend.kernels()
+gen = torch.Generator().manual_seed(0)
+shapes = [(24, 7), (37,), (40, 30)]
+params = [torch.randn(s, generator=gen) for s in shapes]
+grads = [torch.randn(s, generator=gen) for s in shapes]
+mine = [{k: v.to(torch.bfloat16) for k, v in rule.init_tensor_state(p).items()} for p in params]
+theirs = [{k: v.clone() for k, v in st.items()} for st in mine]
+steps = [torch.tensor(3), torch.tensor(4), torch.tensor(5)]
+oks = triton_backend.BACKEND.apply(theta, params, grads, mine, orthogonalize=False, apply=(0.01, 0.1), skip=True,
+                                   options=Options(), rounding=StateRounding(11, steps, [0, 1, 2]))
+assert [float(ok) for ok in oks] == [1.0, 1.0, 1.0]
+kernels.apply_step_many(theta.net, theirs, grads, [p.clone() for p in params], 0.01, 0.1,
+                        rounding=StateRounding(11, steps, [0, 1, 2]))
+assert all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for a, b in zip(mine, theirs) for k in a)
+raws = triton_backend.BACKEND.raw(theta, params, grads, mine, skip=True, options=Options(),
+                                  rounding=StateRounding(11, steps, [0, 1, 2]))
+assert all(d.shape == p.shape and d.dtype == torch.float32 for (d, _), p in zip(raws, params))
+assert triton_backend.BACKEND.state_dtypes == (torch.float32, torch.bfloat16)
+print("ok")
+'''
+
+
+def test_bfloat16_state_goes_through_the_backend():
+    """``rounding=`` reaches the kernels unchanged: the backend's states equal the kernels' own, bitwise."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", ROUNDING_CHILD], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.strip().endswith("ok")

@@ -1,10 +1,30 @@
-"""Fused Triton kernels for the rule on one tensor of any shape (GPU; CPU under the interpreter).
+"""Fused Triton kernels for the rule on many tensors of any shapes at once (GPU; CPU under the interpreter).
 
 The PyTorch front end calls these for accelerator tensors (``backend="triton"``)
-instead of its chunked path, whose dispatch count
-grows with the tensor's size. Here every tensor takes a fixed number of kernel
-launches whatever its size, never synchronises with the host and never reads
-a tensor value on the host, so a step can be captured in a CUDA graph.
+instead of its chunked path, whose dispatch count grows with the tensors' sizes.
+Here each pass of the rule runs for many tensors in one launch: the launches of
+a step depend on the number of passes and of groups (below), never on the number
+or sizes of the tensors. The kernels never synchronise with the host and never
+read a tensor value on the host, so a step can be captured in a CUDA graph
+(docs/cuda_graphs.md).
+
+**Groups and tables.** A call's tensors (its *members*) are grouped by what a
+kernel must know at compile time: the gradient, parameter and state dtypes,
+whether the tensor is factored (two or more dims) or a vector, whether its
+normalisation groups fit one tile, and the element tile. Each group has a
+device table, one int64 row of :data:`FIELDS` per member: the addresses of its
+gradient, parameter and accumulators, offsets into the call's one scratch
+buffer (per-block partial sums, factored statistics, factors, the rank-1
+first-layer terms), its sizes and geometry, and a few float32 constants as bit
+patterns. Each launch's programs are listed in a program map (int32 pairs:
+member, program of that member), so a program reads its member's row and runs
+the one-tensor code below on it. Tables and maps are built on the host once per
+*call signature* (the members' addresses, shapes and dtypes, and for held
+directions their addresses) and kept on the device (:data:`PLAN_CACHE_SIZE`
+signatures, least recently used dropped): a step whose tensors sit where they
+sat before copies nothing from the host. A call allocates its scratch, the
+non-finite flags (one ``int32`` per member, zeroed: the call's one memset) and
+the ``ok`` values afresh, so that calls never share buffers.
 
 **One view of every shape.** A tensor (work shape ``S``: a 0-D tensor counts as
 ``(1,)``) is ``G`` normalisation groups of ``L`` contiguous elements: the whole
@@ -15,75 +35,86 @@ tensor for 0-D, 1-D and 2-D tensors, each leading index for ``N >= 3`` dims
 :func:`celo2.rule.state.factoring` (``SH`` the earlier one). Its two
 factored statistics are the tensor without ``SL`` (the "lo" statistic) and
 without ``SH`` (the "hi" statistic); which of them is the row statistic (the
-one without ``d0``) is a host-side choice of pointers and weights, so every
-shape (conv kernels ``(O, I, kh, kw)`` as much as ``(3, 3, 4, 8)`` or a
-column) runs the same kernels. An element's statistic indices follow from its
-flat index by integer division.
+one without ``d0``) is a per-member field of the table (pointers, weights and
+the counter slot), so every shape (conv kernels ``(O, I, kh, kw)`` as much as
+``(3, 3, 4, 8)`` or a column) runs the same kernels. An element's statistic
+indices follow from its flat index by integer division.
 
 **Passes** (docs/architecture.md, "The passes of a fused step": the four
-passes, with the reductions between them that the GPU launches apart). A
-factored tensor's direction takes 7 launches:
+passes, with the reductions between them that the GPU launches apart), one
+launch each per group. A factored group's direction:
 
-1. a zeroed ``int32`` non-finite flag (``torch.zeros``);
-2. ``_grad_stats``: reads ``g`` once; sums of ``clip(g)^2`` over ``SL``
+1. ``_grad_stats``: reads ``g`` once; sums of ``clip(g)^2`` over ``SL``
    (complete per program) and per-block partial sums over ``SH``; raises the
-   flag (``atomic_max`` on an integer: order-independent, hence deterministic)
-   where ``g`` has a NaN or +-inf element;
-3. ``_stat_reduce``: on the statistics folded on the fly, the row statistic's
+   member's flag (``atomic_max`` on an integer: order-independent, hence
+   deterministic) where ``g`` has a NaN or +-inf element;
+2. ``_stat_reduce``: on the statistics folded on the fly, the row statistic's
    mean over ``d1`` and, per statistic group, the RMS of each statistic and of
    its ``rsqrt(. + eps)`` (the rank-1 channels' input normalisation);
-4. ``_factors``: folds the statistics in place (unless the flag is up), writes
+3. ``_factors``: folds the statistics in place (unless the flag is up), writes
    the Adafactor factors and the rank-1 channels' share of the first layer
    (with ``b0``) per statistic element;
-5. ``_accumulate``: folds ``g`` into ``m`` and ``v`` (unless the flag is up)
-   and writes per-block partial sums of squares of the 18 per-element channels;
-6. ``_reduce_groups``: the partials, summed in a fixed order, as each group's
-   inverse input RMS per channel, and ``ok``;
-7. ``_direction``: channels -> MLP -> the raw direction (written).
+4. ``_accumulate``: folds ``g`` into ``m`` and ``v`` in registers and writes
+   per-block partial sums of squares of the 18 per-element channels;
+5. ``_reduce_groups``: the partials, summed in a fixed order, as each group's
+   inverse input RMS per channel, and each member's ``ok``;
+6. ``_direction``: folds ``g`` into ``m`` and ``v`` again and stores them
+   (unless the flag is up), channels -> MLP -> the raw direction (written).
 
-A vector (15 channels, unfactored) takes 5: the flag, ``_flag_pass``,
-``_accumulate`` (which also folds its full-size statistic), ``_reduce_groups``,
-``_direction``. :func:`apply_step` runs the direction pass twice (``SQUARES``:
-per-block sums of ``d^2``; then ``APPLY``) with a ``_reduce_groups`` between:
-9 launches for a factored tensor, 7 for a vector. :func:`apply_held` takes 3.
+A vector group (15 channels, unfactored) takes ``_flag_pass`` (with the
+non-finite skip only) instead of passes 1-3. :func:`apply_step_many`'s
+direction pass also writes per-block sums of ``d^2``; a ``_reduce_groups`` and
+``_held`` (the update from the direction just written) finish it: 8 launches
+for a factored group, 6 for a vector group. :func:`apply_held_many` takes 3
+per group. Storing the state in the direction pass rather than in
+``_accumulate`` moves the same bytes and lets the direction read the float32
+values of the folded state, as every backend does with bfloat16 state.
 
 When every normalisation group fits one tile (``L <= TILE``: conv kernels and
 other N-D tensors with small trailing axes, matrices and vectors of up to
-``TILE`` elements), passes 5-7 are one launch, ``_fused``, which also applies
-the direction with its groups' output RMS; then ``direction`` and
-``apply_step`` both take 5 launches for a factored tensor and 3 for a vector,
-and read the full-size operands once after ``_grad_stats``. So the count
-depends on the shape's kind only, never on its size.
+``TILE`` elements), passes 4-6 are one launch, ``_fused``, which also applies
+the direction with its groups' output RMS; then a direction and a Celo2-base
+step both take 4 launches for a factored group and 2 for a vector group (1
+without the skip), reading the full-size operands once after ``_grad_stats``.
+Add one ``torch.zeros`` (the flags) per call.
 
-Block sizes are fixed or chosen from the shape on the host. The full-size
-streams per element of a step follow from these passes (a matrix's
-``apply_step`` reads ``g`` four times and ``p``, ``m``, ``v`` three times, and
-writes ``p``, ``m``, ``v`` once); ``benchmarks/triton_traffic.py`` counts them
-from the kernels' loads and stores.
+Block sizes are fixed, or chosen per group from its largest member on the
+host. The full-size streams per element of a step follow from these passes (a
+matrix's Celo2-base step reads ``g`` three times, ``p``, ``m`` and ``v`` twice
+and its direction once more with ``p``; it writes ``m``, ``v``, the direction
+and ``p`` once); ``benchmarks/triton_traffic.py`` counts them from the
+kernels' loads and stores.
 
 **Determinism.** Every float reduction is a per-block partial reduced in a
 fixed order by a later launch (or inside one program), so results do not
-depend on scheduling; the only atomic is the integer flag's maximum.
+depend on scheduling or on which tensors share a launch; the only atomic is
+the integer flag's maximum.
 
-**Non-finite gradients.** The first pass that reads ``g`` raises the flag in
-device memory; every later pass reads it: with ``skip_nonfinite`` the state
-and parameter stores are masked off (state and parameter bitwise unchanged),
-the written direction is zeros and ``ok`` is 0. A clean step stores exactly
-what it would without the flag.
+**Non-finite gradients.** The first pass that reads ``g`` raises the member's
+flag in device memory; every later pass reads it: with ``skip_nonfinite`` the
+state and parameter stores are masked off (state and parameter bitwise
+unchanged), the written direction is zeros and ``ok`` is 0. A clean step stores
+exactly what it would without the flag.
 
 **Dtypes and layouts.** Gradients of any float dtype and parameters in
 float32, bfloat16, float16 or float64 are loaded and cast to float32
-explicitly; state is float32. Parameter updates combine in float32 and round
-once (float64 parameters combine in float64). The kernels index contiguous
-operands only: a non-contiguous gradient or parameter is copied to a
-contiguous one first (an extra copy launch), and a non-contiguous parameter
-is updated through that copy and copied back; state must be contiguous, shaped
-by :func:`celo2.rule.state.state_shapes` (as the front end's ``init_tensor_state`` makes it). Element indices are
-64-bit; a tensor has fewer than :data:`MAX_ELEMENTS` elements.
+explicitly. State is float32, or bfloat16 with ``rounding=``: read as float32,
+every store rounded stochastically exactly as :mod:`celo2.rule.rounding` says
+(the key from the seed, the member's step read from its device counter, its
+tensor index and the accumulator's slot; 16 bits from the element's flat index
+in the whole accumulator; NaN stays NaN). Parameter updates combine in float32
+and round once (float64 parameters combine in float64). The kernels index
+contiguous operands only: a non-contiguous gradient or parameter is copied to
+a contiguous one first (an extra copy launch, and a new call signature), and a
+non-contiguous parameter is updated through that copy and copied back; state
+must be contiguous, shaped by :func:`celo2.rule.state.state_shapes` (as the
+front end's ``init_tensor_state`` makes it). Element indices are 64-bit; a
+tensor has fewer than :data:`MAX_ELEMENTS` elements.
 
-**Devices.** Every launch runs on the parameter's device (:func:`launch_device`
-makes it the current CUDA device around the launches); ``lr`` and weight decay
-are Python floats or 0-d tensors on that device (:func:`check_scalar`).
+**Devices.** Every launch runs on the parameters' device (:func:`launch_device`
+makes it the current CUDA device around the launches; one call takes tensors of
+one device); ``lr`` and weight decay are Python floats or 0-d tensors on that
+device (:func:`check_scalar`).
 
 Every constant comes from :mod:`celo2.rule.spec` and every offset from
 :mod:`celo2.rule.layout` (as ``tl.constexpr`` module values). Triton reads
@@ -93,16 +124,17 @@ fixed when this module is first imported (:data:`INTERPRETED`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from celo2.rule import layout, spec
+from celo2.rule import layout, rounding, spec
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
 
 try:  # Triton is optional: without it the front end keeps its other backends.
@@ -126,6 +158,28 @@ MAX_ELEMENTS: int = 1 << 31
 
 PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 """Parameter dtypes the kernels take."""
+
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+"""State dtypes the kernels read and write (bfloat16 with ``rounding=``)."""
+
+FIELDS: tuple[str, ...] = (
+    # addresses of a member's operands
+    "g", "p", "m", "v", "fac_lo", "fac_hi", "d", "ok", "step",
+    # offsets into the call's scratch (``out``: into its output buffer for a raw direction)
+    "out", "sum_lo", "part_hi", "mean", "norm_lo", "normr_lo", "norm_hi", "normr_hi", "f_lo", "t_lo", "f_hi",
+    "t_hi", "part", "inv", "sq", "scale",
+    # sizes and geometry
+    "n", "g_count", "l", "nlb", "lo_inner", "lo_span", "n_lo", "hi_inner", "hi_span", "n_hi", "sh", "b", "sl",
+    "c", "nhb", "n_mean", "mean_s", "mean_q", "ng_lo", "len_lo", "ng_hi", "len_hi", "lo_is_row", "w_lo", "w_hi",
+    # the row statistic's mean: its accumulator, sums, their partial count and length, 1 / its length
+    "mean_stat", "mean_tot", "mean_parts", "mean_ns", "mean_inv",
+    # the member's index in the call (its flag and ``ok``); bfloat16 state: the tensor's index in the
+    # optimizer's order and its factored statistics' counter slots
+    "member", "tensor", "slot_lo", "slot_hi",
+    # float32 constants as bit patterns
+    "inv_sl", "inv_sh",
+)
+"""The int64 fields of a member's row in its group's table (see the module docstring)."""
 
 Scalar = Union[float, torch.Tensor]
 
@@ -180,7 +234,76 @@ if AVAILABLE:
     _W2 = _C(layout.SEGMENT["w2"].offset)
     _B2 = _C(layout.SEGMENT["b2"].offset)
     _NAN_ALL = _C(tl.PropagateNan.ALL)
+    # --- bfloat16 state: celo2.rule.rounding ---------------------------------------------
+    _MIX_A, _MIX_B = (_C(m) for m in rounding.MIX_MULTIPLIERS)
+    _MIX_S0, _MIX_S1, _MIX_S2 = (_C(s) for s in rounding.MIX_SHIFTS)
+    _BF16_QUIET = _C(rounding.BFLOAT16_QUIET_BIT)
+    _SLOT_M, _SLOT_V, _SLOT_FAC_R = (_C(rounding.SLOTS[k]) for k in ("m", "v", "fac_r"))
     _INF = _C(float("inf"))
+
+    # --- member tables: the column of each field (FIELDS) ------------------------------------
+    _W = _C(len(FIELDS))
+    _T_G = _C(0)
+    _T_P = _C(1)
+    _T_M = _C(2)
+    _T_V = _C(3)
+    _T_FAC_LO = _C(4)
+    _T_FAC_HI = _C(5)
+    _T_D = _C(6)
+    _T_OK = _C(7)
+    _T_STEP = _C(8)
+    _T_OUT = _C(9)
+    _T_SUM_LO = _C(10)
+    _T_PART_HI = _C(11)
+    _T_MEAN = _C(12)
+    _T_NORM_LO = _C(13)
+    _T_NORMR_LO = _C(14)
+    _T_NORM_HI = _C(15)
+    _T_NORMR_HI = _C(16)
+    _T_F_LO = _C(17)
+    _T_T_LO = _C(18)
+    _T_F_HI = _C(19)
+    _T_T_HI = _C(20)
+    _T_PART = _C(21)
+    _T_INV = _C(22)
+    _T_SQ = _C(23)
+    _T_SCALE = _C(24)
+    _T_N = _C(25)
+    _T_G_COUNT = _C(26)
+    _T_L = _C(27)
+    _T_NLB = _C(28)
+    _T_LO_INNER = _C(29)
+    _T_LO_SPAN = _C(30)
+    _T_N_LO = _C(31)
+    _T_HI_INNER = _C(32)
+    _T_HI_SPAN = _C(33)
+    _T_N_HI = _C(34)
+    _T_SH = _C(35)
+    _T_B = _C(36)
+    _T_SL = _C(37)
+    _T_C = _C(38)
+    _T_NHB = _C(39)
+    _T_N_MEAN = _C(40)
+    _T_MEAN_S = _C(41)
+    _T_MEAN_Q = _C(42)
+    _T_NG_LO = _C(43)
+    _T_LEN_LO = _C(44)
+    _T_NG_HI = _C(45)
+    _T_LEN_HI = _C(46)
+    _T_LO_IS_ROW = _C(47)
+    _T_W_LO = _C(48)
+    _T_W_HI = _C(49)
+    _T_MEAN_STAT = _C(50)
+    _T_MEAN_TOT = _C(51)
+    _T_MEAN_PARTS = _C(52)
+    _T_MEAN_NS = _C(53)
+    _T_MEAN_INV = _C(54)
+    _T_MEMBER = _C(55)
+    _T_TENSOR = _C(56)
+    _T_SLOT_LO = _C(57)
+    _T_SLOT_HI = _C(58)
+    _T_INV_SL = _C(59)
+    _T_INV_SH = _C(60)
 
     # =============================================================================
     # Element helpers
@@ -232,9 +355,10 @@ if AVAILABLE:
         return (n // span) * inner + n % inner
 
     @triton.jit
-    def _tile(G, L, nlb, BG: tl.constexpr, BL: tl.constexpr):
-        """This program's ``(BG, BL)`` tile: ``BG`` groups, ``BL`` elements of each, from block ``nlb``."""
-        pid = tl.program_id(0).to(tl.int64)
+    def _tile(local, G, L, nlb, BG: tl.constexpr, BL: tl.constexpr):
+        """Program ``local``'s ``(BG, BL)`` tile of its member: ``BG`` groups, ``BL`` elements of each,
+        from block ``nlb``."""
+        pid = local.to(tl.int64)
         pl = pid % nlb
         grp = (pid // nlb) * BG + tl.arange(0, BG)
         l = pl * BL + tl.arange(0, BL)
@@ -251,20 +375,6 @@ if AVAILABLE:
             return mask & ((mask.to(tl.int32) * 0 + tl.load(flag_ptr)) == 0)
         else:
             return mask
-
-    @triton.jit
-    def _total(tot_ptr, nparts, ns, i, mask):
-        """The sum over ``nparts`` partial rows (``ns`` apart) at ``i``, in order."""
-        tot = tl.load(tot_ptr + i, mask=mask, other=0.0)
-        for q in range(1, nparts):
-            tot += tl.load(tot_ptr + q * ns + i, mask=mask, other=0.0)
-        return tot
-
-    @triton.jit
-    def _fold(s_ptr, ns, x, i, mask, k: tl.constexpr, wf):
-        """Statistic ``k`` folded with the mean ``x`` (``+ FACTORED_EPS``), not stored."""
-        s = tl.load(_row(s_ptr, k, ns) + i, mask=mask, other=1.0)
-        return s + wf * (x - s)
 
     @triton.jit
     def _psum(part_ptr, c: tl.constexpr, q, mask, grp, gmask, G, nlb, pl):
@@ -288,6 +398,81 @@ if AVAILABLE:
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         quiet_nan = (bits >> 16) | 0x0040
         return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    # =============================================================================
+    # Member tables
+    # =============================================================================
+    # Every kernel runs for the members of one group (see the module docstring): program ``pid`` reads its
+    # member ``t`` and its program within that member from ``pmap`` (two int32 per program) and every
+    # per-member value from row ``t`` of ``tab`` (:data:`FIELDS`, int64: addresses of the operands,
+    # offsets into the call's scratch, sizes, and float32 constants as their bit patterns).
+
+    @triton.jit
+    def _member(tab_ptr, pmap_ptr):
+        """``(member's index in the call, program of that member, its row in the group's table)``."""
+        pid = tl.program_id(0)
+        r = tl.load(pmap_ptr + 2 * pid)
+        local = tl.load(pmap_ptr + 2 * pid + 1)
+        row = tab_ptr + r.to(tl.int64) * _W
+        return tl.load(row + _T_MEMBER), local, row
+
+    @triton.jit
+    def _addr(row, k: tl.constexpr, DT: tl.constexpr):
+        """Field ``k`` of the member's row: an operand's address, as a pointer to ``DT``."""
+        return tl.load(row + k).to(tl.pointer_type(DT))
+
+    @triton.jit
+    def _f32_field(row, k: tl.constexpr):
+        """Field ``k``: a float32 constant stored as its bit pattern."""
+        return tl.load(row + k).to(tl.int32).to(tl.float32, bitcast=True)
+
+    # =============================================================================
+    # bfloat16 state: celo2.rule.rounding's counter-based stochastic rounding
+    # =============================================================================
+    @triton.jit
+    def _mix32(x):
+        """:func:`celo2.rule.rounding.mix32` on ``uint32`` values (products wrap modulo 2**32)."""
+        x = x ^ (x >> _MIX_S0)
+        x = x * _MIX_A
+        x = x ^ (x >> _MIX_S1)
+        x = x * _MIX_B
+        x = x ^ (x >> _MIX_S2)
+        return x
+
+    @triton.jit
+    def _stream_key(row, seed, slot, SBF: tl.constexpr):
+        """:func:`celo2.rule.rounding.stream_key` of this member's accumulator ``slot``: the step read from
+        the member's device counter (0 for float32 state, where no key is used). ``seed`` and ``slot`` may
+        be compile-time constants (an integer argument equal to 1 is one), hence their sums with ``zero``."""
+        if SBF:
+            step = tl.load(_addr(row, _T_STEP, tl.int64))
+            zero = step * 0
+            k = _mix32((zero + seed).to(tl.uint32))
+            k = _mix32(k ^ step.to(tl.uint32))
+            k = _mix32(k ^ tl.load(row + _T_TENSOR).to(tl.uint32))
+            return _mix32(k ^ (zero + slot).to(tl.uint32))
+        else:
+            return tl.load(row + _T_TENSOR).to(tl.uint32) * 0
+
+    @triton.jit
+    def _load_state(ptr, idx, mask, other):
+        """An accumulator's values at flat index ``idx``, as float32 (float32 or bfloat16 state)."""
+        return tl.load(ptr + idx, mask=mask, other=other).to(tl.float32)
+
+    @triton.jit
+    def _put(ptr, idx, x, mask, key, SBF: tl.constexpr):
+        """Store float32 ``x`` at flat index ``idx`` of an accumulator: as is, or (``SBF``) rounded to
+        bfloat16 with the 16 bits of :func:`celo2.rule.rounding.random_bits` of ``key`` and ``idx``, a NaN
+        kept NaN with the quiet bit set (:func:`celo2.rule.rounding.round_to_bfloat16`)."""
+        if SBF:
+            bits = _mix32(key ^ _mix32(idx.to(tl.uint32))) >> 16
+            u = x.to(tl.uint32, bitcast=True)
+            rounded = (u + bits) >> 16
+            quiet_nan = (u >> 16) | _BF16_QUIET
+            tl.store(ptr + idx, tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                     mask=mask)
+        else:
+            tl.store(ptr + idx, x, mask=mask)
 
     @triton.jit
     def _update_param(p_ptr, p, n, mask, d, scale, lr_ptr, lr, wd_ptr, wd,
@@ -314,28 +499,37 @@ if AVAILABLE:
     # Pass 1: gradient statistics and the non-finite flag
     # =============================================================================
     @triton.jit
-    def _grad_stats(g_ptr, sum_lo_ptr, part_hi_ptr, flag_ptr, SH, B, SL, C, n_hi,
+    def _grad_stats(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, G_DT: tl.constexpr,
                     BH: tl.constexpr, BLL: tl.constexpr, CHECK: tl.constexpr):
-        """Program ``(a, block of h, b, c)`` of the ``(A, SH, B, SL, C)`` view: the sums of
+        """Program ``(a, block of h, b, c)`` of a member's ``(A, SH, B, SL, C)`` view: the sums of
         ``clip(g)^2`` over ``SL`` (complete) and its block's partial sums over ``SH``."""
-        pid = tl.program_id(0).to(tl.int64)
-        nhb = (SH + BH - 1) // BH
+        t, pid, row = _member(tab_ptr, pmap_ptr)
+        g_ptr = _addr(row, _T_G, G_DT)
+        sum_lo_ptr = scr_ptr + tl.load(row + _T_SUM_LO)
+        part_hi_ptr = scr_ptr + tl.load(row + _T_PART_HI)
+        SH = tl.load(row + _T_SH)
+        B = tl.load(row + _T_B)
+        SL = tl.load(row + _T_SL)
+        C = tl.load(row + _T_C)
+        n_hi = tl.load(row + _T_N_HI)
+        nhb = tl.load(row + _T_NHB)
+        pid = pid.to(tl.int64)
         hb = pid % nhb
-        t = pid // nhb
-        c = t % C
-        t = t // C
-        b = t % B
-        a = t // B
+        q = pid // nhb
+        c = q % C
+        q = q // C
+        b = q % B
+        a = q // B
         h = hb * BH + tl.arange(0, BH)
         hmask = h < SH
-        row = ((a * SH + h) * B + b) * SL
+        base = ((a * SH + h) * B + b) * SL
         acc = tl.full([BH], 0.0, tl.float32)
         bad = tl.full([BH, BLL], 0, tl.int32)
         for l0 in range(0, SL, BLL):
             l = l0 + tl.arange(0, BLL)
             lmask = l < SL
             mask = hmask[:, None] & lmask[None, :]
-            graw = tl.load(g_ptr + (row[:, None] + l[None, :]) * C + c, mask=mask, other=0.0)
+            graw = tl.load(g_ptr + (base[:, None] + l[None, :]) * C + c, mask=mask, other=0.0)
             if CHECK:
                 bad = bad | _nonfinite(graw)
             g = _clip(graw.to(tl.float32), _GRAD_CLIP)
@@ -344,18 +538,35 @@ if AVAILABLE:
             tl.store(part_hi_ptr + hb * n_hi + ((a * B + b) * SL + l) * C + c, _sum(g2, 0), mask=lmask)
         tl.store(sum_lo_ptr + ((a * SH + h) * B + b) * C + c, acc, mask=hmask)
         if CHECK:
-            tl.atomic_max(flag_ptr, _max(_max(bad, 1), 0))
+            tl.atomic_max(flags_ptr + t, _max(_max(bad, 1), 0))
 
     @triton.jit
-    def _flag_pass(g_ptr, flag_ptr, N, BLOCK: tl.constexpr):
+    def _flag_pass(tab_ptr, pmap_ptr, flags_ptr, G_DT: tl.constexpr, BLOCK: tl.constexpr):
         """A vector's first pass: the non-finite flag only."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        t, pid, row = _member(tab_ptr, pmap_ptr)
+        g_ptr = _addr(row, _T_G, G_DT)
+        N = tl.load(row + _T_N)
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         graw = tl.load(g_ptr + i, mask=i < N, other=0.0)
-        tl.atomic_max(flag_ptr, _max(_nonfinite(graw), 0))
+        tl.atomic_max(flags_ptr + t, _max(_nonfinite(graw), 0))
 
     # =============================================================================
     # Passes 2-3: the factored statistics
     # =============================================================================
+    @triton.jit
+    def _total(tot_ptr, nparts, ns, i, mask):
+        """The sum over ``nparts`` partial rows (``ns`` apart) at ``i``, in order."""
+        tot = tl.load(tot_ptr + i, mask=mask, other=0.0)
+        for q in range(1, nparts):
+            tot += tl.load(tot_ptr + q * ns + i, mask=mask, other=0.0)
+        return tot
+
+    @triton.jit
+    def _fold(s_ptr, ns, x, i, mask, k: tl.constexpr, wf):
+        """Statistic ``k`` folded with the mean ``x`` (``+ FACTORED_EPS``), not stored."""
+        s = _load_state(s_ptr + k * ns, i, mask, 1.0)
+        return s + wf * (x - s)
+
     @triton.jit
     def _stat_reduce_one(s_ptr, tot_ptr, nparts, ns, inv_n, out_ptr, out2_ptr, n_out, S, Q, pid,
                          NORM: tl.constexpr, BO: tl.constexpr, BS: tl.constexpr):
@@ -402,105 +613,129 @@ if AVAILABLE:
             tl.store(out_ptr + n_out + n_out + o, _sum(a2, 1) / S, mask=omask)
 
     @triton.jit
-    def _stat_reduce(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, hi_ptr, hi_tot, hi_parts, n_hi, hi_inv,
-                     mean_ptr, n_mean, mean_s, mean_q, norm_lo, normr_lo, ng_lo, len_lo,
-                     norm_hi, normr_hi, ng_hi, len_hi, ROW_IS_LO: tl.constexpr,
+    def _stat_reduce(tab_ptr, pmap_ptr, scr_ptr, S_DT: tl.constexpr,
                      BO0: tl.constexpr, BS0: tl.constexpr, BO1: tl.constexpr, BS1: tl.constexpr,
                      BO2: tl.constexpr, BS2: tl.constexpr):
         """Axis 1 of the grid: 0 the row statistic's mean over ``d1``, 1 / 2 the lo / hi
         statistic's input normalisation per statistic group."""
-        pid = tl.program_id(0)
+        t, pid, row = _member(tab_ptr, pmap_ptr)
         which = tl.program_id(1)
         if which == 0:
-            if ROW_IS_LO:
-                _stat_reduce_one(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, mean_ptr, mean_ptr, n_mean, mean_s, mean_q,
-                                 pid, False, BO0, BS0)
-            else:
-                _stat_reduce_one(hi_ptr, hi_tot, hi_parts, n_hi, hi_inv, mean_ptr, mean_ptr, n_mean, mean_s, mean_q,
-                                 pid, False, BO0, BS0)
+            _stat_reduce_one(_addr(row, _T_MEAN_STAT, S_DT), scr_ptr + tl.load(row + _T_MEAN_TOT),
+                             tl.load(row + _T_MEAN_PARTS), tl.load(row + _T_MEAN_NS), _f32_field(row, _T_MEAN_INV),
+                             scr_ptr + tl.load(row + _T_MEAN), scr_ptr, tl.load(row + _T_N_MEAN),
+                             tl.load(row + _T_MEAN_S), tl.load(row + _T_MEAN_Q), pid, False, BO0, BS0)
         elif which == 1:
-            _stat_reduce_one(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, norm_lo, normr_lo, ng_lo, len_lo, 1,
-                             pid, True, BO1, BS1)
+            _stat_reduce_one(_addr(row, _T_FAC_LO, S_DT), scr_ptr + tl.load(row + _T_SUM_LO), 1,
+                             tl.load(row + _T_N_LO), _f32_field(row, _T_INV_SL), scr_ptr + tl.load(row + _T_NORM_LO),
+                             scr_ptr + tl.load(row + _T_NORMR_LO), tl.load(row + _T_NG_LO), tl.load(row + _T_LEN_LO),
+                             1, pid, True, BO1, BS1)
         else:
-            _stat_reduce_one(hi_ptr, hi_tot, hi_parts, n_hi, hi_inv, norm_hi, normr_hi, ng_hi, len_hi, 1,
-                             pid, True, BO2, BS2)
+            _stat_reduce_one(_addr(row, _T_FAC_HI, S_DT), scr_ptr + tl.load(row + _T_PART_HI),
+                             tl.load(row + _T_NHB), tl.load(row + _T_N_HI), _f32_field(row, _T_INV_SH),
+                             scr_ptr + tl.load(row + _T_NORM_HI), scr_ptr + tl.load(row + _T_NORMR_HI),
+                             tl.load(row + _T_NG_HI), tl.load(row + _T_LEN_HI), 1, pid, True, BO2, BS2)
 
     @triton.jit
     def _factor_k(x, k: tl.constexpr, s_ptr, f_ptr, ns, i, mask, store, mean_ptr, n_mean, mi, norm_ptr, normr_ptr,
-                  ng, sg, net_ptr, term, IS_ROW: tl.constexpr, W_OFF: tl.constexpr):
+                  ng, sg, net_ptr, term, is_row, w_off, key, SBF: tl.constexpr):
         """Statistic ``k``: stored folded, its Adafactor factor, and its two channels' share of ``term``."""
-        tl.store(_row(s_ptr, k, ns) + i, x, mask=store)
-        if IS_ROW:
-            y = x / (tl.load(_row(mean_ptr, k, n_mean) + mi, mask=mask, other=1.0) + _ROW_MEAN_EPS)
-        else:
-            y = x
-        tl.store(_row(f_ptr, k, ns) + i, tl.rsqrt(tl.maximum(y, _SAFE_RSQRT_FLOOR)), mask=mask)
+        _put(s_ptr, k * ns + i, x, store, key, SBF)
+        y = x
+        if is_row:
+            y = x / (tl.load(mean_ptr + k * n_mean + mi, mask=mask, other=1.0) + _ROW_MEAN_EPS)
+        tl.store(f_ptr + k * ns + i, tl.rsqrt(tl.maximum(y, _SAFE_RSQRT_FLOOR)), mask=mask)
         hidx = tl.arange(0, _H)
-        a = x * tl.load(_row(norm_ptr, k, ng) + sg, mask=mask, other=0.0)
-        r = tl.rsqrt(x + _RSQRT_EPS) * tl.load(_row(normr_ptr, k, ng) + sg, mask=mask, other=0.0)
-        w = tl.load(net_ptr + W_OFF + k * _H + hidx)
-        wr = tl.load(net_ptr + W_OFF + (3 + k) * _H + hidx)
+        a = x * tl.load(norm_ptr + k * ng + sg, mask=mask, other=0.0)
+        r = tl.rsqrt(x + _RSQRT_EPS) * tl.load(normr_ptr + k * ng + sg, mask=mask, other=0.0)
+        w = tl.load(net_ptr + w_off + k * _H + hidx)
+        wr = tl.load(net_ptr + w_off + (3 + k) * _H + hidx)
         return term + a[:, None] * w[None, :] + r[:, None] * wr[None, :]
 
-    @triton.jit
-    def _factors_one(s_ptr, tot_ptr, nparts, ns, inv_n, f_ptr, t_ptr, mean_ptr, n_mean, mean_s, mean_q,
-                     norm_ptr, normr_ptr, ng, len_s, net_ptr, flag_ptr, pid,
-                     IS_ROW: tl.constexpr, W_OFF: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed"])
+    def _factors(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, net_ptr, seed, S_DT: tl.constexpr, SBF: tl.constexpr,
+                 SKIP: tl.constexpr, BLOCK: tl.constexpr):
+        """Axis 1 of the grid: 0 the lo statistic, 1 the hi statistic: folded in place (unless the flag is
+        up), their Adafactor factors, and the rank-1 channels' share of the first layer (with ``b0``)."""
+        t, pid, row = _member(tab_ptr, pmap_ptr)
+        if tl.program_id(1) == 0:
+            s_ptr = _addr(row, _T_FAC_LO, S_DT)
+            tot_ptr = scr_ptr + tl.load(row + _T_SUM_LO)
+            nparts = tl.load(row + _T_NHB) * 0 + 1
+            ns = tl.load(row + _T_N_LO)
+            inv_n = _f32_field(row, _T_INV_SL)
+            f_ptr = scr_ptr + tl.load(row + _T_F_LO)
+            t_ptr = scr_ptr + tl.load(row + _T_T_LO)
+            norm_ptr = scr_ptr + tl.load(row + _T_NORM_LO)
+            normr_ptr = scr_ptr + tl.load(row + _T_NORMR_LO)
+            len_s = tl.load(row + _T_LEN_LO)
+            ng = tl.load(row + _T_NG_LO)
+            is_row = tl.load(row + _T_LO_IS_ROW)
+            w_off = tl.load(row + _T_W_LO)
+            slot = tl.load(row + _T_SLOT_LO)
+        else:
+            s_ptr = _addr(row, _T_FAC_HI, S_DT)
+            tot_ptr = scr_ptr + tl.load(row + _T_PART_HI)
+            nparts = tl.load(row + _T_NHB)
+            ns = tl.load(row + _T_N_HI)
+            inv_n = _f32_field(row, _T_INV_SH)
+            f_ptr = scr_ptr + tl.load(row + _T_F_HI)
+            t_ptr = scr_ptr + tl.load(row + _T_T_HI)
+            norm_ptr = scr_ptr + tl.load(row + _T_NORM_HI)
+            normr_ptr = scr_ptr + tl.load(row + _T_NORMR_HI)
+            len_s = tl.load(row + _T_LEN_HI)
+            ng = tl.load(row + _T_NG_HI)
+            is_row = 1 - tl.load(row + _T_LO_IS_ROW)
+            w_off = tl.load(row + _T_W_HI)
+            slot = tl.load(row + _T_SLOT_HI)
+        mean_ptr = scr_ptr + tl.load(row + _T_MEAN)
+        n_mean = tl.load(row + _T_N_MEAN)
+        mean_s = tl.load(row + _T_MEAN_S)
+        mean_q = tl.load(row + _T_MEAN_Q)
+        key = _stream_key(row, seed, slot, SBF)
         i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < ns
-        store = _where_ok(mask, flag_ptr, SKIP)
+        store = _where_ok(mask, flags_ptr + t, SKIP)
         x = _total(tot_ptr, nparts, ns, i, mask) * inv_n + _FACTORED_EPS
         mi = (i // (mean_s * mean_q)) * mean_q + i % mean_q
         sg = i // len_s
         hidx = tl.arange(0, _H)
         term = tl.full([BLOCK, _H], 0.0, tl.float32)
-        if IS_ROW:
+        if is_row:
             term += tl.load(net_ptr + _B0 + hidx)[None, :]
         term = _factor_k(_fold(s_ptr, ns, x, i, mask, 0, _WF0), 0, s_ptr, f_ptr, ns, i, mask, store, mean_ptr,
-                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, IS_ROW, W_OFF)
+                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, is_row, w_off, key, SBF)
         term = _factor_k(_fold(s_ptr, ns, x, i, mask, 1, _WF1), 1, s_ptr, f_ptr, ns, i, mask, store, mean_ptr,
-                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, IS_ROW, W_OFF)
+                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, is_row, w_off, key, SBF)
         term = _factor_k(_fold(s_ptr, ns, x, i, mask, 2, _WF2), 2, s_ptr, f_ptr, ns, i, mask, store, mean_ptr,
-                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, IS_ROW, W_OFF)
+                         n_mean, mi, norm_ptr, normr_ptr, ng, sg, net_ptr, term, is_row, w_off, key, SBF)
         tl.store(t_ptr + hidx[None, :].to(tl.int64) * ns + i[:, None], term, mask=mask[:, None])
-
-    @triton.jit
-    def _factors(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, f_lo, t_lo, hi_ptr, hi_tot, hi_parts, n_hi, hi_inv, f_hi,
-                 t_hi, mean_ptr, n_mean, mean_s, mean_q, norm_lo, normr_lo, ng_lo, len_lo,
-                 norm_hi, normr_hi, ng_hi, len_hi, net_ptr, flag_ptr,
-                 LO_IS_ROW: tl.constexpr, HI_IS_ROW: tl.constexpr, W_LO: tl.constexpr, W_HI: tl.constexpr,
-                 SKIP: tl.constexpr, BLOCK: tl.constexpr):
-        """Axis 1 of the grid: 0 the lo statistic, 1 the hi statistic (``W_LO`` / ``W_HI``: their
-        first-layer rows in the packed weights)."""
-        pid = tl.program_id(0)
-        if tl.program_id(1) == 0:
-            _factors_one(lo_ptr, lo_tot, lo_parts, n_lo, lo_inv, f_lo, t_lo, mean_ptr, n_mean, mean_s, mean_q,
-                         norm_lo, normr_lo, ng_lo, len_lo, net_ptr, flag_ptr, pid,
-                         LO_IS_ROW, W_LO, SKIP, BLOCK)
-        else:
-            _factors_one(hi_ptr, hi_tot, hi_parts, n_hi, hi_inv, f_hi, t_hi, mean_ptr, n_mean, mean_s, mean_q,
-                         norm_hi, normr_hi, ng_hi, len_hi, net_ptr, flag_ptr, pid,
-                         HI_IS_ROW, W_HI, SKIP, BLOCK)
 
     # =============================================================================
     # Passes 4-6: accumulators, input RMS, direction
     # =============================================================================
     @triton.jit
-    def _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask):
-        """``g`` (clipped), ``p`` as stored and as float32, ``m`` and ``v`` at ``n``."""
-        g = _clip(tl.load(g_ptr + n, mask=mask, other=0.0).to(tl.float32), _GRAD_CLIP)
-        praw = tl.load(p_ptr + n, mask=mask, other=0.0)
+    def _operands(row, n, mask, N, G_DT: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr):
+        """``g`` (clipped), ``p`` as stored and as float32, ``m`` and ``v`` (float32) at ``n``."""
+        g = _clip(tl.load(_addr(row, _T_G, G_DT) + n, mask=mask, other=0.0).to(tl.float32), _GRAD_CLIP)
+        praw = tl.load(_addr(row, _T_P, P_DT) + n, mask=mask, other=0.0)
         p = praw.to(tl.float32)
-        m0 = tl.load(m_ptr + n, mask=mask, other=0.0)
-        m1 = tl.load(m_ptr + N + n, mask=mask, other=0.0)
-        m2 = tl.load(m_ptr + N + N + n, mask=mask, other=0.0)
-        v = tl.load(v_ptr + n, mask=mask, other=0.0)
+        m_ptr = _addr(row, _T_M, S_DT)
+        m0 = _load_state(m_ptr, n, mask, 0.0)
+        m1 = _load_state(m_ptr, N + n, mask, 0.0)
+        m2 = _load_state(m_ptr, N + N + n, mask, 0.0)
+        v = _load_state(_addr(row, _T_V, S_DT), n, mask, 0.0)
         return g, praw, p, m0, m1, m2, v
 
     @triton.jit
-    def _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi):
-        ilo = _remove(n, lo_inner, lo_span)
-        ihi = _remove(n, hi_inner, hi_span)
+    def _gather_factors(row, scr_ptr, n, mask):
+        """A factored member's three Adafactor factors at ``n`` (products of its lo and hi factors)."""
+        f_lo = scr_ptr + tl.load(row + _T_F_LO)
+        f_hi = scr_ptr + tl.load(row + _T_F_HI)
+        n_lo = tl.load(row + _T_N_LO)
+        n_hi = tl.load(row + _T_N_HI)
+        ilo = _remove(n, tl.load(row + _T_LO_INNER), tl.load(row + _T_LO_SPAN))
+        ihi = _remove(n, tl.load(row + _T_HI_INNER), tl.load(row + _T_HI_SPAN))
         f0 = tl.load(f_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + ihi, mask=mask, other=0.0)
         f1 = tl.load(f_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + ihi, mask=mask, other=0.0)
         f2 = (tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0)
@@ -511,55 +746,77 @@ if AVAILABLE:
     def _vector_factor(a):
         return tl.rsqrt(tl.maximum(a + _VECTOR_FACTOR_EPS, _SAFE_RSQRT_FLOOR))
 
-    @triton.jit
-    def _accumulate(g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr, part_ptr,
-                    N, G, L, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
-                    FACTORED: tl.constexpr, SKIP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
-        """Fold ``g`` into ``m`` and ``v`` (a vector's ``fac`` too) and write the per-block sums of
-        squares of the per-element channels."""
-        pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
-        _accumulate_tile(pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr,
-                         part_ptr, N, G, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi, FACTORED, SKIP)
+    @triton.jit(do_not_specialize=["seed"])
+    def _accumulate(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, seed, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                    S_DT: tl.constexpr, SBF: tl.constexpr, FACTORED: tl.constexpr, SKIP: tl.constexpr,
+                    BG: tl.constexpr, BL: tl.constexpr):
+        """The per-block sums of squares of the per-element channels, from ``g`` folded into ``m`` and ``v``
+        (a vector's ``fac`` too) in registers; the direction pass stores the folded state."""
+        t, local, row = _member(tab_ptr, pmap_ptr)
+        G = tl.load(row + _T_G_COUNT)
+        nlb = tl.load(row + _T_NLB)
+        pl, grp, gmask, mask, n = _tile(local, G, tl.load(row + _T_L), nlb, BG, BL)
+        _accumulate_tile(row, t, pl, grp, gmask, mask, n, scr_ptr, flags_ptr, seed, G, nlb,
+                         G_DT, P_DT, S_DT, SBF, FACTORED, SKIP, False)
 
     @triton.jit
-    def _accumulate_tile(pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr,
-                         part_ptr, N, G, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
-                         FACTORED: tl.constexpr, SKIP: tl.constexpr):
-        """The accumulate pass on one tile; returns what the direction pass reads (state updated)."""
-        store = _where_ok(mask, flag_ptr, SKIP)
-        g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
+    def _step_state(row, t, n, mask, scr_ptr, flags_ptr, seed, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                    S_DT: tl.constexpr, SBF: tl.constexpr, FACTORED: tl.constexpr, SKIP: tl.constexpr,
+                    STORE: tl.constexpr):
+        """A tile's operands with ``g`` folded into ``m``, ``v`` (and a vector's ``fac``) in float32, stored
+        (``STORE``, unless the flag is up) rounded as the state dtype says, and the three Adafactor factors.
+        The direction reads these float32 values, not the stored ones (as every backend does)."""
+        N = tl.load(row + _T_N)
+        g, praw, p, m0, m1, m2, v = _operands(row, n, mask, N, G_DT, P_DT, S_DT)
         m0 = m0 + _WM0 * (g - m0)
         m1 = m1 + _WM1 * (g - m1)
         m2 = m2 + _WM2 * (g - m2)
         g2 = g * g
         v = _RMS_DECAY * v + _RMS_W * g2
-        tl.store(m_ptr + n, m0, mask=store)
-        tl.store(m_ptr + N + n, m1, mask=store)
-        tl.store(m_ptr + N + N + n, m2, mask=store)
-        tl.store(v_ptr + n, v, mask=store)
+        store = _where_ok(mask, flags_ptr + t, SKIP)
+        if STORE:
+            m_ptr = _addr(row, _T_M, S_DT)
+            key_m = _stream_key(row, seed, _SLOT_M, SBF)
+            _put(m_ptr, n, m0, store, key_m, SBF)
+            _put(m_ptr, N + n, m1, store, key_m, SBF)
+            _put(m_ptr, N + N + n, m2, store, key_m, SBF)
+            _put(_addr(row, _T_V, S_DT), n, v, store, _stream_key(row, seed, _SLOT_V, SBF), SBF)
         if FACTORED:
-            ilo, ihi, f0, f1, f2 = _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span,
-                                                   n_hi)
+            ilo, ihi, f0, f1, f2 = _gather_factors(row, scr_ptr, n, mask)
         else:
+            fac_ptr = _addr(row, _T_FAC_LO, S_DT)
             gsq = g2 + _FACTORED_EPS
-            a0 = tl.load(fac_ptr + n, mask=mask, other=0.0)
-            a1 = tl.load(fac_ptr + N + n, mask=mask, other=0.0)
-            a2 = tl.load(fac_ptr + N + N + n, mask=mask, other=0.0)
+            a0 = _load_state(fac_ptr, n, mask, 0.0)
+            a1 = _load_state(fac_ptr, N + n, mask, 0.0)
+            a2 = _load_state(fac_ptr, N + N + n, mask, 0.0)
             a0 = a0 + _WF0 * (gsq - a0)
             a1 = a1 + _WF1 * (gsq - a1)
             a2 = a2 + _WF2 * (gsq - a2)
-            tl.store(fac_ptr + n, a0, mask=store)
-            tl.store(fac_ptr + N + n, a1, mask=store)
-            tl.store(fac_ptr + N + N + n, a2, mask=store)
+            if STORE:
+                key_f = _stream_key(row, seed, _SLOT_FAC_R, SBF)
+                _put(fac_ptr, n, a0, store, key_f, SBF)
+                _put(fac_ptr, N + n, a1, store, key_f, SBF)
+                _put(fac_ptr, N + N + n, a2, store, key_f, SBF)
             f0 = _vector_factor(a0)
             f1 = _vector_factor(a1)
             f2 = _vector_factor(a2)
             ilo = n
             ihi = n
+        return g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi
+
+    @triton.jit
+    def _accumulate_tile(row, t, pl, grp, gmask, mask, n, scr_ptr, flags_ptr, seed, G, nlb,
+                         G_DT: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr, SBF: tl.constexpr,
+                         FACTORED: tl.constexpr, SKIP: tl.constexpr, STORE: tl.constexpr):
+        """The channel sums of one tile; returns what the direction reads (state stored with ``STORE``)."""
+        g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi = _step_state(
+            row, t, n, mask, scr_ptr, flags_ptr, seed, G_DT, P_DT, S_DT, SBF, FACTORED, SKIP, STORE)
+        g2 = g * g
         r = 1.0 / (v + _RSQRT_EPS)
         q0 = m0 * m0
         q1 = m1 * m1
         q2 = m2 * m2
+        part_ptr = scr_ptr + tl.load(row + _T_PART)
         _psum(part_ptr, _CH_G, g2, mask, grp, gmask, G, nlb, pl)
         _psum(part_ptr, _CH_CLIP, tl.minimum(g2, _FEATURE_CLIP_SQ), mask, grp, gmask, G, nlb, pl)
         _psum(part_ptr, _CH_P, p * p, mask, grp, gmask, G, nlb, pl)
@@ -582,16 +839,19 @@ if AVAILABLE:
         return g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi
 
     @triton.jit
-    def _reduce_groups(part_ptr, out_ptr, G, nlb, L, flag_ptr, ok_ptr, NCH: tl.constexpr, EPS: tl.constexpr,
-                       SKIP: tl.constexpr, WRITE_OK: tl.constexpr, BGR: tl.constexpr, RB: tl.constexpr):
-        """``out[c, grp] = rsqrt(sum_b part[c, grp, b] / L + EPS)``, the blocks summed in a fixed order;
-        with ``WRITE_OK`` program 0 also writes ``ok`` from the flag."""
-        pid = tl.program_id(0)
+    def _reduce_groups(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, oks_ptr, SRC: tl.constexpr, DST: tl.constexpr,
+                       NCH: tl.constexpr, EPS: tl.constexpr, SKIP: tl.constexpr, WRITE_OK: tl.constexpr,
+                       BGR: tl.constexpr, RB: tl.constexpr):
+        """``dst[c, grp] = rsqrt(sum_b src[c, grp, b] / L + EPS)``, the blocks summed in a fixed order;
+        with ``WRITE_OK`` each member's program 0 also writes its ``ok`` from its flag."""
+        t, pid, row = _member(tab_ptr, pmap_ptr)
+        G = tl.load(row + _T_G_COUNT)
         grp = pid.to(tl.int64) * BGR + tl.arange(0, BGR)
-        _reduce_rows(part_ptr, out_ptr, grp, grp < G, G, nlb, L, NCH, EPS, RB)
+        _reduce_rows(scr_ptr + tl.load(row + SRC), scr_ptr + tl.load(row + DST), grp, grp < G, G,
+                     tl.load(row + _T_NLB), tl.load(row + _T_L), NCH, EPS, RB)
         if WRITE_OK:
             if pid == 0:
-                _write_ok(flag_ptr, ok_ptr, SKIP)
+                _write_ok(flags_ptr + t, oks_ptr + t, SKIP)
 
     @triton.jit
     def _reduce_rows(part_ptr, out_ptr, grp, gmask, G, nlb, L, NCH: tl.constexpr, EPS: tl.constexpr,
@@ -600,9 +860,9 @@ if AVAILABLE:
             acc = tl.full([grp.shape[0], RB], 0.0, tl.float32)
             for j0 in range(0, nlb, RB):
                 j = j0 + tl.arange(0, RB)
-                acc += tl.load(_row(part_ptr, c, G * nlb) + grp[:, None] * nlb + j[None, :],
+                acc += tl.load(part_ptr + c * (G * nlb) + grp[:, None] * nlb + j[None, :],
                                mask=gmask[:, None] & (j < nlb)[None, :], other=0.0)
-            tl.store(_row(out_ptr, c, G) + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
+            tl.store(out_ptr + c * G + grp, tl.rsqrt(_sum(acc, 1) / L + EPS), mask=gmask)
 
     @triton.jit
     def _write_ok(flag_ptr, ok_ptr, SKIP: tl.constexpr):
@@ -611,46 +871,43 @@ if AVAILABLE:
         else:
             tl.store(ok_ptr, tl.full([], 1.0, tl.float32))
 
-    @triton.jit
-    def _direction(g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, t_lo, t_hi, inv_ptr, net_ptr, flag_ptr,
-                   out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
-                   N, G, L, nlb, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
-                   FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr, LR_T: tl.constexpr,
-                   WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
-        """Channels -> MLP -> direction; MODE 0 writes it (zeros when the flag is up), 1 writes
-        per-block sums of its squares, 2 applies it with each group's ``scale``."""
-        pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
-        g, praw, p, m0, m1, m2, v = _load_state(g_ptr, p_ptr, m_ptr, v_ptr, N, n, mask)
-        if FACTORED:
-            ilo, ihi, f0, f1, f2 = _gather_factors(f_lo, f_hi, n, mask, lo_inner, lo_span, n_lo, hi_inner, hi_span,
-                                                   n_hi)
-        else:
-            f0 = _vector_factor(tl.load(fac_ptr + n, mask=mask, other=1.0))
-            f1 = _vector_factor(tl.load(fac_ptr + N + n, mask=mask, other=1.0))
-            f2 = _vector_factor(tl.load(fac_ptr + N + N + n, mask=mask, other=1.0))
-            ilo = n
-            ihi = n
-        _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
-                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
-                        G, L, nlb, n_lo, n_hi, FACTORED, SKIP, MODE, LR_T, WD_T, P_KIND, BG, BL)
+    @triton.jit(do_not_specialize=["seed"])
+    def _direction(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, out_ptr, net_ptr, seed, G_DT: tl.constexpr,
+                   P_DT: tl.constexpr, S_DT: tl.constexpr, SBF: tl.constexpr, FACTORED: tl.constexpr,
+                   SKIP: tl.constexpr, MODE: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
+        """Fold ``g`` into the state again and store it (unless the flag is up), then channels -> MLP ->
+        direction, written to the member's ``out`` (zeros where the flag is up); MODE 1 (``SQUARES``) also
+        writes the per-block sums of its squares."""
+        t, local, row = _member(tab_ptr, pmap_ptr)
+        G = tl.load(row + _T_G_COUNT)
+        L = tl.load(row + _T_L)
+        nlb = tl.load(row + _T_NLB)
+        pl, grp, gmask, mask, n = _tile(local, G, L, nlb, BG, BL)
+        g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi = _step_state(
+            row, t, n, mask, scr_ptr, flags_ptr, seed, G_DT, P_DT, S_DT, SBF, FACTORED, SKIP, True)
+        d = _direction_tile(row, scr_ptr, grp, gmask, mask, g, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi,
+                            net_ptr, G, FACTORED, BG, BL)
+        d = tl.where(_where_ok(mask, flags_ptr + t, SKIP), d, 0.0)
+        tl.store(out_ptr + tl.load(row + _T_OUT) + n, d, mask=mask)
+        if MODE == 1:
+            _psum(scr_ptr + tl.load(row + _T_SQ), 0, d * d, mask, grp, gmask, G, nlb, pl)
 
     @triton.jit
-    def _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
-                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, sq_ptr, scale_ptr, lr_ptr, lr, wd_ptr, wd,
-                        G, L, nlb, n_lo, n_hi, FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr,
-                        LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr,
-                        BL: tl.constexpr):
-        """The direction pass on one tile, from its loaded (and updated) values; MODE 4 (``_APPLY_LOCAL``)
-        applies it with the output RMS of the tile's groups (each group whole in the tile)."""
+    def _direction_tile(row, scr_ptr, grp, gmask, mask, g, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi,
+                        net_ptr, G, FACTORED: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
+        """The direction of one tile, from its loaded (and updated) values and its groups' input RMS."""
+        inv_ptr = scr_ptr + tl.load(row + _T_INV)
         rv = tl.rsqrt(v + _RSQRT_EPS)
         hidx = tl.arange(0, _H)
         # The hidden axis leads ``(H, BG, BL)``: each thread holds every hidden unit of its elements, so the
         # layers' sums over it stay within the thread.
         if FACTORED:
+            t_lo = scr_ptr + tl.load(row + _T_T_LO)
+            t_hi = scr_ptr + tl.load(row + _T_T_HI)
             hoff = hidx[:, None, None].to(tl.int64)
             m3 = mask[None, :, :]
-            h = (tl.load(t_lo + hoff * n_lo + ilo[None, :, :], mask=m3, other=0.0)
-                 + tl.load(t_hi + hoff * n_hi + ihi[None, :, :], mask=m3, other=0.0))
+            h = (tl.load(t_lo + hoff * tl.load(row + _T_N_LO) + ilo[None, :, :], mask=m3, other=0.0)
+                 + tl.load(t_hi + hoff * tl.load(row + _T_N_HI) + ihi[None, :, :], mask=m3, other=0.0))
         else:
             h = tl.full([_H, BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[:, None, None]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
@@ -678,52 +935,64 @@ if AVAILABLE:
             w1 = tl.load(net_ptr + _W1 + hidx * _H + j)  # column j of w1 (in, out)
             u = _relu(tl.load(net_ptr + _B1 + j) + _sum(h * w1[:, None, None], 0))
             d += tl.load(net_ptr + _W2 + j) * u
-        if MODE == 0:
-            tl.store(out_ptr + n, tl.where(_where_ok(mask, flag_ptr, SKIP), d, 0.0), mask=mask)
-        elif MODE == 1:
-            _psum(sq_ptr, 0, d * d, mask, grp, gmask, G, nlb, pl)
-        else:
-            if MODE == 2:
-                scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
-            else:
-                scale = tl.rsqrt(_sum(tl.where(mask, d * d, 0.0), 1) / L + _OUTPUT_NORM_EPS)[:, None]
-            _update_param(p_ptr, praw, n, _where_ok(mask, flag_ptr, SKIP), d, scale, lr_ptr, lr, wd_ptr, wd,
-                          LR_T, WD_T, P_KIND)
+        return d
 
-    @triton.jit
-    def _fused(g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, t_lo, t_hi, part_ptr, inv_ptr, net_ptr, flag_ptr,
-               ok_ptr, out_ptr, lr_ptr, lr, wd_ptr, wd, N, G, L, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi,
+    @triton.jit(do_not_specialize=["seed"])
+    def _fused(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, oks_ptr, out_ptr, net_ptr, lr_ptr, lr, wd_ptr, wd, seed,
+               G_DT: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr, SBF: tl.constexpr,
                FACTORED: tl.constexpr, SKIP: tl.constexpr, MODE: tl.constexpr, NCH: tl.constexpr,
                LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
-        """Accumulate, input RMS and direction in one launch, for tensors whose groups each fit one tile
-        (``L <= BL``): MODE 0 writes the raw direction, MODE 4 applies it. The values loaded for the
-        accumulators feed the direction from registers; the tile's channel sums go through
-        ``part``/``inv`` in memory, which only this program touches (a barrier between)."""
-        pl, grp, gmask, mask, n = _tile(G, L, 1, BG, BL)
+        """Accumulate, input RMS and direction in one launch, for members whose groups each fit one tile
+        (``L <= BL``): MODE 0 writes the raw direction, MODE 4 applies it with its groups' output RMS. The
+        values loaded for the accumulators feed the direction from registers; the tile's channel sums go through ``part``/``inv`` in
+        memory, which only this program touches (a barrier between)."""
+        t, local, row = _member(tab_ptr, pmap_ptr)
+        G = tl.load(row + _T_G_COUNT)
+        L = tl.load(row + _T_L)
+        pl, grp, gmask, mask, n = _tile(local, G, L, 1, BG, BL)
         g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi = _accumulate_tile(
-            pl, grp, gmask, mask, n, g_ptr, p_ptr, m_ptr, v_ptr, fac_ptr, f_lo, f_hi, flag_ptr, part_ptr,
-            N, G, 1, lo_inner, lo_span, n_lo, hi_inner, hi_span, n_hi, FACTORED, SKIP)
+            row, t, pl, grp, gmask, mask, n, scr_ptr, flags_ptr, seed, G, 1, G_DT, P_DT, S_DT, SBF, FACTORED, SKIP,
+            True)
         tl.debug_barrier()
-        _reduce_rows(part_ptr, inv_ptr, grp, gmask, G, 1, L, NCH, _INPUT_NORM_EPS, 1)
+        _reduce_rows(scr_ptr + tl.load(row + _T_PART), scr_ptr + tl.load(row + _T_INV), grp, gmask, G, 1, L, NCH,
+                     _INPUT_NORM_EPS, 1)
         tl.debug_barrier()
-        _direction_tile(pl, grp, gmask, mask, n, g, praw, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi, t_lo, t_hi,
-                        inv_ptr, net_ptr, flag_ptr, p_ptr, out_ptr, out_ptr, out_ptr, lr_ptr, lr, wd_ptr, wd,
-                        G, L, 1, n_lo, n_hi, FACTORED, SKIP, MODE, LR_T, WD_T, P_KIND, BG, BL)
-        if tl.program_id(0) == 0:
-            _write_ok(flag_ptr, ok_ptr, SKIP)
+        d = _direction_tile(row, scr_ptr, grp, gmask, mask, g, p, m0, m1, m2, v, f0, f1, f2, ilo, ihi,
+                            net_ptr, G, FACTORED, BG, BL)
+        ok = _where_ok(mask, flags_ptr + t, SKIP)
+        if MODE == 0:
+            tl.store(out_ptr + tl.load(row + _T_OUT) + n, tl.where(ok, d, 0.0), mask=mask)
+        else:
+            scale = tl.rsqrt(_sum(tl.where(mask, d * d, 0.0), 1) / L + _OUTPUT_NORM_EPS)[:, None]
+            _update_param(_addr(row, _T_P, P_DT), praw, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd,
+                          LR_T, WD_T, P_KIND)
+        if local == 0:
+            _write_ok(flags_ptr + t, oks_ptr + t, SKIP)
 
     @triton.jit
-    def _held(d_ptr, p_ptr, sq_ptr, scale_ptr, ok_ptr, lr_ptr, lr, wd_ptr, wd, G, L, nlb,
-              MODE: tl.constexpr, LR_T: tl.constexpr, WD_T: tl.constexpr, P_KIND: tl.constexpr,
-              BG: tl.constexpr, BL: tl.constexpr):
-        """A held direction: MODE 1 per-block sums of ``d^2``, MODE 2 the update where ``ok``."""
-        pl, grp, gmask, mask, n = _tile(G, L, nlb, BG, BL)
+    def _held(tab_ptr, pmap_ptr, scr_ptr, oks_ptr, out_ptr, lr_ptr, lr, wd_ptr, wd, P_DT: tl.constexpr,
+              D_DT: tl.constexpr, HELD: tl.constexpr, MODE: tl.constexpr, LR_T: tl.constexpr,
+              WD_T: tl.constexpr, P_KIND: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr):
+        """A direction in memory: MODE 1 per-block sums of ``d^2``, MODE 2 the update where ``ok``. With
+        ``HELD`` the direction and ``ok`` are the member's own tensors (their addresses in the table);
+        else the direction is the member's ``out`` and ``ok`` its entry of ``oks`` (a Celo2-base step)."""
+        t, local, row = _member(tab_ptr, pmap_ptr)
+        G = tl.load(row + _T_G_COUNT)
+        nlb = tl.load(row + _T_NLB)
+        pl, grp, gmask, mask, n = _tile(local, G, tl.load(row + _T_L), nlb, BG, BL)
+        if HELD:
+            d_ptr = _addr(row, _T_D, D_DT)
+            ok_ptr = _addr(row, _T_OK, tl.float32)
+        else:
+            d_ptr = (out_ptr + tl.load(row + _T_OUT)).to(tl.pointer_type(D_DT))
+            ok_ptr = oks_ptr + t
         d = tl.load(d_ptr + n, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
-            _psum(sq_ptr, 0, d * d, mask, grp, gmask, G, nlb, pl)
+            _psum(scr_ptr + tl.load(row + _T_SQ), 0, d * d, mask, grp, gmask, G, nlb, pl)
         else:
-            scale = tl.load(scale_ptr + grp, mask=gmask, other=0.0)[:, None]
+            scale = tl.load(scr_ptr + tl.load(row + _T_SCALE) + grp, mask=gmask, other=0.0)[:, None]
             ok = mask & ((mask.to(tl.float32) * 0.0 + tl.load(ok_ptr)) != 0)
+            p_ptr = _addr(row, _T_P, P_DT)
             p = tl.load(p_ptr + n, mask=mask, other=0.0)
             _update_param(p_ptr, p, n, ok, d, scale, lr_ptr, lr, wd_ptr, wd, LR_T, WD_T, P_KIND)
 
@@ -735,19 +1004,24 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _f32_bits(x: float) -> int:
+    """The bit pattern of float32 ``x`` as a signed 32-bit int (how :data:`FIELDS` carry floats)."""
+    return int(np.float32(x).view(np.int32))
+
+
 @dataclass(frozen=True)
 class _Geometry:
-    """How the kernels see one work shape (see the module docstring); shape only."""
+    """How the kernels see one work shape (see the module docstring); shape only, no tile of a group."""
 
     shape: tuple[int, ...]
     numel: int
     groups: int  # G
     group_len: int  # L
     factored: bool
-    # element tiles
-    bg: int
-    bl: int
-    nlb: int  # blocks per group
     # the (A, SH, B, SL, C) view of a factored tensor
     A: int = 1
     SH: int = 1
@@ -761,45 +1035,33 @@ class _Geometry:
     len_hi: int = 1
     mean_s: int = 1  # the row statistic as (n_mean / mean_q, mean_s, mean_q), averaged over mean_s
     mean_q: int = 1
-    bh: int = 1  # grad_stats tile
-    bll: int = 1
 
     @property
     def fused(self) -> bool:
         """Whether each group fits one tile: accumulate, input RMS and direction then take one launch."""
-        return self.nlb == 1
+        return self.group_len <= TILE
 
     @property
-    def warps(self) -> int:
-        """Warps per program of the element passes: two elements of a tile per thread (4 to 16 warps).
-        The direction pass holds every hidden unit of its elements in the thread's registers; at two
-        elements per thread it needs no more than 128 registers (four spilled at 255)."""
-        return max(4, min(16, self.bg * self.bl // 64))
+    def bl(self) -> int:
+        """Elements of a group per program of the element passes."""
+        return min(_pow2(self.group_len), TILE)
 
     @property
-    def programs(self) -> int:
-        return -(-self.groups // self.bg) * self.nlb
-
-    @property
-    def nhb(self) -> int:
-        return -(-self.SH // self.bh)
+    def nlb(self) -> int:
+        """Blocks per group."""
+        return _cdiv(self.group_len, self.bl)
 
     @property
     def n_mean(self) -> int:
         return self.n_lo // self.mean_s if self.row_is_lo else self.n_hi // self.mean_s
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _geometry(shape: tuple[int, ...]) -> _Geometry:
     nd = len(shape)
     numel = math.prod(shape)
     L = shape[-2] * shape[-1] if nd >= 3 else numel
-    G = numel // L
-    bl = min(_pow2(L), TILE)
-    # A tile of several groups holds half as many elements: its per-group sums and scales take registers
-    # of their own, and at TILE elements the direction pass would spill.
-    bg = min(max(1, TILE // (2 * bl)), _pow2(G))
-    common = dict(shape=shape, numel=numel, groups=G, group_len=L, bg=bg, bl=bl, nlb=-(-L // bl))
+    common = dict(shape=shape, numel=numel, groups=numel // L, group_len=L)
     f = factoring(shape)
     if f is None:
         return _Geometry(factored=False, **common)
@@ -813,18 +1075,15 @@ def _geometry(shape: tuple[int, ...]) -> _Geometry:
     row_is_lo = f.d0 == lo
     # The row statistic (without d0) averaged over d1: (A, SH, B C) over SH, or (A B, SL, C) over SL.
     mean_s, mean_q = (SH, B * C) if row_is_lo else (SL, C)
-    bll = min(_pow2(SL), 128)
-    bh = min(_pow2(SH), max(8, TILE // bll))
     return _Geometry(factored=True, A=A, SH=SH, B=B, SL=SL, C=C, row_is_lo=row_is_lo, n_lo=numel // SL,
                      n_hi=numel // SH, len_lo=group_len(lo), len_hi=group_len(hi), mean_s=mean_s, mean_q=mean_q,
-                     bh=bh, bll=bll, **common)
+                     **common)
 
 
-def _reduce_tile(outputs: int, length: int) -> tuple[int, int, int]:
-    """(rows, columns, programs) of a reduction of ``outputs`` rows of ``length`` values each."""
+def _reduce_tile(outputs: int, length: int) -> tuple[int, int]:
+    """(rows, columns) of a program of a reduction of ``outputs`` rows of ``length`` values each."""
     bs = min(_pow2(length), 256)
-    bo = min(_pow2(outputs), max(1, TILE // bs))
-    return bo, bs, -(-outputs // bo)
+    return min(_pow2(outputs), max(1, TILE // bs)), bs
 
 
 def _param_kind(dtype: torch.dtype) -> int:
@@ -832,10 +1091,257 @@ def _param_kind(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}[dtype]
 
 
-@lru_cache(maxsize=256)
+_TL_DTYPES: dict[torch.dtype, Any] = (
+    {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if AVAILABLE else {})
+
+
+@lru_cache(maxsize=1024)
 def _state_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """:func:`celo2.rule.state.state_shapes`, cached per shape (it is read on every launch)."""
+    """:func:`celo2.rule.state.state_shapes`, cached per shape (it is read for every member of every call)."""
     return state_shapes(shape)
+
+
+# --- groups and their tables --------------------------------------------------------------
+_FIELD = {name: k for k, name in enumerate(FIELDS)}
+_W_ROW, _W_COL = layout.SEGMENT["w_row"].offset, layout.SEGMENT["w_col"].offset
+_FACTORS_BLOCK = 256
+
+
+@dataclass
+class _Group:
+    """Members of one call that one launch of each pass runs together: one parameter, gradient, state and
+    direction dtype, one kind (factored or not, groups within one tile or not) and one element tile."""
+
+    members: list[int]  # indices into the call's lists
+    geos: list[_Geometry]
+    factored: bool
+    fused: bool
+    bg: int
+    bl: int
+    dtypes: dict[str, Any]  # G_DT, P_DT, S_DT / D_DT (Triton dtypes), P_KIND
+    tab: torch.Tensor | None = None
+    pmaps: dict[str, torch.Tensor] = field(default_factory=dict)
+    tiles: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def warps(self) -> int:
+        """Warps per program of the element passes: two elements of a tile per thread (4 to 16 warps).
+        The direction pass holds every hidden unit of its elements in the thread's registers; at two
+        elements per thread it needs no more than 128 registers."""
+        return max(4, min(16, self.bg * self.bl // 64))
+
+
+@dataclass
+class _Plan:
+    """A call's groups with their device tables, and the sizes of its scratch and direction buffers."""
+
+    groups: list[_Group]
+    members: int
+    scratch: int
+    out: int
+    out_offsets: list[int]
+    staging: list[torch.Tensor]  # the host copies of the tables, alive until their copies are done
+
+
+class _Layout:
+    """Offsets of one call's buffers, handed out in order (float32 elements, 16-element aligned)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def take(self, n: int) -> int:
+        at = self.size
+        self.size += -(-max(int(n), 1) // 16) * 16
+        return at
+
+
+_PLAN_CACHE: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+PLAN_CACHE_SIZE: int = 64
+"""Plans (device tables of a call's tensors) kept per process, most recently used first."""
+
+
+ARENA_BYTES: int = 1 << 22
+"""Pinned host memory set aside (on the first CUDA call) for tables built while a CUDA graph is captured."""
+
+_ARENA: dict[str, Any] = {"buffer": None, "used": 0}
+_PINNED_PLANS: list["_Plan"] = []  # plans a captured graph reads: never dropped
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(values: np.ndarray, device: torch.device, keep: list) -> torch.Tensor:
+    """``values`` on ``device`` without a host synchronisation: on CUDA an asynchronous copy from pinned
+    memory (kept alive in ``keep``); while a CUDA graph is captured, from the pinned arena
+    (:data:`ARENA_BYTES`), so that the copy is a node of the graph that reads memory nothing reuses.
+
+    Raises:
+        RuntimeError: a table is built during a capture before any CUDA call outside one, or the arena is
+            full (the message says how to avoid both).
+    """
+    host = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type != "cuda":
+        return host.to(device)
+    if _capturing(device):
+        arena, nbytes = _ARENA["buffer"], host.numel() * host.element_size()
+        start = -(-_ARENA["used"] // 64) * 64
+        if arena is None or start + nbytes > arena.numel():
+            raise RuntimeError(
+                "celo2.kernels.triton: the device tables of these tensors must be built while a CUDA graph is "
+                "captured, and the pinned arena for that is "
+                + ("not set up (run one step outside the capture first)" if arena is None else "full")
+                + "; warm up with the same tensors before capturing (docs/cuda_graphs.md) or raise ARENA_BYTES")
+        _ARENA["used"] = start + nbytes
+        staged = arena[start:start + nbytes].view(host.dtype)
+        staged.copy_(host.view(-1))
+    else:
+        if _ARENA["buffer"] is None:
+            _ARENA["buffer"] = torch.empty(ARENA_BYTES, dtype=torch.uint8, pin_memory=True)
+        staged = host.pin_memory()
+    keep.append(staged)
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    out.copy_(staged.view(host.shape), non_blocking=True)
+    return out
+
+
+def _program_map(counts: list[int], device: torch.device, keep: list) -> torch.Tensor:
+    """``(member, program of that member)`` of every program of a launch, as int32 pairs."""
+    t = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    local = np.concatenate([np.arange(c, dtype=np.int32) for c in counts])
+    return _to_device(np.stack([t, local], axis=1).reshape(-1), device, keep)
+
+
+def _group_members(kind: str, shapes: list[tuple[int, ...]], dtypes: list[tuple]) -> dict[tuple, list[int]]:
+    """Members by what must be compile-time: their dtypes, kind and element tile (in call order)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (shape, dts) in enumerate(zip(shapes, dtypes)):
+        geo = _geometry(shape)
+        key = (dts, geo.bl) if kind == "held" else (dts, geo.factored, geo.fused, geo.bl)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], dtypes: list[tuple],
+                addresses: list[dict[str, int]], tensor_ids: list[int]) -> _Plan:
+    """The groups of a call (``kind``: ``"direction"``, ``"apply"`` or ``"held"``) and their tables."""
+    lay = _Layout()
+    out = _Layout()
+    out_offsets = [0] * len(shapes)
+    keep: list[torch.Tensor] = []
+    groups = []
+    for key, idx in _group_members(kind, shapes, dtypes).items():
+        geos = [_geometry(shapes[i]) for i in idx]
+        g0 = geos[0]
+        dts = key[0]
+        bl = g0.bl
+        bg = min(max(1, TILE // (2 * bl)), _pow2(max(geo.groups for geo in geos)))
+        if kind == "held":
+            p_dt, d_dt = dts
+            grp = _Group(idx, geos, False, False, bg, bl, dict(P_DT=_TL_DTYPES[p_dt], D_DT=_TL_DTYPES[d_dt],
+                                                                P_KIND=_param_kind(p_dt)))
+        else:
+            g_dt, p_dt, s_dt = dts
+            grp = _Group(idx, geos, g0.factored, g0.fused, bg, bl,
+                         dict(G_DT=_TL_DTYPES[g_dt], P_DT=_TL_DTYPES[p_dt], S_DT=_TL_DTYPES[s_dt],
+                              SBF=s_dt == torch.bfloat16, P_KIND=_param_kind(p_dt)))
+        tiles = grp.tiles
+        rb = min(_pow2(max(geo.nlb for geo in geos)), 256)
+        tiles["BGR"] = min(_pow2(max(geo.groups for geo in geos)), max(1, TILE // rb))
+        tiles["RB"] = rb
+        if grp.factored:
+            bll = min(_pow2(max(geo.SL for geo in geos)), 128)
+            tiles["BLL"], tiles["BH"] = bll, min(_pow2(max(geo.SH for geo in geos)), max(8, TILE // bll))
+            for j, (outputs, length) in enumerate((
+                    (max(geo.n_mean for geo in geos), max(geo.mean_s for geo in geos)),
+                    (max(geo.n_lo // geo.len_lo for geo in geos), max(geo.len_lo for geo in geos)),
+                    (max(geo.n_hi // geo.len_hi for geo in geos), max(geo.len_hi for geo in geos)))):
+                tiles[f"BO{j}"], tiles[f"BS{j}"] = _reduce_tile(outputs, length)
+        rows = np.zeros((len(idx), len(FIELDS)), dtype=np.int64)
+        counts: dict[str, list[int]] = collections.defaultdict(list)
+        for r, (i, geo) in enumerate(zip(idx, geos)):
+            row = rows[r]
+
+            def put(name: str, value: int, row=row) -> None:  # noqa: ANN001
+                row[_FIELD[name]] = value
+
+            for name, value in addresses[i].items():
+                put(name, value)
+            put("member", i)
+            put("tensor", tensor_ids[i])
+            N, G, L = geo.numel, geo.groups, geo.group_len
+            for name, value in (("n", N), ("g_count", G), ("l", L), ("nlb", geo.nlb)):
+                put(name, value)
+            nch = layout.MATRIX_CHANNELS if geo.factored else layout.VECTOR_CHANNELS
+            counts["elem"].append(_cdiv(G, bg) * geo.nlb)
+            counts["red"].append(_cdiv(G, tiles["BGR"]))
+            put("sq", lay.take(G * geo.nlb))
+            put("scale", lay.take(G))
+            if kind == "held":
+                continue
+            put("part", lay.take(nch * G * geo.nlb))
+            put("inv", lay.take(nch * G))
+            out_offsets[i] = out.take(N)  # the raw direction (a Celo2-base step's: until it is applied)
+            put("out", out_offsets[i])
+            counts["flag"].append(_cdiv(N, TILE))
+            if not geo.factored:
+                continue
+            n_lo, n_hi = geo.n_lo, geo.n_hi
+            nhb = _cdiv(geo.SH, tiles["BH"])
+            ng_lo, ng_hi = n_lo // geo.len_lo, n_hi // geo.len_hi
+            lo_inner, hi_inner = geo.C, geo.B * geo.SL * geo.C
+            for name, value in (
+                    ("sum_lo", lay.take(n_lo)), ("part_hi", lay.take(nhb * n_hi)), ("mean", lay.take(3 * geo.n_mean)),
+                    ("norm_lo", lay.take(3 * ng_lo)), ("normr_lo", lay.take(3 * ng_lo)),
+                    ("norm_hi", lay.take(3 * ng_hi)), ("normr_hi", lay.take(3 * ng_hi)),
+                    ("f_lo", lay.take(3 * n_lo)), ("t_lo", lay.take(spec.HIDDEN_SIZE * n_lo)),
+                    ("f_hi", lay.take(3 * n_hi)), ("t_hi", lay.take(spec.HIDDEN_SIZE * n_hi)),
+                    ("lo_inner", lo_inner), ("lo_span", geo.SL * lo_inner), ("n_lo", n_lo),
+                    ("hi_inner", hi_inner), ("hi_span", geo.SH * hi_inner), ("n_hi", n_hi),
+                    ("sh", geo.SH), ("b", geo.B), ("sl", geo.SL), ("c", geo.C), ("nhb", nhb),
+                    ("n_mean", geo.n_mean), ("mean_s", geo.mean_s), ("mean_q", geo.mean_q),
+                    ("ng_lo", ng_lo), ("len_lo", geo.len_lo), ("ng_hi", ng_hi), ("len_hi", geo.len_hi),
+                    ("lo_is_row", int(geo.row_is_lo)), ("w_lo", _W_ROW if geo.row_is_lo else _W_COL),
+                    ("w_hi", _W_COL if geo.row_is_lo else _W_ROW),
+                    ("slot_lo", rounding.SLOTS["fac_r" if geo.row_is_lo else "fac_c"]),
+                    ("slot_hi", rounding.SLOTS["fac_c" if geo.row_is_lo else "fac_r"]),
+                    ("inv_sl", _f32_bits(1.0 / geo.SL)), ("inv_sh", _f32_bits(1.0 / geo.SH))):
+                put(name, value)
+            if geo.row_is_lo:
+                mean = (addresses[i]["fac_lo"], row[_FIELD["sum_lo"]], 1, n_lo, row[_FIELD["inv_sl"]])
+            else:
+                mean = (addresses[i]["fac_hi"], row[_FIELD["part_hi"]], nhb, n_hi, row[_FIELD["inv_sh"]])
+            for name, value in zip(("mean_stat", "mean_tot", "mean_parts", "mean_ns", "mean_inv"), mean):
+                put(name, value)
+            counts["stats"].append(geo.A * geo.B * geo.C * nhb)
+            counts["sred"].append(max(_cdiv(geo.n_mean, tiles["BO0"]), _cdiv(ng_lo, tiles["BO1"]),
+                                      _cdiv(ng_hi, tiles["BO2"])))
+            counts["fac"].append(_cdiv(max(n_lo, n_hi), _FACTORS_BLOCK))
+        grp.tab = _to_device(rows.reshape(-1), device, keep)
+        grp.pmaps = {name: _program_map(c, device, keep) for name, c in counts.items()}
+        groups.append(grp)
+    return _Plan(groups, len(shapes), lay.size, out.size, out_offsets, keep)
+
+
+def _plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], dtypes: list[tuple],
+          addresses: list[dict[str, int]], tensor_ids: list[int]) -> _Plan:
+    """:func:`_build_plan`, cached on everything its tables hold (a plan is a pure function of its key:
+    tensors freed and reallocated at the same addresses with the same shapes reuse it correctly). A plan
+    used while a CUDA graph is captured is kept for the life of the process."""
+    key = (kind, str(device), tuple(shapes), tuple(dtypes), tuple(tuple(sorted(a.items())) for a in addresses),
+           tuple(tensor_ids))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _build_plan(kind, device, shapes, dtypes, addresses, tensor_ids)
+        _PLAN_CACHE[key] = plan
+        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    if _capturing(device) and all(p is not plan for p in _PINNED_PLANS):
+        _PINNED_PLANS.append(plan)  # a captured graph reads its tables at every replay
+    return plan
 
 
 def supports(param: torch.Tensor) -> bool:
@@ -883,7 +1389,7 @@ def _require_available(param: torch.Tensor) -> None:
 
 
 def _check_operands(net: torch.Tensor, state: Mapping[str, torch.Tensor], grad: torch.Tensor,
-                    param: torch.Tensor) -> None:
+                    param: torch.Tensor, state_dtype: torch.dtype = torch.float32) -> None:
     _require_available(param)
     if tuple(net.shape) != (layout.NET_SIZE,) or net.dtype != torch.float32 or net.device != param.device:
         raise ValueError(f"net must be a float32 ({layout.NET_SIZE},) tensor on {param.device} (see pack_net); got "
@@ -898,9 +1404,9 @@ def _check_operands(net: torch.Tensor, state: Mapping[str, torch.Tensor], grad: 
         if key not in state:
             raise KeyError(f"state has no {key!r} (expected the keys {STATE_KEYS} of celo2.rule.state)")
         t = state[key]
-        if tuple(t.shape) != tuple(want) or t.dtype != torch.float32 or t.device != param.device:
-            raise ValueError(f"state[{key!r}] must be float32 {tuple(want)} on {param.device}; got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+        if tuple(t.shape) != tuple(want) or t.dtype != state_dtype or t.device != param.device:
+            raise ValueError(f"state[{key!r}] must be {str(state_dtype).removeprefix('torch.')} {tuple(want)} on "
+                             f"{param.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")
         if not t.is_contiguous():
             raise ValueError(f"state[{key!r}] must be contiguous")
 
@@ -964,245 +1470,298 @@ def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-@dataclass
-class _Prepared:
-    """One tensor's step up to its direction pass: what that pass reads."""
-
-    geo: _Geometry
-    args: tuple  # the direction kernel's leading pointer arguments
-    ints: tuple  # its integer arguments
-    flag: torch.Tensor
-    ok: torch.Tensor
-    skip: bool
-    part: torch.Tensor  # per-block channel sums
-    nch: int  # per-element channels
+def _one_device(params: Sequence[torch.Tensor]) -> torch.device:
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"celo2.kernels.triton: one call steps tensors of one device; got {sorted(map(str, devices))}")
+    return next(iter(devices))
 
 
-def _prepare(net: torch.Tensor, state: Mapping[str, torch.Tensor], g: torch.Tensor, p: torch.Tensor,
-             geo: _Geometry, skip: bool) -> _Prepared:
-    """Launches 1 to 6 of the module docstring (1 to 4 for a vector)."""
-    dev = p.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    N, G, L, nlb = geo.numel, geo.groups, geo.group_len, geo.nlb
-    m, v = state["m"].view(-1), state["v"].view(-1)
-    flag = torch.zeros((), dtype=torch.int32, device=dev)
-    ok = torch.empty((), **f32)
-    nch = layout.MATRIX_CHANNELS if geo.factored else layout.VECTOR_CHANNELS
-    part = torch.empty(nch * G * nlb, **f32)
-    inv = torch.empty(nch * G, **f32)
-    if geo.factored:
+def _state_dtype(rounding: Any, n: int) -> torch.dtype:
+    """The state dtype a call reads and writes: bfloat16 with ``rounding``, else float32."""
+    if rounding is None:
+        return torch.float32
+    if len(rounding.steps) != n or len(rounding.tensors) != n:
+        raise ValueError(f"rounding has {len(rounding.steps)} steps and {len(rounding.tensors)} tensor indices "
+                         f"for {n} tensors")
+    if not 0 <= int(rounding.seed) < 2**32:
+        raise ValueError(f"rounding seed {rounding.seed} is not in [0, 2**32)")
+    return torch.bfloat16
+
+
+def _prepared(net: torch.Tensor, states: Sequence[Mapping[str, torch.Tensor]], grads: Sequence[torch.Tensor],
+              params: Sequence[torch.Tensor], rounding: Any, writable: bool):
+    """Checks every member (nothing is launched before all pass), then the flat operands, the plan's
+    per-member keys, and the parameters to copy back (a non-contiguous parameter stepped through a copy)."""
+    n = len(params)
+    if not (len(grads) == len(states) == n) or n == 0:
+        raise ValueError(f"celo2.kernels.triton: {n} parameters, {len(grads)} gradients and {len(states)} states")
+    s_dtype = _state_dtype(rounding, n)
+    for state, grad, param in zip(states, grads, params):
+        _check_operands(net, state, grad, param, s_dtype)
+    device = _one_device(params)
+    if rounding is not None:
+        for step in rounding.steps:
+            if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.device != device \
+                    or step.dtype != torch.int64:
+                raise ValueError(f"rounding steps must be 0-d int64 tensors on {device}; got "
+                                 f"{getattr(step, 'dtype', type(step))} on {getattr(step, 'device', None)}")
+    shapes, dtypes, addresses, copies, flats = [], [], [], [], []
+    for j, (state, grad, param) in enumerate(zip(states, grads, params)):
+        shape = work_shape(param.shape)
+        geo = _geometry(shape)
+        g = _flat(grad)
+        if writable and not param.is_contiguous():
+            p = param.detach().contiguous().view(-1)
+            copies.append((param, p))
+        else:
+            p = _flat(param)
+        flats.append((g, p))
         fac_lo, fac_hi = (state["fac_r"], state["fac_c"]) if geo.row_is_lo else (state["fac_c"], state["fac_r"])
-        fac_lo, fac_hi = fac_lo.view(-1), fac_hi.view(-1)
-        n_lo, n_hi = geo.n_lo, geo.n_hi
-        sum_lo = torch.empty(n_lo, **f32)
-        part_hi = torch.empty(geo.nhb * n_hi, **f32)
-        _grad_stats[(geo.A * geo.B * geo.C * geo.nhb,)](
-            g, sum_lo, part_hi, flag, geo.SH, geo.B, geo.SL, geo.C, n_hi, BH=geo.bh, BLL=geo.bll, CHECK=skip)
-        lo = (fac_lo, sum_lo, 1, n_lo, 1.0 / geo.SL)
-        hi = (fac_hi, part_hi, geo.nhb, n_hi, 1.0 / geo.SH)
-        n_mean, ng_lo, ng_hi = geo.n_mean, n_lo // geo.len_lo, n_hi // geo.len_hi
-        mean = torch.empty(3 * n_mean, **f32)
-        norm_lo, normr_lo = torch.empty(3 * ng_lo, **f32), torch.empty(3 * ng_lo, **f32)
-        norm_hi, normr_hi = torch.empty(3 * ng_hi, **f32), torch.empty(3 * ng_hi, **f32)
-        t0, t1, t2 = _reduce_tile(n_mean, geo.mean_s), _reduce_tile(ng_lo, geo.len_lo), _reduce_tile(ng_hi, geo.len_hi)
-        _stat_reduce[(max(t0[2], t1[2], t2[2]), 3)](
-            *lo, *hi, mean, n_mean, geo.mean_s, geo.mean_q, norm_lo, normr_lo, ng_lo, geo.len_lo,
-            norm_hi, normr_hi, ng_hi, geo.len_hi, ROW_IS_LO=geo.row_is_lo,
-            BO0=t0[0], BS0=t0[1], BO1=t1[0], BS1=t1[1], BO2=t2[0], BS2=t2[1])
-        f_lo, t_lo = torch.empty(3 * n_lo, **f32), torch.empty(spec.HIDDEN_SIZE * n_lo, **f32)
-        f_hi, t_hi = torch.empty(3 * n_hi, **f32), torch.empty(spec.HIDDEN_SIZE * n_hi, **f32)
-        block = 256
-        w_row, w_col = layout.SEGMENT["w_row"].offset, layout.SEGMENT["w_col"].offset
-        _factors[(-(-max(n_lo, n_hi) // block), 2)](
-            *lo, f_lo, t_lo, *hi, f_hi, t_hi, mean, n_mean, geo.mean_s, geo.mean_q,
-            norm_lo, normr_lo, ng_lo, geo.len_lo, norm_hi, normr_hi, ng_hi, geo.len_hi, net, flag,
-            LO_IS_ROW=geo.row_is_lo, HI_IS_ROW=not geo.row_is_lo, W_LO=w_row if geo.row_is_lo else w_col,
-            W_HI=w_col if geo.row_is_lo else w_row, SKIP=skip, BLOCK=block)
-        fac = f_lo  # unused by factored kernels
-        ints = (N, G, L, nlb, geo.C, geo.SL * geo.C, n_lo, geo.B * geo.SL * geo.C, geo.SH * geo.B * geo.SL * geo.C,
-                n_hi)
-    else:
-        _flag_pass[(-(-N // TILE),)](g, flag, N, BLOCK=TILE)
-        fac = state["fac_r"].view(-1)
-        f_lo = f_hi = t_lo = t_hi = fac  # unused by vector kernels
-        ints = (N, G, L, nlb, 1, 1, 1, 1, 1, 1)
-    if not geo.fused:
-        _accumulate[(geo.programs,)](g, p, m, v, fac, f_lo, f_hi, flag, part, *ints,
-                                     FACTORED=geo.factored, SKIP=skip, BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
-        _launch_reduce(part, inv, G, nlb, L, flag, ok, nch, spec.INPUT_NORM_EPS, skip, True)
-    return _Prepared(geo, (g, p, m, v, fac, f_lo, f_hi, t_lo, t_hi, inv, net, flag), ints, flag, ok, skip, part, nch)
+        addresses.append(dict(g=g.data_ptr(), p=p.data_ptr(), m=state["m"].data_ptr(), v=state["v"].data_ptr(),
+                              fac_lo=fac_lo.data_ptr(), fac_hi=fac_hi.data_ptr(),
+                              step=rounding.steps[j].data_ptr() if rounding is not None else 0))
+        shapes.append(shape)
+        dtypes.append((g.dtype, p.dtype, s_dtype))
+    tensor_ids = [int(x) for x in rounding.tensors] if rounding is not None else [0] * n
+    return device, shapes, dtypes, addresses, tensor_ids, flats, copies
 
 
-def _fused_pass(prep: _Prepared, mode: int, out: torch.Tensor, lr: Scalar = 0.0, weight_decay: Scalar = 0.0) -> None:
-    """Accumulate, input RMS and the direction pass in one launch (``geo.fused``): MODE ``WRITE`` or
-    ``_APPLY_LOCAL``."""
-    geo, args = prep.geo, prep.args
-    p = args[1]
-    lr_ptr, lr_val = _scalar(lr, "lr", p.device)
-    wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", p.device)
-    ints = prep.ints[:3] + prep.ints[4:]  # without nlb (1)
-    _fused[(geo.programs,)](
-        *args[:9], prep.part, *args[9:], prep.ok, out, prep.flag if lr_ptr is None else lr_ptr, lr_val,
-        prep.flag if wd_ptr is None else wd_ptr, wd_val, *ints,
-        FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, NCH=prep.nch, LR_T=lr_ptr is not None,
-        WD_T=wd_ptr is not None, P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
+def _launch_prefix(grp: _Group, scr: torch.Tensor, flags: torch.Tensor, net: torch.Tensor, seed: int,
+                   skip: bool) -> None:
+    """Launches 1 to 3 of the module docstring for one group: statistics (or the flag) and factors."""
+    dt, tiles = grp.dtypes, grp.tiles
+    if grp.factored:
+        pm = grp.pmaps
+        _grad_stats[(pm["stats"].numel() // 2,)](grp.tab, pm["stats"], scr, flags, G_DT=dt["G_DT"], BH=tiles["BH"],
+                                                 BLL=tiles["BLL"], CHECK=skip)
+        # Six (BO, BS) accumulators per program: eight warps hold them without a spill.
+        _stat_reduce[(pm["sred"].numel() // 2, 3)](grp.tab, pm["sred"], scr, S_DT=dt["S_DT"], num_warps=8,
+                                                   **{k: tiles[k] for k in ("BO0", "BS0", "BO1", "BS1", "BO2", "BS2")})
+        _factors[(pm["fac"].numel() // 2, 2)](grp.tab, pm["fac"], scr, flags, net, seed, S_DT=dt["S_DT"],
+                                              SBF=dt["SBF"], SKIP=skip, BLOCK=_FACTORS_BLOCK)
+    elif skip:
+        _flag_pass[(grp.pmaps["flag"].numel() // 2,)](grp.tab, grp.pmaps["flag"], flags, G_DT=dt["G_DT"], BLOCK=TILE)
 
 
-def _launch_reduce(part: torch.Tensor, out: torch.Tensor, G: int, nlb: int, L: int, flag: torch.Tensor,
-                   ok: torch.Tensor, nch: int, eps: float, skip: bool, write_ok: bool) -> None:
-    bgr, rb, programs = _reduce_tile(G, nlb)
-    _reduce_groups[(programs,)](part, out, G, nlb, L, flag, ok, NCH=nch, EPS=_f32(eps), SKIP=skip,
-                                WRITE_OK=write_ok, BGR=bgr, RB=rb)
+def _reduce(grp: _Group, scr: torch.Tensor, flags: torch.Tensor, oks: torch.Tensor, src: str, dst: str, nch: int,
+            eps: float, skip: bool, write_ok: bool) -> None:
+    _reduce_groups[(grp.pmaps["red"].numel() // 2,)](
+        grp.tab, grp.pmaps["red"], scr, flags, oks, SRC=_FIELD[src], DST=_FIELD[dst], NCH=nch, EPS=_f32(eps),
+        SKIP=skip, WRITE_OK=write_ok, BGR=grp.tiles["BGR"], RB=grp.tiles["RB"])
 
 
-def _direction_pass(prep: _Prepared, mode: int, out: torch.Tensor, sq: torch.Tensor, scale: torch.Tensor,
-                    lr: Scalar = 0.0, weight_decay: Scalar = 0.0) -> None:
-    geo = prep.geo
-    p = prep.args[1]
-    lr_ptr, lr_val = _scalar(lr, "lr", p.device)
-    wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", p.device)
-    _direction[(geo.programs,)](
-        *prep.args, out, sq, scale, prep.flag if lr_ptr is None else lr_ptr, lr_val,
-        prep.flag if wd_ptr is None else wd_ptr, wd_val, *prep.ints,
-        FACTORED=geo.factored, SKIP=prep.skip, MODE=mode, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-        P_KIND=_param_kind(p.dtype), BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
+def _run(kind: str, net: torch.Tensor, states, grads, params, lr: Scalar, weight_decay: Scalar, skip: bool,
+         rounding: Any):
+    """The passes of ``kind`` (``"direction"`` or ``"apply"``) for every member, a launch per pass and group."""
+    device, shapes, dtypes, addresses, tensor_ids, flats, copies = _prepared(
+        net, states, grads, params, rounding, writable=kind == "apply")
+    if kind == "apply":
+        check_scalar(lr, "lr", device)
+        check_scalar(weight_decay, "weight_decay", device)
+    seed = int(rounding.seed) if rounding is not None else 0
+    with launch_device(device):
+        plan = _plan(kind, device, shapes, dtypes, addresses, tensor_ids)
+        f32 = dict(dtype=torch.float32, device=device)
+        flags = torch.zeros(plan.members, dtype=torch.int32, device=device)
+        oks = torch.empty(plan.members, **f32)
+        scr = torch.empty(plan.scratch, **f32)
+        out = torch.empty(plan.out, **f32)
+        lr_ptr, lr_val = _scalar(lr, "lr", device)
+        wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", device)
+        lr_t, wd_t = lr_ptr is not None, wd_ptr is not None
+        lr_arg, wd_arg = lr_ptr if lr_t else flags, wd_ptr if wd_t else flags
+        for grp in plan.groups:
+            dt = grp.dtypes
+            nch = layout.MATRIX_CHANNELS if grp.factored else layout.VECTOR_CHANNELS
+            _launch_prefix(grp, scr, flags, net, seed, skip)
+            elem = (grp.pmaps["elem"].numel() // 2,)
+            common = dict(G_DT=dt["G_DT"], P_DT=dt["P_DT"], S_DT=dt["S_DT"], SBF=dt["SBF"], FACTORED=grp.factored,
+                          SKIP=skip, BG=grp.bg, BL=grp.bl, num_warps=grp.warps)
+            if grp.fused:
+                _fused[elem](grp.tab, grp.pmaps["elem"], scr, flags, oks, out, net, lr_arg, lr_val, wd_arg, wd_val,
+                             seed, MODE=WRITE if kind == "direction" else _APPLY_LOCAL, NCH=nch, LR_T=lr_t, WD_T=wd_t,
+                             P_KIND=dt["P_KIND"], **common)
+                continue
+            _accumulate[elem](grp.tab, grp.pmaps["elem"], scr, flags, seed, **common)
+            _reduce(grp, scr, flags, oks, "part", "inv", nch, spec.INPUT_NORM_EPS, skip, True)
+            _direction[elem](grp.tab, grp.pmaps["elem"], scr, flags, out, net, seed,
+                             MODE=WRITE if kind == "direction" else SQUARES, **common)
+            if kind == "apply":
+                _reduce(grp, scr, flags, oks, "sq", "scale", 1, spec.OUTPUT_NORM_EPS, skip, False)
+                _held[elem](grp.tab, grp.pmaps["elem"], scr, oks, out, lr_arg, lr_val, wd_arg, wd_val,
+                            P_DT=dt["P_DT"], D_DT=tl.float32, HELD=False, MODE=APPLY, LR_T=lr_t, WD_T=wd_t,
+                            P_KIND=dt["P_KIND"], BG=grp.bg, BL=grp.bl, num_warps=grp.warps)
+        for param, flat in copies:
+            param.detach().copy_(flat.view(param.shape))
+        if kind == "direction":
+            return [(out[o:o + math.prod(s)].view(s), oks[i]) for i, (o, s) in enumerate(zip(plan.out_offsets, shapes))]
+        return [oks[i] for i in range(plan.members)]
 
 
-def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor, *,
-              skip_nonfinite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``grad`` into ``state`` in place and return the raw direction.
+def direction_many(net: torch.Tensor, states: Sequence[dict[str, torch.Tensor]], grads: Sequence[torch.Tensor],
+                   params: Sequence[torch.Tensor], *, skip_nonfinite: bool = True,
+                   rounding: Any = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fold each gradient into its state in place and return the raw directions, a launch per pass and group.
 
     Args:
-        net: the packed weights (:func:`pack_net`) on the parameter's device.
-        state: :func:`celo2.rule.state.state_shapes` of ``param`` (float32, contiguous); updated in place.
-        grad: the gradient, the parameter's shape, any float dtype (a non-contiguous one is copied).
-        param: the parameter (read only): float32, bfloat16, float16 or float64.
-        skip_nonfinite: if True (default) a gradient with a NaN or +-inf element leaves ``state``
-            bitwise unchanged, the direction is zeros and ``ok`` is 0; if False NaN propagates.
+        net: the packed weights (:func:`pack_net`) on the parameters' device.
+        states: per tensor, :func:`celo2.rule.state.state_shapes` of its parameter (contiguous; float32, or
+            bfloat16 with ``rounding``); updated in place.
+        grads: the gradients, their parameters' shapes, any float dtype (a non-contiguous one is copied).
+        params: the parameters (read only), all on one device: float32, bfloat16, float16 or float64.
+        skip_nonfinite: if True (default) a tensor whose gradient has a NaN or +-inf element keeps its
+            state bitwise unchanged, its direction is zeros and its ``ok`` is 0; if False NaN propagates.
+        rounding: ``None`` for float32 state; for bfloat16 state, an object with ``seed`` (int), ``steps``
+            (per tensor a 0-d int64 tensor on the device: its step count after this step) and ``tensors``
+            (per tensor its index in the optimizer's order), such as
+            ``celo2.torch.backends.base.StateRounding``: every accumulator is stored rounded as
+            :mod:`celo2.rule.rounding` says, the arithmetic staying float32.
 
     Returns:
-        ``(d, ok)``: ``d`` the raw direction (float32, contiguous, work shape: the
-        parameter's shape, ``(1,)`` for a 0-D one), before Newton-Schulz and
-        before the output RMS normalisation; ``ok`` a 0-d float32 tensor on the
-        device, 1.0 when the tensor stepped, else 0.0. 7 launches for a tensor of
-        two or more dims, 5 for a vector; 5 and 3 when its groups fit one tile (see the
-        module docstring); plus a copy for a non-contiguous operand.
+        Per tensor ``(d, ok)``: ``d`` the raw direction (float32, contiguous, work shape: the parameter's
+        shape, ``(1,)`` for a 0-D one), before Newton-Schulz and before the output RMS normalisation;
+        ``ok`` a 0-d float32 tensor on the device, 1.0 when the tensor stepped, else 0.0. The launches
+        depend on the groups only (the module docstring), never on the number or sizes of the tensors.
 
     Raises:
         RuntimeError: Triton is missing, or a CPU tensor outside the interpreter.
         TypeError: an unsupported parameter dtype.
-        ValueError: an empty parameter, or a gradient, state entry or ``net`` of the wrong shape,
-            dtype, device or layout (named in the message).
+        ValueError: an empty parameter, lists of different lengths, tensors on several devices, or a
+            gradient, state entry, ``net`` or ``rounding`` of the wrong shape, dtype, device or layout
+            (named in the message); raised before anything is launched.
         KeyError: a state entry is missing.
     """
-    _check_operands(net, state, grad, param)
-    with launch_device(param.device):
-        geo = _geometry(work_shape(param.shape))
-        prep = _prepare(net, state, _flat(grad), _flat(param), geo, skip_nonfinite)
-        out = torch.empty(geo.shape, dtype=torch.float32, device=param.device)
-        if geo.fused:
-            _fused_pass(prep, WRITE, out)
-        else:
-            _direction_pass(prep, WRITE, out, prep.ok, prep.ok)
-        return out, prep.ok
+    return _run("direction", net, states, grads, params, 0.0, 0.0, skip_nonfinite, rounding)
 
 
-def _writable_flat(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A contiguous flat view of ``param`` to update, and whether it is a copy to write back."""
-    if param.is_contiguous():
-        return param.detach().view(-1), False
-    return param.detach().contiguous().view(-1), True
+def apply_step_many(net: torch.Tensor, states: Sequence[dict[str, torch.Tensor]], grads: Sequence[torch.Tensor],
+                    params: Sequence[torch.Tensor], lr: Scalar, weight_decay: Scalar, *,
+                    skip_nonfinite: bool = True, rounding: Any = None) -> list[torch.Tensor]:
+    """Celo2-base's whole step on every tensor, a launch per pass and group.
 
-
-def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-               lr: Scalar, weight_decay: Scalar, *, skip_nonfinite: bool = True) -> torch.Tensor:
-    """Celo2-base's whole step on one tensor, never holding its direction.
-
-    ``p <- p (1 - lr wd) - lr d / sqrt(mean(d^2 over the last two axes) + OUTPUT_NORM_EPS)``:
-    the direction pass runs twice (sums of squares per group, then the update).
+    ``p <- p (1 - lr wd) - lr d / sqrt(mean(d^2 over the last two axes) + OUTPUT_NORM_EPS)``.
 
     Args:
-        net: the packed weights (:func:`pack_net`) on the parameter's device.
-        state: :func:`celo2.rule.state.state_shapes` of ``param`` (float32, contiguous); updated in place.
-        grad: the gradient (parameter's shape, any float dtype).
-        param: updated in place (float32, bfloat16, float16 or float64; a non-contiguous one
-            is updated through a contiguous copy and copied back).
-        lr: learning rate, a Python float or a 0-d float32 tensor on the device (never read on the host).
+        net, states, grads, skip_nonfinite, rounding: as in :func:`direction_many` (a skipped step applies
+            no weight decay either).
+        params: updated in place (float32, bfloat16, float16 or float64; a non-contiguous one is updated
+            through a contiguous copy and copied back).
+        lr: learning rate, a Python float or a 0-d tensor on the device (never read on the host).
         weight_decay: decoupled weight decay, likewise.
-        skip_nonfinite: as in :func:`direction` (a skipped step applies no weight decay either).
 
     Returns:
-        ``ok`` as in :func:`direction`. 9 launches for a tensor of two or more dims, 7 for a vector;
-        5 and 3 when its groups fit one tile.
+        Per tensor ``ok`` as in :func:`direction_many`.
 
     Raises:
-        As :func:`direction`; ValueError also for an ``lr`` or ``weight_decay`` tensor that is not
-        a single value on the parameter's device (:func:`check_scalar`), before anything is written.
+        As :func:`direction_many`; ValueError also for an ``lr`` or ``weight_decay`` tensor that is not
+        a single value on the parameters' device (:func:`check_scalar`), before anything is written.
     """
-    _check_operands(net, state, grad, param)
-    check_scalar(lr, "lr", param.device)
-    check_scalar(weight_decay, "weight_decay", param.device)
-    with launch_device(param.device):
-        geo = _geometry(work_shape(param.shape))
-        flat, copied = _writable_flat(param)
-        prep = _prepare(net, state, _flat(grad), flat, geo, skip_nonfinite)
-        if geo.fused:
-            _fused_pass(prep, _APPLY_LOCAL, prep.ok, lr, weight_decay)
-            if copied:
-                param.detach().copy_(flat.view(param.shape))
-            return prep.ok
-        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-        _direction_pass(prep, SQUARES, sq, sq, sq)
-        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, prep.flag, prep.ok, 1, spec.OUTPUT_NORM_EPS,
-                       skip_nonfinite, False)
-        _direction_pass(prep, APPLY, sq, sq, scale, lr, weight_decay)
-        if copied:
-            param.detach().copy_(flat.view(param.shape))
-        return prep.ok
+    return _run("apply", net, states, grads, params, lr, weight_decay, skip_nonfinite, rounding)
 
 
-def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr: Scalar, weight_decay: Scalar) -> None:
-    """The finish of a held direction (e.g. after Newton-Schulz), in 3 launches.
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_held_many(params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
+                    oks: Sequence[Optional[torch.Tensor]], lr: Scalar, weight_decay: Scalar) -> None:
+    """The finish of held directions (e.g. after Newton-Schulz), 3 launches per group.
 
     ``p <- p (1 - lr wd) - lr d / sqrt(mean(d^2 over the last two axes) + OUTPUT_NORM_EPS)``
     where ``ok != 0``, else ``p`` is bitwise unchanged.
 
     Args:
-        param: updated in place (float32 math for float32, bfloat16 and float16 parameters, rounded
-            once; float64 math for float64 ones; a non-contiguous one goes through a copy).
-        d: the direction, float32 or bfloat16, the work shape (the parameter's, ``(1,)`` for 0-D).
-        ok: 0-d float32 tensor on the device (from :func:`direction`).
+        params: updated in place, all on one device (float32 math for float32, bfloat16 and float16
+            parameters, rounded once; float64 math for float64 ones; a non-contiguous one goes through a copy).
+        directions: per tensor, float32 or bfloat16, the work shape (the parameter's, ``(1,)`` for 0-D).
+        oks: per tensor a 0-d float32 tensor on the device (from :func:`direction_many`), or None (apply).
         lr: learning rate, a Python float or a 0-d tensor on the device.
         weight_decay: decoupled weight decay, likewise.
 
     Raises:
-        RuntimeError, TypeError: as :func:`direction`.
-        ValueError: ``d``, ``ok``, ``lr`` or ``weight_decay`` of the wrong shape, dtype or device.
+        RuntimeError, TypeError: as :func:`direction_many`.
+        ValueError: a direction, ``ok``, ``lr`` or ``weight_decay`` of the wrong shape, dtype or device
+            (named), before anything is written.
     """
-    _require_available(param)
-    shape = work_shape(param.shape)
-    if tuple(d.shape) != shape or d.dtype not in (torch.float32, torch.bfloat16) or d.device != param.device:
-        raise ValueError(f"d must be float32 or bfloat16 of shape {shape} on {param.device}; got {d.dtype} "
-                         f"{tuple(d.shape)} on {d.device}")
-    if ok.numel() != 1 or ok.device != param.device:
-        raise ValueError(f"ok must be a 0-d tensor on {param.device}; got shape {tuple(ok.shape)} on {ok.device}")
-    lr_ptr, lr_val = _scalar(lr, "lr", param.device)
-    wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", param.device)
-    with launch_device(param.device):
-        geo = _geometry(shape)
-        flat, copied = _writable_flat(param)
-        dflat = _flat(d)
-        sq = torch.empty(geo.groups * geo.nlb, dtype=torch.float32, device=param.device)
-        scale = torch.empty(geo.groups, dtype=torch.float32, device=param.device)
-        okv = ok.detach().reshape(())
-        common = dict(BG=geo.bg, BL=geo.bl, num_warps=geo.warps)
-        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv, 0.0, okv, 0.0, geo.groups, geo.group_len, geo.nlb,
-                               MODE=SQUARES, LR_T=False, WD_T=False, P_KIND=0, **common)
-        _launch_reduce(sq, scale, geo.groups, geo.nlb, geo.group_len, okv, okv, 1, spec.OUTPUT_NORM_EPS, False, False)
-        _held[(geo.programs,)](dflat, flat, sq, scale, okv, okv if lr_ptr is None else lr_ptr, lr_val,
-                               okv if wd_ptr is None else wd_ptr, wd_val, geo.groups, geo.group_len, geo.nlb,
-                               MODE=APPLY, LR_T=lr_ptr is not None, WD_T=wd_ptr is not None,
-                               P_KIND=_param_kind(param.dtype), **common)
-        if copied:
+    if not (len(params) == len(directions) == len(oks)) or not params:
+        raise ValueError(f"celo2.kernels.triton: {len(params)} parameters, {len(directions)} directions and "
+                         f"{len(oks)} oks")
+    for param, d, ok in zip(params, directions, oks):
+        _require_available(param)
+        shape = work_shape(param.shape)
+        if tuple(d.shape) != shape or d.dtype not in (torch.float32, torch.bfloat16) or d.device != param.device:
+            raise ValueError(f"d must be float32 or bfloat16 of shape {shape} on {param.device}; got {d.dtype} "
+                             f"{tuple(d.shape)} on {d.device}")
+        if ok is not None and (ok.numel() != 1 or ok.device != param.device or ok.dtype != torch.float32):
+            raise ValueError(f"ok must be a 0-d float32 tensor on {param.device}; got {ok.dtype} shape "
+                             f"{tuple(ok.shape)} on {ok.device}")
+    device = _one_device(params)
+    lr_ptr, lr_val = _scalar(lr, "lr", device)
+    wd_ptr, wd_val = _scalar(weight_decay, "weight_decay", device)
+    with launch_device(device):
+        if any(ok is None for ok in oks) and device not in _ONES:
+            _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
+        shapes, dtypes, addresses, copies, keep = [], [], [], [], []
+        for param, d, ok in zip(params, directions, oks):
+            if param.is_contiguous():
+                flat = param.detach().view(-1)
+            else:
+                flat = param.detach().contiguous().view(-1)
+                copies.append((param, flat))
+            dflat = _flat(d)
+            keep.append(dflat)
+            okv = _ONES[device] if ok is None else ok
+            shapes.append(work_shape(param.shape))
+            dtypes.append((param.dtype, d.dtype))
+            addresses.append(dict(p=flat.data_ptr(), d=dflat.data_ptr(), ok=okv.data_ptr()))
+        plan = _plan("held", device, shapes, dtypes, addresses, [0] * len(params))
+        scr = torch.empty(plan.scratch, dtype=torch.float32, device=device)
+        lr_t, wd_t = lr_ptr is not None, wd_ptr is not None
+        lr_arg, wd_arg = lr_ptr if lr_t else scr, wd_ptr if wd_t else scr
+        for grp in plan.groups:
+            elem = (grp.pmaps["elem"].numel() // 2,)
+            common = dict(P_DT=grp.dtypes["P_DT"], D_DT=grp.dtypes["D_DT"], HELD=True, BG=grp.bg, BL=grp.bl,
+                          num_warps=grp.warps)
+            _held[elem](grp.tab, grp.pmaps["elem"], scr, scr, scr, scr, 0.0, scr, 0.0, MODE=SQUARES, LR_T=False,
+                        WD_T=False, P_KIND=0, **common)
+            _reduce(grp, scr, scr, scr, "sq", "scale", 1, spec.OUTPUT_NORM_EPS, False, False)
+            _held[elem](grp.tab, grp.pmaps["elem"], scr, scr, scr, lr_arg, lr_val, wd_arg, wd_val, MODE=APPLY,
+                        LR_T=lr_t, WD_T=wd_t, P_KIND=grp.dtypes["P_KIND"], **common)
+        for param, flat in copies:
             param.detach().copy_(flat.view(param.shape))
+
+
+def direction(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor, *,
+              skip_nonfinite: bool = True, rounding: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`direction_many` of one tensor (``rounding`` with one step and one tensor index).
+
+    Returns:
+        ``(d, ok)`` as in :func:`direction_many`. 6 launches for a tensor of two or more dims, 4 for a
+        vector (4 and 2 when its groups fit one tile; a vector's flag pass only with the skip; see the
+        module docstring), plus the flags' zeros.
+
+    Raises:
+        As :func:`direction_many`.
+    """
+    return direction_many(net, [state], [grad], [param], skip_nonfinite=skip_nonfinite, rounding=rounding)[0]
+
+
+def apply_step(net: torch.Tensor, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
+               lr: Scalar, weight_decay: Scalar, *, skip_nonfinite: bool = True, rounding: Any = None) -> torch.Tensor:
+    """:func:`apply_step_many` of one tensor; returns its ``ok``.
+
+    Raises:
+        As :func:`apply_step_many`.
+    """
+    return apply_step_many(net, [state], [grad], [param], lr, weight_decay, skip_nonfinite=skip_nonfinite,
+                           rounding=rounding)[0]
+
+
+def apply_held(param: torch.Tensor, d: torch.Tensor, ok: Optional[torch.Tensor], lr: Scalar,
+               weight_decay: Scalar) -> None:
+    """:func:`apply_held_many` of one tensor (3 launches).
+
+    Raises:
+        As :func:`apply_held_many`.
+    """
+    apply_held_many([param], [d], [ok], lr, weight_decay)

@@ -7,7 +7,7 @@ Two ways to know: on the host for CPU gradients the Numba kernels read anyway
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -60,3 +60,17 @@ class Gate:
 def count_skipped(counter: torch.Tensor, ok: torch.Tensor) -> None:
     """Add 1 to ``counter`` where a backend's device-side flag ``ok`` is 0 (no host synchronisation)."""
     counter.add_((ok == 0).to(counter.dtype))
+
+
+def count_skipped_many(counters: Sequence[torch.Tensor], oks: Sequence[torch.Tensor]) -> None:
+    """:func:`count_skipped` of many tensors in a fixed number of operations (a stack, a comparison, a cast
+    and one ``_foreach_add_``), whatever their number: no host synchronisation either.
+
+    Args:
+        counters: Per tensor, its 0-d integer counter of skipped steps (one dtype and device).
+        oks: Per tensor, the backend's 0-d flag on that device (0 where the tensor was skipped).
+    """
+    if not counters:
+        return
+    skipped = (torch.stack([ok.reshape(()) for ok in oks]) == 0).to(counters[0].dtype)
+    torch._foreach_add_(list(counters), list(skipped.unbind()))

@@ -44,7 +44,7 @@ from celo2.hardware import ns_dtype_name
 from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, work_shape
-from celo2.torch._nonfinite import Gate, count_skipped, grad_finite
+from celo2.torch._nonfinite import Gate, count_skipped_many, grad_finite
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Backend, Options, StateRounding, finish
 from celo2.torch.backends import numba as numba_backend
@@ -358,8 +358,7 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
                       [states[i] for i in idx], orthogonalize=orthogonalize, apply=apply, skip=skip,
                       options=options, **_rounding_kw(rounding, idx))
         if skip and b.gates_nonfinite:
-            for i, ok in zip(idx, oks):
-                count_skipped(counters[i], ok)
+            count_skipped_many([counters[i] for i in idx], oks)
     if held:
         _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, counters, options, rounding)
     for gate in gates:
@@ -417,5 +416,4 @@ def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, co
                 for b, idx in _by_backend(batch_members).items():
                     b.apply_held([params[i] for i in idx], [done[i] for i in idx], [oks[i] for i in idx], apply)
                     if skip and b.gates_nonfinite:
-                        for i in idx:
-                            count_skipped(counters[i], oks[i])
+                        count_skipped_many([counters[i] for i in idx], [oks[i] for i in idx])

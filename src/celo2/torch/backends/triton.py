@@ -1,8 +1,9 @@
 """The Triton kernels as a PyTorch backend (``backend="triton"``).
 
-An adapter over :mod:`celo2.kernels.triton` (the contract: one tensor per call,
-a fixed number of launches whatever its size, no host synchronisation, ``lr``
-and ``weight_decay`` as floats or 0-d device tensors). That module is imported
+An adapter over :mod:`celo2.kernels.triton` (the contract: the tensors of one
+device per call, a launch per pass and group of tensors whatever their number
+and sizes, no host synchronisation, ``lr`` and ``weight_decay`` as floats or
+0-d device tensors, float32 or bfloat16 state). That module is imported
 on first use only, so ``import celo2.torch`` never imports Triton; Triton reads
 ``TRITON_INTERPRET`` then, and with ``TRITON_INTERPRET=1`` the kernels run on
 CPU tensors through its interpreter.
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from celo2.torch._state import TorchTheta
-from celo2.torch.backends.base import Apply, Options, finish
+from celo2.torch.backends.base import Apply, Options, StateRounding, finish
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,23 +47,45 @@ def supports(param: torch.Tensor) -> bool:
 
 
 @torch.compiler.disable
-def direction(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-              skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw direction ``(d, ok)`` (see :func:`celo2.kernels.triton.direction`); ``state`` updated in place."""
-    return kernels().direction(theta.net, state, grad, param, skip_nonfinite=skip_nonfinite)
+def direction_many(theta: TorchTheta, states: Sequence[dict[str, torch.Tensor]], grads: Sequence[torch.Tensor],
+                   params: Sequence[torch.Tensor], skip_nonfinite: bool,
+                   rounding: Optional[StateRounding] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The raw directions ``(d, ok)`` of tensors on one device (see
+    :func:`celo2.kernels.triton.direction_many`); the states updated in place."""
+    return kernels().direction_many(theta.net, states, grads, params, skip_nonfinite=skip_nonfinite,
+                                    rounding=rounding)
 
 
 @torch.compiler.disable
-def apply_held(param: torch.Tensor, d: torch.Tensor, ok: torch.Tensor, lr, weight_decay) -> None:  # noqa: ANN001
-    """Finish a held direction: output RMS, weight decay and the update where ``ok`` (3 launches)."""
-    kernels().apply_held(param, d, ok, lr, weight_decay)
+def apply_held_many(params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
+                    oks: Sequence[Optional[torch.Tensor]], lr, weight_decay) -> None:  # noqa: ANN001
+    """Finish held directions of tensors on one device: output RMS, weight decay and the update where
+    ``ok`` (3 launches per group)."""
+    kernels().apply_held_many(params, directions, oks, lr, weight_decay)
 
 
 @torch.compiler.disable
-def apply_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-               lr, weight_decay, skip_nonfinite: bool) -> torch.Tensor:  # noqa: ANN001
-    """A whole step without holding the direction; returns ``ok``."""
-    return kernels().apply_step(theta.net, state, grad, param, lr, weight_decay, skip_nonfinite=skip_nonfinite)
+def apply_step_many(theta: TorchTheta, states: Sequence[dict[str, torch.Tensor]], grads: Sequence[torch.Tensor],
+                    params: Sequence[torch.Tensor], lr, weight_decay, skip_nonfinite: bool,  # noqa: ANN001
+                    rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
+    """Whole steps of tensors on one device without holding their directions; returns each ``ok``."""
+    return kernels().apply_step_many(theta.net, states, grads, params, lr, weight_decay,
+                                     skip_nonfinite=skip_nonfinite, rounding=rounding)
+
+
+def by_device(params: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    """The indices of ``params`` per device, each list in order (a kernel call takes one device)."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.device, []).append(i)
+    return groups
+
+
+def _rounding_of(rounding: Optional[StateRounding], idx: list[int]) -> Optional[StateRounding]:
+    """``rounding`` for the tensors at ``idx`` of its lists."""
+    if rounding is None:
+        return None
+    return StateRounding(rounding.seed, [rounding.steps[i] for i in idx], [rounding.tensors[i] for i in idx])
 
 
 def check_apply(params: Sequence[torch.Tensor], apply: Apply) -> None:
@@ -87,12 +110,13 @@ class TritonBackend:
 
     It gates non-finite gradients itself (a flag on the device, no host
     synchronisation) and hands Newton-Schulz the raw direction of every
-    tensor of two or more dims. Tensors go one per call to the kernels.
+    tensor of two or more dims. The tensors of a call go to the kernels
+    together, one call per device: a launch per pass and group of tensors.
     """
 
     name = "triton"
     gates_nonfinite = True
-    state_dtypes = (torch.float32,)
+    state_dtypes = (torch.float32, torch.bfloat16)
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """:func:`supports` of the parameter."""
@@ -104,8 +128,8 @@ class TritonBackend:
 
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
-              options: Options) -> list[Optional[torch.Tensor]]:
-        """:func:`apply_step` on each tensor; the flags it returns.
+              options: Options, rounding: Optional[StateRounding] = None) -> list[Optional[torch.Tensor]]:
+        """:func:`apply_step_many` on the tensors of each device; the flags it returns.
 
         Raises:
             ValueError: ``lr`` or weight decay a tensor on another device than a parameter (checked
@@ -113,31 +137,44 @@ class TritonBackend:
         """
         lr, weight_decay = apply
         check_apply(params, apply)
-        return [apply_step(theta, st, g, p, lr, weight_decay, skip) for p, g, st in zip(params, grads, states)]
+        oks: list[Optional[torch.Tensor]] = [None] * len(params)
+        for idx in by_device(params).values():
+            got = apply_step_many(theta, [states[i] for i in idx], [grads[i] for i in idx],
+                                  [params[i] for i in idx], lr, weight_decay, skip, _rounding_of(rounding, idx))
+            for i, ok in zip(idx, got):
+                oks[i] = ok
+        return oks
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
-                   options: Options) -> list[torch.Tensor]:
+                   options: Options, rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
         """Each raw direction, orthogonalised (float32) where asked, at unit RMS."""
-        return [finish(direction(theta, st, g, p, False)[0], orthogonalize=orthogonalize).reshape(p.shape)
-                for p, g, st in zip(params, grads, states)]
+        raws = self.raw(theta, params, grads, states, skip=False, options=options, rounding=rounding)
+        return [finish(d, orthogonalize=orthogonalize).reshape(p.shape) for p, (d, _) in zip(params, raws)]
 
     def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
-            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """:func:`direction` of each tensor."""
-        return [direction(theta, st, g, p, skip) for p, g, st in zip(params, grads, states)]
+            options: Options, rounding: Optional[StateRounding] = None,
+            ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """:func:`direction_many` on the tensors of each device."""
+        out: list = [None] * len(params)
+        for idx in by_device(params).values():
+            got = direction_many(theta, [states[i] for i in idx], [grads[i] for i in idx], [params[i] for i in idx],
+                                 skip, _rounding_of(rounding, idx))
+            for i, pair in zip(idx, got):
+                out[i] = pair
+        return out
 
     def apply_held(self, params: Sequence[torch.Tensor], directions: Sequence[torch.Tensor],
                    oks: Sequence[Optional[torch.Tensor]], apply: Apply) -> None:
-        """:func:`apply_held` on each, where its flag is set.
+        """:func:`apply_held_many` on the tensors of each device, where their flags are set.
 
         Raises:
             ValueError: as :meth:`apply` (before the first launch).
         """
         check_apply(params, apply)
-        for param, d, ok in zip(params, directions, oks):
-            apply_held(param, d, ok, *apply)
+        for idx in by_device(params).values():
+            apply_held_many([params[i] for i in idx], [directions[i] for i in idx], [oks[i] for i in idx], *apply)
 
 
 BACKEND = TritonBackend()
