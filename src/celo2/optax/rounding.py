@@ -61,7 +61,9 @@ def resolve_state_dtype(state_dtype: Any) -> jnp.dtype:
     """The state dtype asked for, as a JAX dtype.
 
     Args:
-        state_dtype: ``jnp.float32`` / ``jnp.bfloat16``, a NumPy dtype, or ``"float32"`` / ``"bfloat16"``.
+        state_dtype: ``jnp.float32`` / ``jnp.bfloat16``, a NumPy dtype, ``"float32"`` / ``"bfloat16"``,
+            or an array of that dtype (``optax.inject_hyperparams`` calls a dtype class like a
+            schedule and hands over the array it makes).
 
     Returns:
         ``jnp.dtype("float32")`` or ``jnp.dtype("bfloat16")``.
@@ -69,6 +71,8 @@ def resolve_state_dtype(state_dtype: Any) -> jnp.dtype:
     Raises:
         ValueError: Any other dtype, named (:func:`celo2.rule.rounding.check_state_dtype`).
     """
+    if isinstance(state_dtype, (jax.Array, np.ndarray, np.generic)):
+        state_dtype = state_dtype.dtype
     try:
         name = jnp.dtype(state_dtype).name
     except TypeError:
@@ -76,18 +80,24 @@ def resolve_state_dtype(state_dtype: Any) -> jnp.dtype:
     return jnp.dtype(spec_rounding.check_state_dtype(name))
 
 
-def check_rounding_seed(seed: Any) -> int:
-    """The rounding seed as an int in ``[0, 2**32)``.
+def check_rounding_seed(seed: Any) -> "int | jax.Array":
+    """The rounding seed, checked.
 
     Args:
-        seed: An integer.
+        seed: An integer in ``[0, 2**32)``, or a 0-d integer array (``optax.inject_hyperparams``
+            hands numeric arguments over as arrays; a traced one is taken modulo 2**32 unchecked).
 
     Returns:
-        ``int(seed)``.
+        The seed as an int, or the traced array.
 
     Raises:
         ValueError: Not an integer, or outside ``[0, 2**32)``.
     """
+    if isinstance(seed, (jax.Array, np.ndarray, np.generic)) and seed.ndim == 0 and \
+            jnp.issubdtype(seed.dtype, jnp.integer):
+        if isinstance(seed, jax.core.Tracer):
+            return seed
+        seed = int(seed)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
         raise ValueError(f"rounding_seed must be an integer in [0, 2**32); got {seed!r}")
     return int(seed)
