@@ -20,7 +20,7 @@ a transformation called without it numbers the leaves it is given.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -298,7 +298,3 @@ def tensor_indices(updates: Any, extra_args: Mapping[str, Any]) -> list[int]:
                        "from the one numbered")
     return [numbers[p] for p in paths]
 
-
-def state_dtypes(states: Sequence[TensorState]) -> set[str]:
-    """The dtype names of the non-empty accumulators in ``states``."""
-    return {jnp.dtype(x.dtype).name for s in states for x in s if x.size}
