@@ -51,7 +51,7 @@ class RoundedAdamState(NamedTuple):
 
 def _adam_nodes(state: Any) -> list:
     """The ``optax.ScaleByAdamState`` nodes of ``state`` (at any depth)."""
-    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    nodes = jax.tree_util.tree_leaves(state, is_leaf=_is_adam)
     return [n for n in nodes if isinstance(n, optax.ScaleByAdamState)]
 
 
@@ -63,7 +63,7 @@ def _cast_moments(state: Any, dtype: "jnp.dtype") -> Any:
         return node._replace(**{k: jax.tree_util.tree_map(lambda x: x.astype(dtype), getattr(node, k))
                                 for k in ADAM_SLOTS})
 
-    return jax.tree_util.tree_map(cast, state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    return jax.tree_util.tree_map(cast, state, is_leaf=_is_adam)
 
 
 def rounded_adam_moments(inner: optax.GradientTransformation, rounding_seed: int = 0,
@@ -113,15 +113,14 @@ def _leaf_paths(tree: Any) -> list[str]:
 
 def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array) -> Any:
     """``new`` (float32 moments) stored as bfloat16; ``old`` is the state before the update (bfloat16)."""
-    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     if isinstance(new, PerTensorSkipState):  # one Adam state per tensor, at the tensor's place
-        pairs = zip(jax.tree_util.tree_leaves_with_path(new.inner, is_leaf=is_adam),
-                    jax.tree_util.tree_leaves(old.inner, is_leaf=is_adam))
+        pairs = zip(jax.tree_util.tree_leaves_with_path(new.inner, is_leaf=_is_adam),
+                    jax.tree_util.tree_leaves(old.inner, is_leaf=_is_adam))
         flat = [_store(node, before, seed, lambda _, t=indices[jax.tree_util.keystr(path)]: t)
                 for (path, node), before in pairs]
-        treedef = jax.tree_util.tree_structure(new.inner, is_leaf=is_adam)
+        treedef = jax.tree_util.tree_structure(new.inner, is_leaf=_is_adam)
         return new._replace(inner=jax.tree_util.tree_unflatten(treedef, flat))
-    if is_adam(new):  # one count for all tensors: the moments are trees like the parameters
+    if _is_adam(new):  # one count for all tensors: the moments are trees like the parameters
         return _store(new, old, seed, lambda path: indices[jax.tree_util.keystr(path)])
     raise ValueError(f"rounded_adam_moments: cannot store the moments of a {type(new).__name__} state; the inner "
                      "transformation must be optax.scale_by_adam or skip_nonfinite_per_tensor of it")
@@ -230,4 +229,5 @@ def _walk_adam(path: tuple, node: Any, convert: Any) -> Any:
 
 
 def _is_adam(x: Any) -> bool:
+    """Whether ``x`` is an ``optax.ScaleByAdamState`` (the holder of a pair of Adam moments)."""
     return isinstance(x, optax.ScaleByAdamState)
