@@ -2,6 +2,7 @@
 
     python benchmarks/optax_sharded_step.py                      # 1024x1024, 2 host devices, 15 steps
     python benchmarks/optax_sharded_step.py --size 2048 --devices 4 --ns-dtype float32 --variant base
+    python benchmarks/optax_sharded_step.py --state-dtype bfloat16         # bfloat16 optimizer state
 
 Each row jits one ``optax.apply_updates(update(...))`` step and prints the median step time, whether the
 CPU kernels' custom call is in the compiled program, the update's sharding, and the all-gathers and
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--ns-dtype", default="auto", help="celo2's ns_dtype (auto, float32, bfloat16)")
     parser.add_argument("--variant", choices=("celo2", "base"), default="celo2")
+    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the optimizer state's dtype (state_dtype=)")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from celo2.optax import celo2, celo2_base
 
     def make(**kw):  # noqa: ANN003, ANN202
+        kw["state_dtype"] = args.state_dtype
         return celo2_base(1e-3, **kw) if args.variant == "base" else celo2(1e-3, ns_dtype=args.ns_dtype, **kw)
 
     mesh = jax.make_mesh((args.devices,), ("x",), axis_types=(AxisType.Auto,))
@@ -71,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:26s} {1e3 * statistics.median(times):8.1f} ms  kernels={'celo2_matrix_step' in text!s:5s} "
               f"sharding={spec}  all-gather={dict(gathers)}  all-reduce={dict(reduces)}", flush=True)
 
-    print(f"{args.variant} on a {args.size}x{args.size} float32 matrix, {args.devices} host devices, "
-          f"median of {args.steps} steps")
+    print(f"{args.variant} on a {args.size}x{args.size} float32 matrix, {args.state_dtype} state, "
+          f"{args.devices} host devices, median of {args.steps} steps")
     one = jax.devices()[0]
     row("one device (kernels)", make(), one)
     row("one device (XLA)", make(cpu_kernels=False), one)

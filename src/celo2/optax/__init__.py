@@ -11,11 +11,14 @@ Modules, one job each: :mod:`~celo2.optax.transform` (the transformations),
 ``guarded_tensor_step``, ``reference_tensor_step``, ``theta_to_jax``, ...),
 :mod:`~celo2.optax.state` (``TensorState``, its shapes and shardings),
 :mod:`~celo2.optax.ns` (Newton-Schulz), :mod:`~celo2.optax.cpu_ffi` (the CPU
-kernels as XLA custom calls); privately ``_reference`` (the spec spelled
+kernels as XLA custom calls), :mod:`~celo2.optax.rounding` (bfloat16 state's
+stochastic rounding in JAX), :mod:`~celo2.optax.state_dtype` (AdamW's bfloat16
+moments, :func:`convert_state_dtype`); privately ``_reference`` (the spec spelled
 out), ``_xla`` (XLA's fused formulation) and ``_cpu_kernels`` (the step
 through the custom calls).
 """
 
+from celo2.optax.state_dtype import convert_state_dtype
 from celo2.optax.transform import (
     PerTensorSkipState,
     ScaleByCelo2State,
@@ -40,4 +43,5 @@ __all__ = [
     "zero_skipped_updates",
     "default_param_labels",
     "routing_table",
+    "convert_state_dtype",
 ]

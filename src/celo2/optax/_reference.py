@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from celo2.optax.ns import finish_direction, rms_normalise
+from celo2.optax.rounding import StateRounding, load_state, store_state
 from celo2.optax.state import TensorState, ThetaTree
 from celo2.rule import spec
 from celo2.rule.state import Factoring, factoring, work_shape
@@ -117,7 +118,8 @@ def features(state: TensorState, g: jax.Array, p: jax.Array, fac_g: jax.Array) -
 
 
 def reference_tensor_step(
-    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool
+    theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
+    *, rounding: "StateRounding | None" = None,
 ) -> tuple[jax.Array, TensorState]:
     """The rule exactly as the spec states it (all 30 channels at full size).
 
@@ -127,16 +129,19 @@ def reference_tensor_step(
         grad: Its gradient.
         param: The parameter.
         orthogonalize: Newton-Schulz on matrix directions.
+        rounding: With bfloat16 accumulators, their rounding counter
+            (:class:`celo2.optax.rounding.StateRounding`): read as float32,
+            stored rounded stochastically; ``None`` (default) for float32 ones.
 
     Returns:
         The direction (the parameter's shape and dtype, unit RMS over the last
-        two axes) and the new state.
+        two axes) and the new state (in ``state``'s dtype).
     """
     shape = tuple(param.shape)
     work = work_shape(shape)
     g = jnp.clip(grad.astype(jnp.float32).reshape(work), -spec.GRAD_CLIP, spec.GRAD_CLIP)
     p = param.astype(jnp.float32).reshape(work)
-    state, fac_g = update_accumulators(state, g)
+    state, fac_g = update_accumulators(load_state(state), g)
     groups = features(state, g, p, fac_g)
     axes = tuple(range(max(1, g.ndim - 1), g.ndim + 1))  # last two axes of (width, *S)
     hidden = theta["b0"]
@@ -147,4 +152,4 @@ def reference_tensor_step(
     hidden = jax.nn.relu(hidden @ theta["w1"] + theta["b1"])
     direction = hidden @ theta["w2"][:, spec.DIRECTION_OUTPUT] + theta["b2"][spec.DIRECTION_OUTPUT]
     direction = finish_direction(direction, orthogonalize)
-    return direction.reshape(shape).astype(param.dtype), state
+    return direction.reshape(shape).astype(param.dtype), state if rounding is None else store_state(state, rounding)

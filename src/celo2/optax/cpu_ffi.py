@@ -24,7 +24,11 @@ differentiable and not batched natively (under ``vmap`` it loops):
 :func:`celo2.optax.scale_by_celo2` uses it only for a fixed theta, and
 ``cpu_kernels=False`` turns it off. The call needs each tensor whole on one
 device, so a tensor that may be split across devices takes XLA's formulation
-instead (:func:`celo2.optax.state.may_be_split`).
+instead (:func:`celo2.optax.state.may_be_split`). The call is float32 only:
+bfloat16 state (:mod:`celo2.optax.rounding`) is widened to float32 before it
+and the new state rounded after it in XLA, which stores the bits a rounding
+inside the kernels would store (the rounding is a function of the float32
+value and the counter alone).
 """
 
 from __future__ import annotations

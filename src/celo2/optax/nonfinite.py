@@ -92,14 +92,15 @@ def zero_skipped_updates(inner: optax.GradientTransformation) -> optax.GradientT
             :func:`skip_nonfinite_per_tensor`, say).
 
     Returns:
-        A transformation with ``inner``'s state.
+        A transformation with ``inner``'s state (extra ``update`` arguments are handed to ``inner``).
 
     Raises:
         ValueError: At the first update, if ``inner``'s state holds no counters.
     """
+    inner = optax.with_extra_args_support(inner)
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        out, new_state = inner.update(updates, state, params)
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        out, new_state = inner.update(updates, state, params, **extra_args)
         before, after = _first_counters(state), _first_counters(new_state)
         if after is None:
             raise ValueError("zero_skipped_updates: the inner transformation keeps no non-finite counters")
@@ -108,7 +109,7 @@ def zero_skipped_updates(inner: optax.GradientTransformation) -> optax.GradientT
         out = jax.tree_util.tree_map(lambda u, a, b: jnp.where(a == b, u, jnp.zeros_like(u)), out, after, before)
         return out, new_state
 
-    return optax.GradientTransformation(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def _counting_nodes(state: Any) -> list:

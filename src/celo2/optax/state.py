@@ -1,6 +1,7 @@
 """The rule's weights and state as the JAX front end keeps them, and where they lie.
 
-Accumulators are float32 whatever the parameter dtype, one
+Accumulators are float32 (or bfloat16, with the stochastic rounding of
+:mod:`celo2.optax.rounding`) whatever the parameter dtype, one
 :class:`TensorState` per tensor, shaped by :func:`celo2.rule.state.state_shapes`
 (the decay index is the leading axis of every accumulator, so each decay's
 slice is contiguous). A tensor split over devices has its accumulators split
@@ -50,11 +51,14 @@ class ScaleByCelo2State(NamedTuple):
         tensors: Per-parameter accumulators (a pytree shaped like the params).
         nonfinite_steps: Per-parameter int32 counts of steps skipped for a non-finite
             gradient (see :func:`celo2.optax.nonfinite_steps`); ``None`` in a state made without them.
+        rounding_seed: With bfloat16 accumulators, the seed of their stochastic rounding (a
+            ``uint32`` scalar, so that a checkpoint of the state carries it); ``None`` with float32 ones.
     """
 
     count: jax.Array
     tensors: Any
     nonfinite_steps: Any = None
+    rounding_seed: Any = None
 
 
 def theta_to_jax(theta: "Theta | Mapping[str, Any] | str | None" = None) -> dict[str, jax.Array]:
@@ -89,8 +93,8 @@ def theta_from_jax(tree: ThetaTree) -> Theta:
     return Theta({k: np.asarray(tree[k], np.float32) for k in spec.THETA_KEYS})
 
 
-def init_tensor_state(param: jax.Array) -> TensorState:
-    """Zero accumulators for ``param`` (float32, shapes as in :class:`TensorState`).
+def init_tensor_state(param: jax.Array, dtype: "jnp.dtype" = jnp.float32) -> TensorState:
+    """Zero accumulators for ``param`` (shapes as in :class:`TensorState`).
 
     Where ``param``'s sharding is known (a concrete array with a
     ``NamedSharding``, or a traced one split over explicit mesh axes) each
@@ -99,6 +103,7 @@ def init_tensor_state(param: jax.Array) -> TensorState:
 
     Args:
         param: The parameter (any shape; 0-D counts as ``(1,)``).
+        dtype: The accumulators' dtype: float32 (default) or bfloat16 (see :mod:`celo2.optax.rounding`).
 
     Returns:
         Its :class:`TensorState` of zeros.
@@ -106,7 +111,7 @@ def init_tensor_state(param: jax.Array) -> TensorState:
     shape = work_shape(param.shape)
     shapes = state_shapes(shape)
     place = _placements(param, shape)
-    return TensorState(*(jnp.zeros(shapes[key], jnp.float32, **kw) for key, kw in zip(STATE_KEYS, place)))
+    return TensorState(*(jnp.zeros(shapes[key], dtype, **kw) for key, kw in zip(STATE_KEYS, place)))
 
 
 def state_specs(param_spec: "jax.sharding.PartitionSpec", shape: tuple[int, ...]) -> TensorState:

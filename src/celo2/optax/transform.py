@@ -20,7 +20,10 @@ from celo2.optax import cpu_ffi
 from celo2.optax.functional import guarded_tensor_step, tensor_step
 from celo2.optax.nonfinite import (PerTensorSkipState, counters, nonfinite_steps, skip_nonfinite_per_tensor,
                                    zero_skipped_updates)
+from celo2.optax.rounding import (TENSOR_INDICES, StateRounding, check_rounding_seed, number_tensors,
+                                  resolve_state_dtype, tensor_indices)
 from celo2.optax.state import ScaleByCelo2State, init_tensor_state, theta_to_jax
+from celo2.optax.state_dtype import rounded_adam_moments
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 
@@ -35,8 +38,9 @@ ThetaLike = Union[Theta, Mapping[str, Any], str, None]
 
 def scale_by_celo2(
     theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None,
-    nonfinite: str = spec.NONFINITE_DEFAULT, ns_dtype: Any = "auto",
-) -> optax.GradientTransformation:
+    nonfinite: str = spec.NONFINITE_DEFAULT, ns_dtype: Any = "auto", *, state_dtype: Any = jnp.float32,
+    rounding_seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
     ``update`` needs ``params``. Like ``optax.scale_by_adam``, the output is a
@@ -70,13 +74,25 @@ def scale_by_celo2(
             :func:`celo2.hardware.resolve_ns_dtype_name`), float32 elsewhere and whenever theta is
             traced (a meta-gradient through the update keeps float32); ``"float32"`` / ``"bfloat16"``
             (or ``jnp.float32`` / ``jnp.bfloat16``) force it.
+        state_dtype: The accumulators' dtype: ``jnp.float32`` (default) or ``jnp.bfloat16`` (or their
+            names), half the bytes. Arithmetic stays float32; each accumulator is stored with the
+            counter-based stochastic rounding of :mod:`celo2.optax.rounding` (seed, step, tensor, slot,
+            element index), so a run repeats and resumes bitwise and every path (XLA, the CPU kernels,
+            sharded or not) stores the same bits. The step of a tensor counts the updates it took:
+            a step skipped for a non-finite gradient does not count (and keeps the stored bits).
+            The tensor is the leaf's index in tree-flatten order of the parameters given to
+            ``update`` (:func:`celo2` and :func:`celo2_base` number their whole tree).
+        rounding_seed: The rounding's seed (``0 <= seed < 2**32``, default 0), kept in the state
+            (``ScaleByCelo2State.rounding_seed``), which ``update`` reads it from.
 
     Returns:
-        An ``optax.GradientTransformation`` with :class:`ScaleByCelo2State`.
+        An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByCelo2State` (the extra
+        argument :data:`celo2.optax.rounding.TENSOR_INDICES`, where given, numbers the tensors).
 
     Raises:
-        ValueError: An unknown ``nonfinite`` or ``ns_dtype``, ``cpu_kernels=True`` without Numba,
-            or (at ``update``) no ``params``.
+        ValueError: An unknown ``nonfinite``, ``ns_dtype`` or ``state_dtype``, a bad ``rounding_seed``,
+            ``cpu_kernels=True`` without Numba, or (at ``update``) no ``params`` or a state whose
+            accumulators are not in ``state_dtype`` (convert it with :func:`celo2.optax.convert_state_dtype`).
         celo2.ThetaError: ``theta`` is malformed.
 
     Example:
@@ -92,11 +108,15 @@ def scale_by_celo2(
     Zero gradients still give unit-RMS directions (published theta too), so
     a parameter with exactly zero gradients moves by about the learning rate
     per step. Zero-size tensors get zero-size updates. Accumulators are
-    float32; the direction is returned in the parameter's dtype, so a float64
-    parameter (``jax_enable_x64``) is updated in float64.
+    ``state_dtype`` whatever the parameter dtype; the direction is returned in
+    the parameter's dtype, so a float64 parameter (``jax_enable_x64``) is
+    updated in float64.
 
     """
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
+    dtype = resolve_state_dtype(state_dtype)
+    seed = check_rounding_seed(rounding_seed)
+    low = dtype == jnp.bfloat16
     traced = _is_traced_mapping(theta)
     theta_tree = theta_to_jax(theta) if not traced else dict(theta)
     use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
@@ -110,44 +130,68 @@ def scale_by_celo2(
     def init_fn(params: Any) -> ScaleByCelo2State:
         return ScaleByCelo2State(
             count=jnp.zeros([], jnp.int32),
-            tensors=jax.tree_util.tree_map(init_tensor_state, params),
+            tensors=jax.tree_util.tree_map(lambda p: init_tensor_state(p, dtype), params),
             nonfinite_steps=counters(params),
+            rounding_seed=jnp.asarray(seed, jnp.uint32) if low else None,
         )
 
-    def update_fn(updates: Any, state: ScaleByCelo2State, params: Any = None) -> tuple[Any, ScaleByCelo2State]:
+    def update_fn(updates: Any, state: ScaleByCelo2State, params: Any = None, **extra_args: Any,
+                  ) -> tuple[Any, ScaleByCelo2State]:
         if params is None:
             raise ValueError("scale_by_celo2 needs the parameters: call update(grads, state, params)")
         _refuse_float0("scale_by_celo2", updates)
+        _check_state_dtype(state, dtype)
         flat_g, treedef = jax.tree_util.tree_flatten(updates)
         flat_p = treedef.flatten_up_to(params)
         flat_s = treedef.flatten_up_to(state.tensors)
         counts_before = state.nonfinite_steps if state.nonfinite_steps is not None else counters(updates)
         flat_n = treedef.flatten_up_to(counts_before)
+        count = optax.safe_increment(state.count)
+        indices = tensor_indices(updates, extra_args) if low else [None] * len(flat_g)
         outs, new_states, counts = [], [], []
-        for g, p, s, n in zip(flat_g, flat_p, flat_s, flat_n):
+        for g, p, s, n, index in zip(flat_g, flat_p, flat_s, flat_n, indices):
             if g is None:
                 outs.append(None)
                 new_states.append(s)
                 counts.append(n)
                 continue
+            # The tensor's step: the updates it took, this one included (the rounded state of a skipped
+            # step is not stored).
+            rounding = StateRounding(state.rounding_seed, count - n, index) if low else None
             if skip:
-                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net)
+                direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net,
+                                                         rounding=rounding)
                 n = n + jnp.logical_not(ok).astype(jnp.int32)
             else:
-                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net)
+                direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net,
+                                             rounding=rounding)
             outs.append(direction)
             new_states.append(new)
             counts.append(n)
         return (
             jax.tree_util.tree_unflatten(treedef, outs),
             ScaleByCelo2State(
-                count=optax.safe_increment(state.count),
+                count=count,
                 tensors=jax.tree_util.tree_unflatten(treedef, new_states),
                 nonfinite_steps=jax.tree_util.tree_unflatten(treedef, counts),
+                rounding_seed=state.rounding_seed,
             ),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_state_dtype(state: ScaleByCelo2State, dtype: "jnp.dtype") -> None:
+    """Refuse, naming the first leaf, a state whose accumulators are not in ``dtype`` (at trace time)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(state.tensors):
+        if x.size and jnp.dtype(x.dtype) != dtype:
+            raise ValueError(
+                f"scale_by_celo2: the accumulator {_path_name(path)} is {jnp.dtype(x.dtype).name}, but this optimizer "
+                f"keeps {dtype.name} state; convert the state with celo2.optax.convert_state_dtype(state, "
+                f"jnp.{dtype.name})")
+    if dtype == jnp.bfloat16 and state.rounding_seed is None:
+        raise ValueError("scale_by_celo2: a bfloat16 state needs its rounding_seed (ScaleByCelo2State.rounding_seed "
+                         "is None); convert a float32 state with celo2.optax.convert_state_dtype")
 
 
 def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool) -> bool:
@@ -217,7 +261,10 @@ def celo2(
     cpu_kernels: bool | None = None,
     nonfinite: str = spec.NONFINITE_DEFAULT,
     ns_dtype: Any = "auto",
-) -> optax.GradientTransformation:
+    *,
+    state_dtype: Any = jnp.float32,
+    rounding_seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
     """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
 
     Matrices get ``p <- p - lr * (direction + weight_decay * p)``; vectors,
@@ -249,9 +296,19 @@ def celo2(
             schedules count steps for all tensors alike.
         ns_dtype: Newton-Schulz's dtype, see :func:`scale_by_celo2` (default
             ``"auto"``: bfloat16 where the hardware multiplies it natively).
+        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``: the dtype of the rule's
+            accumulators and of AdamW's two moments (see :func:`scale_by_celo2`; AdamW's arithmetic
+            is ``optax.scale_by_adam``'s in float32, its moments stored by
+            :func:`celo2.optax.state_dtype.rounded_adam_moments` with step = AdamW's count after
+            the update). The tensors are numbered in tree-flatten order of the whole parameter
+            tree, whichever branch they take.
+        rounding_seed: The stochastic rounding's seed (default 0), kept in both branches' states.
 
     Returns:
-        An ``optax.GradientTransformation`` (``update`` needs ``params``).
+        An ``optax.GradientTransformationExtraArgs`` (``update`` needs ``params``).
+
+    Raises:
+        ValueError: An unknown ``nonfinite``, ``ns_dtype`` or ``state_dtype``, or a bad ``rounding_seed``.
 
     Zero gradients still give unit-RMS directions (published theta too), so
     a rule-routed parameter with exactly zero gradients moves by about the
@@ -260,19 +317,25 @@ def celo2(
     """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
     adam_lr = _scaled(learning_rate, adam_lr_mult)
-    if spec.check_nonfinite_policy(nonfinite) == "skip":
-        adam = zero_skipped_updates(optax.chain(
-            skip_nonfinite_per_tensor(optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)),
+    low = resolve_state_dtype(state_dtype) == jnp.bfloat16
+    skip = spec.check_nonfinite_policy(nonfinite) == "skip"
+    moments = optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)
+    if skip:
+        moments = skip_nonfinite_per_tensor(moments)
+    if low or skip:
+        adam = optax.chain(
+            rounded_adam_moments(moments, rounding_seed) if low else moments,
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(adam_lr),
-        ))
+        )
+        adam = zero_skipped_updates(adam) if skip else adam
     else:
         adam = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
-    return _refusing_float0("celo2", optax.partition(
+    return _numbered("celo2", optax.partition(
         {
             routing.LEARNED: _learned(
                 scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
-                               ns_dtype=ns_dtype),
+                               ns_dtype=ns_dtype, state_dtype=state_dtype, rounding_seed=rounding_seed),
                 weight_decay, learning_rate, nonfinite),
             routing.ADAM: in_float32(adam),
         },
@@ -281,7 +344,7 @@ def celo2(
 
 
 def _learned(rule: optax.GradientTransformation, weight_decay: float, learning_rate: ScalarOrSchedule,
-             nonfinite: str) -> optax.GradientTransformation:
+             nonfinite: str) -> optax.GradientTransformationExtraArgs:
     """The rule, then decoupled weight decay and the learning rate; under
     ``"skip"`` a skipped tensor's whole update is zero."""
     chain = optax.chain(rule, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
@@ -294,7 +357,10 @@ def celo2_base(
     theta: ThetaLike = None,
     cpu_kernels: bool | None = None,
     nonfinite: str = spec.NONFINITE_DEFAULT,
-) -> optax.GradientTransformation:
+    *,
+    state_dtype: Any = jnp.float32,
+    rounding_seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
     """Celo2-base: the learned rule without orthogonalisation on every tensor,
     ``p <- p - lr * (direction + weight_decay * p)``.
 
@@ -306,17 +372,24 @@ def celo2_base(
         nonfinite: ``"skip"`` (default) or ``"propagate"``, as in :func:`celo2`:
             a tensor with a NaN or +-inf gradient gets a zero update and keeps
             its state bitwise, counted per tensor (:func:`nonfinite_steps`).
+        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``, see :func:`scale_by_celo2`
+            (tensors numbered in tree-flatten order of the parameters).
+        rounding_seed: The stochastic rounding's seed (default 0), kept in the state.
 
     Returns:
-        An ``optax.GradientTransformation`` (``update`` needs ``params``).
+        An ``optax.GradientTransformationExtraArgs`` (``update`` needs ``params``).
+
+    Raises:
+        ValueError: An unknown ``nonfinite`` or ``state_dtype``, or a bad ``rounding_seed``.
 
     Zero gradients still give unit-RMS directions (published theta too), so a
     parameter with exactly zero gradients moves by about the learning rate per
     step. Zero-size tensors get zero-size updates; a float64 parameter
     (``jax_enable_x64``) is updated in float64.
     """
-    rule = scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels, nonfinite=nonfinite)
-    return _refusing_float0("celo2_base", _learned(rule, weight_decay, learning_rate, nonfinite))
+    rule = scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
+                          state_dtype=state_dtype, rounding_seed=rounding_seed)
+    return _numbered("celo2_base", _learned(rule, weight_decay, learning_rate, nonfinite))
 
 
 def _half(x: Any) -> bool:
@@ -340,20 +413,21 @@ def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformat
         inner: An elementwise transformation (the AdamW branch of :func:`celo2`).
 
     Returns:
-        A transformation with ``inner``'s state type.
+        A transformation with ``inner``'s state type (extra ``update`` arguments are handed to ``inner``).
     """
     up = lambda x: x.astype(jnp.float32) if _half(x) else x  # noqa: E731
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> Any:
         return inner.init(jax.tree_util.tree_map(up, params))
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         wide_params = None if params is None else jax.tree_util.tree_map(up, params)
-        out, state = inner.update(jax.tree_util.tree_map(up, updates), state, wide_params)
+        out, state = inner.update(jax.tree_util.tree_map(up, updates), state, wide_params, **extra_args)
         out = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype) if _half(g) else u, out, updates)
         return out, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _refuse_float0(name: str, updates: Any) -> None:
@@ -367,14 +441,18 @@ def _refuse_float0(name: str, updates: Any) -> None:
                 "optax.partition.")
 
 
-def _refusing_float0(name: str, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``inner``, refusing ``float0`` gradients at ``update`` before anything is computed."""
+def _numbered(name: str, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner``, refusing ``float0`` gradients at ``update`` before anything is computed, and numbering
+    the gradients' leaves for the state's rounding counter (:data:`celo2.optax.rounding.TENSOR_INDICES`,
+    unless an enclosing transformation numbered them already)."""
+    inner = optax.with_extra_args_support(inner)
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         _refuse_float0(name, updates)
-        return inner.update(updates, state, params)
+        extra_args.setdefault(TENSOR_INDICES, number_tensors(updates))
+        return inner.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformation(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def routing_table(params: Any, param_labels: Any = None, adam_name_pattern: str | None = routing.ADAM_NAME_PATTERN) -> str:
