@@ -19,6 +19,7 @@ import numpy as np
 
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
+from celo2.rule.variant import require_published
 from celo2.rule.theta import Theta
 from celo2.theta_files import load_theta
 
@@ -74,10 +75,13 @@ def theta_to_jax(theta: "Theta | Mapping[str, Any] | str | None" = None) -> dict
 
     Raises:
         celo2.ThetaError: ``theta`` is malformed or cannot be read.
+        celo2.rule.variant.VariantNotSupportedError: ``theta`` belongs to a rule variant other than the
+            published one (those run in meta-training and scoring only).
     """
     if isinstance(theta, Mapping) and not isinstance(theta, Theta):
         return {k: jnp.asarray(theta[k], jnp.float32) for k in spec.THETA_KEYS}
     theta = load_theta(theta)
+    require_published(theta.variant, "celo2.optax")
     return {k: jnp.asarray(theta[k]) for k in spec.THETA_KEYS}
 
 
