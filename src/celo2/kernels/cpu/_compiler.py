@@ -46,19 +46,24 @@ _READY: set = set()
 
 def ensure_compiled(kernel: Any, args: tuple) -> None:
     """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
-    cache) before its first call, under :func:`no_interleave`.
+    cache) before its first call with them, under :func:`no_interleave`.
+
+    Each set of argument types is a compilation of its own (float32 and
+    bfloat16 state, say), and each is made here, never lazily by a call
+    outside the option.
 
     Args:
         kernel: A Numba dispatcher.
         args: Arguments of the types it will be called with.
     """
-    if kernel in _READY:
+    signature = tuple(numba.typeof(a) for a in args)
+    if (kernel, signature) in _READY:
         return
     with no_interleave():
-        if kernel in _READY:
+        if (kernel, signature) in _READY:
             return
-        kernel.compile(tuple(numba.typeof(a) for a in args))
-        _READY.add(kernel)
+        kernel.compile(signature)
+        _READY.add((kernel, signature))
 
 
 def _wide_pipeline() -> Any:
