@@ -126,3 +126,164 @@ def test_vector_step_stores_the_rounded_float32_step(random_theta, shape, mode):
 def test_conv_step_stores_the_rounded_float32_step(random_theta, shape, mode):
     code = {"write": cpu_kernels.WRITE, "apply": cpu_kernels.APPLY, "over_grad": cpu_kernels.OVER_GRAD}[mode]
     _check_one_step("conv", shape, random_theta, code)
+
+
+# --- through the PyTorch backend ------------------------------------------------------------------------------
+
+SHAPES = [(24, 40), (40, 24), (50,), (8, 4, 3, 3), (3, 70, 1, 1)]
+
+
+def _backend_case(seed=0):  # noqa: ANN001, ANN202
+    from celo2.torch.rule import init_tensor_state
+
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) * 0.5 for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) * 10.0 ** (t % 3 - 1) for s in SHAPES] for t in range(6)]
+    states = [{k: v.to(torch.bfloat16) for k, v in init_tensor_state(p).items()} for p in params]
+    return params, grads, states
+
+
+def _rounding(step: int, count: int = len(SHAPES)):  # noqa: ANN202
+    """The rounding of the first ``count`` tensors (indices 10, 11, ...) at ``step``."""
+    from celo2.torch.backends.base import StateRounding
+
+    return StateRounding(seed=SEED, steps=[torch.tensor(step, dtype=torch.int64) for _ in range(count)],
+                         tensors=[10 + j for j in range(count)])
+
+
+def _round_like_the_reference(states32, step):  # noqa: ANN001, ANN202
+    """bfloat16 states: each float32 accumulator rounded by celo2.rule.rounding."""
+    out = []
+    for j, st in enumerate(states32):
+        out.append({k: torch.from_numpy(rounding.stochastic_round(v.numpy(), seed=SEED, step=step, tensor=10 + j,
+                                                                  slot=k).view(np.int16)).view(torch.bfloat16)
+                    for k, v in st.items()})
+    return out
+
+
+def _assert_bitwise(a, b, what):  # noqa: ANN001, ANN202
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    if a.dtype == torch.bfloat16:
+        a, b = a.view(torch.int16), b.view(torch.int16)
+    else:
+        a, b = a.view(torch.int32), b.view(torch.int32)
+    assert torch.equal(a, b), what
+
+
+@pytest.mark.parametrize("orthogonalize", [False, True], ids=["celo2_base", "celo2"])
+def test_six_bfloat16_steps_are_the_float32_kernel_steps_rounded_by_the_reference(random_theta, orthogonalize):
+    from celo2.torch._state import TorchTheta
+    from celo2.torch.backends.base import Options
+    from celo2.torch.backends.numba import BACKEND
+
+    theta = TorchTheta.from_theta(random_theta)
+    params, grads, states = _backend_case()
+    ours = [p.clone() for p in params]
+    theirs = [p.clone() for p in params]
+    held = [{k: v.clone() for k, v in st.items()} for st in states]
+    for t in range(6):
+        assert all(BACKEND.takes(st, g, p) for st, g, p in zip(states, grads[t], ours))
+        BACKEND.apply(theta, ours, grads[t], states, orthogonalize=orthogonalize, apply=(1e-2, 0.1), skip=False,
+                      options=Options(), rounding=_rounding(t + 1))
+        wide = [{k: v.to(torch.float32) for k, v in st.items()} for st in held]
+        BACKEND.apply(theta, theirs, grads[t], wide, orthogonalize=orthogonalize, apply=(1e-2, 0.1), skip=False,
+                      options=Options())
+        held = _round_like_the_reference(wide, t + 1)
+        for j in range(len(SHAPES)):
+            _assert_bitwise(ours[j], theirs[j], f"step {t + 1}, param {SHAPES[j]}")
+            for key in STATE_KEYS:
+                _assert_bitwise(states[j][key], held[j][key], f"step {t + 1}, {key} of {SHAPES[j]}")
+
+
+def test_directions_and_raw_with_bfloat16_state(random_theta):
+    """directions() and raw() store the same rounded state and return the float32-state outputs."""
+    from celo2.torch._state import TorchTheta
+    from celo2.torch.backends.base import Options
+    from celo2.torch.backends.numba import BACKEND
+
+    theta = TorchTheta.from_theta(random_theta)
+    params, grads, states = _backend_case(1)
+    for method in ("directions", "raw"):
+        ours = [{k: v.clone() for k, v in st.items()} for st in states]
+        wide = [{k: v.to(torch.float32) for k, v in st.items()} for st in states]
+        if method == "directions":
+            got = BACKEND.directions(theta, params, grads[0], ours, orthogonalize=True, options=Options(),
+                                     rounding=_rounding(1))
+            want = BACKEND.directions(theta, params, grads[0], wide, orthogonalize=True, options=Options())
+        else:
+            got = [d for d, _ in BACKEND.raw(theta, params[:2], grads[0][:2], ours[:2], skip=False, options=Options(),
+                                             rounding=_rounding(1, 2))]
+            want = [d for d, _ in BACKEND.raw(theta, params[:2], grads[0][:2], wide[:2], skip=False,
+                                              options=Options())]
+            ours, wide = ours[:2], wide[:2]
+        for a, b in zip(got, want):
+            _assert_bitwise(a, b, method)
+        for a, b in zip(ours, _round_like_the_reference(wide, 1)):
+            for key in STATE_KEYS:
+                _assert_bitwise(a[key], b[key], f"{method}: {key}")
+
+
+def test_thread_counts_give_the_same_bits(random_theta):
+    from celo2.torch._state import TorchTheta
+    from celo2.torch.backends.base import Options
+    from celo2.torch.backends.numba import BACKEND
+
+    theta = TorchTheta.from_theta(random_theta)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            params, grads, states = _backend_case(2)
+            for t in range(2):
+                BACKEND.apply(theta, params, grads[t], states, orthogonalize=False, apply=(1e-2, 0.0), skip=False,
+                              options=Options(), rounding=_rounding(t + 1))
+            results.append((params, states))
+    finally:
+        torch.set_num_threads(before)
+    (p1, s1), (p2, s2) = results
+    for j in range(len(SHAPES)):
+        _assert_bitwise(p1[j], p2[j], "param")
+        for key in STATE_KEYS:
+            _assert_bitwise(s1[j][key], s2[j][key], key)
+
+
+def test_state_dtype_and_rounding_must_agree(random_theta):
+    """A bfloat16 state without rounding=, or rounding= with float32 state, is refused before any tensor changes."""
+    from celo2.torch._state import TorchTheta
+    from celo2.torch.backends.base import Options
+    from celo2.torch.backends.numba import BACKEND
+
+    theta = TorchTheta.from_theta(random_theta)
+    params, grads, states = _backend_case(3)
+    wide = [{k: v.to(torch.float32) for k, v in st.items()} for st in states]
+    mixed = wide[:2] + states[2:]  # the bfloat16 tensors come last: nothing may run before the refusal
+    before = [p.clone() for p in params]
+    kept = [{k: v.clone() for k, v in st.items()} for st in mixed]
+    with pytest.raises(ValueError, match="tensor 2 has torch.bfloat16 state, but no rounding= was given"):
+        BACKEND.apply(theta, params, grads[0], mixed, orthogonalize=False, apply=(1e-2, 0.0), skip=False,
+                      options=Options())
+    with pytest.raises(ValueError, match="tensor 0 has torch.float32 state, but rounding= was given"):
+        BACKEND.apply(theta, params, grads[0], mixed, orthogonalize=False, apply=(1e-2, 0.0), skip=False,
+                      options=Options(), rounding=_rounding(1))
+    for p, q in zip(params, before):
+        _assert_bitwise(p, q, "param")
+    for st, k in zip(mixed, kept):
+        for key in STATE_KEYS:
+            _assert_bitwise(st[key], k[key], key)
+    assert BACKEND.state_dtypes == (torch.float32, torch.bfloat16)
+    half = dict(states[0], v=states[0]["v"].to(torch.float32))  # one state tensor of another dtype
+    assert not BACKEND.takes(half, grads[0][0], params[0])
+    assert not BACKEND.takes({k: v.to(torch.float16) for k, v in states[0].items()}, grads[0][0], params[0])
+
+
+def test_operand_check_names_the_state_dtype():
+    shape = (8, 5)
+    ok = {k: np.zeros(s, np.uint16) for k, s in state_shapes(shape).items()}
+    cpu_kernels.check_operands("matrix", shape, ok)
+    with pytest.raises(ValueError, match="fac_c is float32 but the state before it is uint16"):
+        cpu_kernels.check_operands("matrix", shape, dict(ok, fac_c=np.zeros(ok["fac_c"].shape, np.float32)))
+    with pytest.raises(ValueError, match=r"v has shape \(8, 5\) and dtype int16, expected \(8, 5\) float32 or uint16"):
+        cpu_kernels.check_operands("matrix", shape, dict(ok, v=np.zeros((8, 5), np.int16)))
+    with pytest.raises(ValueError, match=r"grad has shape \(8, 5\) and dtype uint16, expected \(8, 5\) float32 for"):
+        cpu_kernels.check_operands("matrix", shape, {"grad": np.zeros((8, 5), np.uint16)})

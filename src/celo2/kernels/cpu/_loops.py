@@ -71,14 +71,14 @@ if AVAILABLE:
 
         return sig, codegen
 
-    @numba.njit
+    @numba.njit(inline="always")
     def fold_momentum(old, w, g):  # noqa: ANN001, ANN201
         """A momentum's new value, ``old + w (g - old)``, with one rounding
         order wherever it is computed: :func:`direction` computes again, bit
         for bit, what :func:`accumulate` computed."""
         return fma(w, g - old, old)
 
-    @numba.njit
+    @numba.njit(inline="always")
     def fold_second_moment(old, g2):  # noqa: ANN001, ANN201
         """``v``'s new value, ``RMS_DECAY old + (1 - RMS_DECAY) g^2``, with one
         rounding order (as :func:`fold_momentum`)."""

@@ -60,7 +60,7 @@ if AVAILABLE:
 
         return sig, codegen
 
-    @numba.njit
+    @numba.njit(inline="always")
     def mix32(x):  # noqa: ANN001, ANN201
         """:func:`celo2.rule.rounding.mix32` of a ``uint32`` (every operation modulo 2**32)."""
         x = np.uint32(x ^ (x >> _S0))
@@ -69,7 +69,7 @@ if AVAILABLE:
         x = np.uint32(x * _B)
         return np.uint32(x ^ (x >> _S2))
 
-    @numba.njit
+    @numba.njit(inline="always")
     def round_bits(x, key, mixed_index):  # noqa: ANN001, ANN201
         """The bfloat16 pattern (``uint16``) of float32 ``x`` rounded with the random bits of ``key`` and
         ``mixed_index = mix32(index)`` (:func:`celo2.rule.rounding.round_to_bfloat16`)."""
@@ -82,7 +82,7 @@ if AVAILABLE:
     def rounds(array):  # noqa: ANN001, ANN201
         """Whether ``array`` holds bfloat16 patterns (stores into it round), a constant per compiled type."""
 
-    @overload(rounds)
+    @overload(rounds, inline="always")
     def _rounds(array):  # noqa: ANN001, ANN202
         value = isinstance(array, types.Array) and array.dtype == types.uint16
         return lambda array: value
@@ -90,7 +90,7 @@ if AVAILABLE:
     def load(x):  # noqa: ANN001, ANN201
         """An accumulator's element ``x`` (float32, or a bfloat16 pattern) as float32 (exact)."""
 
-    @overload(load)
+    @overload(load, inline="always")
     def _load(x):  # noqa: ANN001, ANN202
         if x == types.uint16:
             return lambda x: _as_float32(np.uint32(x) << np.uint32(16))
@@ -100,17 +100,20 @@ if AVAILABLE:
         """The value ``array`` stores for float32 ``x`` at flat ``index`` of its accumulator: ``x`` itself
         (float32 ``array``), or ``x`` rounded stochastically with ``key`` (a ``uint16`` array)."""
 
-    @overload(encode)
+    @overload(encode, inline="always")
     def _encode(array, x, key, index):  # noqa: ANN001, ANN202
         if array.dtype == types.uint16:
-            return lambda array, x, key, index: round_bits(x, key, mix32(np.uint32(index)))
+            def impl(array, x, key, index):  # noqa: ANN001, ANN202
+                return round_bits(x, key, mix32(np.uint32(index)))
+
+            return impl
         return lambda array, x, key, index: x
 
     def store_unrounded(row, j, x):  # noqa: ANN001, ANN201
         """``row[j] = x`` where ``row`` is float32; nothing where it holds bfloat16 (a later pass, which has
         the same float32 value, stores it rounded)."""
 
-    @overload(store_unrounded)
+    @overload(store_unrounded, inline="always")
     def _store_unrounded(row, j, x):  # noqa: ANN001, ANN202
         if row.dtype == types.uint16:
             return lambda row, j, x: None
@@ -124,7 +127,7 @@ if AVAILABLE:
         """A row of state as float32: ``row`` itself where it is float32, else ``values`` (float32, which the
         caller filled from it)."""
 
-    @overload(float_row)
+    @overload(float_row, inline="always")
     def _float_row(row, values):  # noqa: ANN001, ANN202
         if row.dtype == types.uint16:
             return lambda row, values: values
