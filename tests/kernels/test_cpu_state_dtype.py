@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from celo2.kernels import cpu as cpu_kernels
-from celo2.kernels.cpu import _passes
 from celo2.rule import layout, rounding
 from celo2.rule.state import STATE_KEYS, state_shapes
 
@@ -23,8 +22,8 @@ SEED, STEP, TENSOR = 1234, 7, 3
 KEYS = tuple(rounding.stream_key(SEED, STEP, TENSOR, rounding.SLOTS[k]) for k in STATE_KEYS)
 
 # (3, 5)-like shapes are rows-first, (5, 3)-like columns-first; 40 and 70 rows make 3 and 5 row blocks.
-MATRICES = [(40, 37), (37, 40), (70, 9), (1, 33), (2, _passes.COLUMN_CHUNK + 77)]
-VECTORS = [(1,), (333,), (_passes.COLUMN_CHUNK + 5,)]
+MATRICES = [(40, 37), (37, 40), (70, 9), (1, 33), (2, cpu_kernels.COLUMN_CHUNK + 77)]
+VECTORS = [(1,), (333,), (cpu_kernels.COLUMN_CHUNK + 5,)]
 CONVS = [(8, 4, 3, 3), (4, 8, 3, 3), (40, 3, 2, 2), (5, 7, 1, 1)]
 
 
@@ -85,9 +84,11 @@ def _bits(x):  # noqa: ANN001, ANN202
     return np.asarray(x, np.float32).view(np.uint32)
 
 
-def _check_one_step(kind, shape, random_theta, mode):  # noqa: ANN001, ANN202
+def _check_one_step(kind, shape, random_theta, mode, nan_at=None):  # noqa: ANN001, ANN202
     net = layout.pack_theta(random_theta)
     grad, param, state = _case(shape)
+    if nan_at is not None:
+        grad.reshape(-1)[nan_at] = np.nan
     if kind == "vector":
         state = {k: state[k] for k in ("m", "v", "fac_r")}
     d32, p32, s32, sq32 = _step(kind, shape, net, grad, param, state, mode, None)
@@ -97,19 +98,18 @@ def _check_one_step(kind, shape, random_theta, mode):  # noqa: ANN001, ANN202
         want = rounding.stochastic_round(s32[key], seed=SEED, step=STEP, tensor=TENSOR, slot=key)
         np.testing.assert_array_equal(s16[key], want, err_msg=key)
     np.testing.assert_array_equal(_bits(p16), _bits(p32))
+    if nan_at is not None:
+        assert np.isnan(rounding.bfloat16_to_float32(s16["v"]).reshape(-1)[nan_at])
     if d32 is not None:
         np.testing.assert_array_equal(_bits(d16), _bits(d32))
-    assert sq16 == sq32
-
-
-MODES = {"write": 0, "apply": 1, "over_grad": 2}
+    np.testing.assert_array_equal(sq16, sq32)  # NaN where the gradient has one
 
 
 @pytest.mark.parametrize("mode", ["write", "apply", "over_grad"])
 @pytest.mark.parametrize("shape", MATRICES, ids=lambda s: "x".join(map(str, s)))
 def test_matrix_step_stores_the_rounded_float32_step(random_theta, shape, mode):
     code = {"write": cpu_kernels.WRITE, "apply": cpu_kernels.APPLY, "over_grad": cpu_kernels.OVER_GRAD}[mode]
-    if shape[1] > _passes.COLUMN_CHUNK and mode == "over_grad":
+    if shape[1] > cpu_kernels.COLUMN_CHUNK and mode == "over_grad":
         pytest.skip("the wide matrix runs in two modes")
     _check_one_step("matrix", shape, random_theta, code)
 
@@ -126,6 +126,12 @@ def test_vector_step_stores_the_rounded_float32_step(random_theta, shape, mode):
 def test_conv_step_stores_the_rounded_float32_step(random_theta, shape, mode):
     code = {"write": cpu_kernels.WRITE, "apply": cpu_kernels.APPLY, "over_grad": cpu_kernels.OVER_GRAD}[mode]
     _check_one_step("conv", shape, random_theta, code)
+
+
+@pytest.mark.parametrize("kind,shape", [("matrix", (40, 37)), ("vector", (333,)), ("conv", (8, 4, 3, 3))])
+def test_a_nan_gradient_stores_nan_state_as_the_reference_rounds_it(random_theta, kind, shape):
+    """NaN stays NaN (quiet, never an infinity) in the stored bfloat16, element for element as the reference."""
+    _check_one_step(kind, shape, random_theta, cpu_kernels.WRITE, nan_at=5)
 
 
 # --- through the PyTorch backend ------------------------------------------------------------------------------

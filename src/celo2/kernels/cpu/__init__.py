@@ -31,7 +31,7 @@ from celo2.kernels.cpu._loops import APPLY, FACTORED_W, MOMENTUM_W, OVER_GRAD, S
 from celo2.kernels.cpu._operands import (KINDS, STATE_OPERANDS, blocks, check_operands, kernel_kind, operand_shapes,
                                          rows_first)
 from celo2.kernels.cpu._storage import NO_KEYS
-from celo2.kernels.cpu._passes import NONFINITE_BLOCK, all_finite
+from celo2.kernels.cpu._passes import COLUMN_CHUNK, NONFINITE_BLOCK, all_finite
 from celo2.kernels.cpu._threads import PARALLEL_MIN_ELEMENTS, THREADS_ENV, default_threads, run_blocks, run_tensors
 
 if AVAILABLE:
@@ -42,7 +42,7 @@ __all__ = [
     "AVAILABLE", "NOALIAS", "WIDE", "ensure_compiled", "no_interleave",
     "WRITE", "SQUARES", "APPLY", "OVER_GRAD", "MOMENTUM_W", "FACTORED_W",
     "KINDS", "STATE_OPERANDS", "kernel_kind", "rows_first", "operand_shapes", "check_operands", "blocks", "NO_KEYS",
-    "NONFINITE_BLOCK", "all_finite",
+    "COLUMN_CHUNK", "NONFINITE_BLOCK", "all_finite",
     "PARALLEL_MIN_ELEMENTS", "THREADS_ENV", "default_threads", "run_blocks", "run_tensors",
 ]
 if AVAILABLE:

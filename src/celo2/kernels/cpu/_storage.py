@@ -3,9 +3,11 @@
 An accumulator array (``m``, ``v``, ``fac_r``, ``fac_c``) is either float32
 or ``uint16`` holding bfloat16 bit patterns (a ``torch.bfloat16`` tensor's
 memory seen as integers). The loops are written once against the helpers
-below, which Numba specialises on the array's dtype when it compiles them:
-on float32 arrays they are plain loads and stores (the code, the speed and
-the bits of float32 state are those of loops without them); on ``uint16``
+below, which Numba specialises on the array's dtype when it compiles them
+and inlines into its IR before lowering: on float32 arrays they are plain
+loads and stores (the code, the speed and the bits of float32 state are
+those of loops written without them; a call left for LLVM to inline would
+change how its fast-math rewrites order a loop's sums); on ``uint16``
 arrays :func:`load` widens a pattern to float32 (exactly) and :func:`encode`
 rounds a float32 value to bfloat16 stochastically, exactly as
 :mod:`celo2.rule.rounding` describes: its 16 random bits are
