@@ -865,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     jax_kinds = optimizer_list("--jax-optimizers", args.jax_optimizers, JAX_OPTS)
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_model": cpu_model(),
+                    "cpus": os.cpu_count(),
                     "threads": args.threads, "loadavg_start": os.getloadavg()},
         "device": args.device,
         "sizes": {},

@@ -316,7 +316,8 @@ if AVAILABLE:
                         N1[j] = fold_momentum(load(m1r[j]), wm[1], g)
                         N2[j] = fold_momentum(load(m2r[j]), wm[2], g)
                         NV[j] = fold_second_moment(load(vr[j]), g * g)
-                vs = float_row(vr, NV); m0s = float_row(m0r, N0); m1s = float_row(m1r, N1); m2s = float_row(m2r, N2)  # noqa: E702, E501
+                vs = float_row(vr, NV); m0s = float_row(m0r, N0)  # noqa: E702
+                m1s = float_row(m1r, N1); m2s = float_row(m2r, N2)  # noqa: E702
                 row_sq = _ZERO
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)

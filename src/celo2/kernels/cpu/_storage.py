@@ -42,44 +42,56 @@ if AVAILABLE:
     from numba.core import types
     from numba.extending import intrinsic, overload
 
+    _I32 = ir.IntType(32)
+
+    def _mix32_ir(builder, x):  # noqa: ANN001, ANN202
+        """:func:`celo2.rule.rounding.mix32` as 32-bit LLVM instructions (each wraps modulo 2**32)."""
+        x = builder.xor(x, builder.lshr(x, ir.Constant(_I32, _S0)))
+        x = builder.mul(x, ir.Constant(_I32, int(_A)))
+        x = builder.xor(x, builder.lshr(x, ir.Constant(_I32, _S1)))
+        x = builder.mul(x, ir.Constant(_I32, int(_B)))
+        return builder.xor(x, builder.lshr(x, ir.Constant(_I32, _S2)))
+
     @intrinsic
-    def _as_float32(typingctx, bits):  # noqa: ANN001, ANN202
-        """The float32 whose bit pattern is the ``uint32`` ``bits``."""
-        sig = types.float32(types.uint32)
+    def mix32(typingctx, x):  # noqa: ANN001, ANN202
+        """:func:`celo2.rule.rounding.mix32` of a ``uint32``."""
+        sig = types.uint32(types.uint32)
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            return builder.bitcast(args[0], ir.FloatType())
+            return _mix32_ir(builder, args[0])
 
         return sig, codegen
 
     @intrinsic
-    def _as_uint32(typingctx, x):  # noqa: ANN001, ANN202
-        """The bit pattern of the float32 ``x``, as ``uint32``."""
-        sig = types.uint32(types.float32)
+    def _widen(typingctx, pattern):  # noqa: ANN001, ANN202
+        """The float32 value of a bfloat16 bit pattern (``uint16``): the pattern as the top half."""
+        sig = types.float32(types.uint16)
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            return builder.bitcast(args[0], ir.IntType(32))
+            top = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+            return builder.bitcast(top, ir.FloatType())
 
         return sig, codegen
 
-    @numba.njit(inline="always")
-    def mix32(x):  # noqa: ANN001, ANN201
-        """:func:`celo2.rule.rounding.mix32` of a ``uint32`` (every operation modulo 2**32)."""
-        x = np.uint32(x ^ (x >> _S0))
-        x = np.uint32(x * _A)
-        x = np.uint32(x ^ (x >> _S1))
-        x = np.uint32(x * _B)
-        return np.uint32(x ^ (x >> _S2))
+    @intrinsic
+    def round_bits(typingctx, x, key, index):  # noqa: ANN001, ANN202
+        """The bfloat16 pattern (``uint16``) of float32 ``x`` at flat ``index`` (``uint32``) rounded with
+        ``key`` (``uint32``), as :func:`celo2.rule.rounding.round_to_bfloat16` with the bits of
+        :func:`celo2.rule.rounding.random_bits`: 32-bit integer instructions only (the compiler vectorises
+        them 16 to a 512-bit register; Numba's integer typing would widen them to 64 bits)."""
+        sig = types.uint16(types.float32, types.uint32, types.uint32)
 
-    @numba.njit(inline="always")
-    def round_bits(x, key, mixed_index):  # noqa: ANN001, ANN201
-        """The bfloat16 pattern (``uint16``) of float32 ``x`` rounded with the random bits of ``key`` and
-        ``mixed_index = mix32(index)`` (:func:`celo2.rule.rounding.round_to_bfloat16`)."""
-        u = _as_uint32(x)
-        bits = mix32(np.uint32(np.uint32(key) ^ mixed_index)) >> np.uint32(16)
-        if (u & _ABS) > _INF:  # NaN: its top half, quiet
-            return np.uint16((u >> np.uint32(16)) | _QUIET)
-        return np.uint16((u + bits) >> np.uint32(16))
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            value, k, i = args
+            u = builder.bitcast(value, _I32)
+            bits = builder.lshr(_mix32_ir(builder, builder.xor(k, _mix32_ir(builder, i))), ir.Constant(_I32, 16))
+            rounded = builder.lshr(builder.add(u, bits), ir.Constant(_I32, 16))
+            quiet = builder.or_(builder.lshr(u, ir.Constant(_I32, 16)), ir.Constant(_I32, int(_QUIET)))
+            nan = builder.icmp_unsigned(">", builder.and_(u, ir.Constant(_I32, int(_ABS))),
+                                        ir.Constant(_I32, int(_INF)))
+            return builder.trunc(builder.select(nan, quiet, rounded), ir.IntType(16))
+
+        return sig, codegen
 
     def rounds(array):  # noqa: ANN001, ANN201
         """Whether ``array`` holds bfloat16 patterns (stores into it round), a constant per compiled type."""
@@ -95,7 +107,7 @@ if AVAILABLE:
     @overload(load, inline="always")
     def _load(x):  # noqa: ANN001, ANN202
         if x == types.uint16:
-            return lambda x: _as_float32(np.uint32(x) << np.uint32(16))
+            return lambda x: _widen(x)
         return lambda x: x
 
     def encode(array, x, key, index):  # noqa: ANN001, ANN201
@@ -106,7 +118,7 @@ if AVAILABLE:
     def _encode(array, x, key, index):  # noqa: ANN001, ANN202
         if array.dtype == types.uint16:
             def impl(array, x, key, index):  # noqa: ANN001, ANN202
-                return round_bits(x, key, mix32(np.uint32(index)))
+                return round_bits(x, np.uint32(key), np.uint32(index))
 
             return impl
         return lambda array, x, key, index: x

@@ -6,7 +6,8 @@ tensors' NumPy views: the same numbers as the chunked path, faster, with no
 chunk workspace. Their state is float32, or bfloat16 (handed to the kernels
 as its bit patterns, ``uint16``; each step computes in float32 and stores
 with the stochastic rounding of :mod:`celo2.rule.rounding`, its keys made
-here from the step's :class:`~celo2.torch.backends.base.StateRounding`). A matrix's or a vector's whole pass sequence is one call
+here from the step's :class:`~celo2.torch.backends.base.StateRounding`).
+A matrix's or a vector's whole pass sequence is one call
 (:func:`celo2.kernels.cpu.matrix_step`, :func:`~celo2.kernels.cpu.vector_step`,
 shared with the JAX front end's FFI handler), so whole tensors are handed to
 threads (:func:`celo2.kernels.cpu.run_tensors`); Celo2-base never holds a
