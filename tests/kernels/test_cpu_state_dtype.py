@@ -293,3 +293,14 @@ def test_operand_check_names_the_state_dtype():
         cpu_kernels.check_operands("matrix", shape, dict(ok, v=np.zeros((8, 5), np.int16)))
     with pytest.raises(ValueError, match=r"grad has shape \(8, 5\) and dtype uint16, expected \(8, 5\) float32 for"):
         cpu_kernels.check_operands("matrix", shape, {"grad": np.zeros((8, 5), np.uint16)})
+
+
+def test_rounding_keys_are_the_stream_keys_of_each_tensor():
+    from celo2.torch.backends.base import StateRounding
+    from celo2.torch.backends.numba import rounding_keys
+
+    states = [{k: torch.zeros(2, dtype=torch.bfloat16) for k in STATE_KEYS} for _ in range(3)]
+    steps = [1, 2**32 + 5, 77]
+    got = rounding_keys(states, StateRounding(2**32 - 1, [torch.tensor(s) for s in steps], [0, 9, 2**31]))
+    for row, step, tensor in zip(got, steps, [0, 9, 2**31]):
+        assert row == tuple(rounding.stream_key(2**32 - 1, step, tensor, rounding.SLOTS[k]) for k in STATE_KEYS)

@@ -56,14 +56,25 @@ def ensure_compiled(kernel: Any, args: tuple) -> None:
         kernel: A Numba dispatcher.
         args: Arguments of the types it will be called with.
     """
-    signature = tuple(numba.typeof(a) for a in args)
-    if (kernel, signature) in _READY:
+    key = (kernel, tuple(_type_key(a) for a in args))
+    if key in _READY:
         return
     with no_interleave():
-        if (kernel, signature) in _READY:
+        if key in _READY:
             return
-        kernel.compile(signature)
-        _READY.add((kernel, signature))
+        kernel.compile(tuple(numba.typeof(a) for a in args))
+        _READY.add(key)
+
+
+def _type_key(arg: Any) -> Any:
+    """What Numba's type of ``arg`` depends on, cheaply (``numba.typeof`` costs tens of microseconds an
+    array, on every step of every tensor)."""
+    flags = getattr(arg, "flags", None)
+    if flags is not None:  # a NumPy array
+        return (arg.dtype.num, arg.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned)
+    if isinstance(arg, tuple):
+        return (tuple, tuple(_type_key(x) for x in arg))
+    return type(arg)
 
 
 def _wide_pipeline() -> Any:

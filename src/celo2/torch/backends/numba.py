@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from celo2.kernels import cpu as cpu_kernels
-from celo2.rule.rounding import SLOTS, stream_key
+from celo2.rule.rounding import SLOTS, mix32
 from celo2.rule.state import STATE_KEYS, factoring, work_shape
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Apply, Options, StateRounding, finish
@@ -76,7 +76,9 @@ def rounding_keys(states: Sequence[dict[str, torch.Tensor]],
     Returns:
         Per tensor ``None`` (float32 state) or the keys ``(m, v, fac_r, fac_c)``
         (:func:`celo2.rule.rounding.stream_key` of the seed, the tensor's step count after this step, its
-        index and each accumulator's slot).
+        index and each accumulator's slot; made for all tensors at once, the same composition of
+        :func:`celo2.rule.rounding.mix32` on arrays, since one call per key costs more than a small
+        tensor's step).
 
     Raises:
         ValueError: A bfloat16 state without ``rounding``, or ``rounding`` for float32 state (checked for
@@ -85,19 +87,21 @@ def rounding_keys(states: Sequence[dict[str, torch.Tensor]],
     if rounding is not None and len(rounding.steps) != len(states):
         raise ValueError(f"numba backend: rounding has {len(rounding.steps)} step counters for "
                          f"{len(states)} tensors")
-    keys: list[Optional[tuple[int, ...]]] = []
     for j, st in enumerate(states):
         bfloat16 = st["m"].dtype == torch.bfloat16
         if bfloat16 != (rounding is not None):
             raise ValueError(f"numba backend: tensor {j} has {st['m'].dtype} state, "
                              f"{'but no rounding= was given' if bfloat16 else 'but rounding= was given'} "
                              f"(rounding= comes with bfloat16 state, and only with it)")
-        if rounding is None:
-            keys.append(None)
-            continue
-        step, tensor = int(rounding.steps[j]), int(rounding.tensors[j])
-        keys.append(tuple(stream_key(rounding.seed, step, tensor, SLOTS[key]) for key in STATE_KEYS))
-    return keys
+    if rounding is None:
+        return [None] * len(states)
+    mask = 0xFFFFFFFF
+    steps = np.array([int(s) & mask for s in rounding.steps], dtype=np.uint64)
+    tensors = np.array([int(t) & mask for t in rounding.tensors], dtype=np.uint64)
+    slots = np.array([SLOTS[key] for key in STATE_KEYS], dtype=np.uint64)
+    per_tensor = mix32(mix32(mix32(int(rounding.seed) & mask) ^ steps) ^ tensors)
+    keys = mix32(per_tensor[:, None] ^ slots[None, :])
+    return [tuple(int(k) for k in row) for row in keys]
 
 
 def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
