@@ -3,7 +3,8 @@
     python benchmarks/step_time.py --sizes 1m,10m --repeats 7 --out results.json
     python benchmarks/step_time.py --sizes 50m --repeats 5 --out results50.json
     python benchmarks/step_time.py --device cuda --frameworks torch --sizes gpt2-124m,gpt3-xl --train-share gpt2-124m
-    python benchmarks/step_time.py --sizes 10m --frameworks torch --state-dtypes float32,bfloat16 --no-memory
+    python benchmarks/step_time.py --sizes 10m --frameworks torch --state-dtypes float32,bfloat16 --no-memory \
+        --threads 1 --clock cpu
     bash benchmarks/gpu_figures.sh      # every GPU figure of issue 15, about 8 minutes on one GPU
 
 Parameter sets are shaped like real models. ``1m`` (d=128, 4 blocks), ``10m``
@@ -317,15 +318,19 @@ def ns_workspace_bytes(kind: str, size: str, device: str = "cpu") -> int:
     return max((item * n * (2 * r * c + 2 * r * r) for n, r, c in batches), default=0)
 
 
-def _clock(device: str):  # noqa: ANN202
-    """A function timing ``fn()`` in seconds: CUDA events on a GPU, the wall clock on the CPU."""
+def _clock(device: str, cpu_time: bool = False):  # noqa: ANN202
+    """A function timing ``fn()`` in seconds: CUDA events on a GPU; on the CPU the wall clock, or with
+    ``cpu_time`` the CPU time of the whole process (``time.process_time``: every thread's, none of the time
+    the process waits for a core, so that a CPU shared with other jobs still gives stable figures)."""
     import torch
 
     if device == "cpu":
+        now = time.process_time if cpu_time else time.perf_counter
+
         def timed(fn) -> float:  # noqa: ANN001
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            return time.perf_counter() - t0
+            return now() - t0
         return timed
 
     def timed_cuda(fn) -> float:  # noqa: ANN001
@@ -350,7 +355,7 @@ def _fresh_copies(base):  # noqa: ANN001, ANN202
 
 
 def torch_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_path: str | None,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", cpu_time: bool = False) -> dict[str, Any]:
     """Median step times. On the CPU every optimizer lives in one process and they step in rotating
     order; on a GPU they run one after the other (one optimizer's state in memory at a time), timed with
     CUDA events, and each one's memory is measured there too (``torch.cuda.max_memory_allocated``)."""
@@ -358,7 +363,7 @@ def torch_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_p
     base = _torch_params(size, device=device)
     if device != "cpu":
         return {k: _torch_cuda_row(k, base, theta, repeats, warmup, size) for k in kinds}
-    timed = _clock(device)
+    timed = _clock(device, cpu_time)
     opts = {kind: _torch_optimizer(kind, _fresh_copies(base), theta) for kind in kinds}
     for opt in opts.values():
         for _ in range(warmup):
@@ -691,6 +696,8 @@ def _run_worker(args: list[str], opts: argparse.Namespace) -> Any:
         cmd += ["--theta", opts.theta]
     if threads:
         cmd += ["--threads", str(threads)]
+    if opts.clock != "wall":
+        cmd += ["--clock", opts.clock]
     cmd += ["--_worker", *args]
     env = _worker_env(threads, args[0] == "torch-mem", args[0] == "jax-mem")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -813,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dtypes", default="float32",
                     help=f"comma-separated, of {STATE_DTYPES}: each one after float32 adds a KIND@DTYPE row per torch "
                     "Celo2 row (state_dtype=DTYPE), timed beside its float32 row")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="torch CPU timing: wall clock (default) or the process's CPU time (all threads; stable on "
+                    "a CPU shared with other jobs)")
     ap.add_argument("--theta", default=None, help="theta file (default: the shipped theta)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -827,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         mode, size, *rest = args._worker
         if mode == "torch-time":
-            out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device)
+            out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
+                               args.clock == "cpu")
         elif mode == "torch-train":
             out = torch_train_share(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
                                     args.train_batch)
@@ -866,9 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_model": cpu_model(),
-                    "cpus": os.cpu_count(),
-                    "threads": args.threads, "loadavg_start": os.getloadavg()},
+                    "cpus": os.cpu_count(), "threads": args.threads, "loadavg_start": os.getloadavg()},
         "device": args.device,
+        "clock": args.clock,
         "sizes": {},
     }
     frameworks = args.frameworks.split(",")
