@@ -3,6 +3,8 @@
     python benchmarks/step_time.py --sizes 1m,10m --repeats 7 --out results.json
     python benchmarks/step_time.py --sizes 50m --repeats 5 --out results50.json
     python benchmarks/step_time.py --device cuda --frameworks torch --sizes gpt2-124m,gpt3-xl --train-share gpt2-124m
+    python benchmarks/step_time.py --sizes 10m --frameworks torch --state-dtypes float32,bfloat16 --no-memory \
+        --threads 1 --clock cpu
     bash benchmarks/gpu_figures.sh      # every GPU figure of issue 15, about 8 minutes on one GPU
 
 Parameter sets are shaped like real models. ``1m`` (d=128, 4 blocks), ``10m``
@@ -35,6 +37,11 @@ What is compared, per framework, on the same parameters, dtype and threads:
   CPU their matrices go through the Numba kernels, an XLA custom call), and
   ``celo2_base_xla`` / ``celo2_xla``: the same with ``cpu_kernels=False``,
   XLA's own loop.
+
+State dtype (``--state-dtypes``, issue 28): each dtype after ``float32`` adds
+a row per Celo2 row, named ``KIND@DTYPE`` (``celo2_base@bfloat16``), the same
+optimizer built with ``state_dtype=DTYPE``; its ratio is against its float32
+row, timed in the same rotation.
 
 Timing: on the CPU all optimizers of one framework live in one process and are
 stepped in rotating order, ``--repeats`` rounds after ``--warmup`` excluded
@@ -134,6 +141,8 @@ TORCH_NS_DTYPES = {"muon": "bfloat16", "muon_fp32": "float32", "celo2_fp32": "fl
 """The Newton-Schulz dtype of each orthogonalising row (torch.optim.Muon always multiplies in bfloat16;
 ``muon_fp32`` is the same optimizer with its Newton-Schulz run in float32 by :func:`celo2.torch.ns.newton_schulz`)."""
 JAX_OPTS = ("adamw", "muon", "celo2_base", "celo2", "celo2_base_xla", "celo2_xla")
+STATE_DTYPES = ("float32", "bfloat16")
+"""The state dtypes of ``--state-dtypes``; rows of another than float32 are ``KIND@DTYPE`` (Celo2 rows only)."""
 LR = 1e-3
 
 
@@ -248,11 +257,27 @@ class _MuonWithAdamW:
                 yield from (v for v in st.values() if hasattr(v, "nbytes"))
 
 
+def split_kind(kind: str) -> tuple[str, str]:
+    """``"celo2_base@bfloat16"`` -> ``("celo2_base", "bfloat16")``; a kind without ``@`` has float32 state."""
+    base, _, dtype = kind.partition("@")
+    return base, dtype or "float32"
+
+
+def with_state_dtypes(kinds: list[str], dtypes: list[str]) -> list[str]:
+    """``kinds`` followed, per dtype other than float32, by each Celo2 kind's ``KIND@DTYPE`` row."""
+    return kinds + [f"{k}@{d}" for d in dtypes if d != "float32" for k in kinds if k.startswith("celo2")]
+
+
 def _torch_optimizer(kind: str, named, theta):  # noqa: ANN001
     import torch
 
     from celo2.torch import Celo2, Celo2Base
 
+    kind, state_dtype = split_kind(kind)
+    # Only a non-default state dtype is passed, so float32 rows run on any front end.
+    state = {} if state_dtype == "float32" else {"state_dtype": state_dtype}
+    if state and not kind.startswith("celo2"):
+        raise ValueError(f"{kind}: only Celo2 rows take a state dtype (got {state_dtype})")
     ps = [p for _, p in named]
     if kind == "adamw_foreach":
         return torch.optim.AdamW(ps, lr=LR, foreach=True)
@@ -261,9 +286,9 @@ def _torch_optimizer(kind: str, named, theta):  # noqa: ANN001
     if kind in ("muon", "muon_fp32"):
         return _MuonWithAdamW(named, ns_fp32=kind == "muon_fp32")
     if kind == "celo2_base":
-        return Celo2Base(named, lr=LR, theta=theta)
+        return Celo2Base(named, lr=LR, theta=theta, **state)
     if kind in ("celo2_fp32", "celo2_bf16"):
-        return Celo2(named, lr=LR, theta=theta, ns_dtype=TORCH_NS_DTYPES[kind])
+        return Celo2(named, lr=LR, theta=theta, ns_dtype=TORCH_NS_DTYPES[kind], **state)
     raise ValueError(f"unknown torch optimizer {kind!r}; expected one of {TORCH_OPTS}")
 
 
@@ -280,6 +305,7 @@ def ns_workspace_bytes(kind: str, size: str, device: str = "cpu") -> int:
     from celo2.rule import routing
     from celo2.torch.ns import batch_member_limit, plan_batches
 
+    kind = split_kind(kind)[0]
     if kind not in TORCH_NS_DTYPES:
         return 0
     item = 2 if TORCH_NS_DTYPES[kind] == "bfloat16" else 4
@@ -292,15 +318,19 @@ def ns_workspace_bytes(kind: str, size: str, device: str = "cpu") -> int:
     return max((item * n * (2 * r * c + 2 * r * r) for n, r, c in batches), default=0)
 
 
-def _clock(device: str):  # noqa: ANN202
-    """A function timing ``fn()`` in seconds: CUDA events on a GPU, the wall clock on the CPU."""
+def _clock(device: str, cpu_time: bool = False):  # noqa: ANN202
+    """A function timing ``fn()`` in seconds: CUDA events on a GPU; on the CPU the wall clock, or with
+    ``cpu_time`` the CPU time of the whole process (``time.process_time``: every thread's, none of the time
+    the process waits for a core, so that a CPU shared with other jobs still gives stable figures)."""
     import torch
 
     if device == "cpu":
+        now = time.process_time if cpu_time else time.perf_counter
+
         def timed(fn) -> float:  # noqa: ANN001
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            return time.perf_counter() - t0
+            return now() - t0
         return timed
 
     def timed_cuda(fn) -> float:  # noqa: ANN001
@@ -325,7 +355,7 @@ def _fresh_copies(base):  # noqa: ANN001, ANN202
 
 
 def torch_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_path: str | None,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", cpu_time: bool = False) -> dict[str, Any]:
     """Median step times. On the CPU every optimizer lives in one process and they step in rotating
     order; on a GPU they run one after the other (one optimizer's state in memory at a time), timed with
     CUDA events, and each one's memory is measured there too (``torch.cuda.max_memory_allocated``)."""
@@ -333,7 +363,7 @@ def torch_timing(size: str, kinds: list[str], repeats: int, warmup: int, theta_p
     base = _torch_params(size, device=device)
     if device != "cpu":
         return {k: _torch_cuda_row(k, base, theta, repeats, warmup, size) for k in kinds}
-    timed = _clock(device)
+    timed = _clock(device, cpu_time)
     opts = {kind: _torch_optimizer(kind, _fresh_copies(base), theta) for kind in kinds}
     for opt in opts.values():
         for _ in range(warmup):
@@ -666,12 +696,25 @@ def _run_worker(args: list[str], opts: argparse.Namespace) -> Any:
         cmd += ["--theta", opts.theta]
     if threads:
         cmd += ["--threads", str(threads)]
+    if opts.clock != "wall":
+        cmd += ["--clock", opts.clock]
     cmd += ["--_worker", *args]
     env = _worker_env(threads, args[0] == "torch-mem", args[0] == "jax-mem")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _mb(x: float | None) -> str:
@@ -707,18 +750,21 @@ def format_table(results: dict[str, Any]) -> str:
                      "train_temp_over_sgd_bytes_memory_ordered": "train+ m-o"}
             keys = [k for k in heads if any(k in r for r in rows.values())]
             budget = fw == "torch" and any("peak_extra_bytes" in r for r in rows.values())
-            lines.append(f"[{fw}]  {'optimizer':14s} {'median ms':>10s} {'ratio':>17s} "
+            lines.append(f"[{fw}]  {'optimizer':19s} {'median ms':>10s} {'ratio':>22s} "
                          f"{'state MiB':>10s} {'1st peak+':>10s} {'step tr.':>10s} {'tr/largest':>10s}"
                          + (f" {'budget':>10s} {'peak/bud.':>9s}" if budget else "")
                          + "".join(f" {heads[k]:>10s} {'/largest':>8s}" for k in keys))
             for kind, r in rows.items():
                 t = r["median_s"] * 1e3
-                ref = base_ref if kind.startswith("celo2_base") else ORTH_REFERENCE.get(kind)
+                if "@" in kind:  # another state dtype: against the same optimizer's float32 row
+                    ref = split_kind(kind)[0]
+                else:
+                    ref = base_ref if kind.startswith("celo2_base") else ORTH_REFERENCE.get(kind)
                 ratio = f"{r['median_s'] / rows[ref]['median_s']:.2f}x {ref}" if ref in rows else ""
                 state, peak = r.get("state_bytes"), r.get("peak_extra_bytes")
                 trans = r.get("step_transient_bytes", r.get("temp_bytes"))
                 rel = "-" if trans is None else f"{trans / largest:.2f}"
-                line = f"       {kind:14s} {t:10.1f} {ratio:>17s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}"
+                line = f"       {kind:19s} {t:10.1f} {ratio:>22s} {_mb(state)}{_mb(peak)}{_mb(trans)} {rel:>10s}"
                 if budget:
                     bud = memory_budget_bytes(r)
                     line += f"{_mb(bud)} {'-' if bud is None or peak is None else f'{peak / bud:.2f}':>9s}"
@@ -730,9 +776,9 @@ def format_table(results: dict[str, Any]) -> str:
     if share:
         lines.append(f"\n== training step of {share['model']} ({share['num_params']:,} parameters, batch "
                      f"{share['batch']} x {share['tokens_per_step'] // share['batch']} tokens) ==")
-        lines.append(f"       {'optimizer':14s} {'fwd+bwd ms':>10s} {'step ms':>10s} {'share':>8s}")
+        lines.append(f"       {'optimizer':19s} {'fwd+bwd ms':>10s} {'step ms':>10s} {'share':>8s}")
         for kind, r in share["rows"].items():
-            lines.append(f"       {kind:14s} {r['forward_backward_s'] * 1e3:10.1f} {r['step_s'] * 1e3:10.1f} "
+            lines.append(f"       {kind:19s} {r['forward_backward_s'] * 1e3:10.1f} {r['step_s'] * 1e3:10.1f} "
                          f"{100 * r['share']:7.1f}%")
     lines.append("\nNewton-Schulz dtypes: " + ", ".join(f"{k} {v}" for k, v in TORCH_NS_DTYPES.items())
                  + f"; Celo2's ns_dtype='auto' is {results.get('torch_ns_dtype_auto', '?')} on this device.")
@@ -771,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-share", default=None, metavar="MODEL",
                     help=f"also time a full training step of this GPT ({sorted(GPT_SIZES)}) with each torch optimizer")
     ap.add_argument("--train-batch", type=int, default=8, help="sequences per training step of --train-share")
+    ap.add_argument("--state-dtypes", default="float32",
+                    help=f"comma-separated, of {STATE_DTYPES}: each one after float32 adds a KIND@DTYPE row per torch "
+                    "Celo2 row (state_dtype=DTYPE), timed beside its float32 row")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="torch CPU timing: wall clock (default) or the process's CPU time (all threads; stable on "
+                    "a CPU shared with other jobs)")
     ap.add_argument("--theta", default=None, help="theta file (default: the shipped theta)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -785,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         mode, size, *rest = args._worker
         if mode == "torch-time":
-            out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device)
+            out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
+                               args.clock == "cpu")
         elif mode == "torch-train":
             out = torch_train_share(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
                                     args.train_batch)
@@ -816,12 +869,17 @@ def main(argv: list[str] | None = None) -> int:
         return kinds
 
     torch_kinds = optimizer_list("--torch-optimizers", args.torch_optimizers, TORCH_OPTS)
+    state_dtypes = args.state_dtypes.split(",")
+    if set(state_dtypes) - set(STATE_DTYPES):
+        ap.error(f"--state-dtypes: unknown {sorted(set(state_dtypes) - set(STATE_DTYPES))}; expected {STATE_DTYPES}")
+    torch_kinds = with_state_dtypes(torch_kinds, state_dtypes)
     jax_kinds = optimizer_list("--jax-optimizers", args.jax_optimizers, JAX_OPTS)
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "loadavg_start": os.getloadavg()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_model": cpu_model(),
+                    "cpus": os.cpu_count(), "threads": args.threads, "loadavg_start": os.getloadavg()},
         "device": args.device,
+        "clock": args.clock,
         "sizes": {},
     }
     frameworks = args.frameworks.split(",")
@@ -855,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(results)
     results["table"] = table
     print(table)
-    print(f"\nload average (1, 5, 15 min) at start {results['machine']['loadavg_start']}, "
+    print(f"\nCPU: {results['machine']['cpu_model']}, {results['machine']['cpus']} CPUs; "
+          f"load average (1, 5, 15 min) at start {results['machine']['loadavg_start']}, "
           f"at end {results['machine']['loadavg_end']}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -174,11 +174,7 @@ import test_state_dtype as T
 torch.save(T.bfloat16_states("triton", "cuda" if torch.cuda.is_available() else "cpu"), sys.argv[2])
 '''
 
-_LANDS = pytest.mark.skip(reason="bfloat16 state lands in that backend's branch")
-
-
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("numba", marks=_LANDS),
-                                     "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "numba", "triton"])
 def test_every_backend_stores_the_same_bits_over_six_steps(backend, tmp_path):
     if backend == "numba" and not cpu_kernels.AVAILABLE:
         pytest.skip("Numba is not installed")

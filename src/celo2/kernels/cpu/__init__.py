@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the rule on float32 matrices, vectors and conv kernels (Numba).
+"""Fused CPU kernels for the rule on float32 matrices, vectors and conv kernels (Numba), float32 or bfloat16 state.
 
 Shared by both front ends: the PyTorch optimizer calls them on its tensors'
 NumPy views, the JAX front end from inside a compiled step through an XLA
@@ -13,6 +13,9 @@ module per job:
   front ends call, and :func:`all_finite`;
 * :mod:`~celo2.kernels.cpu._operands`: which tensors the kernels take
   (:func:`kernel_kind`), the shapes of their operands, their row blocks;
+* :mod:`~celo2.kernels.cpu._storage`: how the loops read and write state,
+  float32 or bfloat16 rounded stochastically (:data:`NO_KEYS`: the rounding
+  keys float32 state takes);
 * :mod:`~celo2.kernels.cpu._threads`: the thread pool (:func:`run_tensors`,
   :func:`run_blocks`; the thread count is the caller's);
 * :mod:`~celo2.kernels.cpu._compiler`: Numba and LLVM options
@@ -25,8 +28,10 @@ the compile. Nothing here imports a framework.
 from celo2.kernels.cpu._compiler import AVAILABLE, NOALIAS, WIDE, ensure_compiled, no_interleave
 from celo2.kernels.cpu._compiler import kernel as _kernel  # noqa: F401 - tests compile a probe the kernels' way
 from celo2.kernels.cpu._loops import APPLY, FACTORED_W, MOMENTUM_W, OVER_GRAD, SQUARES, WRITE
-from celo2.kernels.cpu._operands import KINDS, blocks, check_operands, kernel_kind, operand_shapes, rows_first
-from celo2.kernels.cpu._passes import NONFINITE_BLOCK, all_finite
+from celo2.kernels.cpu._operands import (KINDS, STATE_OPERANDS, blocks, check_operands, kernel_kind, operand_shapes,
+                                         rows_first)
+from celo2.kernels.cpu._storage import NO_KEYS
+from celo2.kernels.cpu._passes import COLUMN_CHUNK, NONFINITE_BLOCK, all_finite
 from celo2.kernels.cpu._threads import PARALLEL_MIN_ELEMENTS, THREADS_ENV, default_threads, run_blocks, run_tensors
 
 if AVAILABLE:
@@ -36,8 +41,8 @@ if AVAILABLE:
 __all__ = [
     "AVAILABLE", "NOALIAS", "WIDE", "ensure_compiled", "no_interleave",
     "WRITE", "SQUARES", "APPLY", "OVER_GRAD", "MOMENTUM_W", "FACTORED_W",
-    "KINDS", "kernel_kind", "rows_first", "operand_shapes", "check_operands", "blocks",
-    "NONFINITE_BLOCK", "all_finite",
+    "KINDS", "STATE_OPERANDS", "kernel_kind", "rows_first", "operand_shapes", "check_operands", "blocks", "NO_KEYS",
+    "COLUMN_CHUNK", "NONFINITE_BLOCK", "all_finite",
     "PARALLEL_MIN_ELEMENTS", "THREADS_ENV", "default_threads", "run_blocks", "run_tensors",
 ]
 if AVAILABLE:

@@ -46,19 +46,35 @@ _READY: set = set()
 
 def ensure_compiled(kernel: Any, args: tuple) -> None:
     """Compile ``kernel`` for ``args``' types (or load it from Numba's disk
-    cache) before its first call, under :func:`no_interleave`.
+    cache) before its first call with them, under :func:`no_interleave`.
+
+    Each set of argument types is a compilation of its own (float32 and
+    bfloat16 state, say), and each is made here, never lazily by a call
+    outside the option.
 
     Args:
         kernel: A Numba dispatcher.
         args: Arguments of the types it will be called with.
     """
-    if kernel in _READY:
+    key = (kernel, tuple(_type_key(a) for a in args))
+    if key in _READY:
         return
     with no_interleave():
-        if kernel in _READY:
+        if key in _READY:
             return
         kernel.compile(tuple(numba.typeof(a) for a in args))
-        _READY.add(kernel)
+        _READY.add(key)
+
+
+def _type_key(arg: Any) -> Any:
+    """What Numba's type of ``arg`` depends on, cheaply (``numba.typeof`` costs tens of microseconds an
+    array, on every step of every tensor)."""
+    flags = getattr(arg, "flags", None)
+    if flags is not None:  # a NumPy array
+        return (arg.dtype.num, arg.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned)
+    if isinstance(arg, tuple):
+        return (tuple, tuple(_type_key(x) for x in arg))
+    return type(arg)
 
 
 def _wide_pipeline() -> Any:

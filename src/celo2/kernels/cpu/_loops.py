@@ -26,6 +26,10 @@ from celo2.rule import layout, spec
 
 if AVAILABLE:
     import numba
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    from celo2.kernels.cpu._storage import encode, float_row, load, rounds, store_unrounded
 
 _F = np.float32
 _GRAD_CLIP = _F(spec.GRAD_CLIP)
@@ -56,6 +60,30 @@ FACTORED_W = (1.0 - np.asarray(spec.FACTORED_DECAYS, np.float32)).astype(np.floa
 
 
 if AVAILABLE:
+    @intrinsic
+    def fma(typingctx, a, b, c):  # noqa: ANN001, ANN202
+        """``a b + c`` (float32) rounded once, an instruction no fast-math
+        rewrite changes (it carries no fast-math flags)."""
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.fma(*args)
+
+        return sig, codegen
+
+    @numba.njit(inline="always")
+    def fold_momentum(old, w, g):  # noqa: ANN001, ANN201
+        """A momentum's new value, ``old + w (g - old)``, with one rounding
+        order wherever it is computed: :func:`direction` computes again, bit
+        for bit, what :func:`accumulate` computed."""
+        return fma(w, g - old, old)
+
+    @numba.njit(inline="always")
+    def fold_second_moment(old, g2):  # noqa: ANN001, ANN201
+        """``v``'s new value, ``RMS_DECAY old + (1 - RMS_DECAY) g^2``, with one
+        rounding order (as :func:`fold_momentum`)."""
+        return fma(_RMS_DECAY, old, _RMS_W * g2)
+
     @numba.njit(cache=True)
     def normalised_first_layer(w_el, sums, n):  # noqa: ANN001
         """The per-element channels' first-layer rows ``w_el`` (18, 8) scaled
@@ -184,10 +212,13 @@ if AVAILABLE:
     @kernel
     def accumulate(lo, hi, graw, p, m, v, wm, A2, B2, j0, j1, per, sums_part):  # noqa: ANN001
         """Pass 2 on blocks ``lo:hi``, columns ``j0:j1``: fold ``g`` into ``m``
-        (3, R, C) and ``v`` (R, C) in place and take the sums of squares of all
-        18 per-element channels over those columns, in fast-path order; ``A2``
+        (3, R, C) and ``v`` (R, C) and take the sums of squares of all 18
+        per-element channels over those columns, in fast-path order; ``A2``
         (3, R) / ``B2`` (3, >= j1 - j0) are the squared Adafactor factors (``B2``
-        of those columns)."""
+        of those columns). Float32 ``m`` and ``v`` are updated in place;
+        bfloat16 ones are left as they are, for :func:`direction` to fold
+        and store rounded (it needs the float32 values, and they are
+        computed again there bit for bit)."""
         R = graw.shape[0]
         C = j1 - j0
         Q0 = B2[0]; Q1 = B2[1]; Q2 = B2[2]  # noqa: E702
@@ -201,15 +232,15 @@ if AVAILABLE:
                 m0r = m[0, i, j0:j1]; m1r = m[1, i, j0:j1]; m2r = m[2, i, j0:j1]  # noqa: E702
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
-                    m0 = m0r[j] + wm[0] * (g - m0r[j])
-                    m1 = m1r[j] + wm[1] * (g - m1r[j])
-                    m2 = m2r[j] + wm[2] * (g - m2r[j])
-                    m0r[j] = m0
-                    m1r[j] = m1
-                    m2r[j] = m2
+                    m0 = fold_momentum(load(m0r[j]), wm[0], g)
+                    m1 = fold_momentum(load(m1r[j]), wm[1], g)
+                    m2 = fold_momentum(load(m2r[j]), wm[2], g)
+                    store_unrounded(m0r, j, m0)
+                    store_unrounded(m1r, j, m1)
+                    store_unrounded(m2r, j, m2)
                     g2 = g * g
-                    vv = _RMS_DECAY * vr[j] + _RMS_W * g2
-                    vr[j] = vv
+                    vv = fold_second_moment(load(vr[j]), g2)
+                    store_unrounded(vr, j, vv)
                     r = _ONE / (vv + _RSQRT_EPS)
                     pp = pr[j]
                     q0 = m0 * m0; q1 = m1 * m1; q2 = m2 * m2  # noqa: E702
@@ -234,8 +265,8 @@ if AVAILABLE:
             sums_part[blk] = s
 
     @kernel
-    def direction(lo, hi, graw, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, j0, j1, per, out,  # noqa: ANN001
-                  sq_part):
+    def direction(lo, hi, graw, p, m, v, wm, A, B, TR, TC, W, W1, b1, w2, b2, mode, decay, step, j0, j1, per,  # noqa: ANN001
+                  out, sq_part, keys, store):
         """Pass 3 on blocks ``lo:hi``, columns ``j0:j1``. ``W`` (18, 8): first
         layer with the input RMS folded in, rows in fast-path channel order;
         ``A`` (3, R) / ``B`` (3, >= j1 - j0): Adafactor factors along rows /
@@ -245,6 +276,16 @@ if AVAILABLE:
         decay p + step d``; OVER_GRAD: ``graw = d`` (``out`` unused). Every
         mode leaves the per-block sums of ``d^2`` in ``sq_part``.
 
+        Float32 ``m`` and ``v`` hold this step's values already
+        (:func:`accumulate`). Bfloat16 ones (``uint16`` patterns) still hold
+        the last step's: a row's are folded with ``g`` again into float32
+        row buffers first (``wm`` as :func:`accumulate`, the same values bit
+        for bit), which the MLP loop then reads as it reads float32 rows (so
+        that LLVM compiles that loop, and its fast-math rewrites, the same
+        way for both), and with ``store`` set (the last direction pass of
+        the step) they are stored rounded with ``keys`` (``m``'s and ``v``'s
+        first) at their flat indices in the whole accumulators.
+
         The MLP is written out unit by unit so that it stays in registers, and
         each row's directions go to a row buffer before the mode's store: a
         helper function or a store under a branch in the hot loop stopped
@@ -252,6 +293,10 @@ if AVAILABLE:
         R = graw.shape[0]
         C = j1 - j0
         row = np.empty(C, np.float32)
+        width = graw.shape[1]
+        plane = graw.shape[0] * width  # elements of one momentum
+        fresh = np.empty((4, C if rounds(m) else 0), np.float32)  # a row's new m0, m1, m2, v, to round
+        N0 = fresh[0]; N1 = fresh[1]; N2 = fresh[2]; NV = fresh[3]  # noqa: E702
         # 1-D rows: indexing them lets LLVM see unit strides (2-D and 3-D
         # indexing left it gathering element by element).
         B0 = B[0]; B1 = B[1]; B2 = B[2]  # noqa: E702
@@ -264,12 +309,21 @@ if AVAILABLE:
                 t4 = TR[4, i]; t5 = TR[5, i]; t6 = TR[6, i]; t7 = TR[7, i]  # noqa: E702
                 gr = graw[i, j0:j1]; vr = v[i, j0:j1]; pr = p[i, j0:j1]  # noqa: E702
                 m0r = m[0, i, j0:j1]; m1r = m[1, i, j0:j1]; m2r = m[2, i, j0:j1]  # noqa: E702
+                if rounds(m):  # a compile-time constant: the last step's values, folded as accumulate does
+                    for j in range(C):
+                        g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
+                        N0[j] = fold_momentum(load(m0r[j]), wm[0], g)
+                        N1[j] = fold_momentum(load(m1r[j]), wm[1], g)
+                        N2[j] = fold_momentum(load(m2r[j]), wm[2], g)
+                        NV[j] = fold_second_moment(load(vr[j]), g * g)
+                vs = float_row(vr, NV); m0s = float_row(m0r, N0)  # noqa: E702
+                m1s = float_row(m1r, N1); m2s = float_row(m2r, N2)  # noqa: E702
                 row_sq = _ZERO
                 for j in range(C):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
-                    vv = vr[j]
+                    vv = vs[j]
                     rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
-                    m0 = m0r[j]; m1 = m1r[j]; m2 = m2r[j]  # noqa: E702
+                    m0 = m0s[j]; m1 = m1s[j]; m2 = m2s[j]  # noqa: E702
                     f0 = a0 * B0[j]; f1 = a1 * B1[j]; f2 = a2 * B2[j]  # noqa: E702
                     pp = pr[j]
                     x1 = min(max(g, -_FEATURE_CLIP), _FEATURE_CLIP)
@@ -340,6 +394,13 @@ if AVAILABLE:
                 elif mode == OVER_GRAD:
                     for j in range(C):
                         gr[j] = row[j]
+                if store and rounds(m):
+                    at = i * width + j0  # flat index of (i, j0) in v and in m's first momentum
+                    for j in range(C):  # v and m's first momentum share mix32(index)
+                        m0r[j] = encode(m0r, N0[j], keys[0], at + j)
+                        m1r[j] = encode(m1r, N1[j], keys[0], plane + at + j)
+                        m2r[j] = encode(m2r, N2[j], keys[0], 2 * plane + at + j)
+                        vr[j] = encode(vr, NV[j], keys[1], at + j)
             sq_part[blk] = sq
 
     @kernel
@@ -459,7 +520,8 @@ if AVAILABLE:
                     term[h] += b0[h]
 
     @kernel
-    def grouped(lo, hi, graw, p, m, v, wm, RF, CF, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out):  # noqa: ANN001
+    def grouped(lo, hi, graw, p, m, v, wm, RF, CF, TR, TC, W, W1, b1, w2, b2, mode, decay, step, per, out,  # noqa: ANN001
+                keys):
         """The rule on an (O, I, G) tensor whose normalisation groups are its
         (o, i) windows of G elements (a conv kernel, factored over O and I).
         Per row ``o``: fold ``g`` into ``m`` / ``v`` and build the 18 channels
@@ -469,9 +531,13 @@ if AVAILABLE:
         it) or apply it with the window's output RMS (mode APPLY). ``RF`` (3,
         O, G) / ``CF`` (3, I, G) are the Adafactor factors, ``TR`` (8, O, G, with ``b0``) / ``TC``
         (8, I, G) the rank-1 channels' share of the first layer, ``W`` (18, 8)
-        the first layer in fast-path channel order."""
+        the first layer in fast-path channel order. Bfloat16 ``m`` / ``v``
+        (``uint16`` patterns) are stored rounded with ``keys`` (``m``'s and
+        ``v``'s first) at their flat indices; the row's channels take the
+        float32 values."""
         O, I, G = graw.shape
         n = I * G
+        plane = O * n  # elements of one momentum
         # Each row o as one run of n = I G elements (all arrays are C-contiguous):
         # the channel loop then has unit strides and vectorises.
         g_rows = graw.reshape(O, n)
@@ -502,14 +568,16 @@ if AVAILABLE:
                 gr = g_rows[o]; pr = p_rows[o]; vr = v_rows[o]; m0r = m_rows[0, o]; m1r = m_rows[1, o]; m2r = m_rows[2, o]  # noqa: E702, E501
                 for j in range(n):
                     g = min(max(gr[j], -_GRAD_CLIP), _GRAD_CLIP)
-                    m0 = m0r[j] + wm[0] * (g - m0r[j])
-                    m1 = m1r[j] + wm[1] * (g - m1r[j])
-                    m2 = m2r[j] + wm[2] * (g - m2r[j])
-                    m0r[j] = m0
-                    m1r[j] = m1
-                    m2r[j] = m2
-                    vv = _RMS_DECAY * vr[j] + _RMS_W * g * g
-                    vr[j] = vv
+                    old0 = load(m0r[j]); old1 = load(m1r[j]); old2 = load(m2r[j])  # noqa: E702
+                    m0 = old0 + wm[0] * (g - old0)
+                    m1 = old1 + wm[1] * (g - old1)
+                    m2 = old2 + wm[2] * (g - old2)
+                    at = o * n + j  # flat index in v and in m's first momentum
+                    m0r[j] = encode(m0r, m0, keys[0], at)
+                    m1r[j] = encode(m1r, m1, keys[0], plane + at)
+                    m2r[j] = encode(m2r, m2, keys[0], 2 * plane + at)
+                    vv = _RMS_DECAY * load(vr[j]) + _RMS_W * g * g
+                    vr[j] = encode(vr, vv, keys[1], at)
                     rv = _ONE / np.sqrt(vv + _RSQRT_EPS)
                     f0 = FR0[j] * CF0[j]
                     f1 = FR1[j] * CF1[j]

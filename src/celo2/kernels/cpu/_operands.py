@@ -89,8 +89,16 @@ def operand_shapes(kind: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ..
     return {"grad": tuple(shape), "param": tuple(shape), **state}
 
 
+STATE_OPERANDS: tuple[str, ...] = ("m", "v", "fac_r", "fac_c")
+"""The operands that hold the rule's state: float32, or all of them bfloat16 bit patterns (``uint16``)."""
+
+
 def check_operands(kind: str, shape: tuple[int, ...], arrays: "dict[str, object]", *, contiguous: bool = True) -> None:
     """Refuse operands the kernels cannot take safely, before any kernel runs.
+
+    ``grad`` and ``param`` are float32; the state operands
+    (:data:`STATE_OPERANDS`) are float32, or ``uint16`` bfloat16 bit
+    patterns, all of one dtype.
 
     Args:
         kind: The kernel kind (see :func:`operand_shapes`).
@@ -101,16 +109,25 @@ def check_operands(kind: str, shape: tuple[int, ...], arrays: "dict[str, object]
             ``False`` where the caller's layout is fixed by XLA).
 
     Raises:
-        ValueError: Naming the first operand whose shape, dtype (float32) or
-            layout is not what the kernel kind takes.
+        ValueError: Naming the first operand whose shape, dtype or layout is
+            not what the kernel kind takes.
     """
     expected = operand_shapes(kind, shape)
+    state_dtype = None
     for name, x in arrays.items():
         got = tuple(x.shape)
-        if got != expected[name] or np.dtype(x.dtype) != np.float32:
+        dtype = np.dtype(x.dtype)
+        if got != expected[name] or dtype not in ((np.float32, np.uint16) if name in STATE_OPERANDS
+                                                  else (np.float32,)):
+            storage = "float32 or uint16 (bfloat16 bit patterns)" if name in STATE_OPERANDS else "float32"
             raise ValueError(f"celo2 CPU kernels: {name} has shape {got} and dtype {x.dtype}, expected "
-                             f"{expected[name]} float32 for a tensor of shape {tuple(shape)} (is the "
+                             f"{expected[name]} {storage} for a tensor of shape {tuple(shape)} (is the "
                              f"optimizer state from another model, or the parameter resized?)")
+        if name in STATE_OPERANDS:
+            if state_dtype is not None and dtype != state_dtype:
+                raise ValueError(f"celo2 CPU kernels: {name} is {dtype} but the state before it is {state_dtype}: "
+                                 f"a tensor's state operands share one dtype")
+            state_dtype = dtype
         if contiguous and isinstance(x, np.ndarray) and not x.flags.c_contiguous:
             raise ValueError(f"celo2 CPU kernels: {name} (shape {got}) is not C-contiguous")
 

@@ -37,10 +37,12 @@ import numpy as np
 from celo2.kernels.cpu._compiler import AVAILABLE, serial
 from celo2.kernels.cpu._loops import APPLY, FACTORED_W, MOMENTUM_W, SQUARES
 from celo2.kernels.cpu._operands import blocks
+from celo2.kernels.cpu._storage import NO_KEYS
 from celo2.kernels.cpu._threads import run_blocks
 from celo2.rule import layout, spec
 
 if AVAILABLE:
+    from celo2.kernels.cpu._storage import store_all, widened
     from celo2.kernels.cpu._loops import (accumulate, direction, factor_terms, fold_statistic, grad_stats,
                                           group_factors, group_grad_stats, grouped, nonfinite_blocks,
                                           normalised_first_layer, statistic_moments, vector_accumulate,
@@ -76,13 +78,15 @@ if AVAILABLE:
             factor_terms(stat, j0, j1, moments, w, b0, is_row, B, TC)
 
     @serial
-    def finish(g, p, m, v, A, TR, B, TC, filled, columns, W, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
+    def finish(g, p, m, v, A, TR, B, TC, filled, columns, W, net, mode, decay, lr, out, keys):  # noqa: ANN001, ANN202
         """The direction pass of a matrix or vector (one, or for ``APPLY`` the
         squares first, then the scaled application), a chunk of
         :data:`COLUMN_CHUNK` columns at a time; ``columns``, the arguments of
         :func:`fill_columns` before the range, fill each chunk's factors ``B``
         and rank-1 terms ``TC``, which already hold the chunk starting at
-        column ``filled``. Returns the sum of the direction's squares."""
+        column ``filled``. Bfloat16 ``m`` / ``v`` are stored (rounded with
+        ``keys``) by the last pass. Returns the sum of the direction's
+        squares."""
         R, C = g.shape
         per, nblk = blocks_jit(R)
         # Contiguous copies (a slice types as any-layout, which the loops index more slowly).
@@ -106,16 +110,16 @@ if AVAILABLE:
                     fill_columns(columns[0], columns[1], columns[2], columns[3], columns[4], columns[5], j0, j1, B,
                                  TC)
                     filled = j0
-                direction(0, nblk, g, p, m, v, A, B, TR, TC, W, W1, b1, w2, b2, pass_mode, pass_decay, step, j0, j1,
-                          per, out, sq_part)
+                direction(0, nblk, g, p, m, v, MOMENTUM_W, A, B, TR, TC, W, W1, b1, w2, b2, pass_mode, pass_decay,
+                          step, j0, j1, per, out, sq_part, keys, pass_mode != SQUARES)
                 total += sq_part.sum()
             if pass_mode != APPLY:
                 sq = total
         return sq
 
     @serial
-    def matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 matrix's step, serially: the four passes (gradient sums,
+    def matrix_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out, keys=NO_KEYS):  # noqa: ANN001, ANN202
+        """One matrix's step, serially: the four passes (gradient sums,
         factors, accumulators, direction) over the blocks of :func:`blocks`,
         the accumulator and direction passes a chunk of :data:`COLUMN_CHUNK`
         columns at a time (the column factors and rank-1 terms are made per
@@ -129,7 +133,15 @@ if AVAILABLE:
         (:func:`celo2.rule.layout.pack_theta`); ``mode`` of the direction pass:
         ``WRITE`` into ``out`` (R, C), ``OVER_GRAD`` into ``g``, or ``APPLY``
         (its squares first, then ``p <- decay p - lr d / rms(d)``); ``decay``
-        and ``lr`` (float64), read by ``APPLY`` only.
+        and ``lr`` (float64), read by ``APPLY`` only; ``keys``, the rounding
+        keys ``(m, v, fac_r, fac_c)`` of this step
+        (:func:`celo2.rule.rounding.stream_key`), read where the state is
+        bfloat16.
+
+        The state is float32 (updated in place), or bfloat16 bit patterns
+        (``uint16`` arrays, all four): read as float32, every value computed
+        in float32 exactly as for float32 state, each stored rounded
+        stochastically (:mod:`celo2.kernels.cpu._storage`).
 
         Returns: the sum of the direction's squares (float64)."""
         R, C = g.shape
@@ -138,11 +150,15 @@ if AVAILABLE:
         w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
         w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
         b0 = net[_B0[0]:_B0[1]].copy()
+        # The factored statistics are small: bfloat16 ones are folded in
+        # float32 copies, then stored rounded.
+        stat_r = widened(fac_r)
+        stat_c = widened(fac_c)
         # The row statistic (fac_r) averages over the columns (one value per
         # row) when rows_first, else over the rows; the other one runs along
         # the columns and is folded a chunk of columns at a time.
-        along_cols = fac_c if rows_first else fac_r
-        along_rows = fac_r if rows_first else fac_c
+        along_cols = stat_c if rows_first else stat_r
+        along_rows = stat_r if rows_first else stat_c
         row_sum = np.zeros(R, np.float32)
         col_part = np.empty((nblk, width), np.float32)
         parts_cols = np.zeros((3, 3), np.float64)
@@ -153,6 +169,8 @@ if AVAILABLE:
             col_sum = col_part[0] if nblk == 1 else col_part.sum(0)
             fold_statistic(along_cols, col_sum, j0, j1, R, FACTORED_W, parts_cols)
         fold_statistic(along_rows, row_sum, 0, R, C, FACTORED_W, parts_rows)
+        store_all(fac_r, stat_r, keys[2])
+        store_all(fac_c, stat_c, keys[3])
         moments_cols = np.empty((3, 3), np.float32)
         moments_rows = np.empty((3, 3), np.float32)
         statistic_moments(parts_cols, C, moments_cols)
@@ -160,11 +178,11 @@ if AVAILABLE:
         A = np.empty((3, R), np.float32)
         TR = np.empty((_H, R), np.float32)
         if rows_first:
-            factor_terms(fac_r, 0, R, moments_rows, w_row, b0, True, A, TR)
-            columns = (fac_c, moments_cols, w_col, b0, False, False)
+            factor_terms(stat_r, 0, R, moments_rows, w_row, b0, True, A, TR)
+            columns = (stat_c, moments_cols, w_col, b0, False, False)
         else:
-            factor_terms(fac_c, 0, R, moments_rows, w_col, b0, False, A, TR)
-            columns = (fac_r, moments_cols, w_row, b0, True, False)
+            factor_terms(stat_c, 0, R, moments_rows, w_col, b0, False, A, TR)
+            columns = (stat_r, moments_cols, w_row, b0, True, False)
         A2 = A * A
         B = np.empty((3, width), np.float32)
         TC = np.empty((_H, width), np.float32)
@@ -181,18 +199,28 @@ if AVAILABLE:
             accumulate(0, nblk, g, p, m, v, MOMENTUM_W, A2, B2, j0, j1, per, sums_part)
             sums += sums_part.sum(0)
         W = normalised_first_layer(net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H), sums, R * C)
-        return finish(g, p, m, v, A, TR, B, TC, j0, columns, W, net, mode, decay, lr, out)
+        return finish(g, p, m, v, A, TR, B, TC, j0, columns, W, net, mode, decay, lr, out, keys)
 
     @serial
-    def vector_step(g, p, m, v, fac, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 vector's step, serially: the accumulator pass (its
+    def vector_step(g, p, m, v, fac, net, mode, decay, lr, out, keys=NO_KEYS):  # noqa: ANN001, ANN202
+        """One vector's step, serially: the accumulator pass (its
         full-size statistic folded), then the matrix direction pass on it as
         one row, its factors made a chunk of :data:`COLUMN_CHUNK` entries at a
         time (:func:`celo2.kernels.cpu._loops.vector_factors`). Arguments as :func:`matrix_step`, with
-        ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n).
+        ``g``, ``p``, ``v`` (n,), ``m`` and ``fac`` (3, n), ``out`` (1, n);
+        ``fac`` is the vector's ``fac_r`` (its ``keys`` entry).
+
+        Bfloat16 state (vectors are small next to the matrices) is stepped
+        in float32 copies, then stored rounded.
 
         Returns: the sum of the direction's squares (float64)."""
         n = g.shape[0]
+        held_m = m
+        held_v = v
+        held_fac = fac
+        m = widened(held_m)
+        v = widened(held_v)
+        fac = widened(held_fac)
         sums = np.empty(_VECTOR_CH, np.float64)
         vector_accumulate(g, p, m, v, fac, MOMENTUM_W, FACTORED_W, sums)
         # Rows of fac_m stay zero in W: vectors lack those channels.
@@ -204,12 +232,16 @@ if AVAILABLE:
         TC = np.zeros((_H, width), np.float32)
         unused = np.empty((3, 3), np.float32)
         columns = (fac, unused, unused, TR[:, 0].copy(), False, True)
-        return finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, TR, B, TC, -1,
-                      columns, W, net, mode, decay, lr, out)
+        sq = finish(g.reshape(1, n), p.reshape(1, n), m.reshape(3, 1, n), v.reshape(1, n), A, TR, B, TC, -1,
+                    columns, W, net, mode, decay, lr, out, NO_KEYS)
+        store_all(held_m, m, keys[0])
+        store_all(held_v, v, keys[1])
+        store_all(held_fac, fac, keys[2])
+        return sq
 
     @serial
-    def conv_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out):  # noqa: ANN001, ANN202
-        """One float32 conv kernel's step, serially, seen as ``(O, I, G)``
+    def conv_step(g, p, m, v, fac_r, fac_c, rows_first, net, mode, decay, lr, out, keys=NO_KEYS):  # noqa: ANN001, ANN202
+        """One conv kernel's step, serially, seen as ``(O, I, G)``
         (``G = kh kw``, the same memory) and normalised per (o, i) window:
         the sums of ``clip(g)^2`` over ``I`` and over ``O``, the factored
         statistics with their factors and rank-1 terms per window position,
@@ -224,7 +256,8 @@ if AVAILABLE:
         same); ``net``, the packed weights; ``mode``: ``WRITE`` the raw
         direction into ``out`` (O, I, G), ``OVER_GRAD`` into ``g``, or
         ``APPLY`` ``p <- decay p - lr d / rms(d)`` with each window's RMS;
-        ``decay`` and ``lr`` (float64), read by ``APPLY`` only.
+        ``decay`` and ``lr`` (float64), read by ``APPLY`` only; ``keys`` and
+        bfloat16 state as :func:`matrix_step`.
 
         Returns: 0.0 (float64; the normalisation is per window, so there is
         no tensor-wide sum of squares to return)."""
@@ -234,27 +267,31 @@ if AVAILABLE:
         col_part = np.empty((nblk, I, G), np.float32)
         group_grad_stats(0, nblk, g, per, sum_over_i, col_part)
         sum_over_o = col_part.sum(0)
-        rf = np.empty_like(fac_r)
-        cf = np.empty_like(fac_c)
+        stat_r = widened(fac_r)
+        stat_c = widened(fac_c)
+        rf = np.empty(fac_r.shape, np.float32)
+        cf = np.empty(fac_c.shape, np.float32)
         term_r = np.empty((_H, fac_r.shape[1], G), np.float32)
         term_c = np.empty((_H, fac_c.shape[1], G), np.float32)
         w_row = net[_W_ROW[0]:_W_ROW[1]].copy().reshape(_RANK1, _H)
         w_col = net[_W_COL[0]:_W_COL[1]].copy().reshape(_RANK1, _H)
         b0 = net[_B0[0]:_B0[1]].copy()
         if rows_first:  # the row statistic averages over I and runs along O
-            group_factors(fac_r, fac_c, sum_over_i, sum_over_o, I, O, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
+            group_factors(stat_r, stat_c, sum_over_i, sum_over_o, I, O, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
                           term_c)
             RF, CF, TR, TC = rf, cf, term_r, term_c
         else:
-            group_factors(fac_r, fac_c, sum_over_o, sum_over_i, O, I, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
+            group_factors(stat_r, stat_c, sum_over_o, sum_over_i, O, I, FACTORED_W, w_row, w_col, b0, rf, cf, term_r,
                           term_c)
             RF, CF, TR, TC = cf, rf, term_c, term_r
+        store_all(fac_r, stat_r, keys[2])
+        store_all(fac_c, stat_c, keys[3])
         W = net[_W_EL[0]:_W_EL[1]].copy().reshape(_CH, _H)
         W1 = net[_W1[0]:_W1[1]].copy().reshape(_H, _H)
         b1 = net[_B1[0]:_B1[1]].copy()
         w2 = net[_W2[0]:_W2[1]].copy()
         grouped(0, nblk, g, p, m, v, MOMENTUM_W, RF, CF, TR, TC, W, W1, b1, w2, net[_B2[0]], mode, np.float32(decay),
-                np.float32(-lr), per, out)
+                np.float32(-lr), per, out, keys)
         return 0.0
 
 

@@ -3,7 +3,11 @@
 Float32 CPU matrices, vectors and conv kernels (4-D, factored over their two
 leading axes) take the fused kernels of :mod:`celo2.kernels.cpu` on their
 tensors' NumPy views: the same numbers as the chunked path, faster, with no
-chunk workspace. A matrix's or a vector's whole pass sequence is one call
+chunk workspace. Their state is float32, or bfloat16 (handed to the kernels
+as its bit patterns, ``uint16``; each step computes in float32 and stores
+with the stochastic rounding of :mod:`celo2.rule.rounding`, its keys made
+here from the step's :class:`~celo2.torch.backends.base.StateRounding`).
+A matrix's or a vector's whole pass sequence is one call
 (:func:`celo2.kernels.cpu.matrix_step`, :func:`~celo2.kernels.cpu.vector_step`,
 shared with the JAX front end's FFI handler), so whole tensors are handed to
 threads (:func:`celo2.kernels.cpu.run_tensors`); Celo2-base never holds a
@@ -20,9 +24,10 @@ import numpy as np
 import torch
 
 from celo2.kernels import cpu as cpu_kernels
-from celo2.rule.state import factoring, work_shape
+from celo2.rule.rounding import SLOTS, mix32
+from celo2.rule.state import STATE_KEYS, factoring, work_shape
 from celo2.torch._state import TorchTheta
-from celo2.torch.backends.base import Apply, Options, finish
+from celo2.torch.backends.base import Apply, Options, StateRounding, finish
 
 AVAILABLE: bool = cpu_kernels.AVAILABLE
 """Whether Numba is installed (else this backend takes no tensor)."""
@@ -31,8 +36,9 @@ AVAILABLE: bool = cpu_kernels.AVAILABLE
 def kind(state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> Optional[str]:
     """Which fused CPU kernels take this tensor (``"vector"``, ``"matrix"``, ``"conv"``), or ``None``.
 
-    They take float32, contiguous CPU tensors (state included) of a shape they
-    cover (:func:`celo2.kernels.cpu.kernel_kind`), not traced by
+    They take float32, contiguous CPU tensors with contiguous float32 or
+    bfloat16 state (all of it one dtype) of a shape they cover
+    (:func:`celo2.kernels.cpu.kernel_kind`), not traced by
     ``torch.compile``, whose gradient is not the parameter itself.
 
     Args:
@@ -45,15 +51,62 @@ def kind(state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor
     """
     if not (AVAILABLE and param.device.type == "cpu" and not torch.compiler.is_compiling()
             and param.dtype == torch.float32 and grad.dtype == torch.float32
-            and grad.is_contiguous() and param.is_contiguous() and state["m"].is_contiguous()
-            and state["v"].is_contiguous() and state["fac_r"].is_contiguous() and state["fac_c"].is_contiguous()
-            and grad.data_ptr() != param.data_ptr()):
+            and grad.is_contiguous() and param.is_contiguous()
+            and all(state[key].is_contiguous() and state[key].dtype == state["m"].dtype for key in STATE_KEYS)
+            and state["m"].dtype in NumbaBackend.state_dtypes and grad.data_ptr() != param.data_ptr()):
         return None
     return cpu_kernels.kernel_kind(work_shape(param.shape))
 
 
+def state_array(t: torch.Tensor) -> np.ndarray:
+    """A state tensor's memory as the kernels take it: float32, or a bfloat16 tensor's bit patterns (``uint16``)."""
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(np.uint16)
+    return t.detach().numpy()
+
+
+def rounding_keys(states: Sequence[dict[str, torch.Tensor]],
+                  rounding: Optional[StateRounding]) -> list[Optional[tuple[int, ...]]]:
+    """Per tensor, the rounding keys of this step for the kernels, checked against the state's dtype.
+
+    Args:
+        states: The tensors' accumulators.
+        rounding: How bfloat16 state is stored (``None``: the state is float32).
+
+    Returns:
+        Per tensor ``None`` (float32 state) or the keys ``(m, v, fac_r, fac_c)``
+        (:func:`celo2.rule.rounding.stream_key` of the seed, the tensor's step count after this step, its
+        index and each accumulator's slot; made for all tensors at once, the same composition of
+        :func:`celo2.rule.rounding.mix32` on arrays, since one call per key costs more than a small
+        tensor's step).
+
+    Raises:
+        ValueError: A bfloat16 state without ``rounding``, or ``rounding`` for float32 state (checked for
+            every tensor before any is stepped).
+    """
+    if rounding is not None and len(rounding.steps) != len(states):
+        raise ValueError(f"numba backend: rounding has {len(rounding.steps)} step counters for "
+                         f"{len(states)} tensors")
+    for j, st in enumerate(states):
+        bfloat16 = st["m"].dtype == torch.bfloat16
+        if bfloat16 != (rounding is not None):
+            raise ValueError(f"numba backend: tensor {j} has {st['m'].dtype} state, "
+                             f"{'but no rounding= was given' if bfloat16 else 'but rounding= was given'} "
+                             f"(rounding= comes with bfloat16 state, and only with it)")
+    if rounding is None:
+        return [None] * len(states)
+    mask = 0xFFFFFFFF
+    steps = np.array([int(s) & mask for s in rounding.steps], dtype=np.uint64)
+    tensors = np.array([int(t) & mask for t in rounding.tensors], dtype=np.uint64)
+    slots = np.array([SLOTS[key] for key in STATE_KEYS], dtype=np.uint64)
+    per_tensor = mix32(mix32(mix32(int(rounding.seed) & mask) ^ steps) ^ tensors)
+    keys = mix32(per_tensor[:, None] ^ slots[None, :])
+    return [tuple(int(k) for k in row) for row in keys]
+
+
 def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
-        orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False) -> Optional[torch.Tensor]:
+        orthogonalize: bool, apply: Optional[tuple[object, float]], *, raw: bool = False,
+        keys: Optional[tuple[int, ...]] = None) -> Optional[torch.Tensor]:
     """One tensor's step through the kernels (``kind(...)`` must be set).
 
     Args:
@@ -65,6 +118,7 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         apply: ``(lr, weight_decay)`` to update the parameter in place, or ``None``.
         raw: With ``apply=None``, return the raw direction (before Newton-Schulz and the
             output RMS).
+        keys: For bfloat16 state, this step's rounding keys (:func:`rounding_keys`); ``None`` for float32.
 
     Returns:
         As :func:`celo2.torch.backends.torch.run`.
@@ -75,11 +129,15 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
     k = kind(state, grad, param)
     shape = work_shape(param.shape)
     g, p = grad.detach().reshape(shape), param.detach().reshape(shape)
-    arrays = {"grad": g.numpy(), "param": p.numpy(), "m": state["m"].numpy(), "v": state["v"].numpy(),
-              "fac_r": state["fac_r"].numpy()}
+    arrays = {"grad": g.numpy(), "param": p.numpy(), "m": state_array(state["m"]), "v": state_array(state["v"]),
+              "fac_r": state_array(state["fac_r"])}
     if k != "vector":
-        arrays["fac_c"] = state["fac_c"].numpy()
+        arrays["fac_c"] = state_array(state["fac_c"])
     cpu_kernels.check_operands(k, shape, arrays)  # before any view of them is taken
+    if (arrays["m"].dtype == np.uint16) != (keys is not None):
+        raise ValueError(f"numba backend: {arrays['m'].dtype} state (a tensor of shape {tuple(param.shape)}) "
+                         f"with rounding keys {keys}: bfloat16 state needs them, float32 state takes none")
+    keys = cpu_kernels.NO_KEYS if keys is None else keys
     if k == "vector":
         step = cpu_kernels.vector_step
         args = (arrays["grad"], arrays["param"], arrays["m"], arrays["v"], arrays["fac_r"], theta.net_numpy())
@@ -100,12 +158,12 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
         # Celo2-base and vectors: the direction is never held (its squares first, then applied).
         lr, wd = apply
         lr = float(lr)
-        full = args + (cpu_kernels.APPLY, 1.0 - lr * wd, lr, np.empty((1,) * len(kernel_shape), np.float32))
+        full = args + (cpu_kernels.APPLY, 1.0 - lr * wd, lr, np.empty((1,) * len(kernel_shape), np.float32), keys)
         cpu_kernels.ensure_compiled(step, full)
         step(*full)
         return None
     out = torch.empty(kernel_shape, dtype=torch.float32)
-    full = args + (cpu_kernels.WRITE, 1.0, 0.0, out.numpy())
+    full = args + (cpu_kernels.WRITE, 1.0, 0.0, out.numpy(), keys)
     cpu_kernels.ensure_compiled(step, full)
     step(*full)
     out = out.view(shape)
@@ -116,9 +174,9 @@ def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, p
 
 
 def _raw_into(box: list, theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
-              param: torch.Tensor) -> None:
+              param: torch.Tensor, keys: Optional[tuple[int, ...]]) -> None:
     """A tensor's raw direction appended to ``box`` (a task for a worker thread)."""
-    box.append(run(theta, state, grad, param, True, None, raw=True))
+    box.append(run(theta, state, grad, param, True, None, raw=True, keys=keys))
 
 
 class NumbaBackend:
@@ -132,7 +190,7 @@ class NumbaBackend:
 
     name = "numba"
     gates_nonfinite = False
-    state_dtypes = (torch.float32,)
+    state_dtypes = (torch.float32, torch.bfloat16)
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Whether :func:`kind` names a kernel for this tensor."""
@@ -144,17 +202,18 @@ class NumbaBackend:
 
     def apply(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool, apply: Apply, skip: bool,
-              options: Options) -> list[Optional[torch.Tensor]]:
+              options: Options, rounding: Optional[StateRounding] = None) -> list[Optional[torch.Tensor]]:
         """:func:`run` with ``apply`` on each tensor (see :meth:`celo2.torch.backends.Backend.apply`)."""
+        keys = rounding_keys(states, rounding)
         tasks = []
         held: list[tuple[torch.Tensor, list]] = []  # conv kernels under Celo2: Newton-Schulz on this thread
-        for p, g, st in zip(params, grads, states):
+        for p, g, st, key in zip(params, grads, states, keys):
             if orthogonalize and p.ndim >= 2:
                 box: list = []
-                tasks.append((p.numel(), partial(_raw_into, box, theta, st, g, p)))
+                tasks.append((p.numel(), partial(_raw_into, box, theta, st, g, p, key)))
                 held.append((p, box))
             else:
-                tasks.append((p.numel(), partial(run, theta, st, g, p, orthogonalize, apply)))
+                tasks.append((p.numel(), partial(run, theta, st, g, p, orthogonalize, apply, keys=key)))
         if tasks:
             cpu_kernels.run_tensors(tasks, threads=torch.get_num_threads())
         for p, box in held:
@@ -163,18 +222,22 @@ class NumbaBackend:
 
     def directions(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    states: Sequence[dict[str, torch.Tensor]], *, orthogonalize: bool,
-                   options: Options) -> list[torch.Tensor]:
+                   options: Options, rounding: Optional[StateRounding] = None) -> list[torch.Tensor]:
         """:func:`run` without ``apply`` on each tensor."""
-        return [run(theta, st, g, p, orthogonalize, None) for p, g, st in zip(params, grads, states)]
+        keys = rounding_keys(states, rounding)
+        return [run(theta, st, g, p, orthogonalize, None, keys=key)
+                for p, g, st, key in zip(params, grads, states, keys)]
 
     def raw(self, theta: TorchTheta, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[dict[str, torch.Tensor]], *, skip: bool,
-            options: Options) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+            options: Options, rounding: Optional[StateRounding] = None,
+            ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Each matrix's raw direction, whole tensors spread over threads (``ok`` is ``None``)."""
+        keys = rounding_keys(states, rounding)
         out: list = [None] * len(params)
 
         def task(j: int) -> None:
-            out[j] = (run(theta, states[j], grads[j], params[j], True, None, raw=True), None)
+            out[j] = (run(theta, states[j], grads[j], params[j], True, None, raw=True, keys=keys[j]), None)
 
         cpu_kernels.run_tensors([(p.numel(), partial(task, j)) for j, p in enumerate(params)],
                                 threads=torch.get_num_threads())
