@@ -6,9 +6,13 @@ live one layer up, in :mod:`celo2.theta_files`.
 
 from celo2.rule import spec
 from celo2.rule.theta import Theta, ThetaError
+from celo2.rule.variant import PUBLISHED, RuleVariant, VariantError
 
 __all__ = [
     "spec",
     "Theta",
     "ThetaError",
+    "RuleVariant",
+    "PUBLISHED",
+    "VariantError",
 ]
