@@ -51,11 +51,22 @@ def test_setup_commands_are_the_ones_ci_runs() -> None:
     install = first_block[0].split("#")[0].strip()
     test = first_block[1].split("#")[0].strip()
     assert install == 'pip install torch==2.13.0 && pip install -e ".[all,test]" && celo2 demo'
-    assert test == "python -m pytest -q"
+    assert test == "python -m pytest -q -n 2 --dist loadfile"
     ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
     assert ci[-1] == test, "CI's last step must be exactly the README's test command"
     assert "python -m pip install --quiet torch==2.13.0" in ci
+
+
+def test_the_test_commands_plugin_is_in_the_test_extra() -> None:
+    """``-n``/``--dist`` are pytest-xdist's flags: the extra the README installs must bring it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    first_block = re.search(r"^```bash\n(.*?)^```", README, re.S | re.M).group(1).splitlines()
+    test = first_block[1].split("#")[0].split()
+    assert "-n" in test and "--dist" in test
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"]
+    assert any(re.match(r"pytest-xdist\b", requirement) for requirement in extras["test"]), extras["test"]
 
 
 def test_readme_is_short_and_its_links_resolve() -> None:
