@@ -22,6 +22,10 @@ SLOW_MODULES: tuple[str, ...] = (
     "examples/test_examples.py",
     "benchmarks/test_benchmark_scripts.py",
     "kernels/test_triton.py",
+    "reliability/test_metatrain_interrupt.py",
+    "torch/test_distributed.py",
+    "kernels/test_triton_traffic.py",
+    "kernels/test_triton_compile.py",
 )
 
 
