@@ -19,12 +19,18 @@ DATASETS = SHARED / "datasets"
 #: collection order) no long module is left running alone at the end. A module missing here still
 #: runs, only later.
 SLOW_MODULES: tuple[str, ...] = (
-    "examples/test_examples.py",
     "benchmarks/test_benchmark_scripts.py",
+    "metatrain/test_score.py",
+    "metatrain/test_tasks_models.py",
     "kernels/test_triton.py",
+    "examples/test_examples.py",
     "reliability/test_metatrain_interrupt.py",
-    "torch/test_distributed.py",
+    "optax/test_sharding.py",
+    "metatrain/test_tasks.py",
+    "kernels/test_cpu_passes.py",
+    "metatrain/test_sharding.py",
     "kernels/test_triton_traffic.py",
+    "torch/test_distributed.py",
     "kernels/test_triton_compile.py",
 )
 
