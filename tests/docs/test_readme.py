@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -51,14 +52,40 @@ def test_setup_commands_are_the_ones_ci_runs() -> None:
     install = first_block[0].split("#")[0].strip()
     test = first_block[1].split("#")[0].strip()
     assert install == 'pip install torch==2.13.0 && pip install -e ".[all,test]" && celo2 demo'
-    assert test == "python -m pytest -q"
+    assert test == "python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder"
     ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
     assert ci[-1] == test, "CI's last step must be exactly the README's test command"
     assert "python -m pip install --quiet torch==2.13.0" in ci
 
 
+def test_the_test_commands_plugin_is_in_the_test_extra() -> None:
+    """``-n``/``--dist`` are pytest-xdist's flags: the extra the README installs must bring it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    first_block = re.search(r"^```bash\n(.*?)^```", README, re.S | re.M).group(1).splitlines()
+    test = first_block[1].split("#")[0].split()
+    assert "-n" in test and "--dist" in test
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"]
+    assert any(re.match(r"pytest-xdist\b", requirement) for requirement in extras["test"]), extras["test"]
+
+
 def test_readme_is_short_and_its_links_resolve() -> None:
     assert len(README.splitlines()) <= 200
     for target in re.findall(r"\]\(((?!https?://)[^)#]+)", README):
         assert (REPO_ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_the_slow_modules_started_first_exist_and_start_first() -> None:
+    """tests/conftest.py names the slowest modules, started first by the test command's workers."""
+    spec = importlib.util.spec_from_file_location("celo2_tests_root_conftest", REPO_ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    tests = REPO_ROOT / "tests"
+    assert conftest.SLOW_MODULES and len(set(conftest.SLOW_MODULES)) == len(conftest.SLOW_MODULES)
+    for module in conftest.SLOW_MODULES:
+        assert (tests / module).is_file(), f"tests/conftest.py SLOW_MODULES names {module}, which does not exist"
+    ranks = [conftest.start_rank(tests / module) for module in conftest.SLOW_MODULES]
+    assert ranks == list(range(len(conftest.SLOW_MODULES)))
+    assert conftest.start_rank(tests / "docs" / "test_readme.py") == len(conftest.SLOW_MODULES)
+    assert conftest.start_rank(REPO_ROOT / "README.md") == len(conftest.SLOW_MODULES)
