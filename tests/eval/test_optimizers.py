@@ -98,16 +98,22 @@ def test_unknown_optimizer_is_named():
         O.build_optimizer("nope", nn.Linear(2, 2), 0.1, 0.0)
 
 
-def test_celo2_factories_take_a_theta(random_theta):
-    pytest.importorskip("celo2.torch")
+def _one_step_of_each(names, theta):
+    """Build each kind on a small MLP with ``theta`` and take one step; yields ``(name, optimizer, model)``."""
     torch.manual_seed(0)
     model = T.MLP([784, 16, 10])
-    for name in ("celo2", "celo2-base"):
-        opt = O.build_optimizer(name, model, 1e-3, 0.1, theta=random_theta)
+    for name in names:
+        opt = O.build_optimizer(name, model, 1e-3, 0.1, theta=theta)
         loss = model(torch.rand(4, 28, 28)).logsumexp(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        yield name, opt, model
+
+
+def test_celo2_factories_take_a_theta(random_theta):
+    pytest.importorskip("celo2.torch")
+    for _, _, model in _one_step_of_each(("celo2", "celo2-base"), random_theta):
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
@@ -126,13 +132,6 @@ def test_bfloat16_state_kinds_step_with_bfloat16_state_and_run_only_when_named(r
     pytest.importorskip("celo2.torch")
     assert "celo2-bf16" in O.OPTIMIZERS and "celo2-bf16" not in O.DEFAULT_SUITE_OPTIMIZERS
     assert "celo2-base-bf16" not in O.DEFAULT_SUITE_OPTIMIZERS and "celo2" in O.DEFAULT_SUITE_OPTIMIZERS
-    torch.manual_seed(0)
-    model = T.MLP([784, 16, 10])
-    for name in ("celo2-bf16", "celo2-base-bf16"):
-        opt = O.build_optimizer(name, model, 1e-3, 0.1, theta=random_theta)
-        loss = model(torch.rand(4, 28, 28)).logsumexp(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for name, opt, _ in _one_step_of_each(("celo2-bf16", "celo2-base-bf16"), random_theta):
         dtypes = {t.dtype for s in opt.state.values() for k, t in s.items() if k in ("m", "v", "exp_avg")}
         assert dtypes == {torch.bfloat16}, (name, dtypes)
