@@ -175,3 +175,36 @@ def test_triton_resources_prints_registers_and_spills_of_compiled_kernels(tmp_pa
     rows = json.loads((tmp_path / "out.json").read_text())["results"]
     assert len(rows) == 2 and all(r["target"] == "sm_90" and r["registers"] > 0 for r in rows)
     assert "regs" in res.stdout and "spill" in res.stdout and "factored direction passes" in res.stdout
+
+
+def test_state_8bit_quality_runs_the_simulated_kind_on_the_bench(tmp_path):
+    pytest.importorskip("celo2.torch")
+    out = tmp_path / "8bit"
+    res = _run([str(BENCH / "state_8bit_quality.py"), "--suite", "smoke", "--task", "mlp", "--lr", "0.001",
+                "--weight-decay", "0", "--seeds", "1", "--steps", "5", "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["config"]["optimizer"] for r in rows] == ["celo2-8bit-sim"] and rows[0]["status"] == "ok"
+
+
+def test_blockwise_8bit_quantisation_is_unbiased_and_within_one_code():
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("state_8bit_quality", BENCH / "state_8bit_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.linspace(-1.0, 1.0, 1000) ** 3
+    scale = x.abs().max() / 127  # one block's codes are multiples of its scale
+    draws = []
+    for seed in range(200):
+        y = x.clone()
+        module.quantise_blockwise_(y, torch.Generator().manual_seed(seed))
+        draws.append(y)
+    draws = torch.stack(draws)
+    assert float((draws - x).abs().max()) <= float(scale) * 1.0001 + 1e-7
+    assert float((draws.mean(0) - x).abs().max()) < 0.2 * float(scale)  # unbiased: the mean approaches x
+    v = torch.rand(300)  # non-negative: 255 unsigned codes per block
+    w = v.clone()
+    module.quantise_blockwise_(w, torch.Generator().manual_seed(0))
+    assert bool((w >= 0).all())
