@@ -214,12 +214,9 @@ def _state_dtype(state: dict[str, torch.Tensor], rounding: Optional[StateRoundin
     return dtype
 
 
-def _rounding_kw(rounding: Optional[StateRounding], indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """The ``rounding=`` keyword of a backend call on the tensors at ``indices`` (none for float32 state, so
-    that a backend that stores float32 only is called as before)."""
-    if rounding is None:
-        return {}
-    return {"rounding": rounding if indices is None else rounding.select(indices)}
+def _selected(rounding: Optional[StateRounding], indices: Sequence[int]) -> Optional[StateRounding]:
+    """The ``rounding=`` of a backend call on the tensors at ``indices`` (``None`` for float32 state)."""
+    return None if rounding is None else rounding.select(indices)
 
 
 def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool) -> bool:
@@ -260,11 +257,10 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
         return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
     b = pick(backend, state, grad, param)
     options = Options(chunk_elements)
-    kw = _rounding_kw(rounding)
     if not _is_held(b, param, orthogonalize):
         return b.directions(theta, [param], [grad], [state], orthogonalize=orthogonalize, options=options,
-                            **kw)[0]
-    d, _ = b.raw(theta, [param], [grad], [state], skip=False, options=options, **kw)[0]
+                            rounding=rounding)[0]
+    d, _ = b.raw(theta, [param], [grad], [state], skip=False, options=options, rounding=rounding)[0]
     d = newton_schulz(d, dtype=resolve_ns_dtype(ns_dtype, param.device), inplace=True)
     return finish(d).reshape(param.shape)
 
@@ -356,7 +352,7 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
     for (b, device), idx in stepped.items():
         oks = b.apply(theta_of(device), [params[i] for i in idx], [grads[i] for i in idx],
                       [states[i] for i in idx], orthogonalize=orthogonalize, apply=apply, skip=skip,
-                      options=options, **_rounding_kw(rounding, idx))
+                      options=options, rounding=_selected(rounding, idx))
         if skip and b.gates_nonfinite:
             count_skipped_many([counters[i] for i in idx], oks)
     if held:
@@ -406,7 +402,7 @@ def _held_steps(held, params, grads, states, theta_of, apply, ns_dtype, skip, co
             oks: dict[int, Optional[torch.Tensor]] = {}
             for b, idx in _by_backend([m for batch in members for m in batch]).items():
                 raws = b.raw(theta, [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx],
-                             skip=skip, options=options, **_rounding_kw(rounding, idx))
+                             skip=skip, options=options, rounding=_selected(rounding, idx))
                 for i, (d, ok) in zip(idx, raws):
                     dirs[i], oks[i] = d, ok
             for batch_members in members:
