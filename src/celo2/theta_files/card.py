@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from celo2.rule.theta import Theta, ThetaError
+from celo2.theta_files.formats import json_object
 
 #: The run folder's record of a finished meta-training run (written by ``celo2 meta-train``).
 RUN_METADATA = "metadata.json"
@@ -39,14 +40,7 @@ def read_run_metadata(run_dir: "str | Path") -> dict[str, Any]:
     path = Path(run_dir)
     if path.is_dir():
         path = path / RUN_METADATA
-    data = _read_text(path, "run metadata")
-    try:
-        record = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise ThetaError(f"{path}: malformed run metadata ({exc!s:.200})") from None
-    if not isinstance(record, dict):
-        raise ThetaError(f"{path}: the run metadata is not a JSON object")
-    return record
+    return json_object(_read_text(path, "run metadata"), path, "run metadata")
 
 
 def read_bench_tables(report: "str | Path") -> str:

@@ -375,14 +375,32 @@ def _load_npz(members: dict[str, bytes], origin: str) -> Theta:
             )
     metadata: dict[str, Any] = {}
     if metadata_json is not None:
-        try:
-            metadata = json.loads(metadata_json)
-        except (ValueError, RecursionError) as exc:
-            raise ThetaError(f"{origin}: malformed __metadata__ record ({exc!s:.200})") from exc
-        if not isinstance(metadata, dict):
-            raise ThetaError(f"{origin}: the __metadata__ record is not a JSON object")
+        metadata = json_object(metadata_json, origin, "__metadata__ record")
     metadata.setdefault("source", origin)
     return Theta(arrays, metadata, variant)
+
+
+def json_object(text: str, origin: Any, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object: the one reader of the JSON records next to and inside theta files.
+
+    Args:
+        text: The JSON text.
+        origin: The file it came from, for the message.
+        what: What the record is (``"__metadata__ record"``, ``"run metadata"``), for the message.
+
+    Returns:
+        The object.
+
+    Raises:
+        ThetaError: Malformed JSON, or JSON that is not an object; the message names ``origin`` and ``what``.
+    """
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ThetaError(f"{origin}: malformed {what} ({exc!s:.200})") from exc
+    if not isinstance(record, dict):
+        raise ThetaError(f"{origin}: the {what} is not a JSON object")
+    return record
 
 
 # -- PyLO's PyTorch state_dict ------------------------------------------------------------
