@@ -162,24 +162,43 @@ PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.fl
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 """State dtypes the kernels read and write (bfloat16 with ``rounding=``)."""
 
+STAT_FIELDS: tuple[str, ...] = (
+    # the statistic's accumulator (address); offset of its sums of ``clip(g)^2`` in the scratch and their
+    # partial rows (1 for lo, the blocks over ``SH`` for hi); its length and 1 / the length it sums over
+    # (float32 bits)
+    "fac", "tot", "parts", "n", "inv_count",
+    # scratch offsets: its Adafactor factors, rank-1 first-layer terms, and its groups' input RMS
+    "f", "t", "norm", "normr",
+    # its normalisation groups (count, length); whether it is the row statistic (1) or not (0), its
+    # first-layer weights' offset in the packed net and its bfloat16 counter slot
+    "ng", "len", "is_row", "w", "slot",
+    # an element's index in it: ``(n // span) * inner + n % inner``
+    "inner", "span",
+)
+"""The fields of each factored statistic: in :data:`FIELDS` once with ``_lo`` and once with ``_hi`` appended,
+in this order, so that a hi field sits :data:`STAT_STRIDE` columns after its lo field."""
+
+STAT_STRIDE: int = len(STAT_FIELDS)
+"""Columns from a lo statistic's field to the same field of the hi statistic."""
+
 FIELDS: tuple[str, ...] = (
     # addresses of a member's operands
-    "g", "p", "m", "v", "fac_lo", "fac_hi", "d", "ok", "step",
+    "g", "p", "m", "v", "d", "ok", "step",
     # offsets into the call's scratch (``out``: into its output buffer for a raw direction)
-    "out", "sum_lo", "part_hi", "mean", "norm_lo", "normr_lo", "norm_hi", "normr_hi", "f_lo", "t_lo", "f_hi",
-    "t_hi", "part", "inv", "sq", "scale",
+    "out", "mean", "part", "inv", "sq", "scale",
     # sizes and geometry
-    "n", "g_count", "l", "nlb", "lo_inner", "lo_span", "n_lo", "hi_inner", "hi_span", "n_hi", "sh", "b", "sl",
-    "c", "nhb", "n_mean", "mean_s", "mean_q", "ng_lo", "len_lo", "ng_hi", "len_hi", "lo_is_row", "w_lo", "w_hi",
-    # the row statistic's mean: its accumulator, sums, their partial count and length, 1 / its length
-    "mean_stat", "mean_tot", "mean_parts", "mean_ns", "mean_inv",
+    "n", "g_count", "l", "nlb", "sh", "b", "sl", "c", "nhb", "n_mean", "mean_s", "mean_q",
     # the member's index in the call (its flag and ``ok``); bfloat16 state: the tensor's index in the
-    # optimizer's order and its factored statistics' counter slots
-    "member", "tensor", "slot_lo", "slot_hi",
-    # float32 constants as bit patterns
-    "inv_sl", "inv_sh",
+    # optimizer's order
+    "member", "tensor",
+    # the two factored statistics (a vector's full-size statistic is ``fac_lo``)
+    *(f"{k}_lo" for k in STAT_FIELDS),
+    *(f"{k}_hi" for k in STAT_FIELDS),
 )
 """The int64 fields of a member's row in its group's table (see the module docstring)."""
+
+_FIELD: dict[str, int] = {name: k for k, name in enumerate(FIELDS)}
+"""Each field's column."""
 
 Scalar = Union[float, torch.Tensor]
 
@@ -243,67 +262,51 @@ if AVAILABLE:
 
     # --- member tables: the column of each field (FIELDS) ------------------------------------
     _W = _C(len(FIELDS))
-    _T_G = _C(0)
-    _T_P = _C(1)
-    _T_M = _C(2)
-    _T_V = _C(3)
-    _T_FAC_LO = _C(4)
-    _T_FAC_HI = _C(5)
-    _T_D = _C(6)
-    _T_OK = _C(7)
-    _T_STEP = _C(8)
-    _T_OUT = _C(9)
-    _T_SUM_LO = _C(10)
-    _T_PART_HI = _C(11)
-    _T_MEAN = _C(12)
-    _T_NORM_LO = _C(13)
-    _T_NORMR_LO = _C(14)
-    _T_NORM_HI = _C(15)
-    _T_NORMR_HI = _C(16)
-    _T_F_LO = _C(17)
-    _T_T_LO = _C(18)
-    _T_F_HI = _C(19)
-    _T_T_HI = _C(20)
-    _T_PART = _C(21)
-    _T_INV = _C(22)
-    _T_SQ = _C(23)
-    _T_SCALE = _C(24)
-    _T_N = _C(25)
-    _T_G_COUNT = _C(26)
-    _T_L = _C(27)
-    _T_NLB = _C(28)
-    _T_LO_INNER = _C(29)
-    _T_LO_SPAN = _C(30)
-    _T_N_LO = _C(31)
-    _T_HI_INNER = _C(32)
-    _T_HI_SPAN = _C(33)
-    _T_N_HI = _C(34)
-    _T_SH = _C(35)
-    _T_B = _C(36)
-    _T_SL = _C(37)
-    _T_C = _C(38)
-    _T_NHB = _C(39)
-    _T_N_MEAN = _C(40)
-    _T_MEAN_S = _C(41)
-    _T_MEAN_Q = _C(42)
-    _T_NG_LO = _C(43)
-    _T_LEN_LO = _C(44)
-    _T_NG_HI = _C(45)
-    _T_LEN_HI = _C(46)
-    _T_LO_IS_ROW = _C(47)
-    _T_W_LO = _C(48)
-    _T_W_HI = _C(49)
-    _T_MEAN_STAT = _C(50)
-    _T_MEAN_TOT = _C(51)
-    _T_MEAN_PARTS = _C(52)
-    _T_MEAN_NS = _C(53)
-    _T_MEAN_INV = _C(54)
-    _T_MEMBER = _C(55)
-    _T_TENSOR = _C(56)
-    _T_SLOT_LO = _C(57)
-    _T_SLOT_HI = _C(58)
-    _T_INV_SL = _C(59)
-    _T_INV_SH = _C(60)
+    _STAT = _C(STAT_STRIDE)
+    _T_G = _C(_FIELD["g"])
+    _T_P = _C(_FIELD["p"])
+    _T_M = _C(_FIELD["m"])
+    _T_V = _C(_FIELD["v"])
+    _T_D = _C(_FIELD["d"])
+    _T_OK = _C(_FIELD["ok"])
+    _T_STEP = _C(_FIELD["step"])
+    _T_OUT = _C(_FIELD["out"])
+    _T_MEAN = _C(_FIELD["mean"])
+    _T_PART = _C(_FIELD["part"])
+    _T_INV = _C(_FIELD["inv"])
+    _T_SQ = _C(_FIELD["sq"])
+    _T_SCALE = _C(_FIELD["scale"])
+    _T_N = _C(_FIELD["n"])
+    _T_G_COUNT = _C(_FIELD["g_count"])
+    _T_L = _C(_FIELD["l"])
+    _T_NLB = _C(_FIELD["nlb"])
+    _T_SH = _C(_FIELD["sh"])
+    _T_B = _C(_FIELD["b"])
+    _T_SL = _C(_FIELD["sl"])
+    _T_C = _C(_FIELD["c"])
+    _T_NHB = _C(_FIELD["nhb"])
+    _T_N_MEAN = _C(_FIELD["n_mean"])
+    _T_MEAN_S = _C(_FIELD["mean_s"])
+    _T_MEAN_Q = _C(_FIELD["mean_q"])
+    _T_MEMBER = _C(_FIELD["member"])
+    _T_TENSOR = _C(_FIELD["tensor"])
+    # a lo statistic's fields; ``+ _STAT``: the hi statistic's
+    _T_FAC_LO = _C(_FIELD["fac_lo"])
+    _T_TOT_LO = _C(_FIELD["tot_lo"])
+    _T_PARTS_LO = _C(_FIELD["parts_lo"])
+    _T_N_LO = _C(_FIELD["n_lo"])
+    _T_INV_COUNT_LO = _C(_FIELD["inv_count_lo"])
+    _T_F_LO = _C(_FIELD["f_lo"])
+    _T_T_LO = _C(_FIELD["t_lo"])
+    _T_NORM_LO = _C(_FIELD["norm_lo"])
+    _T_NORMR_LO = _C(_FIELD["normr_lo"])
+    _T_NG_LO = _C(_FIELD["ng_lo"])
+    _T_LEN_LO = _C(_FIELD["len_lo"])
+    _T_IS_ROW_LO = _C(_FIELD["is_row_lo"])
+    _T_W_LO = _C(_FIELD["w_lo"])
+    _T_SLOT_LO = _C(_FIELD["slot_lo"])
+    _T_INNER_LO = _C(_FIELD["inner_lo"])
+    _T_SPAN_LO = _C(_FIELD["span_lo"])
 
     # =============================================================================
     # Element helpers
@@ -417,12 +420,12 @@ if AVAILABLE:
         return tl.load(row + _T_MEMBER), local, row
 
     @triton.jit
-    def _addr(row, k: tl.constexpr, DT: tl.constexpr):
+    def _addr(row, k, DT: tl.constexpr):
         """Field ``k`` of the member's row: an operand's address, as a pointer to ``DT``."""
         return tl.load(row + k).to(tl.pointer_type(DT))
 
     @triton.jit
-    def _f32_field(row, k: tl.constexpr):
+    def _f32_field(row, k):
         """Field ``k``: a float32 constant stored as its bit pattern."""
         return tl.load(row + k).to(tl.int32).to(tl.float32, bitcast=True)
 
@@ -505,13 +508,13 @@ if AVAILABLE:
         ``clip(g)^2`` over ``SL`` (complete) and its block's partial sums over ``SH``."""
         t, pid, row = _member(tab_ptr, pmap_ptr)
         g_ptr = _addr(row, _T_G, G_DT)
-        sum_lo_ptr = scr_ptr + tl.load(row + _T_SUM_LO)
-        part_hi_ptr = scr_ptr + tl.load(row + _T_PART_HI)
+        sum_lo_ptr = scr_ptr + tl.load(row + _T_TOT_LO)
+        part_hi_ptr = scr_ptr + tl.load(row + _T_TOT_LO + _STAT)
         SH = tl.load(row + _T_SH)
         B = tl.load(row + _T_B)
         SL = tl.load(row + _T_SL)
         C = tl.load(row + _T_C)
-        n_hi = tl.load(row + _T_N_HI)
+        n_hi = tl.load(row + _T_N_LO + _STAT)
         nhb = tl.load(row + _T_NHB)
         pid = pid.to(tl.int64)
         hb = pid % nhb
@@ -621,20 +624,26 @@ if AVAILABLE:
         t, pid, row = _member(tab_ptr, pmap_ptr)
         which = tl.program_id(1)
         if which == 0:
-            _stat_reduce_one(_addr(row, _T_MEAN_STAT, S_DT), scr_ptr + tl.load(row + _T_MEAN_TOT),
-                             tl.load(row + _T_MEAN_PARTS), tl.load(row + _T_MEAN_NS), _f32_field(row, _T_MEAN_INV),
-                             scr_ptr + tl.load(row + _T_MEAN), scr_ptr, tl.load(row + _T_N_MEAN),
-                             tl.load(row + _T_MEAN_S), tl.load(row + _T_MEAN_Q), pid, False, BO0, BS0)
+            k = (1 - tl.load(row + _T_IS_ROW_LO)) * _STAT  # the row statistic's fields
+            _stat_reduce_one(_addr(row, _T_FAC_LO + k, S_DT), scr_ptr + tl.load(row + _T_TOT_LO + k),
+                             tl.load(row + _T_PARTS_LO + k), tl.load(row + _T_N_LO + k),
+                             _f32_field(row, _T_INV_COUNT_LO + k), scr_ptr + tl.load(row + _T_MEAN), scr_ptr,
+                             tl.load(row + _T_N_MEAN), tl.load(row + _T_MEAN_S), tl.load(row + _T_MEAN_Q), pid,
+                             False, BO0, BS0)
         elif which == 1:
-            _stat_reduce_one(_addr(row, _T_FAC_LO, S_DT), scr_ptr + tl.load(row + _T_SUM_LO), 1,
-                             tl.load(row + _T_N_LO), _f32_field(row, _T_INV_SL), scr_ptr + tl.load(row + _T_NORM_LO),
-                             scr_ptr + tl.load(row + _T_NORMR_LO), tl.load(row + _T_NG_LO), tl.load(row + _T_LEN_LO),
-                             1, pid, True, BO1, BS1)
+            _stat_norm(row, 0, scr_ptr, pid, S_DT, BO1, BS1)
         else:
-            _stat_reduce_one(_addr(row, _T_FAC_HI, S_DT), scr_ptr + tl.load(row + _T_PART_HI),
-                             tl.load(row + _T_NHB), tl.load(row + _T_N_HI), _f32_field(row, _T_INV_SH),
-                             scr_ptr + tl.load(row + _T_NORM_HI), scr_ptr + tl.load(row + _T_NORMR_HI),
-                             tl.load(row + _T_NG_HI), tl.load(row + _T_LEN_HI), 1, pid, True, BO2, BS2)
+            _stat_norm(row, _STAT, scr_ptr, pid, S_DT, BO2, BS2)
+
+    @triton.jit
+    def _stat_norm(row, k: tl.constexpr, scr_ptr, pid, S_DT: tl.constexpr, BO: tl.constexpr, BS: tl.constexpr):
+        """:func:`_stat_reduce_one`'s input normalisation of the statistic whose fields start ``k`` columns
+        after the lo statistic's (0: lo, ``_STAT``: hi)."""
+        _stat_reduce_one(_addr(row, _T_FAC_LO + k, S_DT), scr_ptr + tl.load(row + _T_TOT_LO + k),
+                         tl.load(row + _T_PARTS_LO + k), tl.load(row + _T_N_LO + k),
+                         _f32_field(row, _T_INV_COUNT_LO + k), scr_ptr + tl.load(row + _T_NORM_LO + k),
+                         scr_ptr + tl.load(row + _T_NORMR_LO + k), tl.load(row + _T_NG_LO + k),
+                         tl.load(row + _T_LEN_LO + k), 1, pid, True, BO, BS)
 
     @triton.jit
     def _factor_k(x, k: tl.constexpr, s_ptr, f_ptr, ns, i, mask, store, mean_ptr, n_mean, mi, norm_ptr, normr_ptr,
@@ -655,39 +664,25 @@ if AVAILABLE:
     @triton.jit(do_not_specialize=["seed"])
     def _factors(tab_ptr, pmap_ptr, scr_ptr, flags_ptr, net_ptr, seed, S_DT: tl.constexpr, SBF: tl.constexpr,
                  SKIP: tl.constexpr, BLOCK: tl.constexpr):
-        """Axis 1 of the grid: 0 the lo statistic, 1 the hi statistic: folded in place (unless the flag is
-        up), their Adafactor factors, and the rank-1 channels' share of the first layer (with ``b0``)."""
+        """Axis 1 of the grid: 0 the lo statistic, 1 the hi statistic (its fields ``_STAT`` columns further
+        on): folded in place (unless the flag is up), its Adafactor factors, and the rank-1 channels' share of
+        the first layer (with ``b0``)."""
         t, pid, row = _member(tab_ptr, pmap_ptr)
-        if tl.program_id(1) == 0:
-            s_ptr = _addr(row, _T_FAC_LO, S_DT)
-            tot_ptr = scr_ptr + tl.load(row + _T_SUM_LO)
-            nparts = tl.load(row + _T_NHB) * 0 + 1
-            ns = tl.load(row + _T_N_LO)
-            inv_n = _f32_field(row, _T_INV_SL)
-            f_ptr = scr_ptr + tl.load(row + _T_F_LO)
-            t_ptr = scr_ptr + tl.load(row + _T_T_LO)
-            norm_ptr = scr_ptr + tl.load(row + _T_NORM_LO)
-            normr_ptr = scr_ptr + tl.load(row + _T_NORMR_LO)
-            len_s = tl.load(row + _T_LEN_LO)
-            ng = tl.load(row + _T_NG_LO)
-            is_row = tl.load(row + _T_LO_IS_ROW)
-            w_off = tl.load(row + _T_W_LO)
-            slot = tl.load(row + _T_SLOT_LO)
-        else:
-            s_ptr = _addr(row, _T_FAC_HI, S_DT)
-            tot_ptr = scr_ptr + tl.load(row + _T_PART_HI)
-            nparts = tl.load(row + _T_NHB)
-            ns = tl.load(row + _T_N_HI)
-            inv_n = _f32_field(row, _T_INV_SH)
-            f_ptr = scr_ptr + tl.load(row + _T_F_HI)
-            t_ptr = scr_ptr + tl.load(row + _T_T_HI)
-            norm_ptr = scr_ptr + tl.load(row + _T_NORM_HI)
-            normr_ptr = scr_ptr + tl.load(row + _T_NORMR_HI)
-            len_s = tl.load(row + _T_LEN_HI)
-            ng = tl.load(row + _T_NG_HI)
-            is_row = 1 - tl.load(row + _T_LO_IS_ROW)
-            w_off = tl.load(row + _T_W_HI)
-            slot = tl.load(row + _T_SLOT_HI)
+        k = tl.program_id(1) * _STAT  # the statistic's fields: the lo ones, or the hi ones after them
+        s_ptr = _addr(row, _T_FAC_LO + k, S_DT)
+        tot_ptr = scr_ptr + tl.load(row + _T_TOT_LO + k)
+        nparts = tl.load(row + _T_PARTS_LO + k)
+        ns = tl.load(row + _T_N_LO + k)
+        inv_n = _f32_field(row, _T_INV_COUNT_LO + k)
+        f_ptr = scr_ptr + tl.load(row + _T_F_LO + k)
+        t_ptr = scr_ptr + tl.load(row + _T_T_LO + k)
+        norm_ptr = scr_ptr + tl.load(row + _T_NORM_LO + k)
+        normr_ptr = scr_ptr + tl.load(row + _T_NORMR_LO + k)
+        len_s = tl.load(row + _T_LEN_LO + k)
+        ng = tl.load(row + _T_NG_LO + k)
+        is_row = tl.load(row + _T_IS_ROW_LO + k)
+        w_off = tl.load(row + _T_W_LO + k)
+        slot = tl.load(row + _T_SLOT_LO + k)
         mean_ptr = scr_ptr + tl.load(row + _T_MEAN)
         n_mean = tl.load(row + _T_N_MEAN)
         mean_s = tl.load(row + _T_MEAN_S)
@@ -728,19 +723,21 @@ if AVAILABLE:
         return g, praw, p, m0, m1, m2, v
 
     @triton.jit
+    def _stat_factors(row, k: tl.constexpr, scr_ptr, n, mask):
+        """The index at ``n`` in the statistic whose fields start ``k`` columns after the lo statistic's,
+        and its three factors there."""
+        f_ptr = scr_ptr + tl.load(row + _T_F_LO + k)
+        ns = tl.load(row + _T_N_LO + k)
+        i = _remove(n, tl.load(row + _T_INNER_LO + k), tl.load(row + _T_SPAN_LO + k))
+        return (i, tl.load(f_ptr + i, mask=mask, other=0.0), tl.load(f_ptr + ns + i, mask=mask, other=0.0),
+                tl.load(f_ptr + ns + ns + i, mask=mask, other=0.0))
+
+    @triton.jit
     def _gather_factors(row, scr_ptr, n, mask):
         """A factored member's three Adafactor factors at ``n`` (products of its lo and hi factors)."""
-        f_lo = scr_ptr + tl.load(row + _T_F_LO)
-        f_hi = scr_ptr + tl.load(row + _T_F_HI)
-        n_lo = tl.load(row + _T_N_LO)
-        n_hi = tl.load(row + _T_N_HI)
-        ilo = _remove(n, tl.load(row + _T_LO_INNER), tl.load(row + _T_LO_SPAN))
-        ihi = _remove(n, tl.load(row + _T_HI_INNER), tl.load(row + _T_HI_SPAN))
-        f0 = tl.load(f_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + ihi, mask=mask, other=0.0)
-        f1 = tl.load(f_lo + n_lo + ilo, mask=mask, other=0.0) * tl.load(f_hi + n_hi + ihi, mask=mask, other=0.0)
-        f2 = (tl.load(f_lo + n_lo + n_lo + ilo, mask=mask, other=0.0)
-              * tl.load(f_hi + n_hi + n_hi + ihi, mask=mask, other=0.0))
-        return ilo, ihi, f0, f1, f2
+        ilo, a0, a1, a2 = _stat_factors(row, 0, scr_ptr, n, mask)
+        ihi, b0, b1, b2 = _stat_factors(row, _STAT, scr_ptr, n, mask)
+        return ilo, ihi, a0 * b0, a1 * b1, a2 * b2
 
     @triton.jit
     def _vector_factor(a):
@@ -903,11 +900,11 @@ if AVAILABLE:
         # layers' sums over it stay within the thread.
         if FACTORED:
             t_lo = scr_ptr + tl.load(row + _T_T_LO)
-            t_hi = scr_ptr + tl.load(row + _T_T_HI)
+            t_hi = scr_ptr + tl.load(row + _T_T_LO + _STAT)
             hoff = hidx[:, None, None].to(tl.int64)
             m3 = mask[None, :, :]
             h = (tl.load(t_lo + hoff * tl.load(row + _T_N_LO) + ilo[None, :, :], mask=m3, other=0.0)
-                 + tl.load(t_hi + hoff * tl.load(row + _T_N_HI) + ihi[None, :, :], mask=m3, other=0.0))
+                 + tl.load(t_hi + hoff * tl.load(row + _T_N_LO + _STAT) + ihi[None, :, :], mask=m3, other=0.0))
         else:
             h = tl.full([_H, BG, BL], 0.0, tl.float32) + tl.load(net_ptr + _B0 + hidx)[:, None, None]
         h = _channel(h, g, _CH_G, inv_ptr, G, grp, gmask, net_ptr)
@@ -1103,7 +1100,6 @@ def _state_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
 
 
 # --- groups and their tables --------------------------------------------------------------
-_FIELD = {name: k for k, name in enumerate(FIELDS)}
 _W_ROW, _W_COL = layout.SEGMENT["w_row"].offset, layout.SEGMENT["w_col"].offset
 _FACTORS_BLOCK = 256
 
@@ -1291,28 +1287,30 @@ def _build_plan(kind: str, device: torch.device, shapes: list[tuple[int, ...]], 
             nhb = _cdiv(geo.SH, tiles["BH"])
             ng_lo, ng_hi = n_lo // geo.len_lo, n_hi // geo.len_hi
             lo_inner, hi_inner = geo.C, geo.B * geo.SL * geo.C
-            for name, value in (
-                    ("sum_lo", lay.take(n_lo)), ("part_hi", lay.take(nhb * n_hi)), ("mean", lay.take(3 * geo.n_mean)),
-                    ("norm_lo", lay.take(3 * ng_lo)), ("normr_lo", lay.take(3 * ng_lo)),
-                    ("norm_hi", lay.take(3 * ng_hi)), ("normr_hi", lay.take(3 * ng_hi)),
-                    ("f_lo", lay.take(3 * n_lo)), ("t_lo", lay.take(spec.HIDDEN_SIZE * n_lo)),
-                    ("f_hi", lay.take(3 * n_hi)), ("t_hi", lay.take(spec.HIDDEN_SIZE * n_hi)),
-                    ("lo_inner", lo_inner), ("lo_span", geo.SL * lo_inner), ("n_lo", n_lo),
-                    ("hi_inner", hi_inner), ("hi_span", geo.SH * hi_inner), ("n_hi", n_hi),
-                    ("sh", geo.SH), ("b", geo.B), ("sl", geo.SL), ("c", geo.C), ("nhb", nhb),
-                    ("n_mean", geo.n_mean), ("mean_s", geo.mean_s), ("mean_q", geo.mean_q),
-                    ("ng_lo", ng_lo), ("len_lo", geo.len_lo), ("ng_hi", ng_hi), ("len_hi", geo.len_hi),
-                    ("lo_is_row", int(geo.row_is_lo)), ("w_lo", _W_ROW if geo.row_is_lo else _W_COL),
-                    ("w_hi", _W_COL if geo.row_is_lo else _W_ROW),
-                    ("slot_lo", rounding.SLOTS["fac_r" if geo.row_is_lo else "fac_c"]),
-                    ("slot_hi", rounding.SLOTS["fac_c" if geo.row_is_lo else "fac_r"]),
-                    ("inv_sl", _f32_bits(1.0 / geo.SL)), ("inv_sh", _f32_bits(1.0 / geo.SH))):
-                put(name, value)
-            if geo.row_is_lo:
-                mean = (addresses[i]["fac_lo"], row[_FIELD["sum_lo"]], 1, n_lo, row[_FIELD["inv_sl"]])
-            else:
-                mean = (addresses[i]["fac_hi"], row[_FIELD["part_hi"]], nhb, n_hi, row[_FIELD["inv_sh"]])
-            for name, value in zip(("mean_stat", "mean_tot", "mean_parts", "mean_ns", "mean_inv"), mean):
+            tot_lo, tot_hi, mean = lay.take(n_lo), lay.take(nhb * n_hi), lay.take(3 * geo.n_mean)
+            norm_lo, normr_lo = lay.take(3 * ng_lo), lay.take(3 * ng_lo)
+            norm_hi, normr_hi = lay.take(3 * ng_hi), lay.take(3 * ng_hi)
+            f_lo, t_lo = lay.take(3 * n_lo), lay.take(spec.HIDDEN_SIZE * n_lo)
+            f_hi, t_hi = lay.take(3 * n_hi), lay.take(spec.HIDDEN_SIZE * n_hi)
+            # The lo statistic sums over SL (complete per program), the hi one over SH (per-block partials).
+            stats = {
+                "lo": dict(tot=tot_lo, parts=1, n=n_lo, inv_count=_f32_bits(1.0 / geo.SL), f=f_lo, t=t_lo,
+                           norm=norm_lo, normr=normr_lo, ng=ng_lo, len=geo.len_lo, is_row=int(geo.row_is_lo),
+                           w=_W_ROW if geo.row_is_lo else _W_COL,
+                           slot=rounding.SLOTS["fac_r" if geo.row_is_lo else "fac_c"],
+                           inner=lo_inner, span=geo.SL * lo_inner),
+                "hi": dict(tot=tot_hi, parts=nhb, n=n_hi, inv_count=_f32_bits(1.0 / geo.SH), f=f_hi, t=t_hi,
+                           norm=norm_hi, normr=normr_hi, ng=ng_hi, len=geo.len_hi, is_row=int(not geo.row_is_lo),
+                           w=_W_COL if geo.row_is_lo else _W_ROW,
+                           slot=rounding.SLOTS["fac_c" if geo.row_is_lo else "fac_r"],
+                           inner=hi_inner, span=geo.SH * hi_inner),
+            }
+            for which, values in stats.items():
+                for name, value in values.items():
+                    put(f"{name}_{which}", value)
+            for name, value in (("mean", mean), ("sh", geo.SH), ("b", geo.B), ("sl", geo.SL), ("c", geo.C),
+                                ("nhb", nhb), ("n_mean", geo.n_mean), ("mean_s", geo.mean_s),
+                                ("mean_q", geo.mean_q)):
                 put(name, value)
             counts["stats"].append(geo.A * geo.B * geo.C * nhb)
             counts["sred"].append(max(_cdiv(geo.n_mean, tiles["BO0"]), _cdiv(ng_lo, tiles["BO1"]),
