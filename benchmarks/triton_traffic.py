@@ -23,10 +23,15 @@ The atomic on the non-finite flag (one per program) and the packed weights'
 loads are not full-size and land in ``scratch``; Newton-Schulz (Celo2, run by
 the front end between ``direction`` and ``apply_held``) is not counted.
 
+With ``--by-pass`` it also prints, per kernel launch (pass) in launch order,
+the bytes per element each operand contributes (``m`` counts its three
+momenta), which is the accounting in docs/performance.md.
+
 Usage::
 
     python benchmarks/triton_traffic.py                 # the default shapes
     python benchmarks/triton_traffic.py --shapes 64x48 --json out.json
+    python benchmarks/triton_traffic.py --shapes 64x96 --variants celo2-base --by-pass
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +71,10 @@ class Traffic:
     operand_write: float
     scratch_read: float
     scratch_write: float
+    passes: list[dict] = field(default_factory=list)
+    """Per launch in launch order (a kernel's second launch named ``"kernel #2"``): ``{"pass": kernel name, "read": {operand: bytes}, "write": {...}}``, bytes
+    per element of the full-size operands (``g``, ``p``, ``m``, ``v``, a vector's ``fac``, the direction
+    ``d``)."""
 
     @property
     def operand_total(self) -> float:
@@ -73,26 +82,35 @@ class Traffic:
 
 
 class _Counter:
-    """Sums the bytes of unmasked lanes per kind while installed on the interpreter's builder."""
+    """Sums the bytes of unmasked lanes per kind, and per launched kernel and operand, while installed on the
+    interpreter's builder and launcher."""
 
     def __init__(self) -> None:
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: dict[str, torch.Tensor] = {}
         self.starts = np.zeros(0, np.uint64)
         self.stops = np.zeros(0, np.uint64)
+        self.names: list[str] = []
         self.bytes = {"operand_read": 0, "operand_write": 0, "scratch_read": 0, "scratch_write": 0}
+        self.kernel = "?"
+        # (pass, direction, operand) -> bytes, in the order first seen
+        self.per_pass: dict[tuple[str, str, str], int] = {}
+        self.launches: list[str] = []
 
-    def track(self, tensors: list[torch.Tensor]) -> None:
-        """Count from zero, with these tensors as the operands (everything else counts as scratch)."""
-        self.tensors = list(tensors)
+    def track(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Count from zero, with these named tensors as the operands (everything else counts as scratch)."""
+        self.tensors = dict(tensors)
         self._ranges()
         for key in self.bytes:
             self.bytes[key] = 0
+        self.per_pass.clear()
+        self.launches.clear()
 
     def _ranges(self) -> None:
-        tensors = self.tensors
-        ranges = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
-        self.starts = np.array([a for a, _ in ranges], np.uint64)
-        self.stops = np.array([b for _, b in ranges], np.uint64)
+        ranges = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                        for name, t in self.tensors.items() if t.numel())
+        self.starts = np.array([a for a, _, _ in ranges], np.uint64)
+        self.stops = np.array([b for _, b, _ in ranges], np.uint64)
+        self.names = [name for _, _, name in ranges]
 
     @contextlib.contextmanager
     def full_size_allocations(self, numel: int) -> Iterator[None]:
@@ -103,7 +121,7 @@ class _Counter:
         def watched(*size, **kwargs):  # noqa: ANN002, ANN003, ANN202
             t = empty(*size, **kwargs)
             if numel <= t.numel() < numel + 16:
-                self.tensors.append(t)
+                self.tensors[f"d{len(self.tensors)}" if "d" in self.tensors else "d"] = t
                 self._ranges()
             return t
 
@@ -122,6 +140,9 @@ class _Counter:
         operand = int(inside.sum())
         self.bytes[f"operand_{direction}"] += operand * itemsize
         self.bytes[f"scratch_{direction}"] += (addr.size - operand) * itemsize
+        for k, hits in zip(*np.unique(idx[inside], return_counts=True)):
+            key = (self.kernel, direction, self.names[k])
+            self.per_pass[key] = self.per_pass.get(key, 0) + int(hits) * itemsize
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_Counter"]:
@@ -140,11 +161,22 @@ class _Counter:
             counter.add(ptrs.data, mask.data, value.data.dtype.itemsize, "write")
             return store(self, ptrs, value, mask, cache_policy)
 
+        def named_run(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            name = self.fn.__name__.lstrip("_")  # a launch (helpers are called, not run)
+            repeat = counter.launches.count(name) + sum(k.startswith(name + " #") for k in counter.launches)
+            counter.kernel = f"{name} #{repeat + 1}" if repeat else name
+            counter.launches.append(counter.kernel)
+            return run(self, *args, **kwargs)
+
+        function = interpreter.InterpretedFunction
+        run = function.run
         builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+        function.run = named_run
         try:
             yield self
         finally:
             builder.create_masked_load, builder.create_masked_store = load, store
+            function.run = run
 
 
 @dataclass
@@ -201,14 +233,26 @@ def measure(variant: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int 
 
     step(torch.randn(shape, generator=gen).to(dtype))
     grad = torch.randn(shape, generator=gen).to(dtype)
-    counter.track([grad, param, state["m"], state["v"]] + ([state["fac_r"]] if param.dim() < 2 else []))
+    counter.track(dict(g=grad, p=param, m=state["m"], v=state["v"], **({"fac": state["fac_r"]} if param.dim() < 2
+                                                                       else {})))
     with counter.installed(), counter.full_size_allocations(math.prod(shape) if shape else 1):
         step(grad)
     totals = dict(counter.bytes)
     n = math.prod(shape) if shape else 1
+    passes = []
+    for name in counter.launches:
+        entry = {"pass": name, "read": {}, "write": {}}
+        for (kernel, direction, operand), nbytes in counter.per_pass.items():
+            if kernel == name:
+                entry[direction][operand] = nbytes / n
+        passes.append(entry)
     return Traffic(variant, str(dtype).removeprefix("torch."), tuple(shape), str(state_dtype).removeprefix("torch."),
-                   *(totals[k] / n for k in (
-        "operand_read", "operand_write", "scratch_read", "scratch_write")))
+                   *(totals[k] / n for k in ("operand_read", "operand_write", "scratch_read", "scratch_write")),
+                   passes=passes)
+
+
+def _streams(bytes_by_operand: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in bytes_by_operand.items()) or "-"
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -229,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--state-dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"],
                         help="state dtypes (default: float32; bfloat16 is stored with stochastic rounding)")
+    parser.add_argument("--by-pass", action="store_true",
+                        help="also print each pass's full-size reads and writes per element, by operand")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
@@ -245,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{t.operand_read:7.1f} "
                           f"{t.operand_write:7.1f} {t.operand_total:7.1f} {t.operand_total / ADAMW_BYTES:7.2f}   "
                           f"{t.scratch_read:12.1f} {t.scratch_write:13.1f}", flush=True)
+                    if args.by_pass:
+                        for entry in t.passes:
+                            r, w = sum(entry["read"].values()), sum(entry["write"].values())
+                            print(f"    {entry['pass']:<14} read {r:5.1f} ({_streams(entry['read'])}); "
+                                  f"write {w:5.1f} ({_streams(entry['write'])})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"adamw_bytes": ADAMW_BYTES,

@@ -16,7 +16,9 @@ device table, one int64 row of :data:`FIELDS` per member: the addresses of its
 gradient, parameter and accumulators, offsets into the call's one scratch
 buffer (per-block partial sums, factored statistics, factors, the rank-1
 first-layer terms), its sizes and geometry, and a few float32 constants as bit
-patterns. Each launch's programs are listed in a program map (int32 pairs:
+patterns. The two factored statistics' fields are two blocks of
+:data:`STAT_FIELDS`, the hi block :data:`STAT_STRIDE` columns after the lo one,
+so a pass reads either statistic's fields from one column offset. Each launch's programs are listed in a program map (int32 pairs:
 member, program of that member), so a program reads its member's row and runs
 the one-tensor code below on it. Tables and maps are built on the host once per
 *call signature* (the members' addresses, shapes and dtypes, and for held
