@@ -18,9 +18,10 @@ buffer (per-block partial sums, factored statistics, factors, the rank-1
 first-layer terms), its sizes and geometry, and a few float32 constants as bit
 patterns. The two factored statistics' fields are two blocks of
 :data:`STAT_FIELDS`, the hi block :data:`STAT_STRIDE` columns after the lo one,
-so a pass reads either statistic's fields from one column offset. Each launch's programs are listed in a program map (int32 pairs:
-member, program of that member), so a program reads its member's row and runs
-the one-tensor code below on it. Tables and maps are built on the host once per
+so a pass reads either statistic's fields from one column offset. Each
+launch's programs are listed in a program map (int32 pairs: member, program of
+that member), so a program reads its member's row and runs the one-tensor code
+below on it. Tables and maps are built on the host once per
 *call signature* (the members' addresses, shapes and dtypes, and for held
 directions their addresses) and kept on the device (:data:`PLAN_CACHE_SIZE`
 signatures, least recently used dropped): a step whose tensors sit where they
