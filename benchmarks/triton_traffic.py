@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.by_pass:
                         for entry in t.passes:
                             r, w = sum(entry["read"].values()), sum(entry["write"].values())
-                            print(f"    {entry['pass']:<14} read {r:5.1f} ({_streams(entry['read'])}); "
+                            print(f"    {entry['pass']:<17} read {r:5.1f} ({_streams(entry['read'])}); "
                                   f"write {w:5.1f} ({_streams(entry['write'])})")
     if args.json:
         with open(args.json, "w") as f:

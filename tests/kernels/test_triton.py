@@ -43,6 +43,17 @@ def net(tk, theta):
     return tk.pack_net(theta, "cpu")
 
 
+def test_the_hi_statistic_fields_sit_one_stride_after_the_lo_fields(tk):
+    """The table is laid out so that a pass reads either factored statistic from one column offset."""
+    assert len(set(tk.FIELDS)) == len(tk.FIELDS)
+    assert tk.STAT_STRIDE == len(tk.STAT_FIELDS)
+    for name in tk.STAT_FIELDS:
+        lo, hi = tk.FIELDS.index(f"{name}_lo"), tk.FIELDS.index(f"{name}_hi")
+        assert hi - lo == tk.STAT_STRIDE, name
+    lo0 = tk.FIELDS.index(f"{tk.STAT_FIELDS[0]}_lo")
+    assert [tk.FIELDS.index(f"{name}_lo") - lo0 for name in tk.STAT_FIELDS] == list(range(tk.STAT_STRIDE))
+
+
 def test_pack_net_is_the_layout_packing(tk, theta):
     packed = tk.pack_net(theta, "cpu")
     assert packed.dtype == torch.float32 and packed.shape == (layout.NET_SIZE,)

@@ -51,3 +51,30 @@ def test_a_celo2_base_step_of_a_matrix_moves_84_bytes_per_element_and_bfloat16_s
     by = {r["state_dtype"]: r for r in json.loads(out.read_text())["rows"]}
     assert by["float32"]["operand_total"] == 84.0, by["float32"]
     assert by["bfloat16"]["operand_total"] == 60.0, by["bfloat16"]
+
+
+def test_the_bytes_of_a_step_are_accounted_per_pass_and_operand(tmp_path):
+    """``--by-pass``: the launches in order, each with the full-size operands it reads and writes; they add up
+    to the totals (docs/performance.md's table of a float32 matrix's Celo2-base step)."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+    out = tmp_path / "traffic.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_traffic.py"), "--shapes", "40x30",
+                          "--dtypes", "float32", "--variants", "celo2-base", "--by-pass", "--json", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    moving = {p["pass"]: (p["read"], p["write"]) for p in row["passes"] if p["read"] or p["write"]}
+    assert moving == {
+        "grad_stats": ({"g": 4.0}, {}),
+        "accumulate": ({"g": 4.0, "p": 4.0, "m": 12.0, "v": 4.0}, {}),
+        "direction": ({"g": 4.0, "p": 4.0, "m": 12.0, "v": 4.0}, {"m": 12.0, "v": 4.0, "d": 4.0}),
+        "held": ({"d": 4.0, "p": 4.0}, {"p": 4.0}),
+    }, row["passes"]
+    assert [p["pass"] for p in row["passes"]] == [
+        "grad_stats", "stat_reduce", "factors", "accumulate", "reduce_groups", "direction", "reduce_groups #2",
+        "held"]
+    assert sum(sum(p["read"].values()) for p in row["passes"]) == row["operand_read"]
+    assert sum(sum(p["write"].values()) for p in row["passes"]) == row["operand_write"]
+    (line,) = [x for x in res.stdout.splitlines() if x.split()[:1] == ["direction"]]
+    assert line.split(None, 1)[1] == "read  24.0 (g 4, p 4, m 12, v 4); write  20.0 (m 12, v 4, d 4)", line
