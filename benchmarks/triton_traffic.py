@@ -41,6 +41,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before they are imported
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -72,9 +73,9 @@ class Traffic:
     scratch_read: float
     scratch_write: float
     passes: list[dict] = field(default_factory=list)
-    """Per launch in launch order (a kernel's second launch named ``"kernel #2"``): ``{"pass": kernel name, "read": {operand: bytes}, "write": {...}}``, bytes
-    per element of the full-size operands (``g``, ``p``, ``m``, ``v``, a vector's ``fac``, the direction
-    ``d``)."""
+    """Per launch, in launch order: ``{"pass": the kernel's name ("name #2" for its second launch), "read":
+    {operand: bytes}, "write": {operand: bytes}}``, bytes per element of the full-size operands (``g``, ``p``,
+    ``m``, ``v``, a vector's ``fac``, the direction ``d``)."""
 
     @property
     def operand_total(self) -> float:
@@ -92,9 +93,9 @@ class _Counter:
         self.names: list[str] = []
         self.bytes = {"operand_read": 0, "operand_write": 0, "scratch_read": 0, "scratch_write": 0}
         self.kernel = "?"
-        # (pass, direction, operand) -> bytes, in the order first seen
-        self.per_pass: dict[tuple[str, str, str], int] = {}
+        self.per_pass: dict[tuple[str, str, str], int] = {}  # (launch, "read" or "write", operand) -> bytes
         self.launches: list[str] = []
+        self.kernels: collections.Counter = collections.Counter()  # launches per kernel
 
     def track(self, tensors: dict[str, torch.Tensor]) -> None:
         """Count from zero, with these named tensors as the operands (everything else counts as scratch)."""
@@ -104,6 +105,7 @@ class _Counter:
             self.bytes[key] = 0
         self.per_pass.clear()
         self.launches.clear()
+        self.kernels.clear()
 
     def _ranges(self) -> None:
         ranges = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
@@ -121,7 +123,7 @@ class _Counter:
         def watched(*size, **kwargs):  # noqa: ANN002, ANN003, ANN202
             t = empty(*size, **kwargs)
             if numel <= t.numel() < numel + 16:
-                self.tensors[f"d{len(self.tensors)}" if "d" in self.tensors else "d"] = t
+                self.tensors["d" if "d" not in self.tensors else f"d{len(self.tensors)}"] = t
                 self._ranges()
             return t
 
@@ -163,8 +165,8 @@ class _Counter:
 
         def named_run(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             name = self.fn.__name__.lstrip("_")  # a launch (helpers are called, not run)
-            repeat = counter.launches.count(name) + sum(k.startswith(name + " #") for k in counter.launches)
-            counter.kernel = f"{name} #{repeat + 1}" if repeat else name
+            counter.kernels[name] += 1
+            counter.kernel = name if counter.kernels[name] == 1 else f"{name} #{counter.kernels[name]}"
             counter.launches.append(counter.kernel)
             return run(self, *args, **kwargs)
 
