@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("jax")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from variant_formula import VARIANTS, float64_arrays, formula_step, theta_of, zero_state  # noqa: E402

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
-from celo2.rule.variant import PUBLISHED, RuleVariant
 from celo2.rule.theta import Theta, ThetaError
+from celo2.rule.variant import PUBLISHED, RuleVariant
 from celo2.theta_files import load_theta
 
 ThetaTree = Mapping[str, jax.Array]
