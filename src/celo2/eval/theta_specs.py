@@ -1,7 +1,8 @@
 """Theta specs of the command line (``shipped``, ``LABEL=PATH``, ``PATH``), loaded into labelled thetas.
 
 Used by ``celo2 bench --theta`` and ``celo2 meta-train score``; the loaders themselves are
-:func:`celo2.load_theta`'s.
+:func:`celo2.load_theta`'s. A theta of any rule variant loads (its file records the variant);
+the bench runs it on the PyTorch front end's chunked backend.
 """
 
 from __future__ import annotations
@@ -72,5 +73,7 @@ def load_labelled_thetas(entries: "list[str]", flag: str = "--theta") -> "list[L
         except (ThetaError, OSError) as exc:
             raise ThetaSpecError(f"{flag} {entry!r}: cannot load {path}: {exc}") from None
         source = "celo2.load_theta() (shipped)" if path is None else str(Path(path).resolve())
+        if not theta.variant.is_published:  # the report's theta table names the rule it runs
+            source += f" (rule variant {theta.variant.label})"
         out.append(LabelledTheta(label, theta, source))
     return out

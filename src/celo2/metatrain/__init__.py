@@ -13,9 +13,8 @@ Pieces: :mod:`~celo2.metatrain.config` (settings, presets),
 :mod:`~celo2.metatrain.checkpoint`, :mod:`~celo2.metatrain.metrics` and
 :mod:`~celo2.metatrain.compile_cache`),
 :mod:`~celo2.metatrain.plot` (meta-loss curve),
-:mod:`~celo2.metatrain.score` (thetas compared on the meta-loss),
-:mod:`~celo2.metatrain.variant_rule` (any rule variant as an optax transformation, for the
-config's ``variant``; :class:`celo2.rule.variant.RuleVariant`). JAX is imported on first use.
+:mod:`~celo2.metatrain.score` (thetas compared on the meta-loss). The config's ``variant``
+(:class:`celo2.rule.variant.RuleVariant`) runs in :mod:`celo2.optax`. JAX is imported on first use.
 """
 
 from celo2.metatrain.config import (

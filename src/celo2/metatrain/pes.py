@@ -143,8 +143,7 @@ def default_inner_optimizer(config: MetaTrainConfig, model: TaskModel | None = N
     called with a traced theta inside the vectorised unroll; ``celo2`` routes
     parameters by ``model.param_labels`` (default: the image MLP's, every
     weight matrix to the learned rule, as in the published meta-training).
-    A rule variant other than the published one (``config.variant``) runs in
-    :mod:`celo2.metatrain.variant_rule` with the same harness.
+    Every rule variant (``config.variant``) runs there, on XLA's formulation.
 
     Args:
         config: The run's configuration (``inner_optimizer``, ``inner_lr``, ...).
@@ -161,21 +160,15 @@ def default_inner_optimizer(config: MetaTrainConfig, model: TaskModel | None = N
         return lambda theta: optax.adamw(lr, b1=spec.ADAM_BETAS[0], b2=spec.ADAM_BETAS[1], eps=spec.ADAM_EPS,
                                              weight_decay=wd)
     variant = config.variant
-    if not variant.is_published:
-        from celo2.metatrain.variant_rule import scale_by_variant, variant_celo2
-
-        if name == "celo2-base":
-            return lambda theta: scale_by_variant(variant, theta, lr, wd, orthogonalize=False)
-        return lambda theta: variant_celo2(variant, theta, lr, wd, mult, param_labels=labels)
     import celo2.optax as co
 
     if name == "celo2-base":
         # The spec's Celo2-base: the learned rule without Newton-Schulz on every tensor.
-        return lambda theta: co.celo2_base(lr, weight_decay=wd, theta=theta, cpu_kernels=False)
+        return lambda theta: co.celo2_base(lr, weight_decay=wd, theta=theta, cpu_kernels=False, variant=variant)
     # XLA's formulation (cpu_kernels=False): it batches over the particles under vmap,
     # where a custom call would run once per particle.
     return lambda theta: co.celo2(lr, weight_decay=wd, adam_lr_mult=mult, theta=theta,
-                                  orthogonalize=True, param_labels=labels, cpu_kernels=False)
+                                  orthogonalize=True, param_labels=labels, cpu_kernels=False, variant=variant)
 
 
 # --- the engine ---------------------------------------------------------------------

@@ -15,6 +15,12 @@ read (a handful of tensor-sized buffers on CPU). With XLA:CPU's default
 concurrency-optimised scheduler those buffers are not reused across tensors;
 ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` makes the
 scratch that of the largest tensor alone.
+
+Every rule variant (:class:`celo2.rule.variant.RuleVariant`) runs here: the
+channels of the groups it leaves out are dropped before the first layer, the
+hidden layers are as wide and as many as it says, and its output handling is
+:func:`celo2.optax._reference.finish_variant_direction`. The published rule
+traces exactly the code it always did.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celo2.optax._reference import adafactor_factors, update_accumulators
-from celo2.optax.ns import finish_direction, rms_normalise
+from celo2.optax._reference import adafactor_factors, finish_variant_direction, update_accumulators
+from celo2.optax.ns import rms_normalise
 from celo2.optax.state import TensorState, ThetaTree
 from celo2.rule import layout, spec
 from celo2.rule.state import Factoring, factoring, work_shape
+from celo2.rule.variant import MAGNITUDE_OUTPUT, PUBLISHED, RuleVariant
 
 
 def _theta_rows(rows: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -42,21 +49,39 @@ def _theta_rows(rows: tuple[int, ...]) -> list[tuple[str, int]]:
 # per-element channels, then the row- and column-statistic channels.
 _EL_ROWS, _ROW_ROWS, _COL_ROWS = (_theta_rows(r) for r in (layout.ELEMENT_ROWS, layout.ROW_STAT_ROWS,
                                                              layout.COL_STAT_ROWS))
+UNROLLED_WIDTH: int = 8
+"""The widest hidden layers written out unit by unit as element-wise arithmetic (the published width);
+wider ones are matrix products: XLA:CPU's compiler exhausts memory on the unrolled form of a 16-wide
+MLP on a vector."""
+
+_GROUP_OF_KEY = {f"w0__{g.index}": g.name for g in spec.FEATURE_GROUPS}
+
+
+def _used(rows: list[tuple[str, int]], variant: RuleVariant) -> list[int]:
+    """Positions in ``rows`` of the channels whose feature group ``variant`` reads."""
+    names = set(variant.feature_groups)
+    return [c for c, (key, _) in enumerate(rows) if _GROUP_OF_KEY[key] in names]
 
 
 def _weights(theta: ThetaTree, rows: list[tuple[str, int]]) -> jax.Array:
     return jnp.stack([theta[key][r] for key, r in rows])  # (channels, 8)
 
 
-def _rank1_terms(theta: ThetaTree, state: TensorState, f: Factoring, axes: tuple[int, ...]) -> list[jax.Array]:
-    """The 12 row / column channels' share of the first layer, ``(8, *S)`` with
+def _rank1_terms(theta: ThetaTree, state: TensorState, f: Factoring, axes: tuple[int, ...],
+                 variant: RuleVariant) -> list[jax.Array]:
+    """The row / column channels' share of the first layer, ``(hidden, *S)`` with
     size 1 at ``d0`` (row statistics) resp. ``d1``: normalised and contracted
     on the statistics themselves (broadcasting along one axis leaves the RMS
-    over ``axes`` unchanged)."""
+    over ``axes`` unchanged). Only the channels of the groups ``variant`` reads."""
     terms = []
     for stat, axis, rows in ((state.fac_r, f.d0, _ROW_ROWS), (state.fac_c, f.d1, _COL_ROWS)):
-        x = jnp.expand_dims(jnp.concatenate([stat, jax.lax.rsqrt(stat + spec.RSQRT_EPS)]), 1 + axis)
-        x = rms_normalise(x, spec.INPUT_NORM_EPS, tuple(1 + a for a in axes))
+        keep = _used(rows, variant)
+        if not keep:
+            continue
+        x = jnp.concatenate([stat, jax.lax.rsqrt(stat + spec.RSQRT_EPS)])
+        if len(keep) < len(rows):
+            x, rows = x[jnp.asarray(keep)], [rows[c] for c in keep]
+        x = rms_normalise(jnp.expand_dims(x, 1 + axis), spec.INPUT_NORM_EPS, tuple(1 + a for a in axes))
         terms.append(jnp.einsum("c...,ch->h...", x, _weights(theta, rows)))
     return terms
 
@@ -82,17 +107,18 @@ def _sums_of_squares_jvp(axes: tuple[int, ...], primals: tuple, tangents: tuple)
 
 def xla_tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
-    ns_dtype: "jnp.dtype" = jnp.float32,
+    ns_dtype: "jnp.dtype" = jnp.float32, variant: RuleVariant = PUBLISHED,
 ) -> tuple[jax.Array, TensorState]:
     """One step of the rule on one tensor as XLA code.
 
     Args:
-        theta: The rule's weights (may be traced).
+        theta: The rule's weights (may be traced), keyed like ``variant.theta_shapes()``.
         state: The tensor's accumulators.
         grad: Its gradient.
         param: The parameter (non-empty).
         orthogonalize: Newton-Schulz on directions of two or more dimensions.
         ns_dtype: The dtype of Newton-Schulz's matrix products.
+        variant: The rule variant ``theta`` belongs to (static; default the published rule).
 
     Returns:
         The direction (the parameter's shape and dtype) and the new state.
@@ -101,7 +127,7 @@ def xla_tensor_step(
     work = work_shape(shape)
     g = jnp.clip(grad.astype(jnp.float32).reshape(work), -spec.GRAD_CLIP, spec.GRAD_CLIP)
     p = param.astype(jnp.float32).reshape(work)
-    state, fac_g = update_accumulators(state, g)
+    state, fac_g = update_accumulators(state, g, variant)
     nd = g.ndim
     axes = tuple(range(max(0, nd - 2), nd))  # normalisation groups: the last two axes
     group = int(np.prod([work[a] for a in axes]))
@@ -110,25 +136,46 @@ def xla_tensor_step(
     xs = [g, jnp.clip(g, -spec.FEATURE_CLIP, spec.FEATURE_CLIP), p, m[0], m[1], m[2], v,
           m[0] * rv, m[1] * rv, m[2] * rv, rv, fac_g[0], fac_g[1], fac_g[2], g * rv]
     f = factoring(work)
-    w0 = _weights(theta, _EL_ROWS)
-    hidden = [theta["b0"][j] for j in range(spec.HIDDEN_SIZE)]
+    keep = _used(_EL_ROWS[: len(xs) if f is None else len(_EL_ROWS)], variant)
+    w0 = _weights(theta, [_EL_ROWS[c] for c in keep])
+    width = variant.hidden_width
+    hidden = [theta["b0"][j] for j in range(width)]
     if f is not None:
         row_factor, col_factor = adafactor_factors(state.fac_r, state.fac_c, f)
         xs += [m[k] * row_factor[k] * col_factor[k] for k in range(3)]
-        for term in _rank1_terms(theta, state, f, axes):
+        for term in _rank1_terms(theta, state, f, axes, variant):
             hidden = [h + term[j] for j, h in enumerate(hidden)]
+    xs = [xs[c] for c in keep]
     sums = _sums_of_squares(xs, axes)
     xs = [x * jax.lax.rsqrt(s * (1.0 / group) + spec.INPUT_NORM_EPS) for x, s in zip(xs, sums)]
     for c, x in enumerate(xs):
         hidden = [h + w0[c, j] * x for j, h in enumerate(hidden)]
     hidden = [jax.nn.relu(h) for h in hidden]
-    w1, b1 = theta["w1"], theta["b1"]
-    w2, b2 = theta["w2"][:, spec.DIRECTION_OUTPUT], theta["b2"][spec.DIRECTION_OUTPUT]
-    direction = b2
-    for k in range(spec.HIDDEN_SIZE):
-        z = b1[k]
-        for j, h in enumerate(hidden):
-            z = z + w1[j, k] * h
-        direction = direction + w2[k] * jax.nn.relu(z)
-    direction = finish_direction(jnp.broadcast_to(direction, work), orthogonalize, ns_dtype)
+    w_out, b_out = theta[variant.output_key], theta[f"b{variant.hidden_layers}"]
+    magnitude = None
+    if width <= UNROLLED_WIDTH:
+        for layer in range(1, variant.hidden_layers):
+            w, b = theta[f"w{layer}"], theta[f"b{layer}"]
+            hidden = [jax.nn.relu(_dense(b[k], w[:, k], hidden)) for k in range(width)]
+        direction = _dense(b_out[spec.DIRECTION_OUTPUT], w_out[:, spec.DIRECTION_OUTPUT], hidden)
+        if variant.outputs == "direction+magnitude":
+            magnitude = jnp.broadcast_to(_dense(b_out[MAGNITUDE_OUTPUT], w_out[:, MAGNITUDE_OUTPUT], hidden), work)
+    else:
+        h = jnp.stack([jnp.broadcast_to(x, work) for x in hidden], axis=-1)
+        for layer in range(1, variant.hidden_layers):
+            h = jax.nn.relu(h @ theta[f"w{layer}"] + theta[f"b{layer}"])
+        out = h @ w_out + b_out
+        direction = out[..., spec.DIRECTION_OUTPUT]
+        if variant.outputs == "direction+magnitude":
+            magnitude = out[..., MAGNITUDE_OUTPUT]
+    direction = finish_variant_direction(jnp.broadcast_to(direction, work), magnitude, variant, orthogonalize,
+                                         ns_dtype)
     return direction.reshape(shape).astype(param.dtype), state
+
+
+def _dense(bias: jax.Array, weights: jax.Array, hidden: list[jax.Array]) -> jax.Array:
+    """One unit of a dense layer as element-wise arithmetic: ``bias + sum_j weights[j] * hidden[j]``."""
+    z = bias
+    for j, h in enumerate(hidden):
+        z = z + weights[j] * h
+    return z

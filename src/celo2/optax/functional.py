@@ -13,6 +13,8 @@ every formulation reads them as float32 and stores its new float32 values
 rounded stochastically in XLA: the kernels' custom call stays float32, and the
 bits stored are those a rounding inside the kernels would store, since the
 rounding is a function of the float32 value and the counter alone.
+A rule variant other than the published one (``variant=``) runs on XLA's
+formulation only: the CPU kernels run the published rule.
 
 The names a caller of one tensor's step needs are here too:
 :class:`~celo2.optax.state.TensorState`, :func:`init_tensor_state`,
@@ -35,6 +37,7 @@ from celo2.optax.ns import newton_schulz
 from celo2.optax.rounding import StateRounding, load_state, store_state
 from celo2.optax.state import (TensorState, ThetaTree, init_tensor_state, may_be_split, state_specs, theta_from_jax,
                                theta_to_jax)
+from celo2.rule.variant import PUBLISHED, RuleVariant, require_published
 
 __all__ = [
     "tensor_step", "guarded_tensor_step", "reference_tensor_step", "TensorState", "init_tensor_state",
@@ -46,7 +49,7 @@ __all__ = [
 def tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
     cpu_kernels: bool = False, ns_dtype: "jnp.dtype" = jnp.float32, *, net: Optional[jax.Array] = None,
-    rounding: Optional[StateRounding] = None,
+    rounding: Optional[StateRounding] = None, variant: RuleVariant = PUBLISHED,
 ) -> tuple[jax.Array, TensorState]:
     """One step of the rule on one tensor: ``(direction, new_state)``.
 
@@ -71,6 +74,7 @@ def tensor_step(
             caller packed it once for many tensors; default: packed here.
         rounding: With bfloat16 accumulators, the counter of their stochastic
             rounding (:class:`StateRounding`); ``None`` (default) for float32 ones.
+        variant: The rule variant ``theta`` belongs to (static; default the published rule).
 
     Returns:
         The direction (the parameter's shape and dtype) and the new state (in ``state``'s dtype).
@@ -78,14 +82,17 @@ def tensor_step(
     Raises:
         TypeError: When differentiated through the CPU kernels (pass ``cpu_kernels=False``).
         ValueError: bfloat16 accumulators without ``rounding``, or ``rounding`` with float32 ones.
+        celo2.rule.variant.VariantNotSupportedError: ``cpu_kernels=True`` with a variant other than
+            the published one.
     """
     _check_rounding(state, rounding)
+    _check_variant(variant, cpu_kernels)
     if 0 in tuple(param.shape):
         return jnp.zeros(param.shape, param.dtype), state
     kind = kernel_kind(param, grad, state, cpu_kernels)
 
     def elsewhere(theta, net, state, grad, param):  # noqa: ANN001, ANN202, ARG001
-        d, new = xla_tensor_step(theta, load_state(state), grad, param, orthogonalize, ns_dtype)
+        d, new = xla_tensor_step(theta, load_state(state), grad, param, orthogonalize, ns_dtype, variant)
         return d, _stored(new, rounding)
 
     if kind is None:
@@ -97,6 +104,12 @@ def tensor_step(
         return d, _stored(new, rounding)
 
     return jax.lax.platform_dependent(theta, net, state, grad, param, cpu=on_cpu, default=elsewhere)
+
+
+def _check_variant(variant: RuleVariant, cpu_kernels: bool) -> None:
+    """The CPU kernels run the published rule only: refuse them a variant, naming both."""
+    if cpu_kernels:
+        require_published(variant, "cpu_kernels=True (the fused Numba CPU kernels)")
 
 
 def _check_rounding(state: TensorState, rounding: Optional[StateRounding]) -> None:
@@ -118,7 +131,7 @@ def _stored(new: TensorState, rounding: Optional[StateRounding]) -> TensorState:
 def guarded_tensor_step(
     theta: ThetaTree, state: TensorState, grad: jax.Array, param: jax.Array, orthogonalize: bool,
     cpu_kernels: bool = False, ns_dtype: "jnp.dtype" = jnp.float32, *, net: Optional[jax.Array] = None,
-    rounding: Optional[StateRounding] = None,
+    rounding: Optional[StateRounding] = None, variant: RuleVariant = PUBLISHED,
 ) -> tuple[jax.Array, TensorState, jax.Array]:
     """:func:`tensor_step` under the non-finite policy ``"skip"``
     (:data:`celo2.rule.spec.NONFINITE_POLICIES`): ``(direction, new_state, ok)``.
@@ -140,6 +153,7 @@ def guarded_tensor_step(
         ns_dtype: As in :func:`tensor_step`.
         net: As in :func:`tensor_step`.
         rounding: As in :func:`tensor_step`; a skipped tensor keeps its bfloat16 accumulators bitwise.
+        variant: As in :func:`tensor_step`.
 
     Returns:
         The direction (parameter's shape and dtype), the new state and ``ok``.
@@ -147,14 +161,16 @@ def guarded_tensor_step(
     Raises:
         TypeError: When differentiated through the CPU kernels (pass ``cpu_kernels=False``).
         ValueError: As in :func:`tensor_step`.
+        celo2.rule.variant.VariantNotSupportedError: As in :func:`tensor_step`.
     """
     _check_rounding(state, rounding)
+    _check_variant(variant, cpu_kernels)
     if 0 in tuple(param.shape):
         return jnp.zeros(param.shape, param.dtype), state, jnp.asarray(True)
 
     def elsewhere(theta, net, state, grad, param):  # noqa: ANN001, ANN202, ARG001
         ok = finite(grad)
-        d, new = xla_tensor_step(theta, load_state(state), grad, param, orthogonalize, ns_dtype)
+        d, new = xla_tensor_step(theta, load_state(state), grad, param, orthogonalize, ns_dtype, variant)
         new = keep_if(ok, _stored(new, rounding), state)
         return jnp.where(ok, d, jnp.zeros_like(d)), new, ok
 

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, state_shapes, work_shape
-from celo2.rule.variant import require_published
-from celo2.rule.theta import Theta
+from celo2.rule.theta import Theta, ThetaError
+from celo2.rule.variant import PUBLISHED, RuleVariant
 from celo2.theta_files import load_theta
 
 ThetaTree = Mapping[str, jax.Array]
@@ -62,39 +61,47 @@ class ScaleByCelo2State(NamedTuple):
     rounding_seed: Any = None
 
 
-def theta_to_jax(theta: "Theta | Mapping[str, Any] | str | None" = None) -> dict[str, jax.Array]:
+def theta_to_jax(theta: "Theta | Mapping[str, Any] | str | None" = None,
+                 variant: RuleVariant = PUBLISHED) -> dict[str, jax.Array]:
     """A theta as a plain dict of float32 ``jax.Array`` (a pytree PES can perturb).
 
     Args:
-        theta: A :class:`~celo2.Theta`, a mapping keyed like
-            :data:`celo2.rule.spec.THETA_KEYS`, a path or ``hf://`` source, or
-            ``None`` for the shipped theta (see :func:`celo2.load_theta`).
+        theta: A :class:`~celo2.Theta` (of any rule variant), a mapping keyed like
+            ``variant.theta_shapes()``, a path or ``hf://`` source, or ``None`` for the shipped
+            theta (see :func:`celo2.load_theta`).
+        variant: The rule variant of a mapping (default the published rule); a
+            :class:`~celo2.Theta` or a file carries its own.
 
     Returns:
-        Theta key -> float32 array.
+        Theta key -> float32 array, the keys of the theta's rule variant.
 
     Raises:
         celo2.ThetaError: ``theta`` is malformed or cannot be read.
-        celo2.rule.variant.VariantNotSupportedError: ``theta`` belongs to a rule variant other than the
-            published one (those run in meta-training and scoring only).
+        KeyError: A mapping lacks one of ``variant``'s keys.
+        celo2.ThetaError: A mapping's array has another shape than ``variant`` says.
     """
     if isinstance(theta, Mapping) and not isinstance(theta, Theta):
-        return {k: jnp.asarray(theta[k], jnp.float32) for k in spec.THETA_KEYS}
+        for key, shape in variant.theta_shapes().items():
+            if key in theta and tuple(jnp.shape(theta[key])) != shape:
+                where = "" if variant.is_published else f" of rule variant {variant.label}"
+                raise ThetaError(f"theta: {key!r} has shape {tuple(jnp.shape(theta[key]))}, expected {shape}{where} "
+                                 "(pass variant= for a theta of another rule variant)")
+        return {k: jnp.asarray(theta[k], jnp.float32) for k in variant.theta_keys}
     theta = load_theta(theta)
-    require_published(theta.variant, "celo2.optax")
-    return {k: jnp.asarray(theta[k]) for k in spec.THETA_KEYS}
+    return {k: jnp.asarray(theta.arrays[k]) for k in theta.variant.theta_keys}
 
 
-def theta_from_jax(tree: ThetaTree) -> Theta:
+def theta_from_jax(tree: ThetaTree, variant: RuleVariant = PUBLISHED) -> Theta:
     """Back to a framework-neutral :class:`~celo2.Theta`.
 
     Args:
         tree: Theta key -> array (concrete).
+        variant: The rule variant ``tree`` belongs to (default the published rule).
 
     Returns:
         The :class:`~celo2.Theta`.
     """
-    return Theta({k: np.asarray(tree[k], np.float32) for k in spec.THETA_KEYS})
+    return Theta({k: np.asarray(tree[k], np.float32) for k in variant.theta_keys}, variant=variant)
 
 
 def init_tensor_state(param: jax.Array, dtype: "jnp.dtype" = jnp.float32) -> TensorState:

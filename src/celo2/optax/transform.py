@@ -26,6 +26,8 @@ from celo2.optax.state import ScaleByCelo2State, init_tensor_state, theta_to_jax
 from celo2.optax.state_dtype import rounded_adam_moments
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
+from celo2.rule.variant import PUBLISHED, RuleVariant, VariantError, note_general_path, require_published
+from celo2.theta_files import load_theta
 
 __all__ = [
     "scale_by_celo2", "celo2", "celo2_base", "ScaleByCelo2State", "PerTensorSkipState", "nonfinite_steps",
@@ -39,7 +41,7 @@ ThetaLike = Union[Theta, Mapping[str, Any], str, None]
 def scale_by_celo2(
     theta: ThetaLike = None, orthogonalize: bool = True, cpu_kernels: bool | None = None,
     nonfinite: str = spec.NONFINITE_DEFAULT, ns_dtype: Any = "auto", *, state_dtype: Any = jnp.float32,
-    rounding_seed: int = 0,
+    rounding_seed: int = 0, variant: RuleVariant | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The raw Celo2 rule: turns gradients into unit-RMS update directions.
 
@@ -48,17 +50,21 @@ def scale_by_celo2(
 
     Args:
         theta: The rule's weights: a :class:`~celo2.Theta`, a path or ``hf://`` source (see
-            :func:`celo2.load_theta`), a dict of arrays keyed like :data:`celo2.rule.spec.THETA_KEYS`
-            (may be traced, e.g. inside a meta-gradient), or ``None`` (default) for the shipped theta.
+            :func:`celo2.load_theta`), a dict of arrays keyed like ``variant.theta_shapes()``
+            (:data:`celo2.rule.spec.THETA_KEYS` for the published rule; may be traced, e.g. inside a
+            meta-gradient), or ``None`` (default) for the shipped theta. A theta of any rule variant
+            runs: a :class:`~celo2.Theta` and a theta file carry their variant.
         orthogonalize: Newton-Schulz on the directions of matrices (default ``True``: Celo2;
             ``False``: Celo2-base).
         cpu_kernels: On CPU, run float32 vectors, matrices and conv kernels through the fused
             Numba kernels (an XLA custom call, :mod:`celo2.optax.cpu_ffi`) instead of XLA's own
             loop (compiled without FMAs and at 256 bits); same numbers to float32 rounding,
             faster, but not differentiable.
-            ``None`` (default): on when Numba is installed and theta is not traced; ``False``: XLA
+            ``None`` (default): on when Numba is installed, theta is not traced and it is of the
+            published rule (a rule variant's theta runs on XLA, with one
+            :class:`~celo2.rule.variant.VariantPathWarning`); ``False``: XLA
             everywhere (needed to differentiate through the update); ``True``: on, and an error if
-            Numba is missing. Other platforms always compile the XLA formulation, and so do
+            Numba is missing or theta is a rule variant's. Other platforms always compile the XLA formulation, and so do
             tensors that may be split across devices (``NamedSharding`` over several devices:
             :func:`celo2.optax.state.may_be_split`), whose directions come back split like them.
         nonfinite: ``"skip"`` (default) gives a tensor whose gradient holds a NaN or +-inf a zero
@@ -84,6 +90,8 @@ def scale_by_celo2(
             ``update`` (:func:`celo2` and :func:`celo2_base` number their whole tree).
         rounding_seed: The rounding's seed (``0 <= seed < 2**32``, default 0), kept in the state
             (``ScaleByCelo2State.rounding_seed``), which ``update`` reads it from.
+        variant: The rule variant of a dict ``theta`` (default ``None``: the published rule); a
+            :class:`~celo2.Theta` or a theta file carries its own, which ``variant`` must then equal.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByCelo2State` (the extra
@@ -94,6 +102,8 @@ def scale_by_celo2(
             ``cpu_kernels=True`` without Numba, or (at ``update``) no ``params`` or a state whose
             accumulators are not in ``state_dtype`` (convert it with :func:`celo2.optax.convert_state_dtype`).
         celo2.ThetaError: ``theta`` is malformed.
+        celo2.rule.variant.VariantNotSupportedError: ``cpu_kernels=True`` with a rule variant's theta.
+        celo2.rule.variant.VariantError: ``variant`` differs from the one ``theta`` carries.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -118,8 +128,11 @@ def scale_by_celo2(
     seed = check_rounding_seed(rounding_seed)
     low = dtype == jnp.bfloat16
     traced = _is_traced_mapping(theta)
-    theta_tree = theta_to_jax(theta) if not traced else dict(theta)
-    use_kernels = _resolve_cpu_kernels(cpu_kernels, traced)
+    if not isinstance(theta, Mapping) or isinstance(theta, Theta):
+        theta = load_theta(theta)  # read once: its variant and its arrays
+    variant = _theta_variant(theta, variant)
+    theta_tree = theta_to_jax(theta, variant) if not traced else dict(theta)
+    use_kernels = _resolve_cpu_kernels(cpu_kernels, traced, variant)
     # Packed once for every tensor and update (a traced theta is packed in its own trace, at construction).
     net = cpu_ffi.pack_theta(theta_tree) if use_kernels else None
     ns_name = ns_dtype_name(ns_dtype)
@@ -160,11 +173,11 @@ def scale_by_celo2(
             rounding = StateRounding(state.rounding_seed, count - n, index) if low else None
             if skip:
                 direction, new, ok = guarded_tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net,
-                                                         rounding=rounding)
+                                                         rounding=rounding, variant=variant)
                 n = n + jnp.logical_not(ok).astype(jnp.int32)
             else:
                 direction, new = tensor_step(theta_tree, s, g, p, orthogonalize, use_kernels, ns, net=net,
-                                             rounding=rounding)
+                                             rounding=rounding, variant=variant)
             outs.append(direction)
             new_states.append(new)
             counts.append(n)
@@ -194,7 +207,24 @@ def _check_state_dtype(state: ScaleByCelo2State, dtype: "jnp.dtype") -> None:
                          "is None); convert a float32 state with celo2.optax.convert_state_dtype")
 
 
-def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool) -> bool:
+def _theta_variant(theta: "Theta | Mapping[str, Any]", variant: RuleVariant | None) -> RuleVariant:
+    """The rule variant ``theta`` belongs to: a :class:`Theta`'s own, else ``variant`` or the published."""
+    if not isinstance(theta, Theta):
+        return PUBLISHED if variant is None else variant
+    own = theta.variant
+    if variant is not None and variant != own:
+        raise VariantError(f"scale_by_celo2: variant= is {variant.label} but the theta belongs to the rule variant "
+                           f"{own.label}; leave variant= out for a Theta or a theta file")
+    return own
+
+
+def _resolve_cpu_kernels(cpu_kernels: bool | None, traced_theta: bool, variant: RuleVariant = PUBLISHED) -> bool:
+    if not variant.is_published:
+        if cpu_kernels:
+            require_published(variant, "cpu_kernels=True (the fused Numba CPU kernels)")
+        if cpu_kernels is None and not traced_theta:
+            note_general_path(variant, "celo2.optax", "XLA's formulation")
+        return False
     if cpu_kernels is None:
         if not traced_theta:
             cpu_ffi.warn_unsupported_once()
@@ -264,6 +294,7 @@ def celo2(
     *,
     state_dtype: Any = jnp.float32,
     rounding_seed: int = 0,
+    variant: RuleVariant | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Celo2 harness: the learned rule for matrices, AdamW for the rest.
 
@@ -303,6 +334,7 @@ def celo2(
             the update). The tensors are numbered in tree-flatten order of the whole parameter
             tree, whichever branch they take.
         rounding_seed: The stochastic rounding's seed (default 0), kept in both branches' states.
+        variant: The rule variant of a dict ``theta``, see :func:`scale_by_celo2`.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` (``update`` needs ``params``).
@@ -335,7 +367,8 @@ def celo2(
         {
             routing.LEARNED: _learned(
                 scale_by_celo2(theta, orthogonalize=orthogonalize, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
-                               ns_dtype=ns_dtype, state_dtype=state_dtype, rounding_seed=rounding_seed),
+                               ns_dtype=ns_dtype, state_dtype=state_dtype, rounding_seed=rounding_seed,
+                               variant=variant),
                 weight_decay, learning_rate, nonfinite),
             routing.ADAM: in_float32(adam),
         },
@@ -360,6 +393,7 @@ def celo2_base(
     *,
     state_dtype: Any = jnp.float32,
     rounding_seed: int = 0,
+    variant: RuleVariant | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Celo2-base: the learned rule without orthogonalisation on every tensor,
     ``p <- p - lr * (direction + weight_decay * p)``.
@@ -375,12 +409,14 @@ def celo2_base(
         state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``, see :func:`scale_by_celo2`
             (tensors numbered in tree-flatten order of the parameters).
         rounding_seed: The stochastic rounding's seed (default 0), kept in the state.
+        variant: The rule variant of a dict ``theta``, see :func:`scale_by_celo2`.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` (``update`` needs ``params``).
 
     Raises:
         ValueError: An unknown ``nonfinite`` or ``state_dtype``, or a bad ``rounding_seed``.
+        celo2.rule.variant.VariantError: As in :func:`scale_by_celo2`.
 
     Zero gradients still give unit-RMS directions (published theta too), so a
     parameter with exactly zero gradients moves by about the learning rate per
@@ -388,7 +424,7 @@ def celo2_base(
     (``jax_enable_x64``) is updated in float64.
     """
     rule = scale_by_celo2(theta, orthogonalize=False, cpu_kernels=cpu_kernels, nonfinite=nonfinite,
-                          state_dtype=state_dtype, rounding_seed=rounding_seed)
+                          state_dtype=state_dtype, rounding_seed=rounding_seed, variant=variant)
     return _numbered("celo2_base", _learned(rule, weight_decay, learning_rate, nonfinite))
 
 

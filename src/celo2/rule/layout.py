@@ -153,8 +153,8 @@ def pack_theta(theta: Mapping[str, Any], xp: Any = np) -> Any:
     Raises:
         KeyError: a published key is missing from ``theta``.
         celo2.rule.variant.VariantNotSupportedError: ``theta`` belongs to a rule variant other
-            than the published one (its ``variant``); the message names how it differs. Variants
-            run in meta-training and scoring for now.
+            than the published one (its ``variant``); the message names how it differs and where
+            variants run (:data:`celo2.rule.variant.VARIANT_PATHS`).
     """
     variant = getattr(theta, "variant", None)
     if isinstance(variant, RuleVariant):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -69,6 +70,16 @@ class VariantError(ValueError):
 
 class VariantNotSupportedError(VariantError):
     """A rule variant other than the published one given to code that runs the published rule only."""
+
+
+class VariantPathWarning(UserWarning):
+    """A rule variant's theta runs on a general path (XLA, chunked PyTorch) where the published rule would
+    run on the fast kernels; emitted once per optimizer, filter it with ``warnings.filterwarnings``."""
+
+
+VARIANT_PATHS: str = ("rule variants run on celo2.torch's 'torch' (chunked) and 'reference' backends and on "
+                      "celo2.optax's XLA formulation (cpu_kernels=False), which meta-training and scoring use")
+"""Where rule variants other than the published one run (for messages)."""
 
 
 @dataclass(frozen=True)
@@ -319,9 +330,21 @@ def require_published(variant: RuleVariant, where: str) -> None:
         return
     raise VariantNotSupportedError(
         f"{where} runs the published rule only; this theta belongs to the rule variant "
-        f"{'; '.join(variant.differences())}. Rule variants run in meta-training ('celo2 meta-train "
-        "--set variant.FIELD=VALUE') and scoring ('celo2 meta-train score') for now; the optimizers "
-        "(celo2.torch, celo2.optax) and the fast kernels learn them later")
+        f"{'; '.join(variant.differences())}. {VARIANT_PATHS[0].upper()}{VARIANT_PATHS[1:]}")
+
+
+def note_general_path(variant: RuleVariant, where: str, path: str) -> None:
+    """Say in one line (a :class:`VariantPathWarning`) that ``variant`` runs on ``path``, not the fast kernels.
+
+    Args:
+        variant: The variant of the theta at hand; nothing is said for :data:`PUBLISHED`.
+        where: Who picks the path (``"celo2.torch.Celo2"``).
+        path: The path it runs on (``"the chunked PyTorch backend"``).
+    """
+    if variant.is_published:
+        return
+    warnings.warn(f"{where}: the theta of rule variant {variant.label} runs on {path}; the fast kernels run the "
+                  "published rule only", VariantPathWarning, stacklevel=3)
 
 
 def parse_field(name: str, text: str) -> Any:
@@ -361,5 +384,6 @@ def parse_field(name: str, text: str) -> Any:
 
 __all__ = [
     "ALL_GROUPS", "MAGNITUDE_EXP_MULT", "MAGNITUDE_OUTPUT", "OUTPUTS", "OUTPUT_NORMS", "PUBLISHED",
-    "RuleVariant", "VariantError", "VariantNotSupportedError", "parse_field", "require_published",
+    "RuleVariant", "VARIANT_PATHS", "VariantError", "VariantNotSupportedError", "VariantPathWarning",
+    "note_general_path", "parse_field", "require_published",
 ]

@@ -29,6 +29,11 @@ its ``state_dtypes`` (bfloat16 state with a
 :class:`~celo2.torch.backends.base.StateRounding`, float32 without):
 ``"auto"`` skips the others, and an explicitly named backend whose own
 class does not store the dtype is refused (:func:`check_backend`).
+
+Rule variants: a theta of a rule variant other than the published one
+(``theta.variant``) steps only on backends whose ``runs_variants`` is true
+(the chunked path and the reference formula): ``"auto"`` skips the others,
+and an explicitly named backend that runs the published rule only is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from celo2.hardware import ns_dtype_name
 from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, work_shape
+from celo2.rule.variant import PUBLISHED, RuleVariant, require_published
 from celo2.torch._nonfinite import Gate, count_skipped_many, grad_finite
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Backend, Options, StateRounding, finish
@@ -92,12 +98,13 @@ _MISSING: dict[str, str] = {
 }
 
 
-def check_backend(backend: str, state_dtype: torch.dtype = torch.float32) -> str:
+def check_backend(backend: str, state_dtype: torch.dtype = torch.float32, variant: RuleVariant = PUBLISHED) -> str:
     """``backend`` if it names a backend this installation can run with state of ``state_dtype``.
 
     Args:
         backend: One of :data:`BACKENDS`.
         state_dtype: The accumulators' dtype (``torch.float32`` or ``torch.bfloat16``).
+        variant: The theta's rule variant (default the published rule).
 
     Returns:
         ``backend`` unchanged.
@@ -105,6 +112,8 @@ def check_backend(backend: str, state_dtype: torch.dtype = torch.float32) -> str
     Raises:
         ValueError: An unknown name, ``"triton"`` without Triton or ``"numba"`` without Numba, or a named
             backend that does not store ``state_dtype`` (naming both).
+        celo2.rule.variant.VariantNotSupportedError: A named backend that runs the published rule only,
+            with another ``variant`` (naming both).
     """
     if backend not in BACKENDS:
         raise ValueError(f"invalid backend={backend!r}: expected one of {BACKENDS}")
@@ -115,6 +124,8 @@ def check_backend(backend: str, state_dtype: torch.dtype = torch.float32) -> str
         able = [name for name, bs in _REQUESTED.items() if state_dtype in bs[0].state_dtypes]
         raise ValueError(f"backend={backend!r} does not support state_dtype={str(state_dtype).removeprefix('torch.')}"
                          f" (it stores {stores} state): use backend='auto' or one of {able}")
+    if backend != "auto" and not _REQUESTED[backend][0].runs_variants:
+        require_published(variant, f"backend={backend!r}")
     return backend
 
 
@@ -141,22 +152,24 @@ def candidates(backend: str, param: torch.Tensor) -> tuple[Backend, ...]:
     return _AUTO[(param.device.type == "cuda", USE_CPU_KERNELS)]
 
 
-def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> Backend:
-    """The backend that steps this tensor: the first of :func:`candidates` that stores its state's dtype
-    and takes it.
+def pick(backend: str, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
+         variant: RuleVariant = PUBLISHED) -> Backend:
+    """The backend that steps this tensor: the first of :func:`candidates` that stores its state's dtype,
+    runs the theta's rule variant and takes it.
 
     Args:
         backend: The requested one (see the module doc).
         state: The tensor's accumulators.
         grad: Its gradient.
         param: The parameter.
+        variant: The theta's rule variant (default the published rule).
 
     Returns:
         A :class:`celo2.torch.backends.Backend`.
     """
     dtype = state["m"].dtype
     for b in candidates(backend, param):
-        if dtype in b.state_dtypes and b.takes(state, grad, param):
+        if dtype in b.state_dtypes and (b.runs_variants or variant.is_published) and b.takes(state, grad, param):
             return b
     raise AssertionError("the chunked path takes every tensor")
 
@@ -219,10 +232,11 @@ def _selected(rounding: Optional[StateRounding], indices: Sequence[int]) -> Opti
     return None if rounding is None else rounding.select(indices)
 
 
-def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool) -> bool:
-    """Whether Newton-Schulz takes this tensor's raw direction whole (batched with others)."""
+def _is_held(b: Backend, param: torch.Tensor, orthogonalize: bool, variant: RuleVariant = PUBLISHED) -> bool:
+    """Whether Newton-Schulz takes this tensor's raw direction whole (batched with others): never for a rule
+    variant other than the published one, whose backend finishes its own directions."""
     ndim = len(work_shape(param.shape))
-    return orthogonalize and ndim >= 2 and b.gives_raw(ndim)
+    return orthogonalize and ndim >= 2 and variant.is_published and b.gives_raw(ndim)
 
 
 # -- one tensor ----------------------------------------------------------------------------
@@ -251,13 +265,13 @@ def tensor_step(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.T
         ValueError: An unknown ``backend`` or ``ns_dtype``, or ``rounding`` that does not fit the state's
             dtype (before ``state`` is written).
     """
-    check_backend(backend, _state_dtype(state, rounding, "tensor_step()"))
+    check_backend(backend, _state_dtype(state, rounding, "tensor_step()"), theta.variant)
     _checked_ns_dtype(ns_dtype)
     if param.numel() == 0:
         return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-    b = pick(backend, state, grad, param)
+    b = pick(backend, state, grad, param, theta.variant)
     options = Options(chunk_elements)
-    if not _is_held(b, param, orthogonalize):
+    if not _is_held(b, param, orthogonalize, theta.variant):
         return b.directions(theta, [param], [grad], [state], orthogonalize=orthogonalize, options=options,
                             rounding=rounding)[0]
     d, _ = b.raw(theta, [param], [grad], [state], skip=False, options=options, rounding=rounding)[0]
@@ -322,13 +336,14 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
     if len(dtypes) > 1:
         raise ValueError(f"celo2(): the states' accumulators mix dtypes {sorted(map(str, dtypes))}: one call "
                          f"steps one state dtype")
-    check_backend(backend, _state_dtype(live[0], rounding, "celo2()") if live else torch.float32)
+    theta_of = theta if callable(theta) else (lambda device: theta)
+    variant = theta_of(params[0].device).variant if params else PUBLISHED
+    check_backend(backend, _state_dtype(live[0], rounding, "celo2()") if live else torch.float32, variant)
     spec.check_nonfinite_policy(nonfinite)
     _checked_ns_dtype(ns_dtype)
     skip = nonfinite == "skip"
     if skip and counters is None:
         raise ValueError("celo2(): nonfinite='skip' needs counters (one 0-d integer tensor per parameter)")
-    theta_of = theta if callable(theta) else (lambda device: theta)
     apply = (lr, weight_decay)
     options = Options(chunk_elements, None if torch.compiler.is_compiling() else workspace)
     stepped: dict[tuple[Backend, torch.device], list[int]] = {}  # stepped whole by their backend
@@ -337,7 +352,7 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         if p.numel() == 0:
             continue
-        b = pick(backend, st, g, p)
+        b = pick(backend, st, g, p, variant)
         if skip and not b.gates_nonfinite:
             if checked_on_host(backend, p):
                 if not grad_finite(g):
@@ -345,7 +360,7 @@ def celo2(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states:
                     continue
             else:
                 gates.append(Gate(p, [st[k] for k in STATE_KEYS], counters[i]))
-        if _is_held(b, p, orthogonalize):
+        if _is_held(b, p, orthogonalize, variant):
             held.append((i, b))
         else:
             stepped.setdefault((b, p.device), []).append(i)

@@ -16,6 +16,7 @@ import torch
 
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
+from celo2.rule.variant import VariantNotSupportedError, note_general_path
 from celo2.theta_files import load_theta
 from celo2.torch import _adamw, _checkpoint, _rounding, _sharded
 from celo2.torch import functional as F
@@ -105,6 +106,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         self._shardings: dict[torch.Tensor, _sharded.Sharding] = {}
         super().__init__(params, defaults)  # every group through add_param_group, so checked alike
         self.theta = load_theta(theta)
+        self._check_variant(self.param_groups)
         self._theta_by_device: dict[torch.device, TorchTheta] = {}
         # Chunk scratch of the fast path, one per device, reused across tensors
         # and steps (a few MB; not part of state_dict).
@@ -132,12 +134,29 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[gi]
         try:
             self._check_settings(group, f"param group {gi}: ")
+            if "theta" in self.__dict__:  # the constructor checks its groups once theta is loaded
+                self._check_variant([group], gi)
             shardings = self._check_params(gi, group)
         except Exception:
             self.param_groups.pop()
             raise
         self._normalise(group)
         self._shardings.update(shardings)
+
+    def _check_variant(self, groups: list[dict[str, Any]], first: int = 0) -> None:
+        """A rule variant's theta runs on the chunked and reference backends only: refuse a group that asks
+        for a fast backend (naming the variant and the backend), and say once (a
+        :class:`~celo2.rule.variant.VariantPathWarning`) that ``"auto"`` takes the chunked path."""
+        variant = self.theta.variant
+        if variant.is_published:
+            return
+        for gi, group in enumerate(groups, first):
+            try:
+                F.check_backend(group["backend"], variant=variant)
+            except VariantNotSupportedError as exc:
+                raise VariantNotSupportedError(f"param group {gi}: {exc}") from None
+        if any(group["backend"] == "auto" for group in groups):
+            note_general_path(variant, f"celo2.torch.{type(self).__name__}", "the chunked PyTorch backend ('torch')")
 
     @staticmethod
     def _normalise(settings: dict[str, Any]) -> None:

@@ -93,11 +93,17 @@ class Backend(Protocol):
         state_dtypes: The dtypes of state it reads and writes (``torch.float32``, and ``torch.bfloat16``
             where it takes ``rounding``); :func:`celo2.torch.functional.pick` gives it no tensor whose
             state is of another dtype.
+        runs_variants: Whether it runs every rule variant (:class:`celo2.rule.variant.RuleVariant`, read
+            from ``theta.variant``) or the published rule only (the fused kernels, which read the packed
+            weights of :func:`celo2.rule.layout.pack_theta`); :func:`celo2.torch.functional.pick` gives a
+            backend of the published rule only no tensor of another variant, and
+            :func:`celo2.torch.functional.check_backend` refuses it by name when it is asked for.
     """
 
     name: str
     gates_nonfinite: bool
     state_dtypes: tuple[torch.dtype, ...]
+    runs_variants: bool
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Whether this backend can step this tensor (dtype, device, layout, shape)."""

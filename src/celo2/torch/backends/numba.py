@@ -191,6 +191,7 @@ class NumbaBackend:
     name = "numba"
     gates_nonfinite = False
     state_dtypes = (torch.float32, torch.bfloat16)
+    runs_variants = False
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Whether :func:`kind` names a kernel for this tensor."""

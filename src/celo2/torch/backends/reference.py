@@ -6,7 +6,9 @@ full-size tensor, dozens of copies of the parameter in memory; every
 fused backend is tested against it. It takes every tensor, orthogonalises
 its own directions (always in float32) and never gates non-finite values.
 With bfloat16 state it steps a float32 copy of the accumulators and stores
-them rounded (:mod:`celo2.torch._rounding`).
+them rounded (:mod:`celo2.torch._rounding`). It runs every rule variant
+(:class:`celo2.rule.variant.RuleVariant`: the theta's decays, feature groups,
+MLP size and output handling).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from celo2.rule import spec
 from celo2.rule.state import STATE_KEYS, factoring, work_shape
+from celo2.rule.variant import MAGNITUDE_EXP_MULT, MAGNITUDE_OUTPUT, PUBLISHED, RuleVariant
 from celo2.torch._rounding import TensorRounding, store_state, working_copy
 from celo2.torch._state import TorchTheta
 from celo2.torch.backends.base import Apply, Options, StateRounding, apply_update, tensor_rounding
@@ -46,20 +49,21 @@ def _adafactor_factors(fac_r: torch.Tensor, fac_c: torch.Tensor, shape: tuple[in
     return row_factor.unsqueeze(1 + d0), col_factor.unsqueeze(1 + d1)
 
 
-def update_accumulators(state: dict[str, torch.Tensor], g: torch.Tensor) -> torch.Tensor:
-    """Reference: fold ``g`` into the accumulators in place; return the
+def update_accumulators(state: dict[str, torch.Tensor], g: torch.Tensor,
+                        variant: RuleVariant = PUBLISHED) -> torch.Tensor:
+    """Reference: fold ``g`` into the accumulators in place (with ``variant``'s decays); return the
     Adafactor-normalised ``g`` at full size."""
     nd = g.ndim
-    state["m"].lerp_(g.unsqueeze(0).expand_as(state["m"]), 1.0 - _decays(spec.MOMENTUM_DECAYS, nd, g))
+    state["m"].lerp_(g.unsqueeze(0).expand_as(state["m"]), 1.0 - _decays(variant.momentum_decays, nd, g))
     g2 = g.square()
-    state["v"].mul_(spec.RMS_DECAY).add_(g2, alpha=1.0 - spec.RMS_DECAY)
+    state["v"].mul_(variant.rms_decay).add_(g2, alpha=1.0 - variant.rms_decay)
     gsq = g2 + spec.FACTORED_EPS
     f = factoring(g.shape)
     if f is None:
-        w = 1.0 - _decays(spec.FACTORED_DECAYS, nd, g)
+        w = 1.0 - _decays(variant.factored_decays, nd, g)
         state["fac_r"].lerp_(gsq.unsqueeze(0).expand_as(state["fac_r"]), w)
         return g.unsqueeze(0) * safe_rsqrt(state["fac_r"] + spec.VECTOR_FACTOR_EPS)
-    w = 1.0 - _decays(spec.FACTORED_DECAYS, nd - 1, g)
+    w = 1.0 - _decays(variant.factored_decays, nd - 1, g)
     state["fac_r"].lerp_(gsq.mean(dim=f.d0).unsqueeze(0).expand_as(state["fac_r"]), w)
     state["fac_c"].lerp_(gsq.mean(dim=f.d1).unsqueeze(0).expand_as(state["fac_c"]), w)
     row_factor, col_factor = _adafactor_factors(state["fac_r"], state["fac_c"], tuple(g.shape))
@@ -133,18 +137,25 @@ def reference_tensor_step(
     work = work_shape(shape)
     g = grad.detach().to(torch.float32).reshape(work).clamp(-spec.GRAD_CLIP, spec.GRAD_CLIP)
     p = param.detach().to(torch.float32).reshape(work)
-    fac_g = update_accumulators(state, g)
+    variant = theta.variant
+    fac_g = update_accumulators(state, g, variant)
     groups = features(state, g, p, fac_g)
+    used = variant.groups if len(groups) > spec.VECTOR_GROUPS else variant.vector_groups
     dims = tuple(range(max(1, g.ndim - 1), g.ndim + 1))  # last two axes of (width, *S)
-    channels = torch.cat([_rms_normalise(x, spec.INPUT_NORM_EPS, dims) for x in groups], dim=0)
-    w0 = theta.w0[: channels.shape[0]]
+    channels = torch.cat([_rms_normalise(groups[group.index], spec.INPUT_NORM_EPS, dims) for group in used], dim=0)
+    w0 = theta.w0[: channels.shape[0]]  # a vector's groups are the first of the matrix's
     hidden = torch.relu(torch.tensordot(channels, w0, dims=([0], [0])) + theta.b0)
-    hidden = torch.relu(hidden @ theta.w1 + theta.b1)
+    for w, b in theta.layers:
+        hidden = torch.relu(hidden @ w + b)
     direction = hidden @ theta.w2 + theta.b2
     if orthogonalize and g.ndim >= 2:
         direction = reference_newton_schulz(direction)
-    out_dims = tuple(range(max(0, g.ndim - 2), g.ndim))
-    direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, out_dims)
+    if variant.output_norm == "rms":
+        out_dims = tuple(range(max(0, g.ndim - 2), g.ndim))
+        direction = _rms_normalise(direction, spec.OUTPUT_NORM_EPS, out_dims)
+    if variant.outputs == "direction+magnitude":
+        magnitude = hidden @ theta.w_out[:, MAGNITUDE_OUTPUT] + theta.b_out[MAGNITUDE_OUTPUT]
+        direction = direction * torch.exp(MAGNITUDE_EXP_MULT * magnitude)
     return direction.reshape(shape)
 
 
@@ -176,6 +187,7 @@ class ReferenceBackend:
     name = "reference"
     gates_nonfinite = False
     state_dtypes = (torch.float32, torch.bfloat16)
+    runs_variants = True
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Every tensor."""

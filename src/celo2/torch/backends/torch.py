@@ -29,6 +29,14 @@ The step never moves a value to the host (no ``.item()``, no data-dependent
 Python branch), so it runs asynchronously on accelerators and traces under
 ``torch.compile``.
 
+Rule variants (:class:`celo2.rule.variant.RuleVariant`) run here too: the
+decays are the variant's, the groups it leaves out have zero first-layer
+weights (:meth:`celo2.torch._state.ChunkedWeights.of_variant`), the hidden
+layers are as wide and as many as it says, and the direction is finished as
+its ``output_norm`` and ``outputs`` say (a ``direction+magnitude`` variant
+holds its magnitude at full size next to the direction). A variant runs on
+whole tensors only: not sharded, and never handing its raw direction over.
+
 bfloat16 state: :func:`run` steps a float32 copy of one tensor's
 accumulators (16 bytes per element of that tensor, freed when its step
 ends), so the arithmetic and the direction are float32 state's, then stores
@@ -45,9 +53,10 @@ import torch
 
 from celo2.rule import layout, spec
 from celo2.rule.state import STATE_KEYS, Factoring, factoring, work_shape
+from celo2.rule.variant import MAGNITUDE_EXP_MULT, RuleVariant
 from celo2.torch._rounding import TensorRounding, store_state, working_copy
 from celo2.torch._state import ChunkedWeights, TorchTheta
-from celo2.torch.backends.base import Apply, Options, StateRounding, finish, group_sumsq, tensor_rounding
+from celo2.torch.backends.base import Apply, Options, StateRounding, apply_update, finish, group_sumsq, tensor_rounding
 from celo2.torch.backends.reference import safe_rsqrt
 from celo2.torch.ns import newton_schulz
 
@@ -134,7 +143,21 @@ _WS_X = 0  # channels (18c); pass-1 scratch (6c) and the second hidden layer (9c
 _WS_H = 18  # first hidden layer (9c, last row ones)
 _WS_D = 27  # direction of one chunk (c), for tensors finished chunk by chunk
 WS_SIZE: int = 28
-"""Floats of chunk workspace per element of a chunk."""
+"""Floats of chunk workspace per element of a chunk (the published rule; see :func:`workspace_layout`)."""
+
+
+def workspace_layout(lay: ChunkedWeights) -> tuple[int, int, int]:
+    """Where the hidden layer and the direction sit in a chunk's workspace, and its size, in multiples of
+    the chunk size: ``(hidden, direction, size)``.
+
+    The channels' region also holds every other hidden layer (``width + 1`` rows each), so it is at
+    least that long; a ``direction+magnitude`` variant's magnitude follows the direction.
+    Published: ``(_WS_H, _WS_D, WS_SIZE)``.
+    """
+    rows = lay.width + 1
+    hidden = max(_WS_H, rows)
+    direction = hidden + rows
+    return hidden, direction, direction + 1 + (lay.w2.shape[0] - 1)
 
 
 class ChunkedTensor:
@@ -212,7 +235,7 @@ class ChunkedTensor:
             _clamp_grad_into(g, self.g[a:b])
             self.m[:, a:b].lerp_(g, wm)
             torch.mul(g, g, out=g2)
-            self.v[a:b].mul_(spec.RMS_DECAY).add_(g2, alpha=1.0 - spec.RMS_DECAY)
+            self.v[a:b].mul_(lay.rms_decay).add_(g2, alpha=1.0 - lay.rms_decay)
             if sums is not None:
                 self._chunk_sums(sums[i], a, b, g2.view(c), ws[2 * c : 6 * c])
             if self.factored is None:
@@ -300,7 +323,7 @@ class ChunkedTensor:
             x = x * torch.rsqrt(ms + spec.INPUT_NORM_EPS)
             terms.append(torch.tensordot(w, x, dims=([0], [0])))  # (8, *S with 1 at axis)
         # Kept apart: their sum would be a full (8, *S) tensor.
-        self.terms = (terms[0] + lay.b0.view(8, *([1] * nd)), terms[1])
+        self.terms = (terms[0] + lay.b0.view(lay.width, *([1] * nd)), terms[1])
 
     def factor_sums(self, ws: torch.Tensor, sums: torch.Tensor) -> None:
         """Matrices: sums of squares of the six factored channels (fac_g, fac_m) into ``sums``.
@@ -353,29 +376,76 @@ class ChunkedTensor:
             torch.mul(fac_m, X[_G], out=fac_g)
             fac_m.mul_(X[_M:_M + 3])
 
-    def mlp(self, ws: torch.Tensor, c: int, out: torch.Tensor, w_t: torch.Tensor, a: int, b: int) -> None:
-        """Hidden layers and the direction output of one chunk into ``out``.
+    def mlp(self, ws: torch.Tensor, c: int, out: torch.Tensor, w_t: torch.Tensor, a: int, b: int,
+            magnitude: Optional[torch.Tensor] = None) -> None:
+        """Hidden layers and the direction output of one chunk into ``out`` (and, for a
+        ``direction+magnitude`` variant, the magnitude output into ``magnitude``).
 
         The chunk's channels are at ``ws[_WS_X]``, already normalised or with
-        the normalisation carried by ``w_t``; biases of the second and third
-        layers ride on a row of ones appended to the hidden activations.
+        the normalisation carried by ``w_t``; biases of the later layers ride
+        on a row of ones appended to the hidden activations, which alternate
+        between the hidden region and the (consumed) channels' region.
         """
         lay = self.lay
+        h = lay.width
+        at = workspace_layout(lay)[0]
         X = ws[_WS_X * c : (_WS_X + self.channels) * c].view(self.channels, c)
-        H = ws[_WS_H * c : (_WS_H + 9) * c].view(9, c)
-        torch.mm(w_t, X, out=H[:8])
+        H = ws[at * c : (at + h + 1) * c].view(h + 1, c)
+        torch.mm(w_t, X, out=H[:h])
         if self.factored is None:
-            H[:8].add_(lay.b0.view(8, 1))
+            H[:h].add_(lay.b0.view(h, 1))
         else:
-            Hv = H[:8].view(8, b - a, *self.shape[1:])
+            Hv = H[:h].view(h, b - a, *self.shape[1:])
             Hv.add_(_slice0(self.terms[0], a, b, 1)).add_(_slice0(self.terms[1], a, b, 1))
-        H[:8].relu_()
-        H[8].fill_(1.0)
-        H2 = ws[_WS_X * c : (_WS_X + 9) * c].view(9, c)  # X is consumed
-        torch.mm(lay.w1, H, out=H2[:8])
-        H2[:8].relu_()
-        H2[8].fill_(1.0)
-        torch.mm(lay.w2, H2, out=out.view(1, c))
+        H[:h].relu_()
+        H[h].fill_(1.0)
+        other = ws[_WS_X * c : (_WS_X + h + 1) * c].view(h + 1, c)  # X is consumed
+        for w in lay.hidden:
+            torch.mm(w, H, out=other[:h])
+            other[:h].relu_()
+            other[h].fill_(1.0)
+            H, other = other, H
+        torch.mm(lay.w2[:1], H, out=out.view(1, c))
+        if magnitude is not None:
+            torch.mm(lay.w2[1:2], H, out=magnitude.view(1, c))
+
+
+def finish_variant(d: torch.Tensor, magnitude: Optional[torch.Tensor], variant: RuleVariant, *,
+                   orthogonalize: bool = False, param: Optional[torch.Tensor] = None,
+                   apply: Optional[Apply] = None, rows: Optional[tuple[int, int]] = None,
+                   count: Optional[int] = None) -> Optional[torch.Tensor]:
+    """:func:`celo2.torch.backends.base.finish` for a rule variant other than the published one.
+
+    Newton-Schulz (optional, float32), the output RMS where ``variant.output_norm`` is ``"rms"``,
+    the factor ``exp(MAGNITUDE_EXP_MULT * magnitude)`` where there is a magnitude, then return or apply.
+
+    Args:
+        d: The raw direction in the work shape (float32; scratch, changed in place).
+        magnitude: The magnitude output, ``d``'s shape (scratch), or ``None``.
+        variant: The rule variant.
+        orthogonalize: Newton-Schulz first, on tensors of two or more dims.
+        param: The parameter to update (with ``apply``).
+        apply: ``(lr, weight_decay)``: update ``param`` and return ``None``; ``None``: return the direction.
+        rows: ``d`` holds only rows ``a:b`` of the work shape's leading axis (default: all).
+        count: The number of elements of a normalisation group (default: the last two axes of ``d``).
+
+    Returns:
+        With ``apply``, ``None``; else the finished direction (float32).
+    """
+    if orthogonalize and d.ndim >= 2:
+        d = newton_schulz(d, inplace=True)
+    d = d.to(torch.float32)
+    if variant.output_norm == "rms":
+        if count is None:
+            count = d.shape[-1] * (d.shape[-2] if d.ndim >= 2 else 1)
+        d.mul_(group_sumsq(d).mul_(1.0 / count).add_(spec.OUTPUT_NORM_EPS).rsqrt_())
+    if magnitude is not None:
+        d.mul_(magnitude.mul_(MAGNITUDE_EXP_MULT).exp_())
+    if apply is None:
+        return d
+    a, b = rows if rows is not None else (0, work_shape(param.shape)[0])
+    apply_update(param, a, b, d, apply, None)
+    return None
 
 
 def run(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor,
@@ -477,6 +547,10 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         chunk_elements = max(chunk_elements, COMPILE_CHUNK_ELEMENTS)
         workspace = None
     shape = work_shape(param.shape)
+    variant = theta.variant
+    if not variant.is_published and (raw or shard is not None):
+        raise ValueError(f"the chunked path runs rule variant {variant.label} on whole tensors only: "
+                         "not sharded and without handing over its raw direction")
     if shard is not None:
         nd = len(shard.global_shape)
         if nd >= 2 and shard.axis >= nd - 2 and (nd >= 3 or (orthogonalize and not raw)):
@@ -495,7 +569,9 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
         return
     lay = theta.layout()
     t = ChunkedTensor(lay, state, grad, param, factored, chunk_elements, shard)
-    size = WS_SIZE * t.rows * t.inner
+    _, at_d, ws_size = workspace_layout(lay)
+    with_magnitude = lay.w2.shape[0] > 1
+    size = ws_size * t.rows * t.inner
     ws = workspace.get(size, t.device) if workspace is not None else \
         torch.empty(size, dtype=torch.float32, device=t.device)
     ch = t.channels
@@ -515,9 +591,15 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
             t.build(X, a, b)
             inv = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).square_()
             X.mul_(inv.mul_(1.0 / group).add_(spec.INPUT_NORM_EPS).rsqrt_())
-            d = ws[_WS_D * c : (_WS_D + 1) * c].view(cs) if out is None else out[a:b]
-            t.mlp(ws, c, d, w_t, a, b)
-            d = finish(d, orthogonalize=orthogonalize, param=param, apply=apply, rows=(a, b))
+            d = ws[at_d * c : (at_d + 1) * c].view(cs) if out is None else out[a:b]
+            if variant.is_published:
+                t.mlp(ws, c, d, w_t, a, b)
+                d = finish(d, orthogonalize=orthogonalize, param=param, apply=apply, rows=(a, b))
+            else:
+                mag = ws[(at_d + 1) * c : (at_d + 2) * c].view(cs) if with_magnitude else None
+                t.mlp(ws, c, d, w_t, a, b, mag)
+                d = finish_variant(d, mag, variant, orthogonalize=orthogonalize, param=param, apply=apply,
+                                   rows=(a, b))
             if d is not None and (d.data_ptr() != out[a:b].data_ptr() or d.stride() != out[a:b].stride()):
                 out[a:b].copy_(d)
         box["result"] = None if apply is not None else out.reshape(param.shape)
@@ -537,15 +619,20 @@ def steps(theta: TorchTheta, state: dict[str, torch.Tensor], grad: torch.Tensor,
     inv = torch.rsqrt(sums[:ch] * (1.0 / t.numel) + spec.INPUT_NORM_EPS)
     w_t = (lay.w_el[:ch] * inv.view(ch, 1)).t().contiguous()
     out = torch.empty(shape, dtype=torch.float32, device=t.device)
+    mag = torch.empty(shape, dtype=torch.float32, device=t.device) if with_magnitude else None
     for a, b in t.chunks():
         c = (b - a) * t.inner
         t.build(ws[: ch * c].view(ch, b - a, *shape[1:]), a, b)
-        t.mlp(ws, c, out[a:b], w_t, a, b)
+        t.mlp(ws, c, out[a:b], w_t, a, b, None if mag is None else mag[a:b])
     if raw:
         box["result"] = out
         return
     if orthogonalize and t.nd == 2:
         out = newton_schulz(out, inplace=True)
+    if not variant.is_published:
+        d = finish_variant(out, mag, variant, param=param, apply=apply, count=t.numel)
+        box["result"] = None if d is None else d.reshape(param.shape)
+        return
     sumsq = group_sumsq(out)
     if shard is not None:
         yield sumsq
@@ -578,6 +665,7 @@ class TorchBackend:
     name = "torch"
     gates_nonfinite = False
     state_dtypes = (torch.float32, torch.bfloat16)
+    runs_variants = True
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """Every tensor."""

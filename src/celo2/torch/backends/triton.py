@@ -117,6 +117,7 @@ class TritonBackend:
     name = "triton"
     gates_nonfinite = True
     state_dtypes = (torch.float32, torch.bfloat16)
+    runs_variants = False
 
     def takes(self, state: dict[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> bool:
         """:func:`supports` of the parameter."""
