@@ -170,7 +170,7 @@ def test_push_of_a_variant_to_a_branch(capsys, tmp_path, hub):
     assert celo2.load_theta(arrived).variant == variant
     card = hub.files[("me/variant", "ablation", "README.md")].decode()
     assert "| hidden_width | 4 | 8 |" in card and "| output_norm | none | rms |" in card
-    assert "celo2 meta-train score hf://me/variant/mine.npz" in card
+    assert 'celo2.load_theta("hf://me/variant/mine.npz")' in card and "chunked PyTorch backends" in card
     assert "Not recorded" in card  # no run folder given
     # Pushing again to an existing repository commits again.
     assert _push(capsys, str(path), "me/variant", "--token", TOKEN, "--endpoint", hub.url)[0] == 0

@@ -74,8 +74,8 @@ class Theta:
     """The Celo2 MLP weights (``(in, out)`` layout), the rule variant they belong to, and free-form metadata.
 
     One framework-neutral object for both front ends: :class:`celo2.torch.Celo2`
-    and :func:`celo2.optax.celo2` take it as ``theta=`` (published variant only,
-    for now; other variants run in meta-training and scoring). Build one with
+    and :func:`celo2.optax.celo2` take it as ``theta=`` (any rule variant: the published one runs on every
+    backend, other variants on the reference, chunked and XLA paths). Build one with
     :func:`celo2.load_theta` (files, ``hf://``, the shipped theta), :meth:`init` or
     :meth:`from_flat`; the arrays are validated (keys, shapes, finite float32)
     against the variant on construction.
@@ -183,8 +183,7 @@ class Theta:
             if self.variant.is_published:
                 raise
             raise KeyError(f"theta of rule variant {self.variant.label} has no array {key!r} (its keys: "
-                           f"{', '.join(self.arrays)}); rule variants run in meta-training and scoring for now, "
-                           "not in the optimizers") from None
+                           f"{', '.join(self.arrays)})") from None
 
     def to_flat(self) -> np.ndarray:
         """The values as one vector.

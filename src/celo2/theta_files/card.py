@@ -135,11 +135,14 @@ def model_card(theta: Theta, repo_id: str, filename: str, *, run_metadata: Mappi
         ]
     else:
         lines += [
-            "This theta belongs to a rule variant other than the published one. celo2 runs variants in "
-            "meta-training and scoring:",
+            "This theta belongs to a rule variant other than the published one. celo2 runs it on the "
+            "reference and chunked PyTorch backends and on celo2.optax's XLA path (the fast kernels run "
+            "the published rule only):",
             "",
-            "```",
-            f"celo2 meta-train score {url}",
+            "```python",
+            "import celo2",
+            f'theta = celo2.load_theta("{url}")',
+            "optimizer = celo2.torch.Celo2(model.parameters(), lr=1e-3, theta=theta)  # backend auto: chunked",
             "```",
         ]
     lines += ["", "## Rule variant", ""]
