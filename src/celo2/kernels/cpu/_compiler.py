@@ -134,8 +134,11 @@ def _pipelines() -> "tuple[Any, Any]":
         from numba.core.compiler_machinery import register_pass
         from numba.core.typed_passes import NativeLowering
 
-        if not callable(getattr(lowering.Lower, "lower", None)):
-            raise RuntimeError("no Lower.lower to hook")
+        from numba.core.codegen import CPUCodeLibrary
+
+        if not (callable(getattr(lowering.Lower, "lower", None))
+                and callable(getattr(CPUCodeLibrary, "_optimize_final_module", None))):
+            raise RuntimeError("no Lower.lower or CodeLibrary._optimize_final_module to hook")
 
         class WideAttributes(ir.values.FunctionAttributes):
             def __bool__(self) -> bool:  # printed even when no other attribute is set
@@ -157,35 +160,28 @@ def _pipelines() -> "tuple[Any, Any]":
                     attrs.add(name)
                 self.function.attributes = attrs
 
-        @register_pass(mutates_CFG=True, analysis_only=False)
-        class LocalNativeLowering(NativeLowering):
-            _name = "celo2_local_native_lowering"
+        def compiler_with(name: str, lower_class: Any) -> Any:
+            @register_pass(mutates_CFG=True, analysis_only=False)
+            class Lowering(NativeLowering):
+                _name = name
 
-            @property
-            def lowering_class(self):  # noqa: ANN202
-                return LocalLower
+                @property
+                def lowering_class(self):  # noqa: ANN202
+                    return lower_class
 
-        @register_pass(mutates_CFG=True, analysis_only=False)
-        class WideNativeLowering(NativeLowering):
-            _name = "celo2_wide_native_lowering"
-
-            @property
-            def lowering_class(self):  # noqa: ANN202
-                return WideLower
-
-        def compiler_with(lowering_pass: Any) -> Any:
             class Compiler(CompilerBase):
                 def define_pipelines(self):  # noqa: ANN202
                     pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
                     if not any(p is NativeLowering for p, _ in pm.passes):
                         raise RuntimeError("no NativeLowering pass to replace")
-                    pm.passes = [(lowering_pass if p is NativeLowering else p, d) for p, d in pm.passes]
+                    pm.passes = [(Lowering if p is NativeLowering else p, d) for p, d in pm.passes]
                     pm.finalize()
                     return [pm]
 
             return Compiler
 
-        return compiler_with(WideNativeLowering), compiler_with(LocalNativeLowering)
+        return (compiler_with("celo2_wide_native_lowering", WideLower),
+                compiler_with("celo2_local_native_lowering", LocalLower))
     except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipelines
         return None, None
 
