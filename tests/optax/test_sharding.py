@@ -34,7 +34,9 @@ CASES = {
 }
 
 
-_REFERENCE: dict = {}  # (optimizer, ns dtype) -> the single-device run: (compiled text, updates, parameters)
+# (optimizer, the Newton-Schulz dtype it resolves to: "auto" is "float32" on some CPUs) -> the single-device
+# run: (compiled text, updates, parameters).
+_REFERENCE: dict = {}
 
 
 def _run(mode: str, name: str, ns: str) -> dict:
@@ -65,7 +67,7 @@ def _run(mode: str, name: str, ns: str) -> dict:
     ns_name = resolve_ns_dtype_name(ns, "cpu") if name == "celo2" else "float32"
     out: dict = {"mode": mode, "opt": name, "ns": ns_name, "spec_ok": {}, "update_err": {}, "param_err": {},
                  "moved": {}}
-    if (name, ns) not in _REFERENCE:  # one device, outside any mesh: the CPU kernels as without sharding
+    if (name, ns_name) not in _REFERENCE:  # one device, outside any mesh: the CPU kernels as without sharding
         f1 = jax.jit(step)
         p1 = jax.device_put(host, one)
         s1 = opt.init(p1)
@@ -74,8 +76,8 @@ def _run(mode: str, name: str, ns: str) -> dict:
         for t in range(STEPS):
             p1, u1, s1 = f1(p1, s1, jax.device_put(grads[t], one))
             ref.append(jax.device_get(u1))
-        _REFERENCE[name, ns] = (hlo1, ref, jax.device_get(p1))
-    hlo1, ref, p1 = _REFERENCE[name, ns]
+        _REFERENCE[name, ns_name] = (hlo1, ref, jax.device_get(p1))
+    hlo1, ref, p1 = _REFERENCE[name, ns_name]
     with ctx():
         f2 = jax.jit(step)
         p2 = jax.device_put(host, shardings)
