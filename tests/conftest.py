@@ -28,6 +28,7 @@ SLOW_MODULES: tuple[str, ...] = (
     "optax/test_sharding.py",
     "metatrain/test_tasks.py",
     "kernels/test_cpu_passes.py",
+    "kernels/test_cpu_cache_bits.py",
     "metatrain/test_sharding.py",
     "kernels/test_triton_traffic.py",
     "torch/test_distributed.py",

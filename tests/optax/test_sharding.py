@@ -2,21 +2,17 @@
 ``celo2_base`` under ``jit`` return each update split like its parameter, equal to the update
 of the same optimizer on one device (the CPU kernels there), step after step.
 
-The checks run in a subprocess (this file as a script), since the device count is fixed when
-JAX starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
+The checks run in a subprocess (this file as a script, :mod:`two_devices`), since the device count
+is fixed when JAX starts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import two_devices
 
 STEPS = 3
 TOL = 1e-5  # float32: the sharded XLA formulation against the single-device kernels
@@ -38,7 +34,9 @@ CASES = {
 }
 
 
-_REFERENCE: dict = {}  # (optimizer, ns dtype) -> the single-device run: (compiled text, updates, parameters)
+# (optimizer, the Newton-Schulz dtype it resolves to: "auto" is "float32" on some CPUs) -> the single-device
+# run: (compiled text, updates, parameters).
+_REFERENCE: dict = {}
 
 
 def _run(mode: str, name: str, ns: str) -> dict:
@@ -47,12 +45,11 @@ def _run(mode: str, name: str, ns: str) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from celo2.optax import celo2, celo2_base, cpu_ffi
 
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = jax.make_mesh((2,), ("x",), axis_types=(axis_type,))
+    mesh, ctx = two_devices.mesh(mode)
     opt = celo2(1e-2, ns_dtype=ns) if name == "celo2" else celo2_base(1e-2)
     rng = np.random.default_rng(0)
     host = {k: rng.standard_normal(s).astype(np.float32) * 0.5 for k, (s, _) in CASES.items()}
@@ -70,7 +67,7 @@ def _run(mode: str, name: str, ns: str) -> dict:
     ns_name = resolve_ns_dtype_name(ns, "cpu") if name == "celo2" else "float32"
     out: dict = {"mode": mode, "opt": name, "ns": ns_name, "spec_ok": {}, "update_err": {}, "param_err": {},
                  "moved": {}}
-    if (name, ns) not in _REFERENCE:  # one device, outside any mesh: the CPU kernels as without sharding
+    if (name, ns_name) not in _REFERENCE:  # one device, outside any mesh: the CPU kernels as without sharding
         f1 = jax.jit(step)
         p1 = jax.device_put(host, one)
         s1 = opt.init(p1)
@@ -79,10 +76,9 @@ def _run(mode: str, name: str, ns: str) -> dict:
         for t in range(STEPS):
             p1, u1, s1 = f1(p1, s1, jax.device_put(grads[t], one))
             ref.append(jax.device_get(u1))
-        _REFERENCE[name, ns] = (hlo1, ref, jax.device_get(p1))
-    hlo1, ref, p1 = _REFERENCE[name, ns]
-    ctx = jax.set_mesh(mesh) if mode == "explicit" else contextlib.nullcontext()
-    with ctx:
+        _REFERENCE[name, ns_name] = (hlo1, ref, jax.device_get(p1))
+    hlo1, ref, p1 = _REFERENCE[name, ns_name]
+    with ctx():
         f2 = jax.jit(step)
         p2 = jax.device_put(host, shardings)
         s2 = jax.jit(opt.init)(p2) if mode == "explicit" else opt.init(p2)
@@ -110,11 +106,7 @@ def _run(mode: str, name: str, ns: str) -> dict:
 
 def main() -> None:
     """Run every case of ``RUNS`` and print one JSON line per case."""
-    import jax
-
-    assert len(jax.devices()) == 2, jax.devices()
-    for mode, name, ns in RUNS:
-        print("RESULT" + json.dumps(_run(mode, name, ns)), flush=True)
+    two_devices.print_results(lambda case=case: _run(*case) for case in RUNS)
 
 
 def _elements(shape_text: str) -> int:
@@ -125,10 +117,7 @@ def _elements(shape_text: str) -> int:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line[len("RESULT"):]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    return two_devices.run_script(__file__, timeout=600)
 
 
 def test_every_case_ran(results):

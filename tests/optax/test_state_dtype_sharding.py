@@ -1,20 +1,15 @@
 """bfloat16 state split over two (forced host) devices stores the bits of the unsplit state: the
 rounding's element index is the global one (issue 28).
 
-As in tests/optax/test_sharding.py the checks run in a subprocess (this file as a script) with
-``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
+As in tests/optax/test_sharding.py the checks run in a subprocess (this file as a script, on two forced
+host devices: :mod:`two_devices`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+import two_devices
 
 STEPS = 3
 # name -> (shape, how it is split over the mesh axis "x"); under celo2 "bias" and "embed" take AdamW.
@@ -31,21 +26,22 @@ def _bits(x) -> np.ndarray:
     return np.asarray(x).view(np.uint16)
 
 
+_ONE_DEVICE: dict = {}  # optimizer name -> its state after STEPS steps on one device, outside any mesh
+
+
 def _run(mode: str) -> dict:
     """The rounding function and ``STEPS`` optimizer steps, split over a 2-device mesh of axis type
     ``mode`` and on one device: which stored leaves agree bitwise."""
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from celo2.optax import celo2, celo2_base
     from celo2.optax import rounding as jr
     from celo2.rule import rounding as ref
 
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = jax.make_mesh((2,), ("x",), axis_types=(axis_type,))
-    ctx = lambda: jax.set_mesh(mesh) if mode == "explicit" else contextlib.nullcontext()  # noqa: E731
+    mesh, ctx = two_devices.mesh(mode)
     rng = np.random.default_rng(0)
     out: dict = {"mode": mode, "round": {}, "state": {}}
     x = rng.standard_normal((4, 64, 32)).astype(np.float32)
@@ -70,12 +66,15 @@ def _run(mode: str) -> dict:
             u, state = opt.update(g, state, params)
             return optax.apply_updates(params, u), state
 
-        one = jax.devices()[0]
-        p1 = jax.device_put(host, one)
-        s1 = opt.init(p1)
-        f1 = jax.jit(step)
-        for t in range(STEPS):
-            p1, s1 = f1(p1, s1, jax.device_put(grads[t], one))
+        if name not in _ONE_DEVICE:  # the same in every mode: run once
+            one = jax.devices()[0]
+            p1 = jax.device_put(host, one)
+            s1 = opt.init(p1)
+            f1 = jax.jit(step)
+            for t in range(STEPS):
+                p1, s1 = f1(p1, s1, jax.device_put(grads[t], one))
+            _ONE_DEVICE[name] = s1
+        s1 = _ONE_DEVICE[name]
         with ctx():
             p2 = jax.device_put(host, shardings)
             s2 = jax.jit(opt.init)(p2) if mode == "explicit" else opt.init(p2)
@@ -93,19 +92,12 @@ def _run(mode: str) -> dict:
 
 def main() -> None:
     """Print one JSON line per mesh axis type."""
-    import jax
-
-    assert len(jax.devices()) == 2, jax.devices()
-    for mode in ("auto", "explicit"):
-        print("RESULT" + json.dumps(_run(mode)), flush=True)
+    two_devices.print_results(lambda mode=mode: _run(mode) for mode in ("auto", "explicit"))
 
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line[len("RESULT"):]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    return two_devices.run_script(__file__, timeout=900)
 
 
 def test_rounding_a_split_accumulator_gives_the_unsplit_bits(results):

@@ -14,7 +14,6 @@ operations that launch a device kernel (not views, aliases or allocations).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,14 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from marks import NEEDS_TRITON_KERNELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.skipif(not (ROOT / "src" / "celo2" / "kernels" / "triton.py").exists(),
-                       reason="celo2.kernels.triton (the Triton kernels) is not in this checkout"),
-]
+pytestmark = NEEDS_TRITON_KERNELS
 
 SYNCS = r'''
 import contextlib, json, sys, torch, torch.nn as nn

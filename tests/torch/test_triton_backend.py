@@ -5,21 +5,17 @@ read when the kernels' module is first imported, hence a child process)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from marks import NEEDS_TRITON_KERNELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.skipif(not (ROOT / "src" / "celo2" / "kernels" / "triton.py").exists(),
-                       reason="celo2.kernels.triton (the Triton kernels) is not in this checkout"),
-]
+pytestmark = NEEDS_TRITON_KERNELS
 
 CHILD = r'''
 import copy, torch, torch.nn as nn

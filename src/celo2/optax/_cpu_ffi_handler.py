@@ -214,6 +214,6 @@ def _vector(frame_address):  # noqa: ANN001, ANN202
 
 
 with kernels.no_interleave():  # the kernels' loops compile as ensure_compiled compiles them
-    matrix_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_matrix)
-    conv_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_conv)
-    vector_handler = numba.cfunc(types.voidptr(types.voidptr), cache=True)(_vector)
+    matrix_handler = kernels.entry_point(types.voidptr(types.voidptr))(_matrix)
+    conv_handler = kernels.entry_point(types.voidptr(types.voidptr))(_conv)
+    vector_handler = kernels.entry_point(types.voidptr(types.voidptr))(_vector)

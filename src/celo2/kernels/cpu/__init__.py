@@ -25,7 +25,7 @@ Compiled code is cached on disk, so only the first use after an install pays
 the compile. Nothing here imports a framework.
 """
 
-from celo2.kernels.cpu._compiler import AVAILABLE, NOALIAS, WIDE, ensure_compiled, no_interleave
+from celo2.kernels.cpu._compiler import AVAILABLE, NOALIAS, WIDE, ensure_compiled, entry_point, no_interleave
 from celo2.kernels.cpu._compiler import kernel as _kernel  # noqa: F401 - tests compile a probe the kernels' way
 from celo2.kernels.cpu._loops import APPLY, FACTORED_W, MOMENTUM_W, OVER_GRAD, SQUARES, WRITE
 from celo2.kernels.cpu._operands import (KINDS, STATE_OPERANDS, blocks, check_operands, kernel_kind, operand_shapes,
@@ -39,7 +39,7 @@ if AVAILABLE:
     from celo2.kernels.cpu._passes import blocks_jit, conv_step, matrix_step, vector_step
 
 __all__ = [
-    "AVAILABLE", "NOALIAS", "WIDE", "ensure_compiled", "no_interleave",
+    "AVAILABLE", "NOALIAS", "WIDE", "ensure_compiled", "entry_point", "no_interleave",
     "WRITE", "SQUARES", "APPLY", "OVER_GRAD", "MOMENTUM_W", "FACTORED_W",
     "KINDS", "STATE_OPERANDS", "kernel_kind", "rows_first", "operand_shapes", "check_operands", "blocks", "NO_KEYS",
     "COLUMN_CHUNK", "NONFINITE_BLOCK", "all_finite",

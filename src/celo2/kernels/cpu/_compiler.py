@@ -4,7 +4,10 @@ The loops (:mod:`celo2.kernels.cpu._loops`) are compiled with :func:`kernel`,
 which asks for the code that LLVM vectorises well: no division-by-zero
 checks, arrays marked non-aliasing, 512-bit vectors where the CPU has them;
 and under :func:`no_interleave`, which keeps the unrolled MLP in registers.
-Nothing here knows what the kernels compute.
+Every function compiled here (loops, pass sequences, the JAX front end's
+callbacks) runs its own copy of what it calls, so a process that loads it
+from Numba's disk cache computes the bits of the process that compiled it
+(:func:`_bind_linked_code_locally`). Nothing here knows what the kernels compute.
 """
 
 from __future__ import annotations
@@ -77,18 +80,52 @@ def _type_key(arg: Any) -> Any:
     return type(arg)
 
 
-def _wide_pipeline() -> Any:
-    """A Numba compiler pipeline whose functions ask LLVM for 512-bit vectors.
+def _bind_linked_code_locally(library: Any) -> None:
+    """Make the code that ``library`` links in from its callees its own: after the
+    library's final module is optimised, every function it took in from another
+    library (Numba links them in as ``linkonce_odr``) becomes ``internal``.
 
-    On CPUs with AVX-512, LLVM's default tuning keeps loops at 256 bits; the
-    direction kernel is bound by its FMAs and by registers (the unrolled MLP
-    keeps 26 vectors live), and 512-bit code gives it twice the lanes and the
-    32 vector registers. The request is the function attribute
+    Numba links each callee's optimised IR into its caller and optimises the
+    whole module again, so the caller's copy of a loop is not the callee's own
+    code (fast-math rewrites and the vectoriser's second look change it), and a
+    ``linkonce_odr`` copy is a weak symbol: the JIT binds the caller's calls to
+    the first definition of that name in the process. The process that compiles
+    a caller has its callees' own code loaded first and runs that; a process
+    that loads the caller from the disk cache has only the caller's copies and
+    runs those (or another cached caller's, whichever loaded first). Bound
+    locally, a caller runs its own copies in every process, and those are in
+    the object code the cache holds: the same bits whether compiled or loaded.
+    """
+    if getattr(library, "_celo2_local", False):
+        return
+    import llvmlite.binding as llvm
+
+    optimize = library._optimize_final_module
+
+    def optimize_then_bind() -> None:
+        optimize()
+        for fn in library._final_module.functions:
+            if not fn.is_declaration and fn.linkage == llvm.Linkage.linkonce_odr:
+                fn.linkage = "internal"
+
+    library._optimize_final_module = optimize_then_bind
+    library._celo2_local = True
+
+
+def _pipelines() -> "tuple[Any, Any]":
+    """Numba compiler pipelines for the kernels (wide) and their callers (local): ``(wide, local)``.
+
+    Both bind the code their functions link in locally (:func:`_bind_linked_code_locally`).
+    The wide one also asks LLVM for 512-bit vectors: on CPUs with AVX-512,
+    LLVM's default tuning keeps loops at 256 bits; the direction kernel is
+    bound by its FMAs and by registers (the unrolled MLP keeps 26 vectors
+    live), and 512-bit code gives it twice the lanes and the 32 vector
+    registers. The request is the function attribute
     ``"prefer-vector-width"="512"`` on our kernels only (the process-wide
     alternative, Numba's ``NUMBA_CPU_FEATURES``, would retune every Numba
     user in the process); without AVX-512 it changes nothing. Built on
-    Numba's documented custom-pipeline hook plus its lowering class; ``None``
-    (plain pipeline) if a Numba release moves those.
+    Numba's documented custom-pipeline hook plus its lowering class and code
+    library; ``(None, None)`` (plain pipelines) if a Numba release moves those.
     """
     try:
         from llvmlite import ir
@@ -97,6 +134,12 @@ def _wide_pipeline() -> Any:
         from numba.core.compiler_machinery import register_pass
         from numba.core.typed_passes import NativeLowering
 
+        from numba.core.codegen import CPUCodeLibrary
+
+        if not (callable(getattr(lowering.Lower, "lower", None))
+                and callable(getattr(CPUCodeLibrary, "_optimize_final_module", None))):
+            raise RuntimeError("no Lower.lower or CodeLibrary._optimize_final_module to hook")
+
         class WideAttributes(ir.values.FunctionAttributes):
             def __bool__(self) -> bool:  # printed even when no other attribute is set
                 return True
@@ -104,7 +147,12 @@ def _wide_pipeline() -> Any:
             def _to_list(self, ret_type):  # noqa: ANN001, ANN202
                 return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
 
-        class WideLower(lowering.Lower):
+        class LocalLower(lowering.Lower):
+            def lower(self):  # noqa: ANN202
+                _bind_linked_code_locally(self.library)
+                super().lower()
+
+        class WideLower(LocalLower):
             def setup_function(self, fndesc):  # noqa: ANN001, ANN202
                 super().setup_function(fndesc)
                 attrs = WideAttributes()
@@ -112,31 +160,36 @@ def _wide_pipeline() -> Any:
                     attrs.add(name)
                 self.function.attributes = attrs
 
-        @register_pass(mutates_CFG=True, analysis_only=False)
-        class WideNativeLowering(NativeLowering):
-            _name = "celo2_wide_native_lowering"
+        def compiler_with(name: str, lower_class: Any) -> Any:
+            @register_pass(mutates_CFG=True, analysis_only=False)
+            class Lowering(NativeLowering):
+                _name = name
 
-            @property
-            def lowering_class(self):  # noqa: ANN202
-                return WideLower
+                @property
+                def lowering_class(self):  # noqa: ANN202
+                    return lower_class
 
-        class WideCompiler(CompilerBase):
-            def define_pipelines(self):  # noqa: ANN202
-                pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
-                if not any(p is NativeLowering for p, _ in pm.passes):
-                    raise RuntimeError("no NativeLowering pass to replace")
-                pm.passes = [(WideNativeLowering if p is NativeLowering else p, d) for p, d in pm.passes]
-                pm.finalize()
-                return [pm]
+            class Compiler(CompilerBase):
+                def define_pipelines(self):  # noqa: ANN202
+                    pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+                    if not any(p is NativeLowering for p, _ in pm.passes):
+                        raise RuntimeError("no NativeLowering pass to replace")
+                    pm.passes = [(Lowering if p is NativeLowering else p, d) for p, d in pm.passes]
+                    pm.finalize()
+                    return [pm]
 
-        return WideCompiler
-    except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipeline
-        return None
+            return Compiler
+
+        return (compiler_with("celo2_wide_native_lowering", WideLower),
+                compiler_with("celo2_local_native_lowering", LocalLower))
+    except Exception:  # noqa: BLE001 - any Numba layout change: the plain pipelines
+        return None, None
 
 
-_WIDE_PIPELINE = _wide_pipeline() if AVAILABLE else None
+_WIDE_PIPELINE, _LOCAL_PIPELINE = _pipelines() if AVAILABLE else (None, None)
 WIDE: bool = _WIDE_PIPELINE is not None
-"""Whether the kernels ask for 512-bit vectors (see :func:`_wide_pipeline`)."""
+"""Whether the kernels ask for 512-bit vectors, and every compiled function binds the code it links
+in locally (see :func:`_pipelines`)."""
 
 
 def _noalias_hook(dispatcher: Any) -> "Callable[[Any], Any] | None":
@@ -189,7 +242,8 @@ def kernel(fn: Callable, cache: bool = True) -> Any:
 
 
 def serial(fn: Callable) -> Any:
-    """Compile a pass sequence (a function that calls the loops): cached, releasing the GIL.
+    """Compile a pass sequence (a function that calls the loops): cached, releasing the GIL, the
+    loops' code it links in bound locally (:func:`_bind_linked_code_locally`).
 
     Args:
         fn: The Python function.
@@ -197,4 +251,19 @@ def serial(fn: Callable) -> Any:
     Returns:
         Its Numba dispatcher.
     """
-    return numba.njit(cache=True, nogil=True)(fn)
+    options = {"pipeline_class": _LOCAL_PIPELINE} if WIDE else {}
+    return numba.njit(cache=True, nogil=True, **options)(fn)
+
+
+def entry_point(signature: Any) -> Callable[[Callable], Any]:
+    """Compile a C callback (a ``numba.cfunc`` of ``signature``, cached) that calls the pass
+    sequences, binding the code it links in locally as :func:`serial` does.
+
+    Args:
+        signature: The callback's Numba signature.
+
+    Returns:
+        A decorator that takes the Python function and returns its ``numba.cfunc``.
+    """
+    options = {"pipeline_class": _LOCAL_PIPELINE} if WIDE else {}
+    return numba.cfunc(signature, cache=True, **options)
