@@ -17,12 +17,13 @@ def test_pinned_codes_and_scales_with_given_bits():
     x = np.array([0.5, -1.27, 0.003, 1.0e-3, 0.0, 2.54], np.float32)
     codes, scales = B.quantise(x, bits, "m")
     assert codes.dtype == np.int8 and codes.tolist() == [25, -63, 0, 0, 0, 127]
-    assert scales.view(np.uint32).tolist() == [1017370378]  # float32(2.54) / 127 = 0.02
+    assert scales.view(np.uint32).tolist() == [1017370378]  # float32(2.54) * float32(1 / 127) = 0.02
     v = np.array([4.0, 1e-12, 0.25, 0.0, 1.0, 9.0], np.float32)
     codes, scales = B.quantise(v, bits, "v")
-    # sqrt: 2, 1e-6, 0.5, 0, 1, 3 with the step 3/255; 1e-6 would round to 0 but a positive value keeps code 1.
-    assert codes.dtype == np.uint8 and codes.tolist() == [170, 1, 43, 0, 85, 255]
-    assert scales.view(np.uint32).tolist() == [1010876609]  # float32(3) / 255
+    # sqrt: 2, 1e-6, 0.5, 0, 1, 3 with the step 3 * float32(1/255), a hair above 3/255 (so 3 is 254.99998 steps,
+    # 254 with bits 0); 1e-6 would round to 0 but a positive value keeps code 1.
+    assert codes.dtype == np.uint8 and codes.tolist() == [169, 1, 42, 0, 85, 254]
+    assert scales.view(np.uint32).tolist() == [1010876610]
     np.testing.assert_array_equal(B.dequantise(codes, scales, "v"), (codes.astype(np.float32) * scales[0]) ** 2)
 
 

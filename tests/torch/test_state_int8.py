@@ -104,16 +104,18 @@ def _expected_states() -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "numba"])
 def test_every_backend_stores_the_same_codes_over_six_steps(backend):
-    """Bitwise where the backend's float32 accumulators are the reference formula's bit for bit (reference,
-    torch). The Numba kernels sum the factored statistics in another order (their float32 values differ in the
-    last bit), which moves a scale by an ulp and a code by at most one step: checked to that tolerance."""
+    """Bitwise for the reference backend (the formula the expectation spells out). The chunked PyTorch path
+    and the Numba kernels reduce the factored statistics in another order, so their float32 accumulators may
+    differ from the formula's in the last bit; the quantiser is the same bit-for-bit code for every backend
+    (tested above), so such a difference moves a scale by an ulp and a code by at most one step: checked to
+    that tolerance."""
     if backend == "numba" and not cpu_kernels.AVAILABLE:
         pytest.skip("Numba is not installed")
     got = int8_states(backend)
     for shape, g, w in zip(SHAPES, got, _expected_states()):
         assert set(g) == set(w)
         for k in w:
-            if backend == "numba":
+            if backend != "reference":
                 assert g[k].dtype == w[k].dtype
                 np.testing.assert_allclose(g[k].astype(np.float64), w[k].astype(np.float64), rtol=1e-6, atol=1.0,
                                            err_msg=f"{backend}: {k} of {shape}")
@@ -140,8 +142,8 @@ def _constant_gradient_run(stored: bool, steps: int = 3000) -> torch.Tensor:
 
 def test_int8_momentum_does_not_stall():
     """Constant gradient, 3,000 steps: the mean beta-0.999 momentum of 8-bit state is within 2% of float32
-    state's. (Rounding to the nearest code does not stall here either: each block's scale follows its largest
-    value, which is always coded exactly, so a block whose elements grow together keeps pace.)"""
+    state's. (Rounding to the nearest code does not stall here either: each block's scale is re-derived from
+    its largest value at every write, so a block whose elements grow together keeps pace.)"""
     want = _constant_gradient_run(False).mean()
     got = _constant_gradient_run(True).mean()
     assert abs(got / want - 1) < 0.02, (float(got), float(want))

@@ -23,7 +23,8 @@ from celo2.optax.nonfinite import (PerTensorSkipState, counters, nonfinite_steps
 from celo2.optax.rounding import (TENSOR_INDICES, StateRounding, check_rounding_seed, number_tensors,
                                   resolve_state_dtype, tensor_indices)
 from celo2.optax.state import ScaleByCelo2State, init_tensor_state, theta_to_jax
-from celo2.optax.state_dtype import rounded_adam_moments
+from celo2.optax.blockwise8 import blockwise8_rule, is_blockwise8
+from celo2.optax.state_dtype import blockwise8_adam_moments, rounded_adam_moments
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 
@@ -113,6 +114,9 @@ def scale_by_celo2(
     updated in float64.
 
     """
+    if is_blockwise8(state_dtype):  # the float32 rule inside celo2.optax.blockwise8's decode / encode
+        return blockwise8_rule(scale_by_celo2(theta, orthogonalize, cpu_kernels, nonfinite, ns_dtype,
+                                              rounding_seed=rounding_seed), rounding_seed)
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     dtype = resolve_state_dtype(state_dtype)
     seed = check_rounding_seed(rounding_seed)
@@ -317,14 +321,16 @@ def celo2(
     """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
     adam_lr = _scaled(learning_rate, adam_lr_mult)
-    low = resolve_state_dtype(state_dtype) == jnp.bfloat16
+    eight = is_blockwise8(state_dtype)
+    low = not eight and resolve_state_dtype(state_dtype) == jnp.bfloat16
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     moments = optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)
     if skip:
         moments = skip_nonfinite_per_tensor(moments)
-    if low or skip:
+    if low or skip or eight:
+        stored = blockwise8_adam_moments(moments, rounding_seed) if eight else moments
         adam = optax.chain(
-            rounded_adam_moments(moments, rounding_seed) if low else moments,
+            rounded_adam_moments(moments, rounding_seed) if low else stored,
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(adam_lr),
         )

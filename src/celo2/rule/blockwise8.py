@@ -7,11 +7,12 @@ the last block may be short). The step itself runs on float32 values
 decoded from the codes, and its new values are encoded again:
 
 * Signed accumulators (the momenta ``m``, AdamW's ``exp_avg``): ``int8``
-  codes ``-127..127``, ``scale = absmax / 127`` over the block, value
-  ``code * scale``.
+  codes ``-127..127``, ``scale = absmax * float32(1 / 127)`` over the block,
+  value ``code * scale``.
 * Second moments (:data:`SECOND_MOMENT_KEYS`: ``v``, ``fac_r``, ``fac_c``,
   AdamW's ``exp_avg_sq``): ``uint8`` codes of the square root,
-  ``scale = max(sqrt(x)) / 255`` over the block, value ``(code * scale)**2``.
+  ``scale = max(sqrt(x)) * float32(1 / 255)`` over the block, value
+  ``(code * scale)**2``.
   A positive value never gets code 0: it keeps code 1 (the block's smallest
   non-zero magnitude). Linear codes, and square-root codes without that
   floor, divide a non-zero momentum by ``eps`` where a small positive second
@@ -23,8 +24,11 @@ where ``y = x / scale`` (or ``sqrt(x) / scale``) and ``f = bits * 2**-16``
 with ``bits`` the 16 random bits of :func:`celo2.rule.rounding.random_bits`
 for the element (the same counter as bfloat16 state: seed, step, tensor,
 slot, flat index). Every operation is one IEEE float32 operation
-(division, square root, addition, ``bits * 2**-16`` exact), so every
-implementation gets the same codes. ``f`` takes 2**16 values, so the
+(multiplication, division by the scale, square root, addition,
+``bits * 2**-16`` exact), so every implementation gets the same codes. The
+scale multiplies by the float32 reciprocal of the code range rather than
+dividing by it: compilers (XLA) turn a division by a constant into that
+multiplication, so a division could not be bit for bit the same everywhere. ``f`` takes 2**16 values, so the
 rounding is unbiased to within ``2**-16`` of a code step. With
 :data:`NEAREST_BITS` for every element (``f = 0.5``) the same formula
 rounds to the nearest code (ties up): a deterministic one-time encoding,
@@ -72,6 +76,11 @@ NEAREST_BITS: int = 1 << 15
 
 FRACTION: float = 2.0 ** -16
 """The weight of one random bit pattern step: ``f = bits * FRACTION``."""
+
+
+def reciprocal(levels: int) -> np.float32:
+    """The float32 ``1 / levels`` a block's largest magnitude is multiplied by to give its scale."""
+    return np.float32(1.0 / levels)
 
 
 def is_blockwise8(name: object) -> bool:
@@ -141,7 +150,7 @@ def quantise(x: np.ndarray, bits: np.ndarray | int, key: str) -> tuple[np.ndarra
         else:
             mag = np.where(np.isfinite(flat), flat, 0)
             levels, low = SIGNED_LEVELS, -SIGNED_LEVELS
-        scale = np.abs(mag).max(axis=1, keepdims=True) / np.float32(levels)
+        scale = np.abs(mag).max(axis=1, keepdims=True) * reciprocal(levels)
         usable = finite & (scale > 0)
         y = np.where(usable, mag / np.where(usable, scale, np.float32(1)), np.float32(0)).astype(np.float32)
         codes = np.clip(np.floor(y + f), low, levels)

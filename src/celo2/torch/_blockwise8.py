@@ -131,7 +131,7 @@ def quantise_into(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, ke
         if sqrt:
             mag = mag.clamp_(min=0).sqrt_()
         largest = mag.abs().amax(dim=1, keepdim=True)
-        scale = largest / torch.full_like(largest, float(levels))  # a true division (no reciprocal) everywhere
+        scale = largest * float(spec8.reciprocal(levels))  # a float32 constant: exact as a Python float
         block_finite = finite.all(dim=1, keepdim=True)
         usable = block_finite & (scale > 0)
         y = mag / torch.where(usable, scale, torch.ones((), device=x.device))
