@@ -58,7 +58,7 @@ def test_the_torch_and_jax_front_ends_store_the_same_codes_over_six_steps():
     import test_state_int8 as torch_side
 
     torch_states = torch_side.int8_states("reference")
-    params, grads = torch_side._tensors()
+    params, grads = torch_side.tensors_and_gradients()
     jparams = [jnp.asarray(p.detach().numpy()) for p in params]
     opt = celo2_base(1e-2, theta=celo2.Theta.init(seed=0), cpu_kernels=False, state_dtype="int8",
                      rounding_seed=torch_side.SEED)

@@ -55,7 +55,7 @@ def test_torch_quantiser_equals_the_numpy_reference_bit_for_bit(key, chunk):
 
 
 # -- every backend stores the same codes ------------------------------------------------------------
-def _tensors() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
+def tensors_and_gradients() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
     g = torch.Generator().manual_seed(5)
     params = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
     grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(STEPS)]
@@ -66,7 +66,7 @@ def int8_states(backend: str) -> list[dict[str, np.ndarray]]:
     """Celo2Base with 8-bit state on ``backend``, six steps of fixed gradients: every code and scale."""
     import celo2
 
-    params, grads = _tensors()
+    params, grads = tensors_and_gradients()
     opt = Celo2Base(params, lr=1e-2, theta=celo2.Theta.init(seed=0), backend=backend, state_dtype="int8",
                     rounding_seed=SEED)
     for step in range(STEPS):
@@ -84,7 +84,7 @@ def _expected_states() -> list[dict[str, np.ndarray]]:
     import celo2
 
     theta = TorchTheta.from_theta(celo2.Theta.init(seed=0))
-    params, grads = _tensors()
+    params, grads = tensors_and_gradients()
     stored = [{k: B.quantise(np.zeros(t.shape, np.float32), 0, k) for k, t in init_tensor_state(p).items()
                if k in STATE_KEYS} for p in params]
     for step in range(STEPS):

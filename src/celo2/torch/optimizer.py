@@ -331,7 +331,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         State dtype: the saved accumulators are converted to this optimizer's
         ``state_dtype`` (each param group's): bfloat16 to float32 exactly,
         float32 to bfloat16 rounded to nearest-even (once, deterministically;
-        later writes round stochastically). A finite value beyond the target's
+        later writes round stochastically); float32 or bfloat16 to 8-bit
+        codes rounded to the nearest code (once), and 8-bit codes to float32
+        or bfloat16 by decoding them. A finite value beyond the target's
         range is refused, naming the parameter and key. ``rounding_seed`` and
         the per-tensor ``rounding_step`` counters are restored from the saved
         state (a state saved before they existed keeps this optimizer's seed),
@@ -674,6 +676,20 @@ _POLICY_DOC = """
     per tensor, a backend that stores the dtype; a named backend that does
     not is refused.
 
+    8-bit blockwise state (``state_dtype="int8"``, :mod:`celo2.rule.blockwise8`):
+    each accumulator is kept as 8-bit codes (``state[p][key]``: ``int8``
+    for momenta, ``uint8`` square-root codes for second moments, shaped
+    like the accumulator) and one float32 scale per 256 elements
+    (``state[p][key + "_scale"]``), about a quarter of float32 state's
+    bytes. Each tensor is stepped alone: its accumulators are decoded to
+    float32, the selected backend's float32 step runs on them, and they are
+    encoded back with stochastic rounding from the same counter as
+    bfloat16 state (``rounding_step``, ``rounding_seed``), so runs and
+    resumed runs repeat bitwise. The transient is one tensor's float32
+    state. A block holding a NaN or an infinity keeps the scale NaN (it
+    decodes to NaN); a skipped tensor keeps its codes bitwise. DTensor
+    parameters are refused with it.
+
     Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
     (``weights_only=False``) of the optimizer keep its theta, routing and
     state, and the copy steps bitwise like the original.
@@ -728,10 +744,10 @@ class Celo2(_LearnedOptimizer):
             ``torch.float32`` or ``torch.bfloat16``. The matrices sharing a
             shape are orthogonalised together, one batched chain per group.
         state_dtype: The dtype of the optimizer state: ``torch.float32``
-            (default) or ``torch.bfloat16`` (or their names; see "bfloat16
-            state" below).
-        rounding_seed: The seed of bfloat16 state's stochastic rounding, an
-            integer in ``[0, 2**32)`` (default 0).
+            (default), ``torch.bfloat16`` (or their names; see "bfloat16
+            state" below), or ``"int8"`` (8-bit blockwise state, see below).
+        rounding_seed: The seed of bfloat16 and 8-bit state's stochastic
+            rounding, an integer in ``[0, 2**32)`` (default 0).
 
     Raises:
         ValueError: For a negative or non-finite ``lr``, ``weight_decay``,
@@ -739,7 +755,8 @@ class Celo2(_LearnedOptimizer):
             ``branch``, ``nonfinite``, ``backend``, ``ns_dtype`` or
             ``state_dtype``, a ``rounding_seed`` outside ``[0, 2**32)``, a
             backend that does not store ``state_dtype``, a backend
-            this installation lacks (Triton, Numba), a key of another optimizer
+            this installation lacks (Triton, Numba), a DTensor parameter with
+            ``state_dtype="int8"``, a key of another optimizer
             that would change the algorithm (``maximize=True``, ``betas``, ...:
             :data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
             DTensor parameter laid out in a way the rule cannot step (named,
@@ -798,7 +815,7 @@ class Celo2Base(_LearnedOptimizer):
         foreach: Unused by the rule (kept for the shared machinery; default ``None``).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
         backend: As :class:`Celo2`'s (default ``"auto"``).
-        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, as :class:`Celo2`'s.
+        state_dtype: ``torch.float32`` (default), ``torch.bfloat16`` or ``"int8"``, as :class:`Celo2`'s.
         rounding_seed: As :class:`Celo2`'s (default 0).
 
     Raises:
