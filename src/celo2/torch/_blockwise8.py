@@ -115,6 +115,7 @@ def quantise_into(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, ke
     sqrt = spec8.is_second_moment(key)
     levels = spec8.UNSIGNED_LEVELS if sqrt else spec8.SIGNED_LEVELS
     low = 0 if sqrt else -levels
+    reciprocal = float(spec8.reciprocal(levels))  # a float32 value: exact as a Python float
     for a in range(0, n, step):
         b = min(n, a + step)
         blocks = -(-(b - a) // block)
@@ -131,7 +132,7 @@ def quantise_into(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, ke
         if sqrt:
             mag = mag.clamp_(min=0).sqrt_()
         largest = mag.abs().amax(dim=1, keepdim=True)
-        scale = largest * float(spec8.reciprocal(levels))  # a float32 constant: exact as a Python float
+        scale = largest * reciprocal
         block_finite = finite.all(dim=1, keepdim=True)
         usable = block_finite & (scale > 0)
         y = mag / torch.where(usable, scale, torch.ones((), device=x.device))
