@@ -76,7 +76,8 @@ def scale_by_celo2(
             traced (a meta-gradient through the update keeps float32); ``"float32"`` / ``"bfloat16"``
             (or ``jnp.float32`` / ``jnp.bfloat16``) force it.
         state_dtype: The accumulators' dtype: ``jnp.float32`` (default) or ``jnp.bfloat16`` (or their
-            names), half the bytes. Arithmetic stays float32; each accumulator is stored with the
+            names), half the bytes; or ``"int8"``, 8-bit blockwise codes and scales
+            (:mod:`celo2.optax.blockwise8`), about a quarter. Arithmetic stays float32; each accumulator is stored with the
             counter-based stochastic rounding of :mod:`celo2.optax.rounding` (seed, step, tensor, slot,
             element index), so a run repeats and resumes bitwise and every path (XLA, the CPU kernels,
             sharded or not) stores the same bits. The step of a tensor counts the updates it took:
@@ -300,7 +301,7 @@ def celo2(
             schedules count steps for all tensors alike.
         ns_dtype: Newton-Schulz's dtype, see :func:`scale_by_celo2` (default
             ``"auto"``: bfloat16 where the hardware multiplies it natively).
-        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``: the dtype of the rule's
+        state_dtype: ``jnp.float32`` (default), ``jnp.bfloat16`` or ``"int8"``: the dtype of the rule's
             accumulators and of AdamW's two moments (see :func:`scale_by_celo2`; AdamW's arithmetic
             is ``optax.scale_by_adam``'s in float32, its moments stored by
             :func:`celo2.optax.state_dtype.rounded_adam_moments` with step = AdamW's count after
@@ -328,9 +329,10 @@ def celo2(
     if skip:
         moments = skip_nonfinite_per_tensor(moments)
     if low or skip or eight:
-        stored = blockwise8_adam_moments(moments, rounding_seed) if eight else moments
+        stored = (rounded_adam_moments(moments, rounding_seed) if low
+                  else blockwise8_adam_moments(moments, rounding_seed) if eight else moments)
         adam = optax.chain(
-            rounded_adam_moments(moments, rounding_seed) if low else stored,
+            stored,
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(adam_lr),
         )
@@ -378,7 +380,7 @@ def celo2_base(
         nonfinite: ``"skip"`` (default) or ``"propagate"``, as in :func:`celo2`:
             a tensor with a NaN or +-inf gradient gets a zero update and keeps
             its state bitwise, counted per tensor (:func:`nonfinite_steps`).
-        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``, see :func:`scale_by_celo2`
+        state_dtype: ``jnp.float32`` (default), ``jnp.bfloat16`` or ``"int8"``, see :func:`scale_by_celo2`
             (tensors numbered in tree-flatten order of the parameters).
         rounding_seed: The stochastic rounding's seed (default 0), kept in the state.
 
