@@ -9,7 +9,9 @@ blocks of :data:`BLOCK` elements with one float32 scale per block (the block's l
 with stochastic rounding, and dequantised in place: the values the step reads are exactly what an
 8-bit store would hold. Signed tensors use the codes -127..127; tensors with no negative element
 (second moments) 0..255; ``--second-moments sqrt`` quantises the square roots of the second moments. Only the quality is simulated (the state stays float32 in memory); it is a
-measurement, not an option of the library. Compare with ``celo2`` at the same cell and seeds
+measurement, not an option of the library. The scheme this simulation found to hold the bar
+(``--second-moments sqrt-floor``) is the library's option ``state_dtype="int8"``
+(:mod:`celo2.rule.blockwise8`; bench kinds ``celo2-int8`` and ``celo2-base-int8``). Compare with ``celo2`` at the same cell and seeds
 (``benchmarks/results/state-dtype/``): the same seed gives the same initialisation and data order.
 """
 

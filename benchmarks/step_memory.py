@@ -17,8 +17,8 @@ cannot be reset, a thread samples the resident set every millisecond instead
 
 With ``--state`` it prints instead the bytes of optimizer state per
 parameter (the state, not the step's transients) of AdamW, Muon (with AdamW
-on the tensors Celo2 routes to AdamW), Celo2 and Celo2-base at both state
-dtypes, on the bench's GPT and on GPT-2 124M's shapes, counted from the
+on the tensors Celo2 routes to AdamW), Celo2 and Celo2-base at each state
+dtype (float32, bfloat16, and ``int8``: 8-bit blockwise codes with a float32 scale per 256 elements), on the bench's GPT and on GPT-2 124M's shapes, counted from the
 state tensors each optimizer keeps after a step on ``meta`` tensors (Celo2's
 :meth:`~celo2.torch.Celo2.state_bytes`: the state its first step creates).
 
@@ -169,7 +169,7 @@ def state_rows() -> list[dict]:
     """Every (model, optimizer, state dtype) of ``--state``: parameters, state bytes, bytes per parameter."""
     import torch
 
-    cases = [("AdamW", "float32"), ("Muon", "float32")] + [(o, d) for o in OPTIMIZERS for d in ("float32", "bfloat16")]
+    cases = [("AdamW", "float32"), ("Muon", "float32")] + [(o, d) for o in OPTIMIZERS for d in ("float32", "bfloat16", "int8")]
     rows = []
     for model_name, build in STATE_MODELS.items():
         for optimizer, dtype in cases:

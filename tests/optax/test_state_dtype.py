@@ -63,8 +63,8 @@ def test_stochastic_round_is_the_reference_bit_for_bit(shape):
 def test_state_dtype_and_seed_are_checked():
     with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'float16'"):
         celo2(1e-3, state_dtype=jnp.float16)
-    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'int8'"):
-        celo2_base(1e-3, state_dtype="int8")
+    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'int4'"):
+        celo2_base(1e-3, state_dtype="int4")
     for bad in (-1, 2**32, 1.5, "0"):
         with pytest.raises(ValueError, match="rounding_seed must be an integer in"):
             scale_by_celo2(rounding_seed=bad)

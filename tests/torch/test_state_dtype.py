@@ -403,7 +403,7 @@ def test_changing_a_groups_state_dtype_under_its_state_is_refused_before_any_wri
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
 def test_settings_are_checked_and_kept_per_group(cls):
     model = _model()
-    for bad, match in [(dict(state_dtype="float16"), "state_dtype must be one of float32, bfloat16; got 'float16'"),
+    for bad, match in [(dict(state_dtype="float16"), "state_dtype must be one of float32, bfloat16, int8; got 'float16'"),
                        (dict(state_dtype=torch.float64), "got torch.float64"),
                        (dict(rounding_seed=2**32), r"invalid rounding_seed=4294967296"),
                        (dict(rounding_seed=-1), r"invalid rounding_seed=-1"),
@@ -416,7 +416,7 @@ def test_settings_are_checked_and_kept_per_group(cls):
     assert opt.param_groups[0]["state_dtype"] == torch.float32 and opt.param_groups[1]["state_dtype"] == BF16
     assert opt.state_dict()["param_groups"][1]["rounding_seed"] == 3
     with pytest.raises(ValueError, match="param group 2: state_dtype must be one of"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], "state_dtype": "int8"})
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], "state_dtype": "int4"})
     assert len(opt.param_groups) == 2
     _train(model, opt, range(1))
     assert opt.state[model[0].weight]["m"].dtype == torch.float32

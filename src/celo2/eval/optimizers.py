@@ -191,6 +191,18 @@ def make_celo2_base_bf16(model: nn.Module, lr: float, weight_decay: float, theta
     return make_celo2_base(model, lr, weight_decay, theta, state_dtype="bfloat16")
 
 
+def make_celo2_int8(model: nn.Module, lr: float, weight_decay: float, theta: Any = None,
+                    adam_lr_mult: float = spec.ADAM_LR_MULT) -> torch.optim.Optimizer:
+    """Celo2 with 8-bit blockwise state (stochastic rounding): the same rule, about a quarter of the state
+    memory."""
+    return make_celo2(model, lr, weight_decay, theta, adam_lr_mult, state_dtype="int8")
+
+
+def make_celo2_base_int8(model: nn.Module, lr: float, weight_decay: float, theta: Any = None) -> torch.optim.Optimizer:
+    """Celo2Base with 8-bit blockwise state (stochastic rounding)."""
+    return make_celo2_base(model, lr, weight_decay, theta, state_dtype="int8")
+
+
 @dataclass(frozen=True)
 class OptimizerInfo:
     """One optimizer kind: its factory, default LR grid, default weight decay and weight-decay grid."""
@@ -247,6 +259,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                       "AdamW branch's moments", wd_grid=WD_GRID_DECOUPLED, in_default_suites=False),
         OptimizerInfo("celo2-base-bf16", make_celo2_base_bf16, (1e-4, 1e-1), 0.1, True,
                       "Celo2-base with bfloat16 state (stochastic rounding)", wd_grid=WD_GRID_DECOUPLED,
+                      in_default_suites=False),
+        OptimizerInfo("celo2-int8", make_celo2_int8, (1e-4, 1e-1), 0.1, True,
+                      "Celo2 with 8-bit blockwise state (256-element blocks, stochastic rounding): the learned "
+                      "rule's accumulators and the AdamW branch's moments", wd_grid=WD_GRID_DECOUPLED,
+                      in_default_suites=False),
+        OptimizerInfo("celo2-base-int8", make_celo2_base_int8, (1e-4, 1e-1), 0.1, True,
+                      "Celo2-base with 8-bit blockwise state (stochastic rounding)", wd_grid=WD_GRID_DECOUPLED,
                       in_default_suites=False),
         OptimizerInfo("adamw", make_adamw, (1e-4, 1e-1), 0.1, False,
                       f"torch.optim.AdamW, betas {ADAM_BETAS}, decoupled weight decay", wd_grid=WD_GRID_DECOUPLED),

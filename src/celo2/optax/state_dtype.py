@@ -23,23 +23,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from celo2.optax.blockwise8 import (Blockwise8, decode, encode, is_blockwise8,
+                                    stochastic_encode)
 from celo2.optax.nonfinite import PerTensorSkipState
 from celo2.optax.rounding import (StateRounding, check_rounding_seed, resolve_state_dtype, stochastic_round,
                                   tensor_indices)
-from celo2.optax.state import ScaleByCelo2State
+from celo2.optax.state import ScaleByCelo2State, TensorState
 from celo2.rule import routing
 
-__all__ = ["RoundedAdamState", "rounded_adam_moments", "convert_state_dtype"]
+__all__ = ["RoundedAdamState", "rounded_adam_moments", "blockwise8_adam_moments", "convert_state_dtype"]
 
 ADAM_SLOTS = {"mu": "exp_avg", "nu": "exp_avg_sq"}
 """``optax.ScaleByAdamState``'s moments -> their slot in :data:`celo2.rule.rounding.SLOTS`."""
 
 
 class RoundedAdamState(NamedTuple):
-    """State of :func:`rounded_adam_moments`.
+    """State of :func:`rounded_adam_moments` and :func:`blockwise8_adam_moments`.
 
     Attributes:
-        inner: The inner transformation's state, its moments in bfloat16: an
+        inner: The inner transformation's state, its moments in bfloat16 (or as
+            :class:`~celo2.optax.blockwise8.Blockwise8` codes and scales): an
             ``optax.ScaleByAdamState`` (one count for all tensors), or a
             :class:`~celo2.optax.PerTensorSkipState` holding one per tensor.
         rounding_seed: The seed of the stochastic rounding (``uint32`` scalar).
@@ -107,93 +110,184 @@ def rounded_adam_moments(inner: optax.GradientTransformation, rounding_seed: int
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _code_moments(state: Any, code: Any) -> Any:
+    """``state`` with every moment leaf ``x`` of every ``optax.ScaleByAdamState`` in it replaced by
+    ``code(slot, x)`` (a leaf: an array or a :class:`~celo2.optax.blockwise8.Blockwise8`)."""
+    def one(node: Any) -> Any:
+        if not isinstance(node, optax.ScaleByAdamState):
+            return node
+        return node._replace(**{k: jax.tree_util.tree_map(lambda x, slot=slot: code(slot, x), getattr(node, k),
+                                                          is_leaf=_is_stored)
+                                for k, slot in ADAM_SLOTS.items()})
+
+    return jax.tree_util.tree_map(one, state, is_leaf=_is_adam)
+
+
+def _is_stored(x: Any) -> bool:
+    return isinstance(x, Blockwise8)
+
+
+def _write_blockwise8(x: jax.Array, kept: Blockwise8, moved: jax.Array, rounding: StateRounding,
+                      slot: str) -> Blockwise8:
+    """A moment's new float32 values as 8-bit codes and scales (stochastic rounding), or ``kept`` bitwise where
+    the tensor did not move."""
+    new = stochastic_encode(x.astype(jnp.float32), slot, rounding.seed, rounding.step, rounding.tensor)
+    return Blockwise8(jnp.where(moved, new.codes, kept.codes), jnp.where(moved, new.scales, kept.scales))
+
+
+def _write_bfloat16(x: jax.Array, kept: jax.Array, moved: jax.Array, rounding: StateRounding,
+                    slot: str) -> jax.Array:
+    """A moment's new float32 values as bfloat16 (stochastic rounding), or ``kept`` bitwise where the tensor did
+    not move."""
+    return jnp.where(moved, stochastic_round(x.astype(jnp.float32), rounding, slot), kept)
+
+
+def blockwise8_adam_moments(inner: optax.GradientTransformation, rounding_seed: int = 0,
+                            ) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with its Adam moments stored as 8-bit blockwise codes and scales (:mod:`celo2.optax.blockwise8`).
+
+    As :func:`rounded_adam_moments`, with :func:`celo2.optax.blockwise8.stochastic_encode` in place of the
+    bfloat16 rounding (same seed, step, tensor and slots).
+
+    Args:
+        inner: ``optax.scale_by_adam(...)``, or :func:`celo2.optax.skip_nonfinite_per_tensor` of it.
+        rounding_seed: The seed, kept in the state (``0 <= seed < 2**32``).
+
+    Returns:
+        A transformation with :class:`RoundedAdamState` whose moments are
+        :class:`~celo2.optax.blockwise8.Blockwise8` leaves.
+
+    Raises:
+        ValueError: A bad ``rounding_seed``; at ``init``, an ``inner`` whose state holds no Adam moments.
+    """
+    seed = check_rounding_seed(rounding_seed)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> RoundedAdamState:
+        state = inner.init(params)
+        if not _adam_nodes(state):
+            raise ValueError("blockwise8_adam_moments: the inner transformation keeps no optax.ScaleByAdamState")
+        return RoundedAdamState(_code_moments(state, lambda slot, x: encode(x, slot)), jnp.asarray(seed, jnp.uint32))
+
+    def update_fn(updates: Any, state: RoundedAdamState, params: Any = None, **extra_args: Any,
+                  ) -> tuple[Any, RoundedAdamState]:
+        indices = dict(zip(_leaf_paths(updates), tensor_indices(updates, extra_args)))
+        plain = _code_moments(state.inner, lambda slot, x: decode(x, slot) if _is_stored(x) else x)
+        out, new = inner.update(updates, plain, params, **extra_args)
+        return out, RoundedAdamState(_round_moments(new, state.inner, indices, state.rounding_seed,
+                                                    _write_blockwise8), state.rounding_seed)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _leaf_paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array) -> Any:
-    """``new`` (float32 moments) stored as bfloat16; ``old`` is the state before the update (bfloat16)."""
+def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array, write: Any = _write_bfloat16,
+                   ) -> Any:
+    """``new`` (float32 moments) stored by ``write`` (bfloat16 by default); ``old`` is the state before the
+    update (as stored)."""
     if isinstance(new, PerTensorSkipState):  # one Adam state per tensor, at the tensor's place
         pairs = zip(jax.tree_util.tree_leaves_with_path(new.inner, is_leaf=_is_adam),
                     jax.tree_util.tree_leaves(old.inner, is_leaf=_is_adam))
-        flat = [_store(node, before, seed, lambda _, t=indices[jax.tree_util.keystr(path)]: t)
+        flat = [_store(node, before, seed, lambda _, t=indices[jax.tree_util.keystr(path)]: t, write)
                 for (path, node), before in pairs]
         treedef = jax.tree_util.tree_structure(new.inner, is_leaf=_is_adam)
         return new._replace(inner=jax.tree_util.tree_unflatten(treedef, flat))
     if _is_adam(new):  # one count for all tensors: the moments are trees like the parameters
-        return _store(new, old, seed, lambda path: indices[jax.tree_util.keystr(path)])
+        return _store(new, old, seed, lambda path: indices[jax.tree_util.keystr(path)], write)
     raise ValueError(f"rounded_adam_moments: cannot store the moments of a {type(new).__name__} state; the inner "
                      "transformation must be optax.scale_by_adam or skip_nonfinite_per_tensor of it")
 
 
 def _store(node: optax.ScaleByAdamState, before: optax.ScaleByAdamState, seed: jax.Array,
-           tensor_of: Any) -> optax.ScaleByAdamState:
-    """``node``'s float32 moments stored as bfloat16 (``tensor_of(path)``: a moment leaf's tensor number);
+           tensor_of: Any, write: Any = _write_bfloat16) -> optax.ScaleByAdamState:
+    """``node``'s float32 moments stored by ``write`` (``tensor_of(path)``: a moment leaf's tensor number);
     where the count did not advance (a skipped tensor) the stored ``before`` moments are kept bitwise."""
     moved = node.count != before.count
     fields = {}
     for key, slot in ADAM_SLOTS.items():
-        def one(path: tuple, x: jax.Array, kept: jax.Array, slot: str = slot) -> jax.Array:
-            rounded = stochastic_round(x.astype(jnp.float32), StateRounding(seed, node.count, tensor_of(path)), slot)
-            return jnp.where(moved, rounded, kept)
+        def one(path: tuple, x: jax.Array, kept: Any, slot: str = slot) -> Any:
+            return write(x, kept, moved, StateRounding(seed, node.count, tensor_of(path)), slot)
 
         fields[key] = jax.tree_util.tree_map_with_path(one, getattr(node, key), getattr(before, key))
     return node._replace(**fields)
 
 
 def convert_state_dtype(state: Any, dtype: Any, *, rounding_seed: int = 0) -> Any:
-    """A Celo2 optimizer state with its accumulators in ``dtype``: float32 <-> bfloat16.
+    """A Celo2 optimizer state with its accumulators in ``dtype``: float32, bfloat16 or 8-bit blockwise.
 
     Converts the states of :func:`celo2.optax.celo2`, :func:`~celo2.optax.celo2_base`
     and :func:`~celo2.optax.scale_by_celo2` (also inside chains, ``optax.inject_hyperparams``
     and the like) into the state the same optimizer built with ``state_dtype=dtype``
     keeps: the rule's accumulators and the AdamW branch's moments (the
     ``routing.ADAM`` group of :func:`~celo2.optax.celo2`'s partition). float32 ->
-    bfloat16 rounds to nearest-even (one rounding, so no drift can build up) and
-    sets the rounding seed where the state has none; bfloat16 -> float32 is exact
-    and drops the seed. Counts and non-finite counters are kept. A state already
-    in ``dtype`` comes back equal.
+    bfloat16 rounds to nearest-even, and a float32 or bfloat16 value -> 8-bit codes
+    (``"int8"``, :class:`~celo2.optax.blockwise8.Blockwise8`) rounds to the nearest code
+    (one rounding, so no drift can build up), and either sets the rounding seed where
+    the state has none; bfloat16 -> float32 is exact, 8-bit codes decode to their
+    float32 values (:func:`celo2.optax.blockwise8.decode`, then cast), and float32 state
+    drops the seed. Counts and non-finite counters are kept. A state already in
+    ``dtype`` comes back equal.
 
     Args:
         state: The optimizer state.
-        dtype: ``jnp.float32`` or ``jnp.bfloat16`` (or their names).
-        rounding_seed: The seed a float32 state gets when converted to bfloat16.
+        dtype: ``jnp.float32``, ``jnp.bfloat16`` or ``"int8"`` (or their names).
+        rounding_seed: The seed a float32 state gets when converted to bfloat16 or 8-bit state.
 
     Returns:
         The converted state (a new pytree; ``state`` is not changed).
 
     Raises:
         ValueError: An unknown ``dtype`` or bad seed; an accumulator or moment that is
-            neither float32 nor bfloat16 (named by its path in ``state``); no Celo2 state in ``state``.
+            neither float32 nor bfloat16 nor 8-bit codes (named by its path in ``state``); no Celo2 state in
+            ``state``.
     """
-    target = resolve_state_dtype(dtype)
+    eight = is_blockwise8(dtype)
+    target = None if eight else resolve_state_dtype(dtype)
+    name = "int8" if eight else target.name
     seed = check_rounding_seed(rounding_seed)
-    low = target == jnp.bfloat16
+    seeded = eight or target == jnp.bfloat16
     found = []
 
-    def check(path: Any, x: Any) -> Any:
-        if jnp.dtype(x.dtype).name not in ("float32", "bfloat16"):
+    def check(path: Any, x: Any, slot: str) -> Any:
+        """One accumulator converted: decoded when stored as codes, checked, then cast or encoded."""
+        if _is_stored(x):
+            if eight:
+                return x
+            x = decode(x, slot)
+        elif jnp.dtype(x.dtype).name not in ("float32", "bfloat16"):
             raise ValueError(f"convert_state_dtype: the state leaf {jax.tree_util.keystr(path)} is "
-                             f"{jnp.dtype(x.dtype).name}, neither float32 nor bfloat16; it cannot convert to "
-                             f"{target.name}")
-        return x.astype(target)
+                             f"{jnp.dtype(x.dtype).name}, neither float32 nor bfloat16; it cannot convert to {name}")
+        return encode(x, slot) if eight else x.astype(target)
 
     def rule_state(path: tuple, node: ScaleByCelo2State) -> ScaleByCelo2State:
         where = path + (jax.tree_util.GetAttrKey("tensors"),)
-        tensors = jax.tree_util.tree_map_with_path(lambda p, x: check(where + p, x), node.tensors)
+
+        def tensor(p: tuple, ts: Any) -> Any:
+            if not isinstance(ts, TensorState):
+                return ts
+            return TensorState(*(check(where + p + (jax.tree_util.GetAttrKey(k),), x, k)
+                                 for k, x in zip(TensorState._fields, ts)))
+
+        tensors = jax.tree_util.tree_map_with_path(tensor, node.tensors, is_leaf=lambda x: isinstance(x, TensorState))
         old_seed = node.rounding_seed
-        new_seed = (old_seed if old_seed is not None else jnp.asarray(seed, jnp.uint32)) if low else None
+        new_seed = (old_seed if old_seed is not None else jnp.asarray(seed, jnp.uint32)) if seeded else None
         return node._replace(tensors=tensors, rounding_seed=new_seed)
 
     def adam_state(path: tuple, node: Any) -> Any:
         inner = node.inner if isinstance(node, RoundedAdamState) else node
-        for node_path, adam in jax.tree_util.tree_leaves_with_path(inner, is_leaf=_is_adam):
-            if _is_adam(adam):
-                for key in ADAM_SLOTS:
-                    where = path + node_path + (jax.tree_util.GetAttrKey(key),)
-                    jax.tree_util.tree_map_with_path(lambda q, x: check(where + q, x), getattr(adam, key))
-        cast = _cast_moments(inner, target)
-        if not low:
+
+        def convert(adam: Any) -> Any:
+            if not _is_adam(adam):
+                return adam
+            return adam._replace(**{k: jax.tree_util.tree_map_with_path(
+                lambda q, x, slot=slot, k=k: check(path + (jax.tree_util.GetAttrKey(k),) + q, x, slot),
+                getattr(adam, k), is_leaf=_is_stored) for k, slot in ADAM_SLOTS.items()})
+
+        cast = jax.tree_util.tree_map(convert, inner, is_leaf=_is_adam)
+        if not seeded:
             return cast
         own_seed = node.rounding_seed if isinstance(node, RoundedAdamState) else jnp.asarray(seed, jnp.uint32)
         return RoundedAdamState(cast, own_seed)

@@ -23,7 +23,8 @@ from celo2.optax.nonfinite import (PerTensorSkipState, counters, nonfinite_steps
 from celo2.optax.rounding import (TENSOR_INDICES, StateRounding, check_rounding_seed, number_tensors,
                                   resolve_state_dtype, tensor_indices)
 from celo2.optax.state import ScaleByCelo2State, init_tensor_state, theta_to_jax
-from celo2.optax.state_dtype import rounded_adam_moments
+from celo2.optax.blockwise8 import blockwise8_rule, is_blockwise8
+from celo2.optax.state_dtype import blockwise8_adam_moments, rounded_adam_moments
 from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 from celo2.rule.variant import PUBLISHED, RuleVariant, VariantError, note_general_path, require_published
@@ -81,7 +82,8 @@ def scale_by_celo2(
             traced (a meta-gradient through the update keeps float32); ``"float32"`` / ``"bfloat16"``
             (or ``jnp.float32`` / ``jnp.bfloat16``) force it.
         state_dtype: The accumulators' dtype: ``jnp.float32`` (default) or ``jnp.bfloat16`` (or their
-            names), half the bytes. Arithmetic stays float32; each accumulator is stored with the
+            names), half the bytes; or ``"int8"``, 8-bit blockwise codes and scales
+            (:mod:`celo2.optax.blockwise8`), about a quarter. Arithmetic stays float32; each accumulator is stored with the
             counter-based stochastic rounding of :mod:`celo2.optax.rounding` (seed, step, tensor, slot,
             element index), so a run repeats and resumes bitwise and every path (XLA, the CPU kernels,
             sharded or not) stores the same bits. The step of a tensor counts the updates it took:
@@ -123,6 +125,9 @@ def scale_by_celo2(
     updated in float64.
 
     """
+    if is_blockwise8(state_dtype):  # the float32 rule inside celo2.optax.blockwise8's decode / encode
+        return blockwise8_rule(scale_by_celo2(theta, orthogonalize, cpu_kernels, nonfinite, ns_dtype,
+                                              rounding_seed=rounding_seed), rounding_seed)
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     dtype = resolve_state_dtype(state_dtype)
     seed = check_rounding_seed(rounding_seed)
@@ -327,7 +332,7 @@ def celo2(
             schedules count steps for all tensors alike.
         ns_dtype: Newton-Schulz's dtype, see :func:`scale_by_celo2` (default
             ``"auto"``: bfloat16 where the hardware multiplies it natively).
-        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``: the dtype of the rule's
+        state_dtype: ``jnp.float32`` (default), ``jnp.bfloat16`` or ``"int8"``: the dtype of the rule's
             accumulators and of AdamW's two moments (see :func:`scale_by_celo2`; AdamW's arithmetic
             is ``optax.scale_by_adam``'s in float32, its moments stored by
             :func:`celo2.optax.state_dtype.rounded_adam_moments` with step = AdamW's count after
@@ -349,14 +354,17 @@ def celo2(
     """
     labels = param_labels if param_labels is not None else default_param_labels(adam_name_pattern)
     adam_lr = _scaled(learning_rate, adam_lr_mult)
-    low = resolve_state_dtype(state_dtype) == jnp.bfloat16
+    eight = is_blockwise8(state_dtype)
+    low = not eight and resolve_state_dtype(state_dtype) == jnp.bfloat16
     skip = spec.check_nonfinite_policy(nonfinite) == "skip"
     moments = optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)
     if skip:
         moments = skip_nonfinite_per_tensor(moments)
-    if low or skip:
+    if low or skip or eight:
+        stored = (rounded_adam_moments(moments, rounding_seed) if low
+                  else blockwise8_adam_moments(moments, rounding_seed) if eight else moments)
         adam = optax.chain(
-            rounded_adam_moments(moments, rounding_seed) if low else moments,
+            stored,
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(adam_lr),
         )
@@ -406,7 +414,7 @@ def celo2_base(
         nonfinite: ``"skip"`` (default) or ``"propagate"``, as in :func:`celo2`:
             a tensor with a NaN or +-inf gradient gets a zero update and keeps
             its state bitwise, counted per tensor (:func:`nonfinite_steps`).
-        state_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16``, see :func:`scale_by_celo2`
+        state_dtype: ``jnp.float32`` (default), ``jnp.bfloat16`` or ``"int8"``, see :func:`scale_by_celo2`
             (tensors numbered in tree-flatten order of the parameters).
         rounding_seed: The stochastic rounding's seed (default 0), kept in the state.
         variant: The rule variant of a dict ``theta``, see :func:`scale_by_celo2`.

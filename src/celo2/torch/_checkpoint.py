@@ -32,7 +32,7 @@ import torch
 
 from celo2.rule import routing
 from celo2.rule import state as rule_state
-from celo2.torch import _adamw, _rounding, _sharded
+from celo2.torch import _adamw, _blockwise8, _sharded
 from celo2.torch._sharded import DTensor
 
 COUNTER_KEY = "nonfinite_steps"
@@ -70,8 +70,35 @@ def expected_shapes(branch: str, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
     return rule_state.state_shapes(p.shape) if branch == routing.LEARNED else _adamw.state_shapes(p.shape)
 
 
+def stored_as_blockwise8(pstate: Mapping[str, Any]) -> bool:
+    """Whether a tensor's state holds 8-bit blockwise accumulators (codes and scales,
+    :mod:`celo2.torch._blockwise8`) rather than floating-point ones."""
+    return any(_blockwise8.scale_key(k) in pstate for k in ACCUMULATOR_KEYS)
+
+
+def _check_blockwise8_state(where: str, label: str, expected: Mapping[str, tuple[int, ...]],
+                            pstate: Mapping[str, Any], error: type[Exception]) -> None:
+    """The codes and scales of an 8-bit state fit the accumulators ``expected`` (key -> shape)."""
+    others = {k: shape for k, shape in expected.items() if k not in ACCUMULATOR_KEYS}
+    entries = _blockwise8.expected_entries({k: v for k, v in expected.items() if k in ACCUMULATOR_KEYS})
+    keys = set(pstate) - set(COUNTER_KEYS)
+    if keys != set(entries) | set(others):
+        raise error(f"{where}: the state of {label} has {sorted(keys)}, 8-bit blockwise state keeps "
+                    f"{sorted(set(entries) | set(others))}; nothing was changed")
+    for key, (shape, dtype) in entries.items():
+        t = pstate[key]
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+            have = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise error(f"{where}: state {key!r} of {label} is {have}, expected {dtype} {shape} (8-bit blockwise "
+                        f"state); nothing was changed")
+    for key in others:
+        if not isinstance(pstate[key], torch.Tensor) or not pstate[key].is_floating_point():
+            raise error(f"{where}: state {key!r} of {label} is {type(pstate[key]).__name__}, expected a "
+                        f"floating-point tensor; nothing was changed")
+
+
 def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pstate: Mapping[str, Any],
-                       error: type[Exception] = ValueError, state_dtype: Optional[torch.dtype] = None) -> None:
+                       error: type[Exception] = ValueError, state_dtype: Optional[torch.dtype | str] = None) -> None:
     """Refuse a tensor's saved or current state whose keys, shapes or dtypes do not fit ``p``.
 
     Args:
@@ -81,15 +108,24 @@ def check_tensor_state(where: str, label: str, branch: str, p: torch.Tensor, pst
         p: The parameter.
         pstate: Its state.
         error: The exception class raised.
-        state_dtype: The dtype the accumulators must have (a live state), or ``None`` for any floating
-            dtype (a saved state, converted when it loads).
+        state_dtype: The dtype the accumulators must have (a live state; ``"int8"``: codes and scales), or
+            ``None`` for any of the formats (a saved state, converted when it loads).
 
     Raises:
         error: Naming the parameter and the entry that does not fit.
     """
     expected = expected_shapes(branch, p)
+    blockwise8 = stored_as_blockwise8(pstate)
+    if state_dtype is not None and blockwise8 != _blockwise8.is_blockwise8(state_dtype):
+        have = "8-bit blockwise" if blockwise8 else "floating-point"
+        raise error(f"{where}: the state of {label} is {have}, but its param group's state_dtype is {state_dtype} "
+                    f"(a setting changed after the state was made: convert the state by loading a state_dict into "
+                    f"an optimizer built with the new state_dtype); nothing was changed")
+    if blockwise8:
+        _check_blockwise8_state(where, label, expected, pstate, error)
+        expected = {}
     keys = set(pstate) - set(COUNTER_KEYS)
-    if keys != set(expected):
+    if expected and keys != set(expected):
         raise error(f"{where}: the state of {label} has {sorted(keys)}, the {branch!r} branch keeps "
                     f"{sorted(expected)}; nothing was changed")
     for key, shape in expected.items():
@@ -219,11 +255,24 @@ def converted_accumulators(where: str, param_groups: Sequence[Mapping[str, Any]]
     """
     out: dict[Any, dict[str, torch.Tensor]] = {}
     for group, sg, members in zip(param_groups, state_dict["param_groups"], entries):
-        dtype = _rounding.state_dtype(group["state_dtype"])
+        dtype = _blockwise8.state_format(group["state_dtype"])
         for entry, pid in zip(members, sg["params"]):
             pstate = state_dict["state"].get(pid) or {}
-            out[pid] = {key: convert_accumulator(t, dtype, entry.param.device, where, entry.label, key)
-                        for key, t in pstate.items() if key in ACCUMULATOR_KEYS and isinstance(t, torch.Tensor)}
+            keys = [k for k, t in pstate.items() if k in ACCUMULATOR_KEYS and isinstance(t, torch.Tensor)]
+            device = entry.param.device
+            if stored_as_blockwise8(pstate) and _blockwise8.is_blockwise8(dtype):
+                out[pid] = {name: pstate[name].to(device=device, copy=True)
+                            for k in keys for name in (k, _blockwise8.scale_key(k))}
+            elif _blockwise8.is_blockwise8(dtype):
+                out[pid] = {}
+                for k in keys:
+                    codes, scales = _blockwise8.encoded_nearest(pstate[k].to(device), k)
+                    out[pid].update({k: codes, _blockwise8.scale_key(k): scales})
+            else:
+                if stored_as_blockwise8(pstate):
+                    pstate = {k: _blockwise8.dequantise(pstate[k].to(device), pstate[_blockwise8.scale_key(k)].to(device),
+                                                        k) for k in keys}
+                out[pid] = {k: convert_accumulator(pstate[k], dtype, device, where, entry.label, k) for k in keys}
     return out
 
 
@@ -239,6 +288,8 @@ class Migration:
     id_to_param: dict[Any, torch.Tensor]
     converted: Mapping[Any, Mapping[str, torch.Tensor]]
     bfloat16: dict[Any, bool]
+    """Per saved parameter id, whether its state is rounded stochastically (bfloat16 or 8-bit), so that it keeps
+    its rounding step counter."""
 
     @classmethod
     def before(cls, param_groups: Sequence[Mapping[str, Any]], state_dict: Mapping[str, Any],
@@ -247,7 +298,7 @@ class Migration:
         accumulators already converted (:func:`converted_accumulators`)."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = chain.from_iterable(g["params"] for g in param_groups)
-        bfloat16 = {pid: _rounding.state_dtype(g["state_dtype"]) == torch.bfloat16
+        bfloat16 = {pid: _blockwise8.state_format(g["state_dtype"]) != torch.float32
                     for g, sg in zip(param_groups, state_dict["param_groups"]) for pid in sg["params"]}
         return cls(kept=[{k: g[k] for k in DEFAULTED_KEYS} for g in param_groups],
                    machine=[{k: g[k] for k in KEPT_KEYS} for g in param_groups],
@@ -271,7 +322,11 @@ class Migration:
                                                                            copy=True)
             else:
                 state[p].pop(ROUNDING_STEP_KEY, None)
-            state[p].update(self.converted.get(pid, {}))
+            converted = self.converted.get(pid, {})
+            for key in ACCUMULATOR_KEYS:  # the scales of 8-bit state loaded into floating-point state
+                if _blockwise8.scale_key(key) not in converted:
+                    state[p].pop(_blockwise8.scale_key(key), None)
+            state[p].update(converted)
 
 
 def lay_out_state(state: dict[str, Any], p: torch.Tensor, sharding: Optional[_sharded.Sharding],

@@ -18,7 +18,7 @@ from celo2.rule import routing, spec
 from celo2.rule.theta import Theta
 from celo2.rule.variant import VariantNotSupportedError, note_general_path
 from celo2.theta_files import load_theta
-from celo2.torch import _adamw, _checkpoint, _rounding, _sharded
+from celo2.torch import _adamw, _blockwise8, _checkpoint, _rounding, _sharded
 from celo2.torch import functional as F
 from celo2.torch._checkpoint import COUNTER_KEY, ROUNDING_STEP_KEY, TensorEntry
 from celo2.torch.backends.base import StateRounding
@@ -160,8 +160,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _normalise(settings: dict[str, Any]) -> None:
-        """The checked ``state_dtype`` as a torch dtype and ``rounding_seed`` as an int, in place."""
-        settings["state_dtype"] = _rounding.state_dtype(settings["state_dtype"])
+        """The checked ``state_dtype`` (a torch dtype, or ``"int8"``: :func:`celo2.torch._blockwise8.state_format`)
+        and ``rounding_seed`` as an int, in place."""
+        settings["state_dtype"] = _blockwise8.state_format(settings["state_dtype"])
         settings["rounding_seed"] = _rounding.check_seed(settings["rounding_seed"])
 
     @staticmethod
@@ -175,11 +176,12 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}invalid branch={settings['branch']!r}: expected one of {BRANCHES}")
         try:
             spec.check_nonfinite_policy(settings["nonfinite"])
-            dtype = _rounding.state_dtype(settings["state_dtype"])
+            dtype = _blockwise8.state_format(settings["state_dtype"])
             _rounding.check_seed(settings["rounding_seed"])
             if settings["backend"] not in F.BACKENDS:
                 F.check_backend(settings["backend"])  # raises, naming the backends
-            if dtype != torch.float32 and settings["backend"] != "auto":
+            # 8-bit state: every backend steps the decoded float32 state (_blockwise8_step).
+            if dtype != torch.float32 and not _blockwise8.is_blockwise8(dtype) and settings["backend"] != "auto":
                 F.check_backend(settings["backend"], dtype)  # a backend that stores the state dtype
         except ValueError as exc:
             raise ValueError(f"{where}{exc}") from None
@@ -220,6 +222,10 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{me} steps floating-point parameters; {label} is {p.dtype}")
             if isinstance(p, DTensor):
+                if _blockwise8.is_blockwise8(_blockwise8.state_format(group["state_dtype"])):
+                    raise ValueError(f"{me}: {label} is a DTensor ({tuple(p.placements)}), and state_dtype='int8' "
+                                     f"(8-bit blockwise state) steps plain tensors only; use float32 or bfloat16 "
+                                     f"state for sharded parameters")
                 shardings[p] = self._describe(group, i, p, label)
         return shardings
 
@@ -344,7 +350,9 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         State dtype: the saved accumulators are converted to this optimizer's
         ``state_dtype`` (each param group's): bfloat16 to float32 exactly,
         float32 to bfloat16 rounded to nearest-even (once, deterministically;
-        later writes round stochastically). A finite value beyond the target's
+        later writes round stochastically); float32 or bfloat16 to 8-bit
+        codes rounded to the nearest code (once), and 8-bit codes to float32
+        or bfloat16 by decoding them. A finite value beyond the target's
         range is refused, naming the parameter and key. ``rounding_seed`` and
         the per-tensor ``rounding_step`` counters are restored from the saved
         state (a state saved before they existed keeps this optimizer's seed),
@@ -406,11 +414,15 @@ class _LearnedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
-        order = self._order() if any(_rounding.state_dtype(g["state_dtype"]) != torch.float32
+        order = self._order() if any(_blockwise8.state_format(g["state_dtype"]) != torch.float32
                                      for g, _ in plan) else {}
         for group, entries in plan:
             learned = [p for p, branch in entries if branch != routing.ADAM]
             adam_params = [p for p, branch in entries if branch == routing.ADAM]
+            if _blockwise8.is_blockwise8(group["state_dtype"]):
+                for p, branch in entries:
+                    self._blockwise8_step(group, p, branch, order)
+                continue
             if learned:
                 self._learned_step(group, learned, order)
             if adam_params:
@@ -445,7 +457,7 @@ class _LearnedOptimizer(torch.optim.Optimizer):
                     self._check_dtensor(me, gi, group, i, p, branch, state)
                 if state:
                     _checkpoint.check_tensor_state(f"{me}.step", label, branch, p, state, RuntimeError,
-                                                   _rounding.state_dtype(group["state_dtype"]))
+                                                   _blockwise8.state_format(group["state_dtype"]))
                 entries.append((p, branch))
             plan.append((group, entries))
         return plan
@@ -488,20 +500,55 @@ class _LearnedOptimizer(torch.optim.Optimizer):
         """For bfloat16 state, each tensor's step counter (advanced by one on its device, no host
         synchronisation) with the group's seed and the tensors' indices in the optimizer's order; ``None``
         for float32 state."""
-        if _rounding.state_dtype(group["state_dtype"]) != torch.bfloat16:
+        if _blockwise8.state_format(group["state_dtype"]) != torch.bfloat16:
             return None
-        steps = []
-        for p in params:
-            state = self.state[p]
-            if ROUNDING_STEP_KEY not in state:
-                state[ROUNDING_STEP_KEY] = torch.zeros((), dtype=torch.int64, device=_sharded.local(p).device)
-            steps.append(state[ROUNDING_STEP_KEY])
+        steps = [self._rounding_step(p) for p in params]
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in steps:
             by_device.setdefault(t.device, []).append(t)
         for ts in by_device.values():
             torch._foreach_add_(ts, 1)
         return StateRounding(int(group["rounding_seed"]), steps, [order[p] for p in params])
+
+    def _rounding_step(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor's rounding step counter (made at 0 where its state has none)."""
+        state = self.state[p]
+        if ROUNDING_STEP_KEY not in state:
+            state[ROUNDING_STEP_KEY] = torch.zeros((), dtype=torch.int64, device=_sharded.local(p).device)
+        return state[ROUNDING_STEP_KEY]
+
+    def _blockwise8_step(self, group: dict[str, Any], p: torch.Tensor, branch: str,
+                         order: dict[torch.Tensor, int]) -> None:
+        """One tensor of an 8-bit state group: its accumulators decoded to float32, the float32 step of its
+        branch (any backend; no rounding), then encoded back with stochastic rounding
+        (:mod:`celo2.torch._blockwise8`). A tensor the step skipped (a non-finite gradient under ``"skip"``)
+        keeps its codes and scales bitwise. The transient float32 state is this tensor's alone."""
+        state = self.state[p]
+        if not state:
+            state.update(self._new_state(group, p, branch))
+        counter = self._counter(state, p)
+        step = self._rounding_step(p)
+        step.add_(1)
+        keys = list(_checkpoint.expected_shapes(branch, p))
+        keys = [k for k in keys if k in _checkpoint.ACCUMULATOR_KEYS]
+        work = _blockwise8.decoded(state, keys)
+        before = counter.clone()
+        if branch == routing.ADAM:
+            _adamw.step(group, [p], [work], [counter], self._shardings, None)
+        else:
+            workspace = None
+            if not torch.compiler.is_compiling():
+                workspace = self._workspace_by_device.setdefault(p.device, Workspace())
+            F.celo2([p], [p.grad], [work], backend=group["backend"], nonfinite=group["nonfinite"],
+                    counters=[counter], workspace=workspace, rounding=None, theta=self._torch_theta,
+                    lr=group["lr"], weight_decay=group["weight_decay"], orthogonalize=group["orthogonalize"],
+                    ns_dtype=group["ns_dtype"])
+        for k, t in work.items():  # entries the step replaced rather than updated (AdamW's step count)
+            if k not in keys and state.get(k) is not t:
+                state[k] = t
+        kept = counter != before if group["nonfinite"] == "skip" else None
+        _blockwise8.encode_(state, work, _rounding.TensorRounding(int(group["rounding_seed"]), step, order[p]),
+                            keys, kept)
 
     def _order(self) -> dict[torch.Tensor, int]:
         """Each parameter's index in the optimizer's order (the param groups' parameters in order)."""
@@ -510,15 +557,21 @@ class _LearnedOptimizer(torch.optim.Optimizer):
     def _new_state(self, group: dict[str, Any], p: torch.Tensor, branch: str) -> dict[str, torch.Tensor]:
         """The state a parameter's first step creates: its branch's accumulators in the group's state dtype,
         laid out like it, and its counters."""
-        dtype = _rounding.state_dtype(group["state_dtype"])
+        dtype = _blockwise8.state_format(group["state_dtype"])
         sh = self._shardings.get(p) if isinstance(p, DTensor) else None
-        if branch == routing.ADAM:
+        if _blockwise8.is_blockwise8(dtype):
+            shapes = _checkpoint.expected_shapes(branch, p)
+            state = _blockwise8.init_state({k: v for k, v in shapes.items() if k in _checkpoint.ACCUMULATOR_KEYS},
+                                           p.device)
+            if branch == routing.ADAM:
+                state["step"] = _adamw.init_state(p.new_empty(0))["step"]
+        elif branch == routing.ADAM:
             state = _adamw.init_state(p, dtype)
         else:
             state = init_tensor_state(p, dtype) if sh is None else _sharded.init_state(p, sh, dtype)
         device = _sharded.local(p).device
         state[COUNTER_KEY] = torch.zeros((), dtype=torch.int32, device=device)
-        if dtype == torch.bfloat16:
+        if dtype != torch.float32:
             state[ROUNDING_STEP_KEY] = torch.zeros((), dtype=torch.int64, device=device)
         return state
 
@@ -642,6 +695,20 @@ _POLICY_DOC = """
     per tensor, a backend that stores the dtype; a named backend that does
     not is refused.
 
+    8-bit blockwise state (``state_dtype="int8"``, :mod:`celo2.rule.blockwise8`):
+    each accumulator is kept as 8-bit codes (``state[p][key]``: ``int8``
+    for momenta, ``uint8`` square-root codes for second moments, shaped
+    like the accumulator) and one float32 scale per 256 elements
+    (``state[p][key + "_scale"]``), about a quarter of float32 state's
+    bytes. Each tensor is stepped alone: its accumulators are decoded to
+    float32, the selected backend's float32 step runs on them, and they are
+    encoded back with stochastic rounding from the same counter as
+    bfloat16 state (``rounding_step``, ``rounding_seed``), so runs and
+    resumed runs repeat bitwise. The transient is one tensor's float32
+    state. A block holding a NaN or an infinity keeps the scale NaN (it
+    decodes to NaN); a skipped tensor keeps its codes bitwise. DTensor
+    parameters are refused with it.
+
     Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load``
     (``weights_only=False``) of the optimizer keep its theta, routing and
     state, and the copy steps bitwise like the original.
@@ -696,10 +763,10 @@ class Celo2(_LearnedOptimizer):
             ``torch.float32`` or ``torch.bfloat16``. The matrices sharing a
             shape are orthogonalised together, one batched chain per group.
         state_dtype: The dtype of the optimizer state: ``torch.float32``
-            (default) or ``torch.bfloat16`` (or their names; see "bfloat16
-            state" below).
-        rounding_seed: The seed of bfloat16 state's stochastic rounding, an
-            integer in ``[0, 2**32)`` (default 0).
+            (default), ``torch.bfloat16`` (or their names; see "bfloat16
+            state" below), or ``"int8"`` (8-bit blockwise state, see below).
+        rounding_seed: The seed of bfloat16 and 8-bit state's stochastic
+            rounding, an integer in ``[0, 2**32)`` (default 0).
 
     Raises:
         ValueError: For a negative or non-finite ``lr``, ``weight_decay``,
@@ -707,7 +774,8 @@ class Celo2(_LearnedOptimizer):
             ``branch``, ``nonfinite``, ``backend``, ``ns_dtype`` or
             ``state_dtype``, a ``rounding_seed`` outside ``[0, 2**32)``, a
             backend that does not store ``state_dtype``, a backend
-            this installation lacks (Triton, Numba), a key of another optimizer
+            this installation lacks (Triton, Numba), a DTensor parameter with
+            ``state_dtype="int8"``, a key of another optimizer
             that would change the algorithm (``maximize=True``, ``betas``, ...:
             :data:`FOREIGN_GROUP_KEYS`), complex or integer parameters, or a
             DTensor parameter laid out in a way the rule cannot step (named,
@@ -766,7 +834,7 @@ class Celo2Base(_LearnedOptimizer):
         foreach: Unused by the rule (kept for the shared machinery; default ``None``).
         nonfinite: ``"skip"`` (default) or ``"propagate"``, see below.
         backend: As :class:`Celo2`'s (default ``"auto"``).
-        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, as :class:`Celo2`'s.
+        state_dtype: ``torch.float32`` (default), ``torch.bfloat16`` or ``"int8"``, as :class:`Celo2`'s.
         rounding_seed: As :class:`Celo2`'s (default 0).
 
     Raises:
