@@ -50,13 +50,23 @@ def run_celo2(*argv: str, cwd: Path, timeout: float = 120, env: dict | None = No
     return result
 
 
+def _default_sigint() -> None:
+    """In the child, before ``exec``: SIGINT's default action, as under a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A ``celo2`` subprocess whose stderr is read as it comes (to signal it at a chosen moment)."""
 
     def __init__(self, *argv: str, cwd: Path, env: dict | None = None):
         self.argv = argv
+        # A terminal's Ctrl-C: a test run started in the background of a non-interactive shell ignores
+        # SIGINT, which children inherit (and which meta-training then rightly leaves ignored). Only then
+        # is the child forked with SIGINT reset (a preexec_fn rules out posix_spawn).
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         self.proc = subprocess.Popen([sys.executable, "-m", "celo2", *argv], cwd=cwd, env=env or child_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_default_sigint if ignored else None)
         os.set_blocking(self.proc.stderr.fileno(), False)
         self.err = b""
 

@@ -64,7 +64,7 @@ class TorchTheta:
             device: Where the tensors live.
 
         Returns:
-            The tensors, and (published rule) the packed weights built once.
+            The tensors, (published rule) the packed weights, and the chunked path's slices, built once.
         """
         def t(x):  # noqa: ANN001 - numpy in, tensor out
             return torch.as_tensor(x, dtype=torch.float32, device=device).contiguous()
@@ -73,7 +73,7 @@ class TorchTheta:
         arrays = theta.arrays
         last = variant.hidden_layers
         layers = tuple((t(arrays[f"w{k}"]), t(arrays[f"b{k}"])) for k in range(1, last))
-        return cls(
+        weights = cls(
             w0=t(theta.first_layer()),
             b0=t(arrays["b0"]),
             w1=layers[0][0] if layers else None,
@@ -86,6 +86,8 @@ class TorchTheta:
             w_out=t(arrays[f"w{last}"]),
             b_out=t(arrays[f"b{last}"]),
         )
+        weights.layout()  # built here, outside any step, so that a torch.compile'd step only reads it
+        return weights
 
     def layout(self) -> "ChunkedWeights":
         """The weights re-sliced for the chunked path (built once; theta is read-only after construction)."""
