@@ -61,9 +61,9 @@ def test_stochastic_round_is_the_reference_bit_for_bit(shape):
 
 
 def test_state_dtype_and_seed_are_checked():
-    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'float16'"):
+    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16, int8; got 'float16'"):
         celo2(1e-3, state_dtype=jnp.float16)
-    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'int4'"):
+    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16, int8; got 'int4'"):
         celo2_base(1e-3, state_dtype="int4")
     for bad in (-1, 2**32, 1.5, "0"):
         with pytest.raises(ValueError, match="rounding_seed must be an integer in"):
@@ -337,7 +337,7 @@ def test_conversion_errors_name_the_problem(random_theta):
     params = {"w": jnp.ones((4, 3))}
     opt = celo2_base(1e-3, theta=random_theta)
     state = opt.init(params)
-    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16; got 'float16'"):
+    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16, int8; got 'float16'"):
         convert_state_dtype(state, jnp.float16)
     bad = jax.tree_util.tree_map(lambda x: x.astype(jnp.float16) if x.dtype == jnp.float32 else x, state)
     with pytest.raises(ValueError, match=r"the state leaf \[0\]\.tensors\['w'\]\.m is float16"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celo2.optax.state import TensorState, explicit_split_axes
+from celo2.rule import blockwise8 as spec_blockwise8
 from celo2.rule import rounding as spec_rounding
 from celo2.rule.state import STATE_KEYS
 
@@ -77,6 +78,7 @@ def resolve_state_dtype(state_dtype: Any) -> jnp.dtype:
         name = jnp.dtype(state_dtype).name
     except TypeError:
         name = str(state_dtype)
+    spec_blockwise8.check_state_format(name)  # an unknown name is told every format, 8-bit included
     return jnp.dtype(spec_rounding.check_state_dtype(name))
 
 

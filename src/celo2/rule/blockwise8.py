@@ -101,10 +101,7 @@ def check_state_format(name: object) -> str:
     Raises:
         ValueError: Any other value, named.
     """
-    short = str(name).rsplit(".", 1)[-1]
-    if short not in STATE_FORMATS:
-        raise ValueError(f"state_dtype must be one of {', '.join(STATE_FORMATS)}; got {name!r}")
-    return short
+    return rounding.dtype_name_among(name, STATE_FORMATS)
 
 
 def is_second_moment(key: str) -> bool:

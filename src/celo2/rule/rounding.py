@@ -71,6 +71,25 @@ BFLOAT16_QUIET_BIT: int = 0x0040
 _MASK32 = 0xFFFFFFFF
 
 
+def dtype_name_among(name: object, allowed: tuple[str, ...]) -> str:
+    """The short name of a dtype (``"torch.bfloat16"`` -> ``"bfloat16"``), checked against ``allowed``.
+
+    Args:
+        name: A dtype's name, or a framework dtype (its ``str``).
+        allowed: The accepted short names.
+
+    Returns:
+        The short name.
+
+    Raises:
+        ValueError: A name not in ``allowed``, with the accepted ones listed.
+    """
+    short = str(name).rsplit(".", 1)[-1]
+    if short not in allowed:
+        raise ValueError(f"state_dtype must be one of {', '.join(allowed)}; got {name!r}")
+    return short
+
+
 def check_state_dtype(name: str) -> str:
     """The canonical name of a state dtype.
 
@@ -84,10 +103,7 @@ def check_state_dtype(name: str) -> str:
     Raises:
         ValueError: any other dtype, named.
     """
-    short = str(name).rsplit(".", 1)[-1]
-    if short not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}; got {name!r}")
-    return short
+    return dtype_name_among(name, STATE_DTYPES)
 
 
 def mix32(x: np.ndarray | int) -> np.ndarray:
