@@ -58,17 +58,6 @@ def _adam_nodes(state: Any) -> list:
     return [n for n in nodes if isinstance(n, optax.ScaleByAdamState)]
 
 
-def _cast_moments(state: Any, dtype: "jnp.dtype") -> Any:
-    """``state`` with the moments of every ``optax.ScaleByAdamState`` in it cast to ``dtype``."""
-    def cast(node: Any) -> Any:
-        if not isinstance(node, optax.ScaleByAdamState):
-            return node
-        return node._replace(**{k: jax.tree_util.tree_map(lambda x: x.astype(dtype), getattr(node, k))
-                                for k in ADAM_SLOTS})
-
-    return jax.tree_util.tree_map(cast, state, is_leaf=_is_adam)
-
-
 def rounded_adam_moments(inner: optax.GradientTransformation, rounding_seed: int = 0,
                          ) -> optax.GradientTransformationExtraArgs:
     """``inner`` with its Adam moments stored as bfloat16, rounded stochastically.
@@ -91,23 +80,9 @@ def rounded_adam_moments(inner: optax.GradientTransformation, rounding_seed: int
     Raises:
         ValueError: A bad ``rounding_seed``; at ``init``, an ``inner`` whose state holds no Adam moments.
     """
-    seed = check_rounding_seed(rounding_seed)
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params: Any) -> RoundedAdamState:
-        state = inner.init(params)
-        if not _adam_nodes(state):
-            raise ValueError("rounded_adam_moments: the inner transformation keeps no optax.ScaleByAdamState")
-        return RoundedAdamState(_cast_moments(state, jnp.bfloat16), jnp.asarray(seed, jnp.uint32))
-
-    def update_fn(updates: Any, state: RoundedAdamState, params: Any = None, **extra_args: Any,
-                  ) -> tuple[Any, RoundedAdamState]:
-        indices = dict(zip(_leaf_paths(updates), tensor_indices(updates, extra_args)))
-        out, new = inner.update(updates, _cast_moments(state.inner, jnp.float32), params, **extra_args)
-        return out, RoundedAdamState(_round_moments(new, state.inner, indices, state.rounding_seed),
-                                     state.rounding_seed)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _stored_adam_moments("rounded_adam_moments", inner, rounding_seed,
+                                store=lambda slot, x: x.astype(jnp.bfloat16),
+                                load=lambda slot, x: x.astype(jnp.float32), write=_write_bfloat16)
 
 
 def _code_moments(state: Any, code: Any) -> Any:
@@ -160,22 +135,32 @@ def blockwise8_adam_moments(inner: optax.GradientTransformation, rounding_seed: 
     Raises:
         ValueError: A bad ``rounding_seed``; at ``init``, an ``inner`` whose state holds no Adam moments.
     """
+    return _stored_adam_moments("blockwise8_adam_moments", inner, rounding_seed,
+                                store=lambda slot, x: encode(x, slot),
+                                load=lambda slot, x: decode(x, slot) if _is_stored(x) else x,
+                                write=_write_blockwise8)
+
+
+def _stored_adam_moments(name: str, inner: optax.GradientTransformation, rounding_seed: int, store: Any,
+                         load: Any, write: Any) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with its Adam moments kept as ``store(slot, x)`` makes them: read back as float32 by ``load``
+    before each update, written by ``write`` after it (stochastic rounding; a skipped tensor keeps its stored
+    moments bitwise). ``name`` is the public transformation's, for errors."""
     seed = check_rounding_seed(rounding_seed)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> RoundedAdamState:
         state = inner.init(params)
         if not _adam_nodes(state):
-            raise ValueError("blockwise8_adam_moments: the inner transformation keeps no optax.ScaleByAdamState")
-        return RoundedAdamState(_code_moments(state, lambda slot, x: encode(x, slot)), jnp.asarray(seed, jnp.uint32))
+            raise ValueError(f"{name}: the inner transformation keeps no optax.ScaleByAdamState")
+        return RoundedAdamState(_code_moments(state, store), jnp.asarray(seed, jnp.uint32))
 
     def update_fn(updates: Any, state: RoundedAdamState, params: Any = None, **extra_args: Any,
                   ) -> tuple[Any, RoundedAdamState]:
         indices = dict(zip(_leaf_paths(updates), tensor_indices(updates, extra_args)))
-        plain = _code_moments(state.inner, lambda slot, x: decode(x, slot) if _is_stored(x) else x)
-        out, new = inner.update(updates, plain, params, **extra_args)
-        return out, RoundedAdamState(_round_moments(new, state.inner, indices, state.rounding_seed,
-                                                    _write_blockwise8), state.rounding_seed)
+        out, new = inner.update(updates, _code_moments(state.inner, load), params, **extra_args)
+        return out, RoundedAdamState(_round_moments(new, state.inner, indices, state.rounding_seed, write),
+                                     state.rounding_seed)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -184,9 +169,9 @@ def _leaf_paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array, write: Any = _write_bfloat16,
+def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array, write: Any,
                    ) -> Any:
-    """``new`` (float32 moments) stored by ``write`` (bfloat16 by default); ``old`` is the state before the
+    """``new`` (float32 moments) stored by ``write``; ``old`` is the state before the
     update (as stored)."""
     if isinstance(new, PerTensorSkipState):  # one Adam state per tensor, at the tensor's place
         pairs = zip(jax.tree_util.tree_leaves_with_path(new.inner, is_leaf=_is_adam),
@@ -202,7 +187,7 @@ def _round_moments(new: Any, old: Any, indices: dict[str, int], seed: jax.Array,
 
 
 def _store(node: optax.ScaleByAdamState, before: optax.ScaleByAdamState, seed: jax.Array,
-           tensor_of: Any, write: Any = _write_bfloat16) -> optax.ScaleByAdamState:
+           tensor_of: Any, write: Any) -> optax.ScaleByAdamState:
     """``node``'s float32 moments stored by ``write`` (``tensor_of(path)``: a moment leaf's tensor number);
     where the count did not advance (a skipped tensor) the stored ``before`` moments are kept bitwise."""
     moved = node.count != before.count
