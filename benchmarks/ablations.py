@@ -19,7 +19,8 @@ same inner runs, unperturbed, paired differences) on held-out task families, nev
 training families and never the bench's (default: the photo families), without task
 augmentation (as a user's training runs). Written to ``OUT``: ``table.md``, ``scores.json``,
 ``ablations.png`` (paper's change beside ours, per row), ``scores.png`` (paired differences
-per task) and ``README.md`` (command, run times, table).
+per task), ``meta_loss.png`` (every row's meta-training curve) and ``README.md`` (command, run
+times, table).
 
     python benchmarks/ablations.py --data-dir ../shared/datasets                  # the long version
     python benchmarks/ablations.py --data-dir ../shared/datasets --resume         # continue it
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--rows: unknown row {unknown[0]!r}; the rows are {', '.join(r.name for r in ROWS)}")
 
-    from celo2.metatrain.plot import plot_scores
+    from celo2.metatrain.plot import plot_runs, plot_scores
     from celo2.metatrain.score import DEFAULT_TRUNCATIONS, score_thetas
     from celo2.theta_files import load_theta
 
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     scores.save(out / "scores.json")
     plot_scores(scores, out / "scores.png")
     _plot(scores, out / "ablations.png")
+    plot_runs({name: out / "runs" / name for name in configs}, out / "meta_loss.png",
+              title="PES meta-training of each ablation row (training tasks, moving average)")
     table = _table(scores, configs, metas)
     (out / "table.md").write_text(table + "\n")
     commands = "\n".join(_command(name, config, out / "runs" / name, args) for name, config in configs.items())
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Scoring took {score_s:.0f} s; the whole command {time.perf_counter() - t0:.0f} s "
         f"({'--resume' if args.resume else 'fresh'}).", "",
         "![ablations](ablations.png)", "", "![paired differences](scores.png)", "",
+        "Each row's meta-loss during training (on its own training tasks: a row without augmentation sees "
+        "unscaled tasks, so its curve sits on another scale):", "", "![meta-training curves](meta_loss.png)", "",
         "Command:", "", "```", shlex.join(["python", "benchmarks/ablations.py", *(argv if argv is not None else
                                                                                  sys.argv[1:])]), "```", "",
         "Each row's meta-training, as `celo2 meta-train`:", "", "```", commands, "```", "",

@@ -85,3 +85,28 @@ def test_plot_reads_csv_metrics(capsys, tmp_path):
     code, _, err = _run(capsys, "plot", str(tmp_path), "--output", str(tmp_path / "x.png"))
     assert code == 0, err
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _csv_run(folder, slope: float):
+    folder.mkdir()
+    rows = "iteration,meta_loss,grad_norm,inner_steps_per_s,wall_time_s,resets,nonfinite_losses\n"
+    rows += "".join(f"{i},{2.3 - slope * i},1.0,5000,{i},0,0\n" for i in range(1, 120))
+    (folder / "metrics.csv").write_text(rows)
+    return folder
+
+
+def test_plot_draws_several_runs_on_one_axis_and_names_what_is_wrong(capsys, tmp_path):
+    a, b = _csv_run(tmp_path / "a", 0.01), _csv_run(tmp_path / "b", 0.005)
+    png = tmp_path / "both.png"
+    code, stdout, err = _run(capsys, "plot", str(a), f"slow={b}", "--output", str(png))
+    assert code == 0, err
+    assert stdout.strip() == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    one = tmp_path / "one.png"
+    assert _run(capsys, "plot", str(a), "--output", str(one))[0] == 0
+    assert png.read_bytes() != one.read_bytes()  # the second curve is drawn
+    code, _, err = _run(capsys, "plot", str(a), str(b))
+    assert code == 2 and "give --output PNG" in err and not (a / "meta_loss.png").exists()
+    code, _, err = _run(capsys, "plot", f"x={a}", f"x={b}", "--output", str(png))
+    assert code == 2 and "repeated label in 'x=" in err
+    code, _, err = _run(capsys, "plot", str(a), f"gone={tmp_path / 'missing'}", "--output", str(tmp_path / "g.png"))
+    assert code == 2 and "missing" in err and not (tmp_path / "g.png").exists()

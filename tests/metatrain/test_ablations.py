@@ -24,7 +24,7 @@ def test_quick_ablations_train_score_and_resume(tmp_path):
     args = ["--quick", "--rows", "default,width-4", "--out", str(out), "--no-progress"]
     res = _run(args, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("README.md", "table.md", "scores.json", "scores.png", "ablations.png"):
+    for name in ("README.md", "table.md", "scores.json", "scores.png", "ablations.png", "meta_loss.png"):
         assert (out / name).is_file(), name
     configs = {row: json.loads((out / "runs" / row / "config.json").read_text()) for row in ("default", "width-4")}
     assert configs["width-4"]["variant"]["hidden_width"] == 4 and configs["default"]["variant"]["hidden_width"] == 8

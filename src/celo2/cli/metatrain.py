@@ -18,6 +18,7 @@ images, a tiny causal transformer on bytes.
   celo2 meta-train --preset cpu --data-dir DATA --out runs/cpu
   celo2 meta-train --out runs/cpu --resume                  # continue a killed run
   celo2 meta-train plot runs/cpu                            # meta-loss curve -> PNG
+  celo2 meta-train plot runs/cpu w4=runs/width4 --output c.png   # curves compared
   celo2 meta-train score shipped published=theta.state --data-dir DATA   # thetas on the meta-loss
   celo2 meta-train --preset cpu --set variant.hidden_width=4 --out runs/width4  # a rule variant
 
@@ -45,7 +46,8 @@ def register(subparsers) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("action", nargs="*", metavar="plot RUN_DIR | score THETA",
-                   help="'plot RUN_DIR' draws RUN_DIR's meta-loss curve; 'score THETA [THETA ...]' scores "
+                   help="'plot RUN_DIR [RUN_DIR ...]' draws meta-loss curves (several: on one axis, LABEL=RUN_DIR "
+                        "names one, --output required); 'score THETA [THETA ...]' scores "
                         "thetas ('shipped', LABEL=PATH or PATH) on the meta-loss; neither: train")
     p.add_argument("--preset", default=None, help="paper, cpu (default), cpu-photos, cpu-text, cpu-conv or smoke")
     p.add_argument("--tasks", default=None,
@@ -72,6 +74,28 @@ def register(subparsers) -> None:
                    help="(plot) PNG path, default RUN_DIR/meta_loss.png; (score) also write the scores as JSON here, "
                         "and their plot beside it (.png)")
     p.set_defaults(func=run)
+
+
+def _plot(targets: list[str], output: str | None) -> int:
+    """``plot RUN_DIR`` (one curve, default beside it) or ``plot [LABEL=]RUN_DIR ...`` (curves on one axis)."""
+    from celo2.metatrain.plot import plot_run, plot_runs
+
+    if not targets:
+        return _fail("usage: celo2 meta-train plot RUN_DIR [[LABEL=]RUN_DIR ...] [--output PNG]")
+    if len(targets) == 1 and "=" not in targets[0]:
+        print(plot_run(targets[0], output))
+        return 0
+    if output is None:
+        return _fail("plot of several runs: give --output PNG (one picture for all of them)")
+    runs: dict[str, str] = {}
+    for target in targets:
+        label, _, path = target.rpartition("=") if "=" in target else (Path(target).name, "", target)
+        if not label or label in runs:
+            return _fail(f"plot: {'empty' if not label else 'repeated'} label in {target!r}; "
+                         "give each run a distinct LABEL=RUN_DIR")
+        runs[label] = path
+    print(plot_runs(runs, output))
+    return 0
 
 
 def _fail(msg: str) -> int:
@@ -156,12 +180,7 @@ def run(args) -> int:
     if args.action:
         if args.action[0] != "plot":
             return _fail(f"unknown action {args.action[0]!r}; the actions are 'plot RUN_DIR' and 'score THETA...'")
-        if len(args.action) != 2:
-            return _fail("usage: celo2 meta-train plot RUN_DIR [--output PNG]")
-        from celo2.metatrain.plot import plot_run
-
-        print(plot_run(args.action[1], args.output))
-        return 0
+        return _plot(args.action[1:], args.output)
     if args.output is not None:
         return _fail("--output belongs to 'celo2 meta-train plot RUN_DIR' and 'celo2 meta-train score THETA...'")
     config, out = _resolve_config(args)

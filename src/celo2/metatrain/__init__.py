@@ -45,6 +45,7 @@ _LAZY = {
     "CheckpointError": "trainer",
     "RunDirError": "trainer",
     "plot_run": "plot",
+    "plot_runs": "plot",
     "PES": "pes",
     "score_thetas": "score",
     "MetaLossScores": "score",

@@ -1,4 +1,4 @@
-"""PNGs of meta-training: a run's meta-loss curve (``celo2 meta-train plot RUN_DIR``) and thetas' scores."""
+"""PNGs of meta-training: runs' meta-loss curves (``celo2 meta-train plot RUN_DIR...``) and thetas' scores."""
 
 from __future__ import annotations
 
@@ -13,28 +13,78 @@ from celo2.metatrain.trainer import RunDirError, read_metrics
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, smooth: int | None = None) -> Path:
-    """Draw meta-loss against iteration (raw and a moving average) to ``out`` (default ``RUN_DIR/meta_loss.png``)."""
+    """Draw one run's meta-loss against iteration (raw and a moving average).
+
+    Args:
+        run_dir: a meta-training run folder (its metrics file is read).
+        out: PNG path (default ``RUN_DIR/meta_loss.png``).
+        smooth: moving-average window in iterations (default: 1/50 of the run).
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        RunDirError: the folder is missing or its metrics file holds no rows.
+    """
     run = Path(run_dir)
-    if not run.is_dir():
-        raise RunDirError(f"run folder not found: {run}")
-    rows = read_metrics(run)
-    if not rows:
-        raise RunDirError(f"{run}: the metrics file holds no rows yet")
-    it = np.asarray([r["iteration"] for r in rows], float)
-    loss = np.asarray([r["meta_loss"] for r in rows], float)
+    return plot_runs({run.name: run}, Path(out) if out is not None else run / "meta_loss.png", smooth,
+                     title=f"PES meta-training: {run.name}", raw=True)
+
+
+def plot_runs(runs: dict[str, str | os.PathLike], out: str | os.PathLike, smooth: int | None = None, *,
+              title: str | None = None, raw: bool | None = None) -> Path:
+    """Draw several runs' meta-loss curves on one axis, so recipes can be compared at equal iterations.
+
+    A PES meta-loss is noisy from one iteration to the next; each curve is drawn as a moving average (and,
+    for a single run or with ``raw=True``, the raw values faintly behind it).
+
+    Args:
+        runs: label -> run folder, in the order of the legend.
+        out: PNG path.
+        smooth: moving-average window in iterations (default: 1/50 of the longest run).
+        title: the plot's title (default: names the number of runs).
+        raw: also draw the raw values (default: only when there is one run).
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        RunDirError: a folder is missing or its metrics file holds no rows (named).
+        ValueError: ``runs`` is empty.
+    """
+    if not runs:
+        raise ValueError("plot_runs: no runs given")
+    curves = {}
+    for label, run_dir in runs.items():
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise RunDirError(f"run folder not found: {run}")
+        rows = read_metrics(run)
+        if not rows:
+            raise RunDirError(f"{run}: the metrics file holds no rows yet")
+        curves[label] = (np.asarray([r["iteration"] for r in rows], float),
+                         np.asarray([r["meta_loss"] for r in rows], float))
+    raw = len(curves) == 1 if raw is None else raw
+    window = smooth or max(1, max(len(loss) for _, loss in curves.values()) // 50)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(it, loss, lw=0.6, alpha=0.35, color="C0", label="meta-loss")
-    window = smooth or max(1, len(loss) // 50)
-    if window > 1 and len(loss) >= window:
-        avg = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(it[window - 1:], avg, lw=1.6, color="C0", label=f"moving average ({window})")
+    for k, (label, (it, loss)) in enumerate(curves.items()):
+        color = f"C{k % 10}"
+        if raw:
+            ax.plot(it, loss, lw=0.6, alpha=0.35, color=color, label=f"{label}: meta-loss" if len(curves) > 1 else
+                    "meta-loss")
+        if window > 1 and len(loss) >= window:
+            avg = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(it[window - 1:], avg, lw=1.6, color=color,
+                    label=f"{label}: moving average ({window})" if len(curves) > 1 else f"moving average ({window})")
+        elif not raw:
+            ax.plot(it, loss, lw=1.2, color=color, label=label)
     ax.set_xlabel("outer iteration")
     ax.set_ylabel("meta-loss (clipped mean training loss)")
-    ax.set_title(f"PES meta-training: {run.name}")
+    ax.set_title(title or f"PES meta-training: {len(curves)} runs")
     ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, Path(out) if out is not None else run / "meta_loss.png")
+    ax.legend(fontsize=8 if len(curves) > 3 else 10)
+    return _save(fig, Path(out))
 
 
 def plot_scores(scores, out: str | os.PathLike) -> Path:
@@ -85,4 +135,4 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-__all__ = ["plot_run", "plot_scores"]
+__all__ = ["plot_run", "plot_runs", "plot_scores"]
