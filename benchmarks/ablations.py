@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_scores(scores, out / "scores.png")
     _plot(scores, out / "ablations.png")
     plot_runs({name: out / "runs" / name for name in configs}, out / "meta_loss.png",
-              title="PES meta-training of each ablation row (training tasks, moving average)")
+              title="Each ablation row's PES meta-training (its training tasks)")
     table = _table(scores, configs, metas)
     (out / "table.md").write_text(table + "\n")
     commands = "\n".join(_command(name, config, out / "runs" / name, args) for name, config in configs.items())

@@ -76,12 +76,13 @@ def plot_runs(runs: dict[str, str | os.PathLike], out: str | os.PathLike, smooth
         if window > 1 and len(loss) >= window:
             avg = np.convolve(loss, np.ones(window) / window, mode="valid")
             ax.plot(it[window - 1:], avg, lw=1.6, color=color,
-                    label=f"{label}: moving average ({window})" if len(curves) > 1 else f"moving average ({window})")
+                    label=label if len(curves) > 1 else f"moving average ({window})")
         elif not raw:
             ax.plot(it, loss, lw=1.2, color=color, label=label)
     ax.set_xlabel("outer iteration")
     ax.set_ylabel("meta-loss (clipped mean training loss)")
-    ax.set_title(title or f"PES meta-training: {len(curves)} runs")
+    smoothed = f", moving averages of {window} iterations" if len(curves) > 1 and window > 1 else ""
+    ax.set_title((title or f"PES meta-training: {len(curves)} runs") + smoothed, fontsize=10 if smoothed else None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8 if len(curves) > 3 else 10)
     return _save(fig, Path(out))
