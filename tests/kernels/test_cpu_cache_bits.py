@@ -6,11 +6,15 @@ A pass sequence runs the loops it calls from its own compiled object (see
 of a loop a process loaded first, the compiling process (the loop's own code loaded first) and a
 process loading from the cache (only the sequence's copy) would run different code, and their
 fast-math reductions give different bits.
+
+A cache entry is loaded only by the kernel sources and compile recipe that made it
+(:data:`celo2.kernels.cpu._compiler.RECIPE`): an entry of another recipe is compiled again, never run.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from celo2.kernels import cpu as cpu_kernels
+from celo2.kernels.cpu import _compiler
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
 
@@ -48,21 +53,70 @@ for mode, decay, lr in ((k.WRITE, 1.0, 0.0), (k.APPLY, 0.99, 0.01)):
     sq = k.vector_step(*args)
     arrays = (out, p, m, v, fac, np.float32(sq)) if mode == k.WRITE else (p, m, v, fac, np.float32(sq))
     digests.append(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest())
-print(" ".join(digests))
+stats = k.vector_step.stats
+print(" ".join(digests), f"hits={sum(stats.cache_hits.values())} misses={sum(stats.cache_misses.values())}")
 """
 
 
-def _run_child(cache_dir: Path) -> str:
+def _run_child(cache_dir: Path) -> tuple[str, str]:
+    """The bits' digests and the step's cache hits and misses in a fresh process."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "PYTHONPATH": os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip()
+    *digests, hits, misses = proc.stdout.split()
+    return " ".join(digests), f"{hits} {misses}"
+
+
+def _restamp(cache_dir: Path, recipe: str) -> int:
+    """Rewrite every celo2 index in ``cache_dir`` as if another recipe had made its entries (Numba's
+    index file: a pickled version, then a pickled ``(source stamp, overloads)``); how many were."""
+    count = 0
+    for index in cache_dir.rglob("*.nbi"):
+        with open(index, "rb") as f:
+            version = pickle.load(f)
+            stamp, overloads = pickle.loads(f.read())
+        assert isinstance(stamp, tuple) and stamp[1] == _compiler.RECIPE, (index.name, stamp)
+        with open(index, "wb") as f:
+            pickle.dump(version, f, protocol=-1)
+            f.write(pickle.dumps(((stamp[0], recipe), overloads), protocol=-1))
+        count += 1
+    return count
 
 
 def test_a_step_loaded_from_the_disk_cache_computes_the_bits_of_the_process_that_compiled_it(tmp_path):
     cache_dir = tmp_path / "numba-cache"
-    compiled = _run_child(cache_dir)
+    compiled, counts = _run_child(cache_dir)
+    assert counts.startswith("hits=0 ") and counts != "hits=0 misses=0", counts
     assert any(cache_dir.rglob("*.nbc")), "the first process wrote no Numba cache entries"
-    loaded = _run_child(cache_dir)
+    loaded, counts = _run_child(cache_dir)
+    assert counts.endswith(" misses=0") and counts != "hits=0 misses=0", counts  # loaded, not compiled
     assert loaded == compiled, "the kernels' bits differ between the compiling process and a cache-loading one"
+
+    # Entries another recipe made (other kernel sources or compiler options, same file stamps) are
+    # compiled again: a process never runs a caller of one recipe bound to callees of another.
+    assert _restamp(cache_dir, "another recipe") > 0
+    again, counts = _run_child(cache_dir)
+    assert counts.startswith("hits=0 ") and counts != "hits=0 misses=0", counts
+    assert again == compiled
+
+
+def test_only_celo2_functions_take_the_recipe_stamp(tmp_path):
+    from numba.core.caching import FunctionCache
+
+    from celo2.kernels.cpu import _loops
+
+    ours = FunctionCache(_loops.vector_factors.py_func)
+    assert isinstance(ours._impl.locator, _compiler._RecipeStampedLocator)
+    assert ours._cache_file._source_stamp == (ours._impl.locator._inner.get_source_stamp(), _compiler.RECIPE)
+    module = tmp_path / "someone_elses.py"
+    module.write_text("def f(x):\n    return x + 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import someone_elses
+        theirs = FunctionCache(someone_elses.f)
+    finally:
+        sys.path.remove(str(tmp_path))
+    # Numba's own locator and stamp for anyone else's function
+    assert theirs._cache_file._source_stamp == theirs._impl.locator.get_source_stamp()
+    assert not isinstance(theirs._impl.locator, _compiler._RecipeStampedLocator)

@@ -7,12 +7,17 @@ and under :func:`no_interleave`, which keeps the unrolled MLP in registers.
 Every function compiled here (loops, pass sequences, the JAX front end's
 callbacks) runs its own copy of what it calls, so a process that loads it
 from Numba's disk cache computes the bits of the process that compiled it
-(:func:`_bind_linked_code_locally`). Nothing here knows what the kernels compute.
+(:func:`_bind_linked_code_locally`), and a cache entry is used only by the
+sources and compile recipe that made it (:data:`RECIPE`). Nothing here knows
+what the kernels compute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 try:  # Numba is optional: without it the PyTorch path runs everywhere.
@@ -22,6 +27,77 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 AVAILABLE: bool = numba is not None
 """Whether Numba is installed (else no kernel exists)."""
+
+
+def _kernel_sources_fingerprint() -> str:
+    """The first 16 hex digits of the SHA-256 of this package's Python sources (every ``*.py`` here)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+RECIPE: str = _kernel_sources_fingerprint()
+"""What a cached kernel of celo2 was compiled from: the kernels' sources and this module's recipe.
+
+Numba keys a disk-cache entry on the source file of the function it compiled, and nothing else. A
+caller holds linked-in copies of its callees (in ``_loops``) and is compiled by the pipelines and
+options defined here, so an entry stays valid in Numba's eyes after either changes, and a process
+could run object code of two recipes side by side (a caller of one binding to callees of the other).
+Every celo2 function's entry is therefore stamped with this fingerprint as well
+(:class:`_RecipeStampedLocator`), and an entry of any other recipe is recompiled, never loaded."""
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the celo2 package: its Numba users are all stamped
+
+
+class _RecipeStampedLocator:
+    """A Numba cache locator for functions defined in the celo2 package: Numba's own choice of
+    locator for the file, with the source stamp extended by :data:`RECIPE`.
+
+    Numba asks each locator class in turn (``from_function``); this one answers only for celo2's
+    files, so other Numba users in the process are untouched.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_source_stamp(self) -> tuple:
+        """Numba's stamp of the source file, and the compile recipe."""
+        return (self._inner.get_source_stamp(), RECIPE)
+
+    @classmethod
+    def from_function(cls, py_func: Any, py_file: str) -> "_RecipeStampedLocator | None":
+        """The stamped locator of a celo2 function (``None`` for any other)."""
+        try:
+            Path(os.path.abspath(py_file)).relative_to(_PACKAGE_ROOT)
+        except ValueError:
+            return None
+        for other in _NUMBA_LOCATORS:
+            inner = other.from_function(py_func, py_file)
+            if inner is not None:
+                return cls(inner)
+        return None
+
+
+def _stamp_cache_entries() -> tuple:
+    """Put :class:`_RecipeStampedLocator` first among Numba's cache locators; returns the ones it
+    defers to (empty, and nothing changed, if this Numba release keeps its locators elsewhere)."""
+    try:
+        from numba.core.caching import CacheImpl
+    except ImportError:  # pragma: no cover - another Numba layout
+        return ()
+    locators = getattr(CacheImpl, "_locator_classes", None)
+    if not isinstance(locators, list):  # pragma: no cover - another Numba layout
+        return ()
+    others = tuple(c for c in locators if c is not _RecipeStampedLocator)
+    CacheImpl._locator_classes = [_RecipeStampedLocator, *others]
+    return others
+
+
+_NUMBA_LOCATORS: tuple = _stamp_cache_entries() if AVAILABLE else ()
 
 
 @contextlib.contextmanager
