@@ -16,19 +16,22 @@ import optax
 from celo2.optax import celo2, celo2_base
 
 
-def tree(seed: int = 0) -> dict:
-    """A small parameter tree with a leaf of every kind: an embedding, a dense kernel and bias (300 wide, so
-    8-bit state fills blocks of 256 elements and leaves a partial one), a conv kernel, an ``lm_head`` and a
-    scalar. ``celo2``'s default labels route ``embed``, the bias, ``lm_head`` and ``scale`` to AdamW.
+def tree(seed: int = 0, width: int = 24) -> dict:
+    """A small parameter tree with a leaf of every kind: an embedding, a dense kernel and bias, a conv
+    kernel, an ``lm_head`` and a scalar. ``celo2``'s default labels route ``embed``, the bias, ``lm_head``
+    and ``scale`` to AdamW.
 
     Args:
         seed: The NumPy seed of the values.
+        width: The dense layer's output width. The 8-bit tests take 300, so that the kernel fills blocks of
+            256 elements and leaves a partial one; the bfloat16 tests keep 24, where the XLA and CPU-kernel
+            paths reduce to the same float32 bits.
 
     Returns:
         The tree of float32 arrays (values of scale 0.3).
     """
     rng = np.random.default_rng(seed)
-    shapes = {"embed": (12, 6), "dense": {"kernel": (6, 300), "bias": (300,)}, "conv": (4, 3, 3, 3),
+    shapes = {"embed": (12, 6), "dense": {"kernel": (6, width), "bias": (width,)}, "conv": (4, 3, 3, 3),
               "lm_head": {"kernel": (24, 5)}, "scale": ()}
     return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.3), shapes,
                                   is_leaf=lambda x: isinstance(x, tuple))

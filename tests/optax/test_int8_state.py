@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch"))
 import optax_runs as runs  # noqa: E402
 
+WIDTH = 300
+"""The dense layer's width in :func:`optax_runs.tree`: its kernel fills blocks of 256 elements."""
+
 
 def _values(shape: tuple[int, ...], key: str, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -86,7 +89,7 @@ def _stored(state) -> list:
 
 @pytest.mark.parametrize("name", ["celo2", "celo2_base"])
 def test_every_accumulator_is_stored_as_codes_and_a_skipped_tensor_keeps_them(random_theta, name):
-    params = runs.tree()
+    params = runs.tree(width=WIDTH)
     opt = runs.make(name, state_dtype="int8", rounding_seed=3, cpu_kernels=False)(random_theta)
     _, state = runs.run(opt, params, 3)
     stored = _stored(state)
@@ -113,7 +116,7 @@ def test_every_accumulator_is_stored_as_codes_and_a_skipped_tensor_keeps_them(ra
 
 @pytest.mark.parametrize("name", ["celo2", "celo2_base"])
 def test_a_float_state_converts_to_int8_rounded_to_nearest_and_back_to_the_decoded_values(random_theta, name):
-    params = runs.tree()
+    params = runs.tree(width=WIDTH)
     _, state = runs.run(runs.make(name, cpu_kernels=False)(random_theta), params, 2)
     eight = convert_state_dtype(state, "int8", rounding_seed=9)
     opt8 = runs.make(name, state_dtype="int8", cpu_kernels=False)(random_theta)
@@ -146,7 +149,7 @@ def test_a_float_state_converts_to_int8_rounded_to_nearest_and_back_to_the_decod
 @pytest.mark.parametrize("source", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_a_float_state_in_an_int8_optimizer_is_refused_naming_the_conversion(random_theta, source):
     """A float32 state (no seed) and a bfloat16 one (seeded, float accumulators) alike."""
-    params = runs.tree()
+    params = runs.tree(width=WIDTH)
     _, state = runs.run(runs.make("celo2_base", state_dtype=source, cpu_kernels=False)(random_theta), params, 1)
     with pytest.raises(ValueError, match=r"keeps 8-bit blockwise \(int8\) state.*convert_state_dtype\(state, 'int8'\)"):
         runs.run(runs.make("celo2_base", state_dtype="int8", cpu_kernels=False)(random_theta), params, 1, state=state)
