@@ -142,9 +142,9 @@ def test_the_xla_and_cpu_kernel_paths_store_the_same_bits(random_theta, name):
     if not cpu_ffi.AVAILABLE:
         pytest.skip("no CPU kernels")
     params = runs.tree()
-    runs = {k: runs.run(runs.make(name, state_dtype=jnp.bfloat16, cpu_kernels=k)(random_theta), params, 6)[1]
-            for k in (False, True)}
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(runs[False]), jax.tree_util.tree_leaves(runs[True])):
+    states = {k: runs.run(runs.make(name, state_dtype=jnp.bfloat16, cpu_kernels=k)(random_theta), params, 6)[1]
+              for k in (False, True)}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(states[False]), jax.tree_util.tree_leaves(states[True])):
         np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8), np.atleast_1d(np.asarray(b)).view(np.uint8),
                                       err_msg=jax.tree_util.keystr(path))
 
