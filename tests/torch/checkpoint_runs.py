@@ -73,7 +73,7 @@ def snapshot(net: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two lists of tensors hold the same dtypes and the same values (NaN-free equality).
+    """Whether two lists of tensors hold the same dtypes and the same values (``torch.equal``: a NaN equals nothing).
 
     Args:
         a: Tensors (a :func:`snapshot`).
