@@ -153,7 +153,7 @@ def count(cls_name: str, backend: str, width: int, tensors: int | None = None, t
         tensor_lr: ``lr`` and weight decay as 0-d tensors instead of floats.
         nonfinite: the optimizer's ``nonfinite`` policy.
         run_kernels: False: under Triton's interpreter, launch the kernels without running them (the same
-            counts, without the interpreter's work; the parameters and state are not updated).
+            counts, without the interpreter's work; what the kernels would write is left as it was).
 
     Returns:
         The counts: ``aten_ops`` every ATen operation, ``compute_ops`` those that launch a kernel,
