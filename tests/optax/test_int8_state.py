@@ -5,7 +5,6 @@ state per parameter are tested for bfloat16 and 8-bit state alike in test_state_
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from celo2.optax import ScaleByCelo2State, celo2 as celo2_optax, celo2_base, con
 from celo2.optax import blockwise8 as O
 from celo2.rule import blockwise8 as B
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch"))
-import optax_runs as runs  # noqa: E402
+import optax_runs as runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch"))  # the torch test module, imported below
 
 WIDTH = 300
 """The dense layer's width in :func:`optax_runs.tree`: its kernel fills blocks of 256 elements."""

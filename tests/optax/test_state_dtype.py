@@ -5,8 +5,6 @@ skip, conversion, jit/vmap. Resume and the bytes of state per parameter are test
 
 from __future__ import annotations
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +20,7 @@ from celo2.optax.state import ScaleByCelo2State
 from celo2.rule import rounding as ref
 from celo2.rule.state import STATE_KEYS
 
-sys.path.insert(0, os.path.dirname(__file__))
-import optax_runs as runs  # noqa: E402
+import optax_runs as runs
 
 KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="no CPU kernels"))]
 

@@ -32,8 +32,7 @@ from celo2.torch.backends.base import StateRounding
 from celo2.torch.backends.reference import reference_tensor_step, update_accumulators
 from celo2.torch.backends import triton as triton_backend
 
-sys.path.insert(0, os.path.dirname(__file__))
-import checkpoint_runs as runs  # noqa: E402
+import checkpoint_runs as runs
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16 = torch.bfloat16
@@ -178,8 +177,8 @@ def _expected_states() -> list[dict[str, np.ndarray]]:
 
 
 TRITON_CHILD = r'''
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+import os, sys, torch
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # this module's folder, and tests/ for its helpers
 import test_state_dtype as T
 torch.save(T.bfloat16_states("triton", "cuda" if torch.cuda.is_available() else "cpu"), sys.argv[2])
 '''

@@ -7,8 +7,6 @@ formats in test_state_dtype.py."""
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -23,8 +21,7 @@ from celo2.torch import Celo2, Celo2Base, _blockwise8, _rounding
 from celo2.torch._state import TorchTheta, init_tensor_state
 from celo2.torch.backends.reference import reference_tensor_step, update_accumulators
 
-sys.path.insert(0, os.path.dirname(__file__))
-import checkpoint_runs as runs  # noqa: E402
+import checkpoint_runs as runs
 
 SHAPES = [(12, 20), (20, 12), (33,), (6, 5, 3, 3), (3, 4, 100)]
 STEPS = 6
