@@ -99,6 +99,33 @@ def _count_launches(counter: _Count) -> Iterator[collections.Counter[str]]:
             cls.run = real
 
 
+@contextlib.contextmanager
+def _interpreted_kernels_skipped() -> Iterator[None]:
+    """Under Triton's interpreter, return from every kernel launch without running the kernel.
+
+    What a step launches does not depend on what its kernels compute (no step reads a tensor on the host:
+    tests/torch/test_host_syncs.py), so the launches are counted the same; the interpreter's work, which
+    grows with the tensors' sizes, is skipped. The tensors the kernels would write keep their old values.
+
+    Raises:
+        RuntimeError: The kernels are not interpreted (``TRITON_INTERPRET=1`` was not set when they were
+            first imported).
+    """
+    from celo2.kernels import triton as kernels
+
+    if not kernels.INTERPRETED:
+        raise RuntimeError("run_kernels=False skips interpreted kernels only: set TRITON_INTERPRET=1 before "
+                           "celo2 is first imported")
+    import triton.runtime.interpreter as interp
+
+    real = interp.InterpretedFunction.run
+    interp.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        interp.InterpretedFunction.run = real
+
+
 def gpt_shapes(width: int, layers: int = 2, vocab: int = 64, context: int = 16) -> list[tuple[str, tuple[int, ...]]]:
     """Named parameter shapes of a small tied GPT (:func:`step_time.gpt_model`'s layout) at ``width``."""
     step_time.GPT_SIZES[f"budget-{width}"] = (vocab, context, width, layers, max(1, width // 16))
@@ -114,7 +141,7 @@ def block_shapes(width: int, tensors: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def count(cls_name: str, backend: str, width: int, tensors: int | None = None, tensor_lr: bool = False,
-          nonfinite: str = "skip") -> dict[str, Any]:
+          nonfinite: str = "skip", run_kernels: bool = True) -> dict[str, Any]:
     """Operations and launches of one step of ``cls_name`` with ``backend`` at ``width``.
 
     Args:
@@ -125,10 +152,15 @@ def count(cls_name: str, backend: str, width: int, tensors: int | None = None, t
             parameters (:func:`block_shapes`).
         tensor_lr: ``lr`` and weight decay as 0-d tensors instead of floats.
         nonfinite: the optimizer's ``nonfinite`` policy.
+        run_kernels: False: under Triton's interpreter, launch the kernels without running them (the same
+            counts, without the interpreter's work; what the kernels would write is left as it was).
 
     Returns:
         The counts: ``aten_ops`` every ATen operation, ``compute_ops`` those that launch a kernel,
         ``triton_launches``, and ``launches`` (Triton launches plus compute operations: what the budget counts).
+
+    Raises:
+        RuntimeError: ``run_kernels`` is False and the kernels are not interpreted.
     """
     from celo2.rule.theta import Theta
     from celo2.torch import Celo2, Celo2Base
@@ -145,10 +177,12 @@ def count(cls_name: str, backend: str, width: int, tensors: int | None = None, t
                     nonfinite=nonfinite)
     else:
         opt = Celo2Base(params, lr=lr, weight_decay=wd, theta=theta, backend=backend, nonfinite=nonfinite)
-    opt.step()  # state, theta upload, compilation
-    counter = _Count()
-    with _count_launches(counter) as launches, counter:
-        opt.step()
+    kernels = contextlib.nullcontext() if run_kernels else _interpreted_kernels_skipped()
+    with kernels:
+        opt.step()  # state, theta upload, compilation
+        counter = _Count()
+        with _count_launches(counter) as launches, counter:
+            opt.step()
     ops, kernel_launches = sum(counter.ops.values()), sum(launches.values())
     compute = sum(counter.compute.values())
     n = len(params)

@@ -793,6 +793,14 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_ns_dtype_auto(result: Any, device: str) -> dict[str, Any]:
+    """A PyTorch worker's ``result`` with the Newton-Schulz dtype Celo2's ``ns_dtype="auto"`` picks on
+    ``device``: the table names it, and the worker has torch loaded already (no process of its own)."""
+    from celo2.torch.ns import resolve_ns_dtype
+
+    return {"result": result, "ns_dtype_auto": str(resolve_ns_dtype("auto", device)).removeprefix("torch.")}
+
+
 def _jax_kinds(kinds: tuple[str, ...]) -> list[str]:
     """``_xla`` rows only where the CPU kernels exist to be compared with (the JAX CPU backend)."""
     import jax
@@ -837,21 +845,17 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         mode, size, *rest = args._worker
         if mode == "torch-time":
-            out = torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
-                               args.clock == "cpu")
+            out = with_ns_dtype_auto(torch_timing(size, rest[0].split(","), args.repeats, args.warmup, args.theta,
+                                                  args.device, args.clock == "cpu"), args.device)
         elif mode == "torch-train":
-            out = torch_train_share(size, rest[0].split(","), args.repeats, args.warmup, args.theta, args.device,
-                                    args.train_batch)
+            out = with_ns_dtype_auto(torch_train_share(size, rest[0].split(","), args.repeats, args.warmup,
+                                                       args.theta, args.device, args.train_batch), args.device)
         elif mode == "jax-time":
             out = jax_timing(size, _jax_kinds(tuple(rest[0].split(","))), args.repeats, args.warmup, args.theta)
         elif mode == "jax-mem":
             out = jax_memory_ordered(size, _jax_kinds(tuple(rest[0].split(","))), args.theta)
         elif mode == "torch-mem":
             out = torch_memory_worker(size, rest[0], args.theta)
-        elif mode == "torch-ns":
-            from celo2.torch.ns import resolve_ns_dtype
-
-            out = str(resolve_ns_dtype("auto", args.device)).removeprefix("torch.")
         else:
             raise SystemExit(f"unknown worker mode {mode}")
         print(json.dumps(out))
@@ -883,15 +887,20 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": {},
     }
     frameworks = args.frameworks.split(",")
-    if "torch" in frameworks or args.train_share:
-        results["torch_ns_dtype_auto"] = _run_worker(["torch-ns", "-"], args)
+
+    def torch_worker(worker_args: list[str]) -> Any:
+        """A PyTorch worker's measurement; the Newton-Schulz dtype it reports is kept for the table."""
+        out = _run_worker(worker_args, args)
+        results["torch_ns_dtype_auto"] = out["ns_dtype_auto"]
+        return out["result"]
+
     for size in args.sizes.split(","):
         shapes = model_shapes(size)
         per: dict[str, Any] = {"num_params": sum(_numel(s) for _, s in shapes),
                                "largest_param_bytes": max(4 * _numel(s) for _, s in shapes)}
         if "torch" in frameworks:
             t0 = time.time()
-            rows = _run_worker(["torch-time", size, ",".join(torch_kinds)], args)
+            rows = torch_worker(["torch-time", size, ",".join(torch_kinds)])
             if not args.no_memory and args.device == "cpu":  # on a GPU the timing worker measured memory
                 for kind in torch_kinds:
                     rows[kind].update(_run_worker(["torch-mem", size, kind], args))
@@ -907,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sizes"][size] = per
     if args.train_share:
         t0 = time.time()
-        results["train_share"] = _run_worker(["torch-train", args.train_share, ",".join(torch_kinds)], args)
+        results["train_share"] = torch_worker(["torch-train", args.train_share, ",".join(torch_kinds)])
         print(f"[{args.train_share}] training step done in {time.time() - t0:.0f}s", file=sys.stderr)
     results["machine"]["loadavg_end"] = os.getloadavg()
     table = format_table(results)

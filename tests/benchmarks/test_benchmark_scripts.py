@@ -4,6 +4,7 @@ they print are not checked here, only that every row is measured."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,10 +26,11 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_step_time_measures_every_torch_optimizer_and_the_compared_jax_rows(tmp_path):
     pytest.importorskip("jax")
     out = tmp_path / "step_time.json"
-    # JAX: AdamW and Celo2-base on XLA's formulation (compared below) and Celo2 on the CPU kernels. Each
+    # JAX: AdamW and Celo2-base on XLA's formulation, compared below on the memory-ordered schedule. Each
     # further JAX optimizer costs two compiles in each of two processes; the optimizers themselves are
-    # tested in tests/optax.
-    jax_kinds = {"adamw", "celo2", "celo2_base_xla"}
+    # tested in tests/optax. Celo2 on the CPU kernels is measured in the GPT test below, in the timing
+    # process only: the memory-ordered process runs every kind through the same code under another flag.
+    jax_kinds = {"adamw", "celo2_base_xla"}
     res = _run([str(BENCH / "step_time.py"), "--sizes", "tiny", "--repeats", "2", "--warmup", "1",
                 "--threads", "1", "--jax-optimizers", ",".join(sorted(jax_kinds)), "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -75,8 +77,10 @@ def step_time_kinds() -> list[str]:
 
 
 def test_step_time_gpt_shapes_and_training_step_share(tmp_path):
-    """The GPT parameter sets are the tied GPT's own parameters (GPT-2 small: 124M), and the
-    training-step share is measured for every PyTorch optimizer (tiny GPT, CPU)."""
+    """The GPT parameter sets are the tied GPT's own parameters (GPT-2 small: 124M), the training-step
+    share is measured for every PyTorch optimizer (tiny GPT, CPU), and JAX's Celo2 on the CPU kernels
+    is timed with its compiled step's scratch and its training step's (where JAX is installed)."""
+    with_jax = importlib.util.find_spec("jax") is not None
     sys.path.insert(0, str(BENCH))
     try:
         import step_time
@@ -88,13 +92,20 @@ def test_step_time_gpt_shapes_and_training_step_share(tmp_path):
     xl = sum(step_time._numel(s) for _, s in step_time.model_shapes("gpt3-xl"))
     assert 1.30e9 < xl < 1.33e9, xl
     out = tmp_path / "gpt.json"
-    res = _run([str(BENCH / "step_time.py"), "--sizes", "gpt-tiny", "--frameworks", "torch", "--no-memory",
+    res = _run([str(BENCH / "step_time.py"), "--sizes", "gpt-tiny", "--frameworks",
+                "torch,jax" if with_jax else "torch", "--jax-optimizers", "celo2", "--no-memory",
                 "--train-share", "gpt-tiny", "--train-batch", "2", "--repeats", "2", "--warmup", "1",
                 "--threads", "1", "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     kinds = set(step_time.TORCH_OPTS)
     assert set(data["sizes"]["gpt-tiny"]["torch"]) == kinds
+    if with_jax:
+        jax_rows = data["sizes"]["gpt-tiny"]["jax"]
+        assert set(jax_rows) == {"celo2"}
+        row = jax_rows["celo2"]
+        assert row["median_s"] > 0 and len(row["all_s"]) == 2 and row["state_bytes"] > 0, row
+        assert row["temp_bytes"] >= 0 and isinstance(row["train_temp_over_sgd_bytes"], int), row
     share = data["train_share"]
     assert set(share["rows"]) == kinds and share["tokens_per_step"] == 2 * 16
     for kind, row in share["rows"].items():
@@ -188,8 +199,6 @@ def test_state_8bit_quality_runs_the_simulated_kind_on_the_bench(tmp_path):
 
 
 def test_blockwise_8bit_quantisation_is_unbiased_and_within_one_code():
-    import importlib.util
-
     torch = pytest.importorskip("torch")
     spec = importlib.util.spec_from_file_location("state_8bit_quality", BENCH / "state_8bit_quality.py")
     module = importlib.util.module_from_spec(spec)

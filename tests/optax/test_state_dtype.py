@@ -1,8 +1,10 @@
 """bfloat16 optimizer state in celo2.optax (issue 28): the JAX hash and rounding are celo2.rule.rounding's,
 bit for bit, in every path (XLA, reference, CPU kernels) and in both branches of the harness; no stall,
-resume, skip, conversion, jit/vmap, and the bytes of state per parameter."""
+skip, conversion, jit/vmap. Resume and the bytes of state per parameter are tested here for bfloat16 and
+8-bit state (``state_dtype="int8"``) alike; the 8-bit format's own tests are in test_int8_state.py."""
 
 from __future__ import annotations
+
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ from celo2.optax.functional import theta_to_jax
 from celo2.optax.state import ScaleByCelo2State
 from celo2.rule import rounding as ref
 from celo2.rule.state import STATE_KEYS
+
+import optax_runs as runs
 
 KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_ffi.AVAILABLE, reason="no CPU kernels"))]
 
@@ -130,68 +134,39 @@ def test_a_bfloat16_state_without_rounding_and_a_float32_one_with_it_are_refused
 # ---------------------------------------------------------------- whole optimizers
 
 
-def _tree(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    shapes = {"embed": (12, 6), "dense": {"kernel": (6, 24), "bias": (24,)}, "conv": (4, 3, 3, 3),
-              "lm_head": {"kernel": (24, 5)}, "scale": ()}
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.3), shapes,
-                                  is_leaf=lambda x: isinstance(x, tuple))
-
-
-def _grads(params, t: int):
-    return jax.tree_util.tree_map(
-        lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32) * (t + 1.3)).reshape(p.shape) * 10.0 ** (t % 3 - 1),
-        params)
-
-
-def _run(opt, params, steps, state=None, start=0, nan_at=None):
-    state = opt.init(params) if state is None else state
-    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(g, s, p)))
-    for t in range(start, start + steps):
-        g = _grads(params, t)
-        if nan_at is not None and t == nan_at[0]:
-            g = dict(g, **{nan_at[1]: g[nan_at[1]].at[0].set(jnp.nan)}) if nan_at[1] in g else g
-        params, state = step(params, state, g)
-    return params, state
-
-
-def _make(name, **kw):
-    return (lambda th: celo2(1e-2, weight_decay=0.1, theta=th, ns_dtype="float32", **kw)) if name == "celo2" else \
-        (lambda th: celo2_base(1e-2, weight_decay=0.1, theta=th, **kw))
-
-
 @pytest.mark.parametrize("name", ["celo2", "celo2_base"])
 def test_the_xla_and_cpu_kernel_paths_store_the_same_bits(random_theta, name):
     if not cpu_ffi.AVAILABLE:
         pytest.skip("no CPU kernels")
-    params = _tree()
-    runs = {k: _run(_make(name, state_dtype=jnp.bfloat16, cpu_kernels=k)(random_theta), params, 6)[1]
-            for k in (False, True)}
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(runs[False]), jax.tree_util.tree_leaves(runs[True])):
+    params = runs.tree()
+    states = {k: runs.run(runs.make(name, state_dtype=jnp.bfloat16, cpu_kernels=k)(random_theta), params, 6)[1]
+              for k in (False, True)}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(states[False]), jax.tree_util.tree_leaves(states[True])):
         np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8), np.atleast_1d(np.asarray(b)).view(np.uint8),
                                       err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("fmt", [jnp.bfloat16, "int8"], ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", ["celo2", "celo2_base"])
-def test_resume_from_a_saved_state_is_bitwise_the_uninterrupted_run(random_theta, name, kernels):
-    opt = _make(name, state_dtype=jnp.bfloat16, rounding_seed=12345, cpu_kernels=kernels)(random_theta)
-    params = _tree()
-    p6, s6 = _run(opt, params, 6)
-    p3, s3 = _run(opt, params, 3)
+def test_resume_from_a_saved_state_is_bitwise_the_uninterrupted_run(random_theta, name, kernels, fmt):
+    opt = runs.make(name, state_dtype=fmt, rounding_seed=12345, cpu_kernels=kernels)(random_theta)
+    params = runs.tree()
+    p6, s6 = runs.run(opt, params, 6)
+    p3, s3 = runs.run(opt, params, 3)
     saved = jax.tree_util.tree_map(np.asarray, (p3, s3))  # a checkpoint on the host
     restored = jax.tree_util.tree_map(jnp.asarray, saved)
-    p33, s33 = _run(opt, restored[0], 3, state=restored[1], start=3)
+    p33, s33 = runs.run(opt, restored[0], 3, state=restored[1], start=3)
     assert _same(s6, s33) and _same(p6, p33)
-    assert not _same(s6, _run(_make(name, state_dtype=jnp.bfloat16, cpu_kernels=kernels)(random_theta), params, 6)[1])
+    assert not _same(s6, runs.run(runs.make(name, state_dtype=fmt, cpu_kernels=kernels)(random_theta), params, 6)[1])
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_a_skipped_tensor_keeps_its_bfloat16_state_bitwise(random_theta, kernels):
-    opt = _make("celo2", state_dtype=jnp.bfloat16, cpu_kernels=kernels)(random_theta)
-    params = _tree()
-    _, before = _run(opt, params, 2)
-    grads = _grads(params, 2)
+    opt = runs.make("celo2", state_dtype=jnp.bfloat16, cpu_kernels=kernels)(random_theta)
+    params = runs.tree()
+    _, before = runs.run(opt, params, 2)
+    grads = runs.grads(params, 2)
     grads["dense"] = {"kernel": grads["dense"]["kernel"].at[0, 0].set(jnp.nan),
                       "bias": grads["dense"]["bias"].at[3].set(jnp.inf)}
     _, after = jax.jit(opt.update)(grads, before, params)
@@ -206,16 +181,16 @@ def test_a_skipped_tensor_keeps_its_bfloat16_state_bitwise(random_theta, kernels
 def test_the_adamw_branch_stores_the_reference_rounding_with_whole_tree_numbers(random_theta):
     """AdamW's moments: optax's float32 arithmetic from the stored moments, stored as the reference rounds
     them, with tensor = the leaf's index in the whole parameter tree (not in the AdamW branch's part)."""
-    params = _tree()
+    params = runs.tree()
     numbers = jr.number_tensors(params)
     routed = ["['embed']", "['dense']['bias']", "['lm_head']['kernel']", "['scale']"]
     assert [numbers[k] for k in routed] != list(range(len(routed)))
     for nonfinite in ("skip", "propagate"):
         opt = celo2(1e-2, theta=random_theta, state_dtype=jnp.bfloat16, rounding_seed=5, nonfinite=nonfinite)
-        _, s1 = _run(opt, params, 1)
-        _, s2 = _run(opt, params, 1, state=s1, start=1)
+        _, s1 = runs.run(opt, params, 1)
+        _, s2 = runs.run(opt, params, 1, state=s1, start=1)
         for leaf in routed:
-            g = np.asarray(_flat(_grads(params, 1))[leaf])
+            g = np.asarray(_flat(runs.grads(params, 1))[leaf])
             mu = np.float32(1 - 0.9) * g + np.float32(0.9) * _adam_moment(s1, leaf, "mu")
             nu = np.float32(1 - 0.95) * (g * g) + np.float32(0.95) * _adam_moment(s1, leaf, "nu")
             for key, value, slot in (("mu", mu, "exp_avg"), ("nu", nu, "exp_avg_sq")):
@@ -308,10 +283,10 @@ def test_traced_theta_under_jit_and_vmap_with_bfloat16_state(random_theta):
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("name", ["celo2", "celo2_base"])
 def test_a_float32_state_converts_to_bfloat16_and_back(random_theta, name, nonfinite):
-    params = _tree()
-    f32 = _make(name, nonfinite=nonfinite)(random_theta)
-    b16 = _make(name, nonfinite=nonfinite, state_dtype=jnp.bfloat16, rounding_seed=4)(random_theta)
-    _, state = _run(f32, params, 3)
+    params = runs.tree()
+    f32 = runs.make(name, nonfinite=nonfinite)(random_theta)
+    b16 = runs.make(name, nonfinite=nonfinite, state_dtype=jnp.bfloat16, rounding_seed=4)(random_theta)
+    _, state = runs.run(f32, params, 3)
     low = convert_state_dtype(state, jnp.bfloat16, rounding_seed=4)
     assert jax.tree_util.tree_structure(low) == jax.tree_util.tree_structure(b16.init(params))
     rule_state = lambda st: [n for n in jax.tree_util.tree_leaves(  # noqa: E731
@@ -330,7 +305,7 @@ def test_a_float32_state_converts_to_bfloat16_and_back(random_theta, name, nonfi
         np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b))  # exact
     assert _same(convert_state_dtype(back, jnp.bfloat16, rounding_seed=4), low)
     assert _same(convert_state_dtype(low, jnp.bfloat16), low)
-    _run(b16, params, 2, state=low, start=3)  # the converted state steps on
+    runs.run(b16, params, 2, state=low, start=3)  # the converted state steps on
 
 
 def test_conversion_errors_name_the_problem(random_theta):
@@ -353,39 +328,20 @@ def test_conversion_errors_name_the_problem(random_theta):
 # ---------------------------------------------------------------- bytes of state per parameter
 
 
-def _gpt(vocab: int, context: int, dim: int, layers: int) -> dict:
-    """The parameter shapes of the bench's GPT (celo2.eval.models.GPT), named as there."""
-    s = jax.ShapeDtypeStruct
-    f32 = jnp.float32
-    block = lambda: {  # noqa: E731
-        "ln1": {"weight": s((dim,), f32), "bias": s((dim,), f32)},
-        "qkv": {"weight": s((3 * dim, dim), f32), "bias": s((3 * dim,), f32)},
-        "proj": {"weight": s((dim, dim), f32), "bias": s((dim,), f32)},
-        "ln2": {"weight": s((dim,), f32), "bias": s((dim,), f32)},
-        "fc1": {"weight": s((4 * dim, dim), f32), "bias": s((4 * dim,), f32)},
-        "fc2": {"weight": s((dim, 4 * dim), f32), "bias": s((dim,), f32)},
-    }
-    return {"tok_embed": {"weight": s((vocab, dim), f32)}, "pos_embed": s((context, dim), f32),
-            "blocks": [block() for _ in range(layers)], "ln_f": {"weight": s((dim,), f32), "bias": s((dim,), f32)},
-            "head": {"weight": s((vocab, dim), f32), "bias": s((vocab,), f32)}}
-
-
-def state_bytes_per_parameter(opt, params) -> float:
-    """Bytes of every array in the optimizer's state over the number of parameters (shapes only)."""
-    state = jax.eval_shape(opt.init, params)
-    nbytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state))
-    return nbytes / sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-
+@pytest.mark.parametrize("fmt,bound,fraction,rel", [("bfloat16", 8.5, 1 / 2, 0.01), ("int8", 4.25, 1 / 4, 0.05)],
+                         ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("shapes", [(256, 64, 64, 2), (50257, 1024, 768, 12)], ids=["bench-gpt", "gpt2-124m"])
-def test_bfloat16_state_is_at_most_8_5_bytes_per_parameter(random_theta, shapes):
-    params = _gpt(*shapes)
+def test_state_is_its_formats_bytes_per_parameter(random_theta, shapes, fmt, bound, fraction, rel):
+    """celo2 and celo2_base on the bench's GPT and GPT-2 124M: at most ``bound`` bytes of state per parameter,
+    ``fraction`` of float32 state's to within ``rel``."""
+    params = runs.gpt_shapes(*shapes)
     figures = {}
     for name in ("celo2", "celo2_base"):
-        for dtype in ("float32", "bfloat16"):
-            figures[name, dtype] = state_bytes_per_parameter(_make(name, state_dtype=dtype)(random_theta), params)
-    figures["adamw", "float32"] = state_bytes_per_parameter(optax.adamw(1e-3), params)
+        for dtype in ("float32", fmt):
+            figures[name, dtype] = runs.state_bytes_per_parameter(runs.make(name, state_dtype=dtype)(random_theta),
+                                                                  params)
+    figures["adamw", "float32"] = runs.state_bytes_per_parameter(optax.adamw(1e-3), params)
     print({f"{k[0]}/{k[1]}": round(v, 3) for k, v in figures.items()})
-    assert figures["celo2", "bfloat16"] <= 8.5 and figures["celo2_base", "bfloat16"] <= 8.5, figures
     for name in ("celo2", "celo2_base"):
-        assert figures[name, "bfloat16"] == pytest.approx(figures[name, "float32"] / 2, rel=0.01)
+        assert figures[name, fmt] <= bound, figures
+        assert figures[name, fmt] == pytest.approx(figures[name, "float32"] * fraction, rel=rel), figures

@@ -9,7 +9,10 @@ cannot happen but a host read still shows as the same ATen operation; the interp
 inside a launch are not counted (a launch pauses the counter).
 
 Launches are counted as ``benchmarks/launch_budget.py`` counts them: Triton launches plus the ATen
-operations that launch a device kernel (not views, aliases or allocations).
+operations that launch a device kernel (not views, aliases or allocations). What a step launches does not
+depend on what its kernels compute (no host reads, the first test), so the budget's counts launch the
+interpreted kernels without running them (``run_kernels=False``); one count per optimizer with the kernels
+run checks that the two agree.
 """
 
 from __future__ import annotations
@@ -101,14 +104,16 @@ LAUNCHES = r'''
 import json, sys
 sys.path.insert(0, BENCHMARKS)
 import launch_budget
-rows = []
+KEYS = ("optimizer", "width", "tensors", "launches", "triton_launches", "compute_by_op")
+rows, with_kernels_run = [], []
 for name in ("Celo2Base", "Celo2"):
     for width in (WIDTH, 4 * WIDTH):
         for tensors in (5, 20):
-            r = launch_budget.count(name, "triton", width, tensors)
-            rows.append({k: r[k] for k in ("optimizer", "width", "tensors", "launches", "triton_launches",
-                                           "compute_by_op")})
-print("RESULT " + json.dumps(rows))
+            r = launch_budget.count(name, "triton", width, tensors, run_kernels=False)
+            rows.append({k: r[k] for k in KEYS})
+    r = launch_budget.count(name, "triton", WIDTH, 5)
+    with_kernels_run.append({k: r[k] for k in KEYS})
+print("RESULT " + json.dumps({"rows": rows, "with_kernels_run": with_kernels_run}))
 '''
 
 
@@ -135,8 +140,24 @@ def test_whole_steps_never_read_a_tensor_on_the_host():
 
 
 @pytest.fixture(scope="module")
-def launches() -> list[dict]:
+def counted() -> dict:
+    """The launches of one step per optimizer, width and tensor count, counted with the interpreted kernels
+    launched but not run (their work grows with the tensors' sizes, the launches do not), and for the
+    narrowest five tensors also with the kernels run."""
     return _child(LAUNCHES, WIDTH=16)
+
+
+@pytest.fixture(scope="module")
+def launches(counted) -> list[dict]:
+    return counted["rows"]
+
+
+def test_launches_are_counted_the_same_whether_the_kernels_run(counted):
+    """The counts taken without running the kernels are those of a real step."""
+    assert len(counted["with_kernels_run"]) == 2
+    for real in counted["with_kernels_run"]:
+        skipped = [r for r in counted["rows"] if all(r[k] == real[k] for k in ("optimizer", "width", "tensors"))]
+        assert skipped == [real], (real, skipped)
 
 
 def test_launches_do_not_grow_with_the_number_or_width_of_tensors(launches):

@@ -1,12 +1,14 @@
 """bfloat16 optimizer state in the PyTorch front end (issue 28): the torch rounding against the NumPy
-reference bit for bit, no stall of the slowest momentum, the same bits from every backend, the bytes of
-state per parameter, checkpoints (resume, conversions, errors) and the settings' checks."""
+reference bit for bit, no stall of the slowest momentum, the same bits from every backend, checkpoints
+(conversions, errors) and the backends' checks. The tests that are one idea for every low-precision state
+format (bfloat16 and 8-bit, ``state_dtype="int8"``) are here too, parametrised over it: the bytes of state
+per parameter, resume, a changed setting under a state, the settings per group, skipped steps. The 8-bit
+format's own tests are in test_state_int8.py."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import io
 import json
 import os
 import pickle
@@ -23,12 +25,14 @@ from celo2.eval.models import GPT
 from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import rounding as R
 from celo2.rule.state import STATE_KEYS
-from celo2.torch import Celo2, Celo2Base, _rounding
+from celo2.torch import Celo2, Celo2Base, _blockwise8, _rounding
 from celo2.torch import functional as F
 from celo2.torch._state import TorchTheta, init_tensor_state
 from celo2.torch.backends.base import StateRounding
 from celo2.torch.backends.reference import reference_tensor_step, update_accumulators
 from celo2.torch.backends import triton as triton_backend
+
+import checkpoint_runs as runs
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16 = torch.bfloat16
@@ -37,6 +41,11 @@ BF16 = torch.bfloat16
 def bits(t: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's bit patterns as uint16."""
     return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def stored_dtype(state_format: str, key: str) -> torch.dtype:
+    """The dtype accumulator ``key`` is stored in under ``state_format`` ("bfloat16" or "int8": its codes')."""
+    return BF16 if state_format == "bfloat16" else _blockwise8.code_dtype(key)
 
 
 # -- the hash and the rounding, against celo2.rule.rounding ---------------------------------------
@@ -168,8 +177,8 @@ def _expected_states() -> list[dict[str, np.ndarray]]:
 
 
 TRITON_CHILD = r'''
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+import os, sys, torch
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # this module's folder, and tests/ for its helpers
 import test_state_dtype as T
 torch.save(T.bfloat16_states("triton", "cuda" if torch.cuda.is_available() else "cpu"), sys.argv[2])
 '''
@@ -222,22 +231,28 @@ def _bench_gpt(device: str = "cpu") -> GPT:
         return GPT(256, 64, 64, 2, 4)  # the bench's GPT (celo2.eval.tasks SUITES["full"]["gpt"])
 
 
+@pytest.mark.parametrize("fmt,bound,fraction", [("bfloat16", 8.5, 1 / 2), ("int8", 4.25, 1 / 4)],
+                         ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_bfloat16_state_costs_at_most_8_5_bytes_per_parameter(cls):
+def test_state_costs_its_formats_bytes_per_parameter(cls, fmt, bound, fraction):
+    """After a step on the bench's GPT, every accumulator is stored in the format, the state's bytes are what
+    state_bytes() counts (with a step, and without one on meta tensors), at most ``bound`` per parameter and
+    about ``fraction`` of float32 state's (the counters aside)."""
     model = _bench_gpt()
     n = sum(p.numel() for p in model.parameters())
-    opt = cls(model.named_parameters(), state_dtype="bfloat16")
+    opt = cls(model.named_parameters(), state_dtype=fmt)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
     counted = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
-    assert all(t.dtype == BF16 for st in opt.state.values() for k, t in st.items() if k in R.SLOTS)
+    assert all(t.dtype == stored_dtype(fmt, k) for st in opt.state.values() for k, t in st.items() if k in R.SLOTS)
     assert counted == sum(opt.state_bytes().values())
-    assert counted / n <= 8.5, counted / n
-    # Counted without a step (meta tensors: the state a first step creates): the same, and float32's twice it.
+    assert counted / n <= bound, counted / n
+    # Counted without a step (meta tensors: the state a first step creates): the same.
     per = {d: sum(cls(_bench_gpt("meta").named_parameters(), state_dtype=d).state_bytes().values()) / n
-           for d in ("float32", "bfloat16")}
-    assert per["bfloat16"] == counted / n and per["float32"] > 13.5, per
+           for d in ("float32", fmt)}
+    assert per[fmt] == counted / n and per["float32"] > 13.5, per
+    assert counted <= per["float32"] * n * fraction * 1.05 + 1e4, per
 
 
 def test_step_memory_prints_the_state_table(tmp_path):
@@ -257,86 +272,58 @@ def test_step_memory_prints_the_state_table(tmp_path):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)
-
-
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = _data(step)
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-
-
-def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out = [p.detach().clone() for p in model.parameters()]
-    for p in model.parameters():
-        out += [t.clone() for _, t in sorted(opt.state[p].items())]
-    return out
-
-
-def _bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _saved(opt: torch.optim.Optimizer) -> dict:
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
+@pytest.mark.parametrize("given,kept", [(torch.bfloat16, torch.bfloat16), ("int8", "int8")],
+                         ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_resume_from_a_checkpoint_is_bitwise_an_uninterrupted_run(cls, random_theta):
-    kw = dict(lr=1e-2, theta=random_theta, state_dtype=torch.bfloat16, rounding_seed=99)
-    whole = _model()
+def test_resume_from_a_checkpoint_is_bitwise_an_uninterrupted_run(cls, given, kept, random_theta):
+    """Three steps, a checkpoint, three more in a new optimizer: bitwise the six-step run; the seed and the
+    format come from the checkpoint, and a deep copy steps on bitwise like the original."""
+    kw = dict(lr=1e-2, theta=random_theta, state_dtype=given, rounding_seed=99)
+    whole = runs.model()
     opt = cls(whole.named_parameters(), **kw)
-    _train(whole, opt, range(6))
+    runs.train(whole, opt, range(6))
 
-    first = _model()
+    first = runs.model()
     opt1 = cls(first.named_parameters(), **kw)
-    _train(first, opt1, range(3))
-    saved, weights = _saved(opt1), copy.deepcopy(first.state_dict())
-    second = _model()
+    runs.train(first, opt1, range(3))
+    saved, weights = runs.saved(opt1), copy.deepcopy(first.state_dict())
+    second = runs.model()
     second.load_state_dict(weights)
     opt2 = cls(second.named_parameters(), **dict(kw, rounding_seed=0))  # the seed comes from the checkpoint
     opt2.load_state_dict(saved)
-    assert opt2.param_groups[0]["rounding_seed"] == 99
-    _train(second, opt2, range(3, 6))
-    assert _bitwise_equal(_snapshot(second, opt2), _snapshot(whole, opt))
+    assert opt2.param_groups[0]["rounding_seed"] == 99 and opt2.param_groups[0]["state_dtype"] == kept
+    runs.train(second, opt2, range(3, 6))
+    assert runs.bitwise_equal(runs.snapshot(second, opt2), runs.snapshot(whole, opt))
     assert all(int(opt.state[p]["rounding_step"]) == 6 for p in whole.parameters())
+    clone = copy.deepcopy((whole, opt))
+    runs.train(*clone, range(6, 8))
+    runs.train(whole, opt, range(6, 8))
+    assert runs.bitwise_equal(runs.snapshot(*clone), runs.snapshot(whole, opt))
 
 
 def test_the_seed_changes_the_bits_and_copies_step_alike(random_theta):
     states = {}
     for seed in (0, 1):
-        model = _model()
+        model = runs.model()
         opt = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16", rounding_seed=seed)
-        _train(model, opt, range(2))
+        runs.train(model, opt, range(2))
         states[seed] = (model, opt)
     (m0, o0), (m1, o1) = states[0], states[1]
     assert not torch.equal(o0.state[m0[0].weight]["m"], o1.state[m1[0].weight]["m"])
     clones = [copy.deepcopy((m0, o0)), pickle.loads(pickle.dumps((m0, o0)))]
     for clone in clones:
-        _train(*clone, range(2, 4))
-    _train(m0, o0, range(2, 4))
+        runs.train(*clone, range(2, 4))
+    runs.train(m0, o0, range(2, 4))
     for clone in clones:
-        assert _bitwise_equal(_snapshot(*clone), _snapshot(m0, o0))
+        assert runs.bitwise_equal(runs.snapshot(*clone), runs.snapshot(m0, o0))
 
 
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
 def test_float32_state_loads_into_bfloat16_rounded_to_nearest_and_back_exactly(cls, random_theta):
-    model = _model()
+    model = runs.model()
     opt32 = cls(model.named_parameters(), lr=1e-2, theta=random_theta)
-    _train(model, opt32, range(2))
-    saved32 = _saved(opt32)
+    runs.train(model, opt32, range(2))
+    saved32 = runs.saved(opt32)
     opt16 = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
     opt16.load_state_dict(saved32)
     assert opt16.param_groups[0]["state_dtype"] == BF16
@@ -346,10 +333,10 @@ def test_float32_state_loads_into_bfloat16_rounded_to_nearest_and_back_exactly(c
                 assert opt16.state[p][k].dtype == BF16
                 assert torch.equal(opt16.state[p][k], t.to(BF16)), k
         assert "rounding_step" not in opt16.state[p]
-    _train(model, opt16, range(2, 3))  # the counter starts where the state was converted
+    runs.train(model, opt16, range(2, 3))  # the counter starts where the state was converted
     assert all(int(opt16.state[p]["rounding_step"]) == 1 for p in model.parameters())
 
-    saved16 = _saved(opt16)
+    saved16 = runs.saved(opt16)
     back = cls(model.named_parameters(), lr=1e-2, theta=random_theta)
     back.load_state_dict(saved16)
     for p in model.parameters():
@@ -357,29 +344,29 @@ def test_float32_state_loads_into_bfloat16_rounded_to_nearest_and_back_exactly(c
             if t.dtype == BF16:
                 assert back.state[p][k].dtype == torch.float32 and torch.equal(back.state[p][k], t.float()), k
         assert "rounding_step" not in back.state[p]
-    _train(model, back, range(3, 4))
+    runs.train(model, back, range(3, 4))
 
 
 def test_a_value_beyond_bfloat16_is_refused_naming_tensor_and_key_with_nothing_loaded(random_theta):
-    model = _model()
+    model = runs.model()
     opt32 = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta)
-    _train(model, opt32, range(1))
-    saved = _saved(opt32)
+    runs.train(model, opt32, range(1))
+    saved = runs.saved(opt32)
     saved["state"][2]["v"][0, 0] = 3.3999e38  # finite in float32, beyond bfloat16's largest finite value
     opt16 = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
-    _train(model, opt16, range(1))
-    before = _snapshot(model, opt16)
+    runs.train(model, opt16, range(1))
+    before = runs.snapshot(model, opt16)
     with pytest.raises(ValueError, match=r"state 'v' of 2\.weight holds 3\.3999e\+38, beyond the range of "
                                          r"torch\.bfloat16.*nothing was loaded"):
         opt16.load_state_dict(saved)
-    assert _bitwise_equal(_snapshot(model, opt16), before)
+    assert runs.bitwise_equal(runs.snapshot(model, opt16), before)
 
 
 def test_a_state_saved_before_the_settings_existed_keeps_this_optimizers_seed(random_theta):
-    model = _model()
+    model = runs.model()
     opt = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta)
-    _train(model, opt, range(1))
-    saved = _saved(opt)
+    runs.train(model, opt, range(1))
+    saved = runs.saved(opt)
     for g in saved["param_groups"]:
         del g["state_dtype"], g["rounding_seed"]
     other = Celo2Base(model.parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16", rounding_seed=5)
@@ -387,23 +374,33 @@ def test_a_state_saved_before_the_settings_existed_keeps_this_optimizers_seed(ra
     assert other.param_groups[0]["rounding_seed"] == 5 and other.param_groups[0]["state_dtype"] == BF16
 
 
-def test_changing_a_groups_state_dtype_under_its_state_is_refused_before_any_write(random_theta):
-    model = _model()
-    opt = Celo2(model.named_parameters(), lr=1e-2, theta=random_theta)
-    _train(model, opt, range(1))
-    opt.param_groups[0]["state_dtype"] = torch.bfloat16
-    before = _snapshot(model, opt)
-    with pytest.raises(RuntimeError, match=r"state 'm' of 0\.weight is torch\.float32, but its param group's "
-                                           r"state_dtype is torch\.bfloat16"):
-        _train(model, opt, range(1, 2))
-    assert _bitwise_equal(_snapshot(model, opt), before)
+@pytest.mark.parametrize("built,changed,message", [
+    ("float32", torch.bfloat16,
+     r"state 'm' of 0\.weight is torch\.float32, but its param group's state_dtype is torch\.bfloat16"),
+    ("int8", torch.float32,
+     r"the state of 0\.weight is 8-bit blockwise, but its param group's state_dtype is torch\.float32"),
+    ("float32", "int8", r"the state of 0\.weight is floating-point, but its param group's state_dtype is int8 "),
+], ids=["float32-to-bfloat16", "int8-to-float32", "float32-to-int8"])
+def test_changing_a_groups_state_dtype_under_its_state_is_refused_before_any_write(built, changed, message,
+                                                                                   random_theta):
+    model = runs.model()
+    opt = Celo2(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype=built)
+    runs.train(model, opt, range(1))
+    before = runs.snapshot(model, opt)
+    opt.param_groups[0]["state_dtype"] = changed
+    with pytest.raises(RuntimeError, match=message):
+        runs.train(model, opt, range(1, 2))
+    assert runs.bitwise_equal(runs.snapshot(model, opt), before)
 
 
 # -- settings, backends, non-finite gradients -------------------------------------------------------
+@pytest.mark.parametrize("fmt,given,kept", [("bfloat16", "bfloat16", BF16), ("int8", torch.int8, "int8")],
+                         ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_settings_are_checked_and_kept_per_group(cls):
-    model = _model()
+def test_settings_are_checked_and_kept_per_group(cls, fmt, given, kept):
+    model = runs.model()
     for bad, match in [(dict(state_dtype="float16"), "state_dtype must be one of float32, bfloat16, int8; got 'float16'"),
+                       (dict(state_dtype="int4"), "state_dtype must be one of float32, bfloat16, int8; got 'int4'"),
                        (dict(state_dtype=torch.float64), "got torch.float64"),
                        (dict(rounding_seed=2**32), r"invalid rounding_seed=4294967296"),
                        (dict(rounding_seed=-1), r"invalid rounding_seed=-1"),
@@ -412,15 +409,20 @@ def test_settings_are_checked_and_kept_per_group(cls):
         with pytest.raises(ValueError, match=match):
             cls(model.parameters(), **bad)
     opt = cls([{"params": list(model[0].parameters())},
-               {"params": list(model[2].parameters()), "state_dtype": "bfloat16", "rounding_seed": 3}])
-    assert opt.param_groups[0]["state_dtype"] == torch.float32 and opt.param_groups[1]["state_dtype"] == BF16
+               {"params": list(model[2].parameters()), "state_dtype": given, "rounding_seed": 3}])
+    assert opt.param_groups[0]["state_dtype"] == torch.float32 and opt.param_groups[1]["state_dtype"] == kept
     assert opt.state_dict()["param_groups"][1]["rounding_seed"] == 3
     with pytest.raises(ValueError, match="param group 2: state_dtype must be one of"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], "state_dtype": "int4"})
     assert len(opt.param_groups) == 2
-    _train(model, opt, range(1))
+    runs.train(model, opt, range(1))
     assert opt.state[model[0].weight]["m"].dtype == torch.float32
-    assert all(t.dtype == BF16 for k, t in opt.state[model[2].weight].items() if k in STATE_KEYS)
+    for p in model[2].parameters():  # the rule's weight and the bias's branch (AdamW's moments in Celo2)
+        stored = [k for k in opt.state[p] if k in R.SLOTS]
+        assert stored and all(opt.state[p][k].dtype == stored_dtype(fmt, k) for k in stored), stored
+    assert all(k in opt.state[model[2].weight] for k in STATE_KEYS)
+    if cls is Celo2:
+        assert opt.state[model[2].bias]["exp_avg"].dtype == stored_dtype(fmt, "exp_avg")
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])
@@ -433,7 +435,7 @@ def test_a_named_backend_without_bfloat16_state_is_refused_by_name(backend, monk
     assert BF16 in named.state_dtypes  # every shipped backend stores it: check the refusal on one that does not
     monkeypatch.setattr(type(named), "state_dtypes", (torch.float32,))
     with pytest.raises(ValueError, match=f"backend='{backend}' does not support state_dtype=bfloat16"):
-        Celo2(_model().parameters(), state_dtype="bfloat16", backend=backend)
+        Celo2(runs.model().parameters(), state_dtype="bfloat16", backend=backend)
 
 
 def test_auto_picks_a_backend_that_stores_the_state_dtype():
@@ -463,23 +465,26 @@ def test_functional_step_refuses_rounding_that_does_not_fit_the_state(random_the
     assert state["m"].dtype == BF16 and state["m"].any() and p.any()
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_a_skipped_step_leaves_bfloat16_state_bitwise_unchanged(cls, random_theta):
-    model = _model()
-    opt = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="bfloat16")
-    _train(model, opt, range(2))
-    x, y = _data(2)
+def test_a_skipped_step_leaves_the_state_bitwise_unchanged(cls, fmt, random_theta):
+    """A non-finite gradient skips its tensors: weights and stored accumulators stay bitwise, the counters
+    count the step; the other tensors step."""
+    model = runs.model()
+    opt = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype=fmt)
+    runs.train(model, opt, range(2))
+    x, y = runs.data(2)
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     for p in (model[0].weight, model[0].bias):
         p.grad[0] = float("nan")
-    keep = {p: [p.detach().clone()] + [t.clone() for k, t in opt.state[p].items()
-                                       if k not in ("nonfinite_steps", "rounding_step")]
+    counters = ("nonfinite_steps", "rounding_step")
+    keep = {p: [p.detach().clone()] + [t.clone() for k, t in sorted(opt.state[p].items()) if k not in counters]
             for p in (model[0].weight, model[0].bias)}
     moved = model[2].weight.detach().clone()
     opt.step()
     for p, old in keep.items():
-        now = [p.detach()] + [t for k, t in opt.state[p].items() if k not in ("nonfinite_steps", "rounding_step")]
-        assert _bitwise_equal(now, old)
+        now = [p.detach()] + [t for k, t in sorted(opt.state[p].items()) if k not in counters]
+        assert runs.bitwise_equal(now, old)
         assert int(opt.state[p]["nonfinite_steps"]) == 1 and int(opt.state[p]["rounding_step"]) == 3
     assert not torch.equal(model[2].weight.detach(), moved)

@@ -1,25 +1,27 @@
 """8-bit blockwise optimizer state in the PyTorch front end (issue 28, ``state_dtype="int8"``): the torch
 quantiser against the NumPy reference bit for bit, the same codes from every backend over six steps, no stall
-of the slowest momentum, the bytes of state per parameter, checkpoints (resume, conversions, errors), skipped
-steps, settings per group."""
+of the slowest momentum, checkpoints (conversions, errors), a NaN under ``nonfinite="propagate"``, and the
+refusal of DTensor parameters. What is one idea for bfloat16 and 8-bit state (the bytes per parameter,
+resume, a changed setting under a state, the settings per group, skipped steps) is tested once for both
+formats in test_state_dtype.py."""
 
 from __future__ import annotations
 
-import copy
-import io
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from celo2.eval.models import GPT
 from celo2.kernels import cpu as cpu_kernels
 from celo2.rule import blockwise8 as B
 from celo2.rule.state import STATE_KEYS
 from celo2.torch import Celo2, Celo2Base, _blockwise8, _rounding
 from celo2.torch._state import TorchTheta, init_tensor_state
 from celo2.torch.backends.reference import reference_tensor_step, update_accumulators
+
+import checkpoint_runs as runs
 
 SHAPES = [(12, 20), (20, 12), (33,), (6, 5, 3, 3), (3, 4, 100)]
 STEPS = 6
@@ -149,98 +151,15 @@ def test_int8_momentum_does_not_stall():
     assert abs(got / want - 1) < 0.02, (float(got), float(want))
 
 
-# -- bytes of state per parameter ---------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_int8_state_costs_about_a_quarter_of_float32(cls):
-    torch.manual_seed(0)
-    model = GPT(256, 64, 64, 2, 4)  # the bench's GPT
-    n = sum(p.numel() for p in model.parameters())
-    opt = cls(model.named_parameters(), state_dtype="int8")
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
-    counted = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
-    assert counted == sum(opt.state_bytes().values())
-    with torch.device("meta"):
-        meta = GPT(256, 64, 64, 2, 4)
-    assert sum(cls(meta.named_parameters(), state_dtype="int8").state_bytes().values()) == counted
-    with torch.device("meta"):
-        meta = GPT(256, 64, 64, 2, 4)
-    whole = sum(cls(meta.named_parameters()).state_bytes().values())
-    assert counted / n <= 4.25, counted / n
-    assert counted <= whole / 4 * 1.05 + 1e4
-
-
 # -- checkpoints ----------------------------------------------------------------------------------------
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 50), nn.ReLU(), nn.Linear(50, 4))
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)
-
-
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = _data(step)
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-
-
-def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out = [p.detach().clone() for p in model.parameters()]
-    for p in model.parameters():
-        out += [t.clone() for _, t in sorted(opt.state[p].items())]
-    return out
-
-
-def _bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _saved(opt: torch.optim.Optimizer) -> dict:
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-@pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_resume_from_a_checkpoint_is_bitwise_an_uninterrupted_run(cls, random_theta):
-    kw = dict(lr=1e-2, theta=random_theta, state_dtype="int8", rounding_seed=99)
-    whole = _model()
-    opt = cls(whole.named_parameters(), **kw)
-    _train(whole, opt, range(6))
-
-    first = _model()
-    opt1 = cls(first.named_parameters(), **kw)
-    _train(first, opt1, range(3))
-    saved, weights = _saved(opt1), copy.deepcopy(first.state_dict())
-    second = _model()
-    second.load_state_dict(weights)
-    opt2 = cls(second.named_parameters(), **dict(kw, rounding_seed=0))  # the seed comes from the checkpoint
-    opt2.load_state_dict(saved)
-    assert opt2.param_groups[0]["rounding_seed"] == 99 and opt2.param_groups[0]["state_dtype"] == "int8"
-    _train(second, opt2, range(3, 6))
-    assert _bitwise_equal(_snapshot(second, opt2), _snapshot(whole, opt))
-    assert all(int(opt.state[p]["rounding_step"]) == 6 for p in whole.parameters())
-    clone = copy.deepcopy((whole, opt))
-    _train(*clone, range(6, 8))
-    _train(whole, opt, range(6, 8))
-    assert _bitwise_equal(_snapshot(*clone), _snapshot(whole, opt))
-
-
 @pytest.mark.parametrize("source", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
 def test_a_float_state_loads_into_int8_rounded_to_nearest_and_back_exactly(cls, source, random_theta):
-    model = _model()
+    model = runs.model()
     opt = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype=source)
-    _train(model, opt, range(2))
+    runs.train(model, opt, range(2))
     opt8 = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="int8")
-    opt8.load_state_dict(_saved(opt))
+    opt8.load_state_dict(runs.saved(opt))
     for p in model.parameters():
         for k, t in opt.state[p].items():
             if k in _blockwise8.CODE_DTYPES or not t.is_floating_point() or k == "step":
@@ -248,88 +167,96 @@ def test_a_float_state_loads_into_int8_rounded_to_nearest_and_back_exactly(cls, 
             codes, scales = B.quantise(t.float().numpy(), B.NEAREST_BITS, k)
             np.testing.assert_array_equal(opt8.state[p][k].numpy(), codes, err_msg=k)
             np.testing.assert_array_equal(opt8.state[p][_blockwise8.scale_key(k)].numpy(), scales, err_msg=k)
-    _train(model, opt8, range(2, 3))  # the counter continues a bfloat16 state's, starts at a float32 state's
+    runs.train(model, opt8, range(2, 3))  # the counter continues a bfloat16 state's, starts at a float32 state's
     assert all(int(opt8.state[p]["rounding_step"]) == (3 if source == "bfloat16" else 1) for p in model.parameters())
 
     back = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype=source)
-    back.load_state_dict(_saved(opt8))
+    back.load_state_dict(runs.saved(opt8))
     for p in model.parameters():
         assert not any(k.endswith(B.SCALE_SUFFIX) for k in back.state[p])
         for k in (*STATE_KEYS, "exp_avg", "exp_avg_sq"):
             if k in opt8.state[p]:
                 want = _blockwise8.dequantise(opt8.state[p][k], opt8.state[p][_blockwise8.scale_key(k)], k)
                 assert torch.equal(back.state[p][k], want.to(back.state[p][k].dtype)), k
-    _train(model, back, range(3, 4))
+    runs.train(model, back, range(3, 4))
 
 
 def test_a_bad_saved_code_tensor_is_refused_by_name_with_nothing_loaded(random_theta):
-    model = _model()
+    model = runs.model()
     opt = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="int8")
-    _train(model, opt, range(1))
-    saved = _saved(opt)
+    runs.train(model, opt, range(1))
+    saved = runs.saved(opt)
     saved["state"][2]["v"] = saved["state"][2]["v"].to(torch.int8)
-    before = _snapshot(model, opt)
+    before = runs.snapshot(model, opt)
     with pytest.raises(ValueError, match=r"state 'v' of 2\.weight is torch\.int8 \(4, 50\), expected torch\.uint8"):
         opt.load_state_dict(saved)
-    assert _bitwise_equal(_snapshot(model, opt), before)
+    assert runs.bitwise_equal(runs.snapshot(model, opt), before)
     del saved["state"][2]["v_scale"]
     with pytest.raises(ValueError, match=r"the state of 2\.weight has .*8-bit blockwise state keeps"):
         opt.load_state_dict(saved)
 
 
-def test_changing_a_groups_state_dtype_under_its_state_is_refused_before_any_write(random_theta):
-    model = _model()
+def test_a_saved_adamw_step_that_is_not_floating_point_is_refused_by_name_with_nothing_loaded(random_theta):
+    """Beside the codes and scales, 8-bit state keeps AdamW's step count as a floating-point tensor: a saved
+    one of another dtype is refused naming the tensor and the key."""
+    model = runs.model()
     opt = Celo2(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="int8")
-    _train(model, opt, range(1))
-    before = _snapshot(model, opt)
-    opt.param_groups[0]["state_dtype"] = torch.float32
-    with pytest.raises(RuntimeError, match=r"the state of 0\.weight is 8-bit blockwise, but its param group's "
-                                           r"state_dtype is torch\.float32"):
-        _train(model, opt, range(1, 2))
-    assert _bitwise_equal(_snapshot(model, opt), before)
+    runs.train(model, opt, range(1))
+    saved = runs.saved(opt)
+    assert saved["state"][1]["step"].is_floating_point()  # 0.bias: the AdamW branch
+    saved["state"][1]["step"] = saved["state"][1]["step"].to(torch.int64)
+    before = runs.snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"state 'step' of 0\.bias is Tensor, expected a floating-point tensor; "
+                                         r"nothing was changed"):
+        opt.load_state_dict(saved)
+    assert runs.bitwise_equal(runs.snapshot(model, opt), before)
 
 
-# -- settings, groups, non-finite gradients -------------------------------------------------------------
-def test_int8_is_a_per_group_setting_and_names_are_checked():
-    model = _model()
-    with pytest.raises(ValueError, match="state_dtype must be one of float32, bfloat16, int8; got 'int4'"):
-        Celo2(model.parameters(), state_dtype="int4")
-    opt = Celo2([{"params": list(model[0].parameters())},
-                 {"params": list(model[2].parameters()), "state_dtype": torch.int8}])
-    assert opt.param_groups[0]["state_dtype"] == torch.float32 and opt.param_groups[1]["state_dtype"] == "int8"
-    _train(model, opt, range(1))
-    assert opt.state[model[0].weight]["m"].dtype == torch.float32
-    assert opt.state[model[2].weight]["m"].dtype == torch.int8 and opt.state[model[2].weight]["v"].dtype == torch.uint8
-    assert opt.state[model[2].bias]["exp_avg"].dtype == torch.int8  # the AdamW branch too
+# -- DTensor parameters ---------------------------------------------------------------------------------
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone (world size 1), torn down after the test: enough to build
+    DTensors on a one-device CPU mesh."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with the gloo backend")
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base], ids=lambda c: c.__name__)
-def test_a_skipped_step_leaves_int8_state_bitwise_unchanged(cls, random_theta):
-    model = _model()
-    opt = cls(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="int8")
-    _train(model, opt, range(2))
-    x, y = _data(2)
-    opt.zero_grad()
-    ((model(x) - y) ** 2).mean().backward()
-    for p in (model[0].weight, model[0].bias):
-        p.grad[0] = float("nan")
-    counters = ("nonfinite_steps", "rounding_step")
-    keep = {p: [p.detach().clone()] + [t.clone() for k, t in sorted(opt.state[p].items()) if k not in counters]
-            for p in (model[0].weight, model[0].bias)}
-    moved = model[2].weight.detach().clone()
-    opt.step()
-    for p, old in keep.items():
-        now = [p.detach()] + [t for k, t in sorted(opt.state[p].items()) if k not in counters]
-        assert _bitwise_equal(now, old)
-        assert int(opt.state[p]["nonfinite_steps"]) == 1 and int(opt.state[p]["rounding_step"]) == 3
-    assert not torch.equal(model[2].weight.detach(), moved)
+def test_int8_state_for_a_dtensor_parameter_is_refused_by_name_before_any_state(cls, one_process_group):
+    """8-bit state steps plain tensors only: a DTensor parameter in a group with ``state_dtype="int8"`` is
+    refused when the group joins (in the constructor or ``add_param_group``), naming the parameter and its
+    placements, with nothing added; bfloat16 state takes the same parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    shard = nn.Parameter(distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)]))
+    message = (r"is a DTensor \(\(Shard\(dim=0\),\)\), and state_dtype='int8' \(8-bit blockwise state\) steps "
+               r"plain tensors only; use float32 or bfloat16 state for sharded parameters")
+    for state_dtype in ("int8", torch.int8):
+        with pytest.raises(ValueError, match=f"{cls.__name__}: model.shard " + message):
+            cls([("model.shard", shard)], state_dtype=state_dtype)
+    plain = runs.model()
+    opt = cls(plain.parameters(), state_dtype="int8")
+    with pytest.raises(ValueError, match=f"{cls.__name__}: group1\\.param0 " + message):
+        opt.add_param_group({"params": [shard], "state_dtype": "int8"})
+    assert len(opt.param_groups) == 1 and not opt.state
+    cls([("model.shard", shard)], state_dtype="bfloat16")
 
 
+# -- non-finite gradients -------------------------------------------------------------------------------
 def test_a_nan_under_propagate_stays_nan_in_the_state(random_theta):
-    model = _model()
+    model = runs.model()
     opt = Celo2Base(model.named_parameters(), lr=1e-2, theta=random_theta, state_dtype="int8", nonfinite="propagate")
-    _train(model, opt, range(1))
-    x, y = _data(1)
+    runs.train(model, opt, range(1))
+    x, y = runs.data(1)
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     model[0].weight.grad[0, 0] = float("nan")
