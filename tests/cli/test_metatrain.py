@@ -108,5 +108,9 @@ def test_plot_draws_several_runs_on_one_axis_and_names_what_is_wrong(capsys, tmp
     assert code == 2 and "give --output PNG" in err and not (a / "meta_loss.png").exists()
     code, _, err = _run(capsys, "plot", f"x={a}", f"x={b}", "--output", str(png))
     assert code == 2 and "repeated label in 'x=" in err
+    code, _, err = _run(capsys, "plot", str(a), "x=", "--output", str(png))
+    assert code == 2 and "plot 'x=': expected LABEL=RUN_DIR" in err
+    code, stdout, err = _run(capsys, "plot", str(a), f"b=c={b}", "--output", str(tmp_path / "eq.png"))
+    assert code == 2 and "c=" in err  # the label ends at the first '=': the folder 'c=...' does not exist
     code, _, err = _run(capsys, "plot", str(a), f"gone={tmp_path / 'missing'}", "--output", str(tmp_path / "g.png"))
     assert code == 2 and "missing" in err and not (tmp_path / "g.png").exists()

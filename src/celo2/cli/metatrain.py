@@ -88,11 +88,12 @@ def _plot(targets: list[str], output: str | None) -> int:
     if output is None:
         return _fail("plot of several runs: give --output PNG (one picture for all of them)")
     runs: dict[str, str] = {}
-    for target in targets:
-        label, _, path = target.rpartition("=") if "=" in target else (Path(target).name, "", target)
-        if not label or label in runs:
-            return _fail(f"plot: {'empty' if not label else 'repeated'} label in {target!r}; "
-                         "give each run a distinct LABEL=RUN_DIR")
+    for target in targets:  # LABEL=RUN_DIR split at the first '=', as theta specs are (eval.theta_specs)
+        label, path = (x.strip() for x in target.split("=", 1)) if "=" in target else (Path(target).name, target)
+        if not label or not path:
+            return _fail(f"plot {target!r}: expected LABEL=RUN_DIR")
+        if label in runs:
+            return _fail(f"plot: repeated label in {target!r}; give each run a distinct LABEL=RUN_DIR")
         runs[label] = path
     print(plot_runs(runs, output))
     return 0
